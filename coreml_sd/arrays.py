@@ -1,0 +1,56 @@
+"""The few array operations the sampling loop needs, for numpy arrays and torch tensors alike.
+
+Samplers and the denoiser use only arithmetic operators plus the helpers here, so the same code
+runs on numpy (Core ML on a Mac, no torch installed) and on torch tensors (torch and mil backends).
+torch is never imported here: a tensor is recognised by its type's module.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def concat(xs, axis: int = 0):
+    if is_torch(xs[0]):
+        import torch
+
+        return torch.cat(list(xs), dim=axis)
+    return np.concatenate(xs, axis=axis)
+
+
+def split(x, sections: int, axis: int = 0):
+    if is_torch(x):
+        return list(x.chunk(sections, dim=axis))
+    return np.split(x, sections, axis=axis)
+
+
+def to_numpy(x) -> np.ndarray:
+    if is_torch(x):
+        import torch
+
+        x = x.detach()
+        if x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
+        return x.cpu().numpy()
+    return np.asarray(x)
+
+
+def like(value: np.ndarray, ref):
+    """`value` (numpy, float32) as an array of the same kind, device and dtype as `ref`."""
+    if is_torch(ref):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(value)).to(device=ref.device, dtype=ref.dtype)
+    return np.asarray(value, dtype=ref.dtype)
+
+
+def full_like(ref, fill: float, shape):
+    if is_torch(ref):
+        import torch
+
+        return torch.full(shape, float(fill), device=ref.device, dtype=torch.float32)
+    return np.full(shape, fill, dtype=np.float32)

@@ -1,0 +1,120 @@
+"""CLIP's byte-level BPE tokenizer in pure Python, matching transformers' `CLIPTokenizer`.
+
+Shipped with the vocabulary (coreml_sd/data/clip) so generation works offline and without
+transformers. Text is normalised exactly as transformers' (tokenizers-backed) CLIPTokenizer does;
+control characters are kept and byte-encoded like any other symbol.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import regex
+
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"
+MAX_LENGTH = 77
+
+_PATTERN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+
+
+@lru_cache(maxsize=1)
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map of bytes to printable characters (so BPE never sees whitespace/control)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, codes)}
+
+
+_WHITESPACE = regex.compile(r"\s+")
+
+
+def clean_text(text: str) -> str:
+    """Normalise text as transformers' CLIPTokenizer does: NFC, whitespace runs to one space, lower case."""
+    return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).lower()
+
+
+@dataclass(frozen=True)
+class TokenizerFiles:
+    vocab: Path
+    merges: Path
+
+
+def bundled_files() -> TokenizerFiles:
+    base = resources.files("coreml_sd") / "data" / "clip"
+    return TokenizerFiles(Path(str(base / "vocab.json")), Path(str(base / "merges.txt")))
+
+
+class CLIPTokenizer:
+    """`tokenizer(text)` -> 77 ids: BOS, the BPE tokens (truncated), EOS, then padding."""
+
+    def __init__(self, files: TokenizerFiles | None = None, *, pad_token: str = EOS, max_length: int = MAX_LENGTH):
+        files = files or bundled_files()
+        with open(files.vocab, encoding="utf-8") as fh:
+            self.encoder: dict[str, int] = json.load(fh)
+        with open(files.merges, encoding="utf-8") as fh:
+            lines = fh.read().split("\n")
+        # The first line is a "#version" header; the file ends with a newline.
+        merges = [tuple(line.split()) for line in lines[1:] if line and not line.startswith("#version")]
+        self.ranks = {pair: i for i, pair in enumerate(merges)}
+        self.byte_encoder = _byte_to_unicode()
+        self.bos_id = self.encoder[BOS]
+        self.eos_id = self.encoder[EOS]
+        if pad_token not in self.encoder:
+            raise ValueError(f"pad token {pad_token!r} is not in the vocabulary")
+        self.pad_id = self.encoder[pad_token]
+        self.max_length = max_length
+        self._cache: dict[str, list[str]] = {BOS: [BOS], EOS: [EOS]}
+
+    def _bpe(self, token: str) -> list[str]:
+        if token in self._cache:
+            return self._cache[token]
+        word = list(token[:-1]) + [token[-1] + "</w>"]
+        while len(word) > 1:
+            pairs = {(word[i], word[i + 1]) for i in range(len(word) - 1)}
+            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if i < len(word) - 1 and (word[i], word[i + 1]) == best:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        self._cache[token] = word
+        return word
+
+    def tokenize(self, text: str) -> list[str]:
+        pieces = []
+        for match in _PATTERN.findall(clean_text(text)):
+            mapped = "".join(self.byte_encoder[b] for b in match.encode("utf-8"))
+            pieces.extend(self._bpe(mapped))
+        return pieces
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids without BOS/EOS or padding (unknown pieces cannot occur with byte-level BPE)."""
+        return [self.encoder[p] for p in self.tokenize(text)]
+
+    def __call__(self, text: str) -> list[int]:
+        ids = self.encode(text)[: self.max_length - 2]
+        ids = [self.bos_id, *ids, self.eos_id]
+        return ids + [self.pad_id] * (self.max_length - len(ids))
