@@ -124,8 +124,10 @@ def _token_text(token, default: str) -> str:
     return token if isinstance(token, str) else default
 
 
-def open_model(path: str | Path) -> ModelSource:
+def open_model(path: str | Path | None = None) -> ModelSource:
     """Recognise the model at `path` and return its source; a one-line error otherwise."""
+    if path is None:
+        raise ModelError("no model given and this version has no built-in model yet: pass --model PATH")
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelError(f"model not found: {p} (expected a diffusers model folder)")

@@ -1,0 +1,3 @@
+from coreml_sd.cli import main
+
+main()

@@ -1,0 +1,125 @@
+"""The `coreml-sd` command line. It only unpacks options and calls the library."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from coreml_sd import __version__
+from coreml_sd.errors import CoreMLSDError, InputError
+from coreml_sd.images import FORMATS, save_image, slugify
+
+SAMPLER_NAMES = ("euler_a", "euler", "ddim", "dpmpp_2m")  # checked against coreml_sd.samplers in tests
+SCHEDULE_NAMES = ("default", "karras")
+
+
+class Group(click.Group):
+    """Prints a CoreMLSDError as one line and exits 1, instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CoreMLSDError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="coreml-sd")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """Convert Stable Diffusion checkpoints to Core ML once, then generate images anywhere."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _side(ctx, param, value):
+    if value is None:
+        return None
+    from coreml_sd.pipeline import check_side
+
+    try:
+        return check_side(value, param.name)
+    except InputError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("-m", "--model", default=None, help="Model: a diffusers folder. Default: the built-in model.")
+@click.option("-n", "--negative-prompt", default="", help="What the image should not show.")
+@click.option("-s", "--seed", type=click.IntRange(0, 2**64 - 1), default=None,
+              help="Seed of image 1 (image i uses seed+i). Default: random, printed.")
+@click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--sampler", type=click.Choice(SAMPLER_NAMES), default="euler_a", show_default=True)
+@click.option("--schedule", type=click.Choice(SCHEDULE_NAMES), default="default", show_default=True,
+              help="Sigma schedule: the model's own, or Karras et al.'s.")
+@click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True)
+@click.option("-g", "--guidance-scale", "--cfg-scale", type=click.FloatRange(min=0), default=7.5, show_default=True)
+@click.option("-W", "--width", type=int, default=None, callback=_side,
+              help="Multiple of 8. Default: the model's native size.")
+@click.option("-H", "--height", type=int, default=None, callback=_side,
+              help="Multiple of 8. Default: the model's native size.")
+@click.option("--format", "fmt", type=click.Choice(tuple(FORMATS)), default="jpeg", show_default=True)
+@click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True, help="JPEG/WebP quality.")
+@click.option("-o", "--output", type=click.Path(file_okay=False), default="outputs", show_default=True)
+@click.option("--backend", type=click.Choice(("torch",)), default="torch", show_default=True)
+@click.option("--device", type=click.Choice(("auto", "cpu", "cuda", "mps")), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(("auto", "fp32", "fp16", "bf16")), default="auto", show_default=True,
+              help="auto: fp16 on GPUs, bf16 on CPUs with native bf16, else fp32.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def generate(prompt, model, negative_prompt, seed, num_images, sampler, schedule, steps, guidance_scale, width,
+             height, fmt, quality, output, backend, device, precision, as_json, quiet):
+    """Generate images from PROMPT."""
+    from tqdm import tqdm
+
+    from coreml_sd.pipeline import GeneratedImage, Pipeline, random_seed
+
+    pipe = Pipeline.load(model, backend=backend, device=device, precision=precision)
+    seed = random_seed() if seed is None else seed
+    if not as_json:
+        click.echo(f"seed {seed}", err=True)
+    bar, written = None, []
+    for event in pipe.generate(prompt, negative_prompt=negative_prompt, seed=seed, num_images=num_images,
+                               sampler=sampler, schedule=schedule, steps=steps, guidance_scale=guidance_scale,
+                               width=width, height=height):
+        if isinstance(event, GeneratedImage):
+            if bar:
+                bar.close()
+                bar = None
+            stem = f"{slugify(prompt)}-s{event.seed}-{event.index}"
+            path = save_image(event.image, output, stem, fmt, event.params, quality)
+            written.append({"path": str(path), "seed": event.seed, "index": event.index})
+            if not as_json:
+                click.echo(str(path))
+        elif not quiet:
+            if bar is None:
+                bar = tqdm(total=event.steps, desc=f"image {event.image_index + 1}/{event.num_images}",
+                           unit="step", file=sys.stderr, leave=False)
+            bar.update(1)
+    if as_json:
+        params = event.params.to_dict()
+        params.pop("seed")
+        summary = {"model": pipe.info.name, "runs_on": pipe.components.runs_on, "seed": seed,
+                   "parameters": params, "images": written}
+        click.echo(json.dumps(summary, indent=2))
+
+
+def _load_plugin_commands() -> None:
+    """Add commands packaged outside the runtime (e.g. `convert`), declared as entry points."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="coreml_sd.commands"):
+        if ep.name not in main.commands:
+            main.add_command(ep.load(), ep.name)
+
+
+_load_plugin_commands()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Text-to-image: prompt -> text embeddings -> sampler over a guided denoiser -> VAE -> images.
+
+`Pipeline.generate` is a generator: it yields a `Progress` after every sampler step and a
+`GeneratedImage` when each image is done, so the caller owns progress display; the list of images
+is also its return value. Image i of a request uses seed + i, so any image can be redone alone.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from coreml_sd import arrays
+from coreml_sd.backends import Components, get_loader
+from coreml_sd.errors import InputError, choices_text
+from coreml_sd.images import GenerationParams
+from coreml_sd.rng import NoiseSource
+from coreml_sd.sources import ModelSource, open_model
+
+MAX_SIDE = 8192
+MAX_SEED = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class Progress:
+    image_index: int
+    num_images: int
+    step: int  # 1-based steps completed
+    steps: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    image: Any  # PIL.Image.Image
+    index: int
+    seed: int
+    params: GenerationParams
+    latents: np.ndarray  # final latents (1, C, h, w), float32, before VAE scaling
+
+
+def check_side(value: int, name: str, multiple: int = 8) -> int:
+    if not isinstance(value, int) or value < multiple or value > MAX_SIDE or value % multiple:
+        raise InputError(f"{name} must be a multiple of {multiple} between {multiple} and {MAX_SIDE}; got {value}")
+    return value
+
+
+def check_positive(value: int, name: str) -> int:
+    if not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be an integer >= 1; got {value!r}")
+    return value
+
+
+def random_seed() -> int:
+    return secrets.randbelow(2**32)
+
+
+def to_pil(image) -> Any:
+    """(1, 3, H, W) in [-1, 1] -> PIL RGB, rounded as diffusers' image processor does."""
+    from PIL import Image
+
+    x = arrays.to_numpy(image)[0].astype(np.float32)
+    x = np.clip(x / 2 + 0.5, 0.0, 1.0).transpose(1, 2, 0)
+    return Image.fromarray((x * 255).round().astype(np.uint8))
+
+
+class Pipeline:
+    """A loaded model: its source (facts, tokenizer) and the components a backend built."""
+
+    def __init__(self, source: ModelSource, components: Components):
+        self.source = source
+        self.info = source.info
+        self.components = components
+        self.tokenizer = source.tokenizer()
+
+    @classmethod
+    def load(cls, model=None, *, backend: str = "torch", device: str = "auto", precision: str = "auto",
+             **source_options) -> "Pipeline":
+        """Open `model` (a path; None = the built-in model) and build its components on `backend`."""
+        source = open_model(model, **source_options)
+        components = get_loader(backend)(source, device=device, precision=precision)
+        return cls(source, components)
+
+    def encode_prompt(self, text: str):
+        ids = np.asarray([self.tokenizer(text)], dtype=np.int64)
+        return self.components.text_encoder.encode(ids)
+
+    def generate(self, prompt: str, *, negative_prompt: str = "", seed: int | None = None, num_images: int = 1,
+                 sampler: str = "euler_a", schedule: str = "default", steps: int = 25,
+                 guidance_scale: float = 7.5, width: int | None = None,
+                 height: int | None = None) -> Iterator[Progress | GeneratedImage]:
+        from coreml_sd.denoiser import Denoiser
+        from coreml_sd.samplers import SAMPLERS, sample
+        from coreml_sd.schedules import SCHEDULES, make_plan
+
+        if sampler not in SAMPLERS:
+            raise InputError(f"unknown sampler {sampler!r}; valid samplers: {choices_text(SAMPLERS)}")
+        if schedule not in SCHEDULES:
+            raise InputError(f"unknown schedule {schedule!r}; valid schedules: {choices_text(SCHEDULES)}")
+        width = check_side(width or self.info.sample_size, "width")
+        height = check_side(height or self.info.sample_size, "height")
+        check_positive(steps, "steps")
+        check_positive(num_images, "num_images")
+        seed = random_seed() if seed is None else int(seed)
+        if not 0 <= seed <= MAX_SEED - (num_images - 1):
+            raise InputError(f"seed must be between 0 and {MAX_SEED - num_images + 1}; got {seed}")
+
+        plan = make_plan(self.info.scheduler, sampler, steps, schedule)
+        cond, uncond = self.encode_prompt(prompt), self.encode_prompt(negative_prompt)
+        denoiser = Denoiser(self.components.unet, plan, prediction_type=self.info.prediction_type,
+                            cond=cond, uncond=uncond, guidance_scale=guidance_scale)
+        f = self.info.vae_scale_factor
+        shape = (1, self.info.latent_channels, height // f, width // f)
+        results = []
+        for i in range(num_images):
+            source = NoiseSource(seed + i)
+
+            def noise(shape_, source=source):
+                return self.components.asarray(source.randn(shape_))
+
+            x = noise(shape) * plan.init_noise_sigma
+            for step, x in enumerate(sample(sampler, denoiser, x, plan, noise), start=1):
+                yield Progress(i, num_images, step, steps, seed + i)
+            image = to_pil(self.components.vae_decoder.decode(x / self.info.scaling_factor))
+            params = GenerationParams(
+                prompt=prompt, negative_prompt=negative_prompt, steps=steps,
+                sampler=SAMPLERS[sampler].display_name, schedule=schedule, guidance_scale=guidance_scale,
+                seed=seed + i, width=width, height=height, model=self.info.name, model_hash=self.info.hash,
+                extras=self.generation_extras(),
+            )
+            result = GeneratedImage(image, i, seed + i, params, arrays.to_numpy(x))
+            results.append(result)
+            yield result
+        return results
+
+    def generation_extras(self) -> dict[str, str]:
+        extras = dict(getattr(self.source, "generation_extras", {}) or {})
+        extras["Backend"] = describe_runs_on(self.components.runs_on)
+        return extras
+
+    def __call__(self, prompt: str, **kwargs) -> list[GeneratedImage]:
+        """Generate and return the images (no progress)."""
+        return [r for r in self.generate(prompt, **kwargs) if isinstance(r, GeneratedImage)]
+
+
+def describe_runs_on(runs_on: dict[str, str]) -> str:
+    values = set(runs_on.values())
+    if len(values) == 1:
+        return values.pop()
+    return "; ".join(f"{k} {v}" for k, v in runs_on.items())
