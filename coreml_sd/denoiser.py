@@ -1,0 +1,92 @@
+"""The guided denoiser D(x, sigma): a UNet behind classifier-free guidance, as samplers see it.
+
+Samplers work in sigma ("VE") space, x = x0 + sigma * eps; the UNet was trained on VP latents
+x / sqrt(sigma**2 + 1) at an integer-or-fractional timestep. This adapter does the scaling, asks
+the plan for the timestep, runs the unconditional and conditional passes (one batch, or several
+when a compiled UNet takes a fixed batch), mixes them with the guidance scale and turns the
+model output (epsilon or v) into an estimate of x0 (k-diffusion's `DiscreteEpsDDPMDenoiser` /
+`DiscreteVDDPMDenoiser`, in the arithmetic order diffusers' schedulers use).
+"""
+
+from __future__ import annotations
+
+import math
+
+from coreml_sd import arrays
+from coreml_sd.config import PREDICTION_TYPES
+from coreml_sd.errors import InputError, choices_text
+
+
+class Denoiser:
+    """D(x, sigma) -> x0 estimate, with classifier-free guidance; epsilon or v-prediction models."""
+
+    def __init__(self, unet, plan, *, prediction_type: str, cond, uncond=None, guidance_scale: float = 7.5):
+        if prediction_type not in PREDICTION_TYPES:
+            raise InputError(
+                f"prediction_type is {prediction_type!r}; supported: {choices_text(PREDICTION_TYPES)}"
+            )
+        self.unet = unet
+        self.plan = plan
+        self.prediction_type = prediction_type
+        self.guidance_scale = float(guidance_scale)
+        # As diffusers: guidance only when the scale exceeds 1; at 1 the unconditional pass
+        # would not change the result, so it is not run.
+        self.guided = self.guidance_scale > 1.0
+        if self.guided and uncond is None:
+            raise InputError(f"guidance scale {guidance_scale} needs the unconditional (negative prompt) embeddings")
+        self.cond = cond
+        self.uncond = uncond
+        self.calls = 0  # UNet evaluations of D, for progress and benchmarks
+
+    def __call__(self, x, sigma: float):
+        t = self.plan.timestep(sigma)
+        model_input = x / math.sqrt(sigma**2 + 1.0)
+        out = self.model_output(model_input, t)
+        self.calls += 1
+        if self.prediction_type == "epsilon":
+            return x - out * sigma
+        # v-prediction (Salimans & Ho 2022): x0 = c_skip * x + c_out * v in sigma space.
+        return out * (-sigma / math.sqrt(sigma**2 + 1.0)) + x / (sigma**2 + 1.0)
+
+    def model_output(self, model_input, t: float):
+        """The guided model output (epsilon or v) at timestep t for VP latents `model_input`."""
+        batch = model_input.shape[0]
+        cond = _repeat_rows(self.cond, batch)
+        if not self.guided:
+            return self._predict(model_input, t, cond)
+        uncond = _repeat_rows(self.uncond, batch)
+        # Unconditional first: the order of Apple's Core ML UNet packages and of diffusers.
+        both = self._predict(arrays.concat([model_input, model_input]), t, arrays.concat([uncond, cond]))
+        out_uncond, out_cond = arrays.split(both, 2)
+        return out_uncond + (out_cond - out_uncond) * self.guidance_scale
+
+    def _predict(self, sample, t: float, embeddings):
+        """UNet over all rows, in calls of the UNet's fixed batch size if it has one."""
+        rows = sample.shape[0]
+        size = getattr(self.unet, "batch_size", None) or rows
+        if rows % size:
+            raise InputError(f"the UNet takes batches of {size}; {rows} rows cannot be split into such batches")
+        outs = []
+        for s, e in zip(arrays.split(sample, rows // size), arrays.split(embeddings, rows // size)):
+            timestep = arrays.full_like(s, t, (size,))
+            outs.append(_float32(self.unet.predict(s, timestep, e)))
+        return outs[0] if len(outs) == 1 else arrays.concat(outs)
+
+
+def _repeat_rows(embeddings, batch: int):
+    """Text embeddings for `batch` latents: as given, or one prompt's (1, 77, C) repeated."""
+    rows = embeddings.shape[0]
+    if rows == batch:
+        return embeddings
+    if rows != 1:
+        raise InputError(f"text embeddings have {rows} rows for a batch of {batch} latents; expected {batch} or 1")
+    return arrays.concat([embeddings] * batch)
+
+
+def _float32(out):
+    """Model outputs are float32 by contract; a backend that returns half precision is upcast here."""
+    if arrays.is_torch(out):
+        import torch
+
+        return out if out.dtype == torch.float32 else out.float()
+    return out if out.dtype == "float32" else out.astype("float32")

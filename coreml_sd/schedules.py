@@ -1,0 +1,239 @@
+"""Noise schedules: which noise levels (sigmas) a sampler walks and which UNet timestep each one gets.
+
+Everything here works in k-diffusion's "VE" picture: a latent at noise level sigma is
+`x = x0 + sigma * eps`, and the model sees `x / sqrt(sigma**2 + 1)` (the "VP" latent diffusers'
+DDIM and DPM-Solver schedulers carry). sigma(t) = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t]).
+
+Which timesteps a plan uses follows the diffusers scheduler users compare against, detail for
+detail, because "the same seed gives the same image as diffusers" is a promise:
+
+* Euler-style samplers (EulerDiscreteScheduler): float timesteps, sigmas linearly interpolated
+  between the training sigmas, initial sigma `sqrt(sigma_max**2 + 1)` for "leading" spacing but
+  `sigma_max` for "linspace"/"trailing"; Karras sigmas span the *chosen* timesteps' sigmas and
+  their timesteps are interpolated in log-sigma, not rounded.
+* DDIM (DDIMScheduler): integer timesteps; each step lands `num_train_timesteps // steps`
+  timesteps lower whatever the spacing, on `alphas_cumprod[0]` (set_alpha_to_one=False) or 1
+  past the end. With "linspace"/"trailing" spacing that landing point need not be the next
+  step's timestep, so a plan carries `targets` (see `SamplingPlan`).
+* DPM-Solver (DPMSolverMultistepScheduler): spaces `steps + 1` points for "linspace"/"leading"
+  and drops the last; Karras sigmas span the whole training range and their timesteps are
+  rounded to integers, while the solver keeps the unrounded sigmas.
+
+Arithmetic mirrors diffusers' dtypes (float32 tables, float64 interpolation) so the plans agree
+to float32 rounding; only numpy is used, so plans are made where torch is not installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from coreml_sd.config import SchedulerConfig
+from coreml_sd.errors import InputError, choices_text
+
+SCHEDULES = ("default", "karras")
+# Which diffusers scheduler's choice of timesteps a sampler follows (see the module docstring).
+PLAN_STYLES = ("euler", "ddim", "dpm")
+KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """The noise levels one generation walks, and what the UNet is told at each."""
+
+    # steps + 1 noise levels, decreasing; the last is where sampling ends (0, or the DDIM floor).
+    sigmas: tuple[float, ...]
+    # The UNet timestep for each of the first `steps` sigmas. Usually t(sigma), but DPM-Solver's
+    # Karras timesteps are rounded to integers while its sigmas are not.
+    timesteps: tuple[float, ...]
+    # Initial latents = standard-normal noise * init_noise_sigma, in the sigma ("VE") space the
+    # samplers work in: diffusers' own value for Euler-style schedulers; for DDIM/DPM-Solver,
+    # which start from unit noise in VP space, sqrt(sigmas[0]**2 + 1).
+    init_noise_sigma: float
+    # DDIM only, when not None: the noise level step i lands on, which differs from sigmas[i + 1]
+    # where diffusers' DDIM steps back by num_train_timesteps // steps on a non-uniform spacing.
+    # The sampler then reads the landed latent (a VP latent) at sigmas[i + 1].
+    targets: tuple[float, ...] | None = None
+    # The training schedule, for the timestep of a sigma that is not in the plan (Heun's and the
+    # SDE samplers' intermediate points).
+    config: SchedulerConfig | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    def timestep(self, sigma: float) -> float:
+        """The UNet timestep for noise level `sigma`: the plan's own, else interpolated in log-sigma."""
+        try:
+            return self.timesteps[self.sigmas.index(sigma, 0, self.steps)]
+        except ValueError:
+            pass
+        if self.config is None:
+            raise InputError(f"sigma {sigma} is not one of this plan's noise levels and the plan has no config")
+        return float(sigmas_to_timesteps(log_training_sigmas(self.config), np.float64(sigma)))
+
+
+@functools.cache
+def alphas_cumprod(config: SchedulerConfig) -> np.ndarray:
+    """Cumulative products of (1 - beta), float32, as diffusers computes them (float64 accumulation)."""
+    n = config.num_train_timesteps
+    if config.beta_schedule == "scaled_linear":
+        betas = _linspace_float32(config.beta_start**0.5, config.beta_end**0.5, n) ** 2
+    else:
+        betas = _linspace_float32(config.beta_start, config.beta_end, n)
+    # torch's CPU cumprod accumulates float32 in float64; doing the same keeps the tables equal.
+    out = np.cumprod((np.float32(1.0) - betas).astype(np.float64)).astype(np.float32)
+    out.flags.writeable = False
+    return out
+
+
+def _linspace_float32(start: float, end: float, n: int) -> np.ndarray:
+    """torch.linspace(..., dtype=float32): float32 steps, filled from both ends towards the middle."""
+    start32, end32 = np.float32(start), np.float32(end)
+    step = (end32 - start32) / np.float32(n - 1)
+    i = np.arange(n)
+    front = start32 + step * i.astype(np.float32)
+    back = end32 - step * (n - 1 - i).astype(np.float32)
+    return np.where(i < n // 2, front, back).astype(np.float32)
+
+
+@functools.cache
+def training_sigmas(config: SchedulerConfig) -> np.ndarray:
+    """sigma(t) for every training timestep t, float32, increasing."""
+    a = alphas_cumprod(config)
+    out = np.sqrt((np.float32(1.0) - a) / a)
+    out.flags.writeable = False
+    return out
+
+
+@functools.cache
+def log_training_sigmas(config: SchedulerConfig) -> np.ndarray:
+    out = np.log(training_sigmas(config))
+    out.flags.writeable = False
+    return out
+
+
+def sigma_of_alpha(alpha_cumprod: float) -> float:
+    return math.sqrt((1.0 - alpha_cumprod) / alpha_cumprod)
+
+
+def sigmas_to_timesteps(log_sigmas: np.ndarray, sigma) -> np.ndarray:
+    """Fractional timesteps of noise levels, by linear interpolation in log-sigma (k-diffusion's sigma_to_t)."""
+    sigma = np.asarray(sigma)
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    # Index of the last training sigma not above each sigma, kept inside the table so that
+    # levels outside it extrapolate to the nearest end (the weight is clipped below).
+    low = np.clip(np.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, len(log_sigmas) - 2)
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    w = np.clip((lo - log_sigma) / (lo - hi), 0.0, 1.0)
+    return (1.0 - w) * low + w * (low + 1)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = KARRAS_RHO) -> np.ndarray:
+    """Karras et al. 2022 (EDM) noise levels: evenly spaced in sigma**(1/rho), from sigma_max down to sigma_min."""
+    ramp = np.linspace(0.0, 1.0, steps)
+    max_inv_rho, min_inv_rho = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def spaced_timesteps(config: SchedulerConfig, steps: int, style: str) -> np.ndarray:
+    """The `steps` training timesteps a diffusers scheduler of `style` picks, highest first.
+
+    Euler-style timesteps are float32 and, for "linspace", fractional; DDIM and DPM-Solver round
+    to integers. DPM-Solver spaces steps + 1 points for "linspace"/"leading" and drops t = 0.
+    """
+    n = config.num_train_timesteps
+    count = steps + 1 if style == "dpm" else steps
+    if config.timestep_spacing == "linspace":
+        t = np.linspace(0, n - 1, count, dtype=np.float32 if style == "euler" else np.float64)
+        t = (t if style == "euler" else t.round())[::-1][:steps]
+    elif config.timestep_spacing == "leading":
+        t = (np.arange(count) * (n // count)).round()[::-1][:steps] + config.steps_offset
+    else:  # trailing
+        # diffusers writes np.arange(n, 0, -n / steps), which for some step counts (61, 103, ...)
+        # yields one timestep too many, ending at -1; n - i * ratio gives exactly `steps`.
+        t = np.round(n - np.arange(steps) * (n / steps)) - 1
+    return t.astype(np.float32 if style == "euler" else np.int64)
+
+
+def make_plan(config: SchedulerConfig, sampler: str, steps: int, schedule: str = "default") -> SamplingPlan:
+    """The sigmas and timesteps `sampler` walks in `steps` steps on the model's schedule or Karras'."""
+    from coreml_sd.samplers import SAMPLERS
+
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler {sampler!r}; valid samplers: {choices_text(SAMPLERS)}")
+    if schedule not in SCHEDULES:
+        raise InputError(f"unknown schedule {schedule!r}; valid schedules: {choices_text(SCHEDULES)}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= config.num_train_timesteps:
+        raise InputError(f"steps must be an integer from 1 to {config.num_train_timesteps}; got {steps!r}")
+    style = SAMPLERS[sampler].plan_style
+    if style == "dpm":
+        return _dpm_plan(config, int(steps), schedule == "karras")
+    if style == "ddim" and schedule == "default":
+        return _ddim_plan(config, int(steps))
+    plan = _euler_plan(config, int(steps), schedule == "karras")
+    if style == "ddim":
+        # DDIMScheduler has no Karras option. DDIM (eta=0) is Euler in sigma space, so it walks the
+        # Euler-style Karras sigmas, starting from unit noise in VP space as DDIM always does.
+        return replace(plan, init_noise_sigma=math.sqrt(plan.sigmas[0] ** 2 + 1.0))
+    return plan
+
+
+def _euler_plan(config: SchedulerConfig, steps: int, karras: bool) -> SamplingPlan:
+    """EulerDiscreteScheduler / EulerAncestralDiscreteScheduler's set_timesteps."""
+    timesteps = spaced_timesteps(config, steps, "euler")
+    table = training_sigmas(config)
+    sigmas = np.interp(timesteps, np.arange(len(table)), table)
+    if karras:
+        # The Karras range is that of the chosen timesteps (e.g. sigma(961)..sigma(1) for 25 steps
+        # of "leading" spacing), not the model's full range: diffusers' choice, kept for parity.
+        sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), steps)
+        timesteps = sigmas_to_timesteps(log_training_sigmas(config), sigmas)
+    sigmas = np.append(sigmas, 0.0).astype(np.float32)
+    sigma_max = float(sigmas.max())
+    if config.timestep_spacing == "leading":
+        init = math.sqrt(sigma_max**2 + 1.0)
+    else:
+        init = sigma_max
+    return _plan(sigmas, timesteps, init, config)
+
+
+def _ddim_plan(config: SchedulerConfig, steps: int) -> SamplingPlan:
+    """DDIMScheduler's set_timesteps and the landing points of its step (eta = 0)."""
+    timesteps = spaced_timesteps(config, steps, "ddim")
+    a = alphas_cumprod(config)
+    final = 1.0 if config.set_alpha_to_one else float(a[0])
+    landing = timesteps - config.num_train_timesteps // steps
+    targets = [sigma_of_alpha(float(a[t])) if t >= 0 else sigma_of_alpha(final) for t in landing]
+    sigmas = [sigma_of_alpha(float(a[t])) for t in timesteps] + [targets[-1]]
+    plan = _plan(np.asarray(sigmas), timesteps, math.sqrt(sigmas[0] ** 2 + 1.0), config)
+    if list(plan.sigmas[1:]) != [float(np.float32(s)) for s in targets]:
+        plan = replace(plan, targets=tuple(float(np.float32(s)) for s in targets))
+    return plan
+
+
+def _dpm_plan(config: SchedulerConfig, steps: int, karras: bool) -> SamplingPlan:
+    """DPMSolverMultistepScheduler's set_timesteps (final_sigmas_type="zero")."""
+    table = training_sigmas(config)
+    if karras:
+        sigmas = karras_sigmas(float(table[0]), float(table[-1]), steps)
+        timesteps = sigmas_to_timesteps(log_training_sigmas(config), sigmas).round()
+    else:
+        timesteps = spaced_timesteps(config, steps, "dpm")
+        sigmas = np.interp(timesteps, np.arange(len(table)), table)
+    sigmas = np.append(sigmas, 0.0).astype(np.float32)
+    return _plan(sigmas, timesteps, math.sqrt(float(sigmas[0]) ** 2 + 1.0), config)
+
+
+def _plan(sigmas, timesteps, init_noise_sigma: float, config: SchedulerConfig) -> SamplingPlan:
+    # Sigmas are float32 in diffusers; Python floats of those values keep the same arithmetic.
+    sigmas = np.asarray(sigmas, dtype=np.float64).astype(np.float32)
+    return SamplingPlan(
+        sigmas=tuple(float(s) for s in sigmas),
+        timesteps=tuple(float(t) for t in np.asarray(timesteps).astype(np.float32)),
+        init_noise_sigma=float(init_noise_sigma),
+        config=config,
+    )
