@@ -1,0 +1,149 @@
+"""Checkpoint configs: the architecture a single-file checkpoint is loaded into.
+
+A single file holds weights only; the shapes of the modules come from a config. Real community
+files are detected (`detect.py`) and use a config shipped in `coreml_sd/data/configs/`
+(`sd1`, `sd2`, `sd2-v`); a file of any other size (the built-in tiny model) names its config
+explicitly. Both are the same JSON format, one object:
+
+    {
+      "description": "free text (optional)",
+      "family": "sd1" | "sd2",          # text-encoder layout in the file: CLIP (sd1) or OpenCLIP (sd2)
+      "unet": {...},                    # diffusers UNet2DConditionModel config (constructor arguments)
+      "vae": {...},                     # diffusers AutoencoderKL config (scaling_factor included)
+      "text_encoder": {...},            # transformers CLIPTextConfig arguments
+      "scheduler": {...},               # diffusers scheduler_config.json keys (see coreml_sd.config)
+      "tokenizer": {"pad_token": "<|endoftext|>"}   # optional; SD 2.x (OpenCLIP) pads with "!"
+    }
+
+Pass it as `open_model(path, config=...)` (a path to such a JSON file or a dict), or put it next to
+the checkpoint as `<stem>.coreml-sd.json` (`model.safetensors` -> `model.coreml-sd.json`).
+
+For an OpenCLIP (`sd2`) file, `text_encoder.num_hidden_layers` may be one less than the layers in
+the file: Stable Diffusion 2 uses the penultimate layer, so the last one is dropped on load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from coreml_sd.config import SchedulerConfig, read_json
+from coreml_sd.errors import ModelError, choices_text
+from coreml_sd.tokenizer import EOS
+
+FAMILIES = ("sd1", "sd2")
+SHIPPED = ("sd1", "sd2", "sd2-v")
+SIDECAR_SUFFIX = ".coreml-sd.json"
+_TOP_KEYS = ("description", "family", "unet", "vae", "text_encoder", "scheduler", "tokenizer")
+_TOKENIZER_KEYS = ("pad_token",)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Component configs for loading one single-file checkpoint (see the module docstring)."""
+
+    family: str
+    unet: Mapping[str, Any]
+    vae: Mapping[str, Any]
+    text_encoder: Mapping[str, Any]
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    pad_token: str = EOS
+    description: str = ""
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ModelError(f"checkpoint config: family is {self.family!r}; supported: {choices_text(FAMILIES)}")
+        for name in ("unet", "vae", "text_encoder"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise ModelError(f"checkpoint config: {name!r} must be an object of constructor arguments")
+        for name, keys in (("unet", ("block_out_channels", "layers_per_block", "cross_attention_dim")),
+                           ("vae", ("block_out_channels",)),
+                           ("text_encoder", ("hidden_size", "num_hidden_layers"))):
+            missing = [k for k in keys if k not in getattr(self, name)]
+            if missing:
+                raise ModelError(f"checkpoint config: {name} needs {choices_text(missing)}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CheckpointConfig":
+        unknown = sorted(set(data) - set(_TOP_KEYS))
+        if unknown:
+            raise ModelError(f"checkpoint config: unknown keys {choices_text(unknown)}; known: {choices_text(_TOP_KEYS)}")
+        missing = [k for k in ("family", "unet", "vae", "text_encoder") if k not in data]
+        if missing:
+            raise ModelError(f"checkpoint config: missing {choices_text(missing)}")
+        tok = dict(data.get("tokenizer") or {})
+        if set(tok) - set(_TOKENIZER_KEYS):
+            raise ModelError(f"checkpoint config: tokenizer keys {choices_text(sorted(tok))}; known: pad_token")
+        return cls(
+            family=data["family"],
+            unet=dict(data["unet"]),
+            vae=dict(data["vae"]),
+            text_encoder=dict(data["text_encoder"]),
+            scheduler=SchedulerConfig.from_dict(dict(data.get("scheduler") or {})),
+            pad_token=tok.get("pad_token", EOS),
+            description=str(data.get("description", "")),
+        )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "CheckpointConfig":
+        return cls.from_dict(read_json(Path(path)))
+
+    def to_dict(self) -> dict:
+        return {
+            "description": self.description,
+            "family": self.family,
+            "unet": dict(self.unet),
+            "vae": dict(self.vae),
+            "text_encoder": dict(self.text_encoder),
+            "scheduler": self.scheduler.to_dict(),
+            "tokenizer": {"pad_token": self.pad_token},
+        }
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+    @property
+    def sample_size(self) -> int:
+        """Default image width/height in pixels."""
+        return int(self.unet.get("sample_size", 64)) * self.vae_scale_factor
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.get("scaling_factor", 0.18215))
+
+    def with_prediction_type(self, prediction_type: str) -> "CheckpointConfig":
+        sched = SchedulerConfig.from_dict({**self.scheduler.to_dict(), "prediction_type": prediction_type})
+        return CheckpointConfig(self.family, self.unet, self.vae, self.text_encoder, sched, self.pad_token,
+                                self.description)
+
+
+def shipped_config(name: str) -> CheckpointConfig:
+    """One of the configs shipped with the package: sd1, sd2 (512, epsilon), sd2-v (768, v-prediction)."""
+    if name not in SHIPPED:
+        raise ModelError(f"no shipped checkpoint config {name!r}; shipped: {choices_text(SHIPPED)}")
+    text = (resources.files("coreml_sd") / "data" / "configs" / f"{name}.json").read_text(encoding="utf-8")
+    return CheckpointConfig.from_dict(json.loads(text))
+
+
+def as_config(config: "CheckpointConfig | Mapping | str | Path") -> CheckpointConfig:
+    """Accept a CheckpointConfig, a dict in the JSON format, a shipped name, or a path to a JSON file."""
+    if isinstance(config, CheckpointConfig):
+        return config
+    if isinstance(config, Mapping):
+        return CheckpointConfig.from_dict(config)
+    if isinstance(config, str) and config in SHIPPED:
+        return shipped_config(config)
+    return CheckpointConfig.from_json(Path(config).expanduser())
+
+
+def sidecar_path(checkpoint: Path) -> Path:
+    return checkpoint.with_name(checkpoint.stem + SIDECAR_SUFFIX)

@@ -1,0 +1,107 @@
+"""Build diffusers modules from a config and fill them with a file's tensors, without copies.
+
+Modules are created on the `meta` device (no random initialisation, no memory) and the tensors are
+assigned, not copied, so a memory-mapped fp16 file loaded as fp16 costs its page cache and nothing
+more. Only a dtype change (fp16 file, fp32 requested) copies, and then tensor by tensor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from coreml_sd.checkpoint import keymap
+from coreml_sd.checkpoint.config import CheckpointConfig
+from coreml_sd.checkpoint.writer import TEXT_CONFIG_KEYS
+from coreml_sd.errors import ModelError, choices_text
+
+COMPONENTS = ("text_encoder", "unet", "vae")
+
+
+def new_unet(config: Mapping):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return _construct("unet", UNet2DConditionModel, config)
+
+
+def new_vae(config: Mapping):
+    import torch
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        return _construct("vae", AutoencoderKL, config)
+
+
+def new_text_encoder(config: Mapping):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    known = set(CLIPTextConfig().to_dict()) | set(TEXT_CONFIG_KEYS)
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ModelError(f"text_encoder config: unknown keys {choices_text(unknown)}")
+    with torch.device("meta"):
+        return CLIPTextModel(CLIPTextConfig(**config))
+
+
+def _construct(what: str, cls, config: Mapping):
+    try:
+        return cls(**dict(config))
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"{what} config does not build a {cls.__name__}: {exc}") from None
+
+
+def fill(module, state: Mapping[str, Any], what: str, *, dtype=None, device: str = "cpu"):
+    """Assign `state` to a meta-device module strictly (names and shapes), then move/cast it."""
+    import torch
+
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    keymap.check_strict(what, expected, state)
+    module.load_state_dict(dict(state), strict=True, assign=True)
+    for name, buf in list(module.named_buffers()):
+        if buf.is_meta:  # non-persistent buffers are not in files; CLIP's position ids are the one known
+            if not name.endswith("position_ids"):
+                raise ModelError(f"{what}: buffer {name} has no value in the file")
+            owner = module.get_submodule(name.rsplit(".", 1)[0])
+            owner.register_buffer("position_ids", torch.arange(buf.shape[-1]).expand(buf.shape), persistent=False)
+    if dtype is not None:
+        module.to(dtype=dtype)
+    return module.to(device).eval().requires_grad_(False)
+
+
+def convert_components(sd: Mapping[str, Any], config: CheckpointConfig, *, ema: bool = False,
+                       vae_state: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """diffusers-named state dicts of the three components of an original-layout checkpoint."""
+    out = {
+        "unet": keymap.unet_from_original(sd, config.unet, ema=ema),
+        "text_encoder": keymap.text_from_original(sd, config.text_encoder, config.family),
+    }
+    if vae_state is not None:
+        out["vae"] = dict(vae_state)
+    else:
+        out["vae"] = keymap.vae_from_original(sd, config.vae, keymap.VAE_PREFIX)
+    return out
+
+
+def build_modules(states: Mapping[str, Mapping[str, Any]], config: CheckpointConfig, *, dtype=None,
+                  device: str = "cpu") -> dict[str, Any]:
+    builders = {"text_encoder": (new_text_encoder, config.text_encoder), "unet": (new_unet, config.unet),
+                "vae": (new_vae, config.vae)}
+    mods = {}
+    for name in COMPONENTS:
+        builder, cfg = builders[name]
+        mods[name] = fill(builder(cfg), states[name], name.replace("_", " "), dtype=dtype, device=device)
+    return mods
+
+
+def read_original(path: str | Path, config: CheckpointConfig, *, ema: bool = False, dtype=None,
+                  device: str = "cpu") -> dict[str, Any]:
+    """(text_encoder, unet, vae) diffusers modules from an original-layout file, by name."""
+    from coreml_sd.checkpoint.safeload import flat_state_dict, load_tensor_file
+
+    path = Path(path)
+    obj, _ = load_tensor_file(path)
+    states = convert_components(flat_state_dict(obj, path), config, ema=ema)
+    return build_modules(states, config, dtype=dtype, device=device)

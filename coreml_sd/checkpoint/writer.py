@@ -1,0 +1,110 @@
+"""Write diffusers modules as one single-file checkpoint in the original (CompVis / A1111) layout.
+
+The inverse of the single-file source: the built-in tiny model ships this way, and the tests use
+it to make community-shaped files (fp16/fp32, `.safetensors`/`.ckpt`, with EMA keys, SD1 CLIP or
+SD2 OpenCLIP text encoder) from a diffusers model. The file is written next to its destination and
+renamed at the end, so an interrupted write leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from coreml_sd.checkpoint import keymap
+from coreml_sd.checkpoint.config import FAMILIES, CheckpointConfig
+from coreml_sd.config import SchedulerConfig
+from coreml_sd.errors import InputError, choices_text
+from coreml_sd.tokenizer import EOS
+
+DTYPES = ("fp16", "fp32")
+FORMATS = ("safetensors", "ckpt")
+# CLIPTextConfig arguments that shape the module; the rest of transformers' config is bookkeeping.
+TEXT_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+                    "max_position_embeddings", "hidden_act", "layer_norm_eps", "projection_dim",
+                    "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def original_state_dict(text_encoder, unet, vae, *, family: str = "sd1", ema_unet=None) -> dict[str, Any]:
+    """All weights under their original names; `ema_unet` adds the flat `model_ema.*` copy."""
+    if family not in FAMILIES:
+        raise InputError(f"family is {family!r}; expected one of {choices_text(FAMILIES)}")
+    out = keymap.apply_mapper(keymap.unet_to_original(unet.config), unet.state_dict())
+    out.update(keymap.apply_mapper(keymap.vae_to_original(vae.config), vae.state_dict()))
+    text = text_encoder.state_dict()
+    out.update(keymap.apply_mapper(keymap.clip_to_original, text) if family == "sd1"
+               else keymap.openclip_to_original(text))
+    if ema_unet is not None:
+        import torch
+
+        ema = keymap.apply_mapper(keymap.unet_to_original(ema_unet.config), ema_unet.state_dict())
+        out.update({keymap.ema_key(k): t for k, t in ema.items()})
+        out["model_ema.decay"] = torch.tensor(0.9999)
+        out["model_ema.num_updates"] = torch.tensor(0, dtype=torch.int32)
+    return out
+
+
+def write_original_checkpoint(text_encoder, unet, vae, path: str | Path, *, dtype: str = "fp16", ema: bool = False,
+                              fmt: str = "safetensors", family: str = "sd1", ema_unet=None,
+                              metadata: dict[str, str] | None = None) -> Path:
+    """Save (text_encoder, unet, vae) as one original-layout file.
+
+    `ema=True` also writes the UNet's EMA copy (`model_ema.*`, flat names as CompVis does): the
+    weights of `ema_unet` when given, else of `unet`. `fmt="ckpt"` writes a torch zip pickle wrapped
+    in `{"state_dict": ...}` like CompVis/Lightning files.
+    """
+    import torch
+
+    if dtype not in DTYPES:
+        raise InputError(f"dtype is {dtype!r}; expected one of {choices_text(DTYPES)}")
+    if fmt not in FORMATS:
+        raise InputError(f"fmt is {fmt!r}; expected one of {choices_text(FORMATS)}")
+    torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
+    state = original_state_dict(text_encoder, unet, vae, family=family,
+                                ema_unet=(ema_unet if ema_unet is not None else unet) if ema else None)
+    state = {k: (t.to(torch_dtype) if t.is_floating_point() and t.ndim > 0 else t).contiguous()
+             for k, t in state.items()}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        if fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(_own_memory(state), str(tmp), metadata=dict(metadata or {}, format="pt"))
+        else:
+            torch.save({"state_dict": state, "global_step": 0}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _own_memory(state: dict[str, Any]) -> dict[str, Any]:
+    """safetensors refuses tensors that share storage (an EMA copy of the same module, reshaped views)."""
+    seen, out = set(), {}
+    for key, t in state.items():
+        storage = t.untyped_storage()
+        whole = storage.nbytes() == t.numel() * t.element_size()
+        out[key] = t if whole and storage.data_ptr() not in seen else t.clone()
+        seen.add(out[key].untyped_storage().data_ptr())
+    return out
+
+
+def config_from_modules(text_encoder, unet, vae, *, family: str = "sd1", scheduler: SchedulerConfig | None = None,
+                        pad_token: str | None = None, description: str = "") -> CheckpointConfig:
+    """The checkpoint config that loads a file written from these modules back into the same shapes."""
+    text = text_encoder.config.to_dict()
+    return CheckpointConfig(
+        family=family,
+        unet={k: _plain(v) for k, v in unet.config.items() if not k.startswith("_")},
+        vae={k: _plain(v) for k, v in vae.config.items() if not k.startswith("_")},
+        text_encoder={k: text[k] for k in TEXT_CONFIG_KEYS if k in text},
+        scheduler=scheduler or SchedulerConfig(),
+        pad_token=pad_token or (EOS if family == "sd1" else "!"),
+        description=description,
+    )
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,134 @@
+"""Helpers for the single-file checkpoint tests: tiny models written in community layouts.
+
+Everything is built from configs here (nothing downloaded): the tiny SD1 model of `tiny_models`,
+an SD2-shaped variant (OpenCLIP text encoder, linear transformer projections, 1024-wide context
+in the full-size configs), fake SDXL/VAE/LoRA files with the sentinel keys real files carry, and
+hostile pickles.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+from tiny_models import TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG, build_tiny_modules
+
+# SD 2.x changes: OpenCLIP text encoder (GELU, penultimate layer), linear proj_in/proj_out,
+# per-level head counts. Sizes stay tiny.
+SD2_UNET_CONFIG = dict(UNET_CONFIG, use_linear_projection=True, attention_head_dim=(2, 4))
+SD2_TEXT_CONFIG = dict(TEXT_CONFIG, hidden_act="gelu", num_hidden_layers=2)
+
+
+def build_tiny_sd2_modules(seed: int = 0):
+    """(text_encoder, unet, vae) shaped like SD 2.x at tiny size, seeded, fp32, eval mode."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**SD2_UNET_CONFIG)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SD2_TEXT_CONFIG))
+    with torch.no_grad():
+        for module in (unet, vae, text_encoder):
+            for name, p in module.named_parameters():
+                if "norm" in name:
+                    p.add_(0.05 * torch.randn_like(p))
+    return tuple(m.eval().requires_grad_(False) for m in (text_encoder, unet, vae))
+
+
+def write_tiny_checkpoint(path: Path, *, seed: int = 0, dtype: str = "fp32", fmt: str = "safetensors",
+                          ema: bool = False, family: str = "sd1", prediction_type: str = "epsilon",
+                          sidecar: bool = True, ema_seed: int | None = None):
+    """Write a tiny model as one original-layout file (+ its config next to it). Returns (path, modules)."""
+    from coreml_sd.checkpoint.writer import config_from_modules, write_original_checkpoint
+    from coreml_sd.config import SchedulerConfig
+
+    mods = build_tiny_modules(seed) if family == "sd1" else build_tiny_sd2_modules(seed)
+    ema_unet = None
+    if ema and ema_seed is not None:
+        ema_unet = (build_tiny_modules(ema_seed) if family == "sd1" else build_tiny_sd2_modules(ema_seed))[1]
+    path = write_original_checkpoint(*mods, path, dtype=dtype, fmt=fmt, ema=ema, family=family, ema_unet=ema_unet)
+    if sidecar:
+        from coreml_sd.checkpoint.config import sidecar_path
+
+        sched = SchedulerConfig(prediction_type=prediction_type)
+        config_from_modules(*mods, family=family, scheduler=sched).write(sidecar_path(path))
+    return path, dict(zip(("text_encoder", "unet", "vae"), mods)), ema_unet
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    return Path(path)
+
+
+def fake_sdxl_file(path: Path) -> Path:
+    """The sentinel keys and shapes of an SDXL base checkpoint (two text encoders, label embedding)."""
+    import torch
+
+    return save_safetensors({
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": torch.zeros(77, 768),
+        "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(1280),
+        "conditioner.embedders.1.model.positional_embedding": torch.zeros(77, 1280),
+        "model.diffusion_model.label_emb.0.0.weight": torch.zeros(1280, 2816, dtype=torch.float16),
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(640, 2048),
+        "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+    }, path)
+
+
+# ---------------------------------------------------------------- hostile pickles
+
+class _System:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class _Exec:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+class _Popen:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import subprocess
+
+        return subprocess.Popen, (["touch", str(self.marker)],)
+
+
+class _Nested:
+    """An object whose reduce hands back another object with a malicious reduce, deep in a container."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return dict, ([("inner", [{"deeper": _Exec(self.marker)}])],)
+
+
+HOSTILE = {"os.system": (_System, "system"), "builtins.exec": (_Exec, "exec"),
+           "subprocess.Popen": (_Popen, "subprocess.Popen"), "nested __reduce__": (_Nested, "exec")}
+
+
+def write_hostile(path: Path, kind: str, marker: Path, *, container: str = "zip") -> Path:
+    """A .ckpt whose unpickling would create `marker`; `container` zip (torch.save) or raw pickle."""
+    import torch
+
+    cls, _ = HOSTILE[kind]
+    payload = {"state_dict": {"model.diffusion_model.out.2.bias": torch.zeros(4)}, "extra": cls(marker)}
+    if container == "zip":
+        torch.save(payload, path)
+    else:
+        Path(path).write_bytes(pickle.dumps(payload, protocol=2 if kind != "builtins.exec" else 4))
+    return Path(path)
