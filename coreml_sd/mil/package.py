@@ -1,0 +1,177 @@
+"""Reading a `.mlpackage`: manifest -> model spec -> ML program (coremltools' own proto loader).
+
+Everything that can be wrong with a package on disk is found here and reported as a `ModelError`
+naming the file: a path that is not a package, a missing or corrupt manifest or spec, a model that
+is not an ML program, a weight file that is missing or unreadable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coreml_sd.errors import ModelError, choices_text
+
+DATA_DIR = "Data"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a program function: MIL element type and static shape."""
+
+    name: str
+    shape: tuple  # ints; None where the program leaves a dimension flexible
+    dtype: str  # MIL element type: "fp32", "fp16", "int32", "bool" ...
+
+    def describe(self) -> str:
+        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.name} ({dims}) {self.dtype}"
+
+
+@dataclass
+class MilProgram:
+    """A loaded ML program function, ready to compile into an executor."""
+
+    path: Path
+    function_name: str
+    function: Any  # coremltools.converters.mil.mil.Function
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    specification_version: int
+
+
+def import_coremltools():
+    """Import coremltools without its Linux import-time warnings (no Core ML runtime here: known)."""
+    log = logging.getLogger("coremltools")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import coremltools
+    finally:
+        log.setLevel(level)
+    return coremltools
+
+
+def load_program(path, *, function_name: str | None = None) -> MilProgram:
+    """Load the ML program of the `.mlpackage` at `path` (any OS; no Core ML runtime needed)."""
+    path = Path(path)
+    spec_path, weights_dir = _package_files(path)
+    spec = _read_spec(spec_path)
+    kind = spec.WhichOneof("Type")
+    if kind != "mlProgram":
+        raise ModelError(f"{path}: only ML programs (mlprogram) can be executed; this package holds a {kind!r} model")
+    names = list(spec.mlProgram.functions)
+    name = function_name or spec.description.defaultFunctionName or "main"
+    if name not in names:
+        raise ModelError(f"{path}: no function {name!r} in the ML program; functions: {choices_text(names)}")
+    _check_weight_files(path, spec.mlProgram, weights_dir)
+    program = _milproto_load(path, spec, weights_dir)
+    function = program.functions[name]
+    return MilProgram(
+        path=path,
+        function_name=name,
+        function=function,
+        inputs=tuple(_tensor_spec(n, v) for n, v in function.inputs.items()),
+        outputs=tuple(_tensor_spec(v.name, v) for v in function.outputs),
+        specification_version=spec.specificationVersion,
+    )
+
+
+def _package_files(path: Path) -> tuple[Path, Path]:
+    """(model spec file, weights folder) named by the package's Manifest.json."""
+    if not path.exists():
+        raise ModelError(f"expected a Core ML package (.mlpackage folder) at {path}, found nothing")
+    if not path.is_dir():
+        raise ModelError(
+            f"{path} is a file; expected a Core ML package (.mlpackage folder). Compiled .mlmodelc "
+            "folders and neural-network .mlmodel files cannot be executed here"
+        )
+    manifest_path = path / "Manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]["path"]
+        items = manifest["itemInfoEntries"].values()
+    except FileNotFoundError:
+        raise ModelError(f"{path} is not a Core ML package: Manifest.json is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ModelError(f"{manifest_path} is corrupt (expected the Core ML package manifest): {exc!r}") from None
+    spec_path = path / DATA_DIR / root
+    weights = [item["path"] for item in items if isinstance(item, dict) and item.get("name") == "weights"]
+    weights_dir = path / DATA_DIR / (weights[0] if weights else Path(root).parent / "weights")
+    return spec_path, weights_dir
+
+
+def _read_spec(spec_path: Path):
+    import_coremltools()
+    from coremltools.proto import Model_pb2
+    from google.protobuf.message import DecodeError
+
+    try:
+        data = spec_path.read_bytes()
+    except FileNotFoundError:
+        raise ModelError(f"the package's model spec {spec_path} is missing") from None
+    spec = Model_pb2.Model()
+    try:
+        spec.ParseFromString(data)
+    except DecodeError as exc:
+        raise ModelError(f"the package's model spec {spec_path} is corrupt: {exc}") from None
+    if spec.WhichOneof("Type") is None:
+        raise ModelError(f"the package's model spec {spec_path} is corrupt or empty: it defines no model")
+    return spec
+
+
+def _blob_values(message):
+    """Every BlobFileValue in a MIL program proto (weights stored outside the spec)."""
+    for function in message.functions.values():
+        for block in function.block_specializations.values():
+            yield from _blob_values_in_block(block)
+
+
+def _blob_values_in_block(block):
+    for operation in block.operations:
+        for value in operation.attributes.values():
+            if value.WhichOneof("value") == "blobFileValue":
+                yield value.blobFileValue
+        for argument in operation.inputs.values():
+            for binding in argument.arguments:
+                if binding.WhichOneof("binding") == "value" and binding.value.WhichOneof("value") == "blobFileValue":
+                    yield binding.value.blobFileValue
+        for inner in operation.blocks:
+            yield from _blob_values_in_block(inner)
+
+
+def _check_weight_files(path: Path, program, weights_dir: Path) -> None:
+    needed: dict[str, int] = {}
+    for blob in _blob_values(program):
+        name = blob.fileName.split("/")[-1]
+        needed[name] = max(needed.get(name, 0), blob.offset)
+    for name, last_offset in sorted(needed.items()):
+        file = weights_dir / name
+        if not file.is_file():
+            raise ModelError(f"{path}: weight file {file} is missing (the ML program reads its weights from it)")
+        if file.stat().st_size <= last_offset:
+            raise ModelError(
+                f"{path}: weight file {file} is truncated: {file.stat().st_size} bytes, "
+                f"but the program reads a weight at offset {last_offset}"
+            )
+
+
+def _milproto_load(path: Path, spec, weights_dir: Path):
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+
+    try:
+        return milproto_load(spec, specification_version=spec.specificationVersion, file_weights_dir=str(weights_dir))
+    except Exception as exc:  # coremltools raises bare ValueError/RuntimeError/AssertionError here
+        raise ModelError(f"{path}: the ML program or its weights could not be read: {type(exc).__name__}: {exc}") from exc
+
+
+def _tensor_spec(name: str, var) -> TensorSpec:
+    from coremltools.converters.mil.mil import types
+
+    if not types.is_tensor(var.sym_type):
+        return TensorSpec(name, (), types.builtin_to_string(var.sym_type))
+    shape = tuple(int(d) if isinstance(d, int) or hasattr(d, "__index__") else None for d in var.shape)
+    return TensorSpec(name, shape, types.builtin_to_string(var.dtype))
