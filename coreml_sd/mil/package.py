@@ -69,14 +69,20 @@ def load_program(path, *, function_name: str | None = None) -> MilProgram:
         raise ModelError(f"{path}: no function {name!r} in the ML program; functions: {choices_text(names)}")
     _check_weight_files(path, spec.mlProgram, weights_dir)
     program = _milproto_load(path, spec, weights_dir)
-    function = program.functions[name]
+    return program_from_function(program.functions[name], name=name, path=path,
+                                 specification_version=spec.specificationVersion)
+
+
+def program_from_function(function, *, name: str = "main", path=Path("<in-memory program>"),
+                          specification_version: int = 0) -> MilProgram:
+    """Wrap an in-memory coremltools MIL Function (e.g. from `mb.program`) for execution."""
     return MilProgram(
-        path=path,
+        path=Path(path),
         function_name=name,
         function=function,
         inputs=tuple(_tensor_spec(n, v) for n, v in function.inputs.items()),
         outputs=tuple(_tensor_spec(v.name, v) for v in function.outputs),
-        specification_version=spec.specificationVersion,
+        specification_version=specification_version,
     )
 
 
