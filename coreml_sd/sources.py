@@ -124,17 +124,33 @@ def _token_text(token, default: str) -> str:
     return token if isinstance(token, str) else default
 
 
-def open_model(path: str | Path | None = None) -> ModelSource:
-    """Recognise the model at `path` and return its source; a one-line error otherwise."""
+def open_model(path: str | Path | None = None, *, vae: str | Path | None = None, loras=(), embeddings=(),
+               hypernetworks=(), prediction_type: str | None = None, config=None, ema: bool = False) -> ModelSource:
+    """Recognise the model at `path` and return its source; a one-line error otherwise.
+
+    `path`: a diffusers folder or a single-file checkpoint (.safetensors/.ckpt/.pt). The modifiers
+    work on both: `vae` a replacement VAE file, `loras` paths or (path, strength) pairs, `embeddings`
+    textual-inversion files, `hypernetworks` (path, strength) pairs, `prediction_type` to override
+    the model's. `config` (single files only): the architecture of a non-standard file, see
+    `coreml_sd.checkpoint.config`; `ema`: use a checkpoint's EMA weights.
+    """
     if path is None:
         raise ModelError("no model given and this version has no built-in model yet: pass --model PATH")
+    from coreml_sd.checkpoint.source import CHECKPOINT_SUFFIXES, SingleFileCheckpoint, with_modifiers
+
     p = Path(path).expanduser()
     if not p.exists():
-        raise ModelError(f"model not found: {p} (expected a diffusers model folder)")
+        raise ModelError(f"model not found: {p} (expected a diffusers model folder or a .safetensors/.ckpt file)")
     if p.is_dir() and (p / "model_index.json").is_file():
-        return DiffusersFolder(p)
-    found = "a folder without model_index.json" if p.is_dir() else f"a file ({p.suffix or 'no extension'})"
-    raise ModelError(f"{p} is not a model: expected a diffusers model folder (with model_index.json), found {found}")
+        source = DiffusersFolder(p)
+    elif p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES:
+        source = SingleFileCheckpoint(p, config=config, prediction_type=prediction_type, ema=ema)
+    else:
+        found = "a folder without model_index.json" if p.is_dir() else f"a file ({p.suffix or 'no extension'})"
+        raise ModelError(f"{p} is not a model: expected a diffusers model folder (with model_index.json) or a "
+                         f"{'/'.join(CHECKPOINT_SUFFIXES)} checkpoint, found {found}")
+    return with_modifiers(source, vae=vae, loras=loras, embeddings=embeddings, hypernetworks=hypernetworks,
+                          prediction_type=prediction_type)
 
 
 def require_torch_modules(source: ModelSource) -> None:

@@ -112,7 +112,25 @@ class CLIPTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids without BOS/EOS or padding (unknown pieces cannot occur with byte-level BPE)."""
-        return [self.encoder[p] for p in self.tokenize(text)]
+        triggers = getattr(self, "_triggers", None)
+        if not triggers:
+            return [self.encoder[p] for p in self.tokenize(text)]
+        # Trigger words of textual-inversion embeddings become their own ids; the rest is BPE as usual.
+        text, ids, start = clean_text(text), [], 0
+        for match in self._trigger_pattern.finditer(text):
+            ids += [self.encoder[p] for p in self.tokenize(text[start:match.start()])] + triggers[match.group(0)]
+            start = match.end()
+        return ids + [self.encoder[p] for p in self.tokenize(text[start:])]
+
+    def add_trigger(self, word: str, ids: list[int]) -> None:
+        """Make `word` (a whole word, any case) in a prompt stand for `ids`: a textual-inversion embedding's
+        vectors, whose ids lie past the vocabulary. A later trigger with the same word replaces it."""
+        key = clean_text(word).strip()
+        if not key or not ids:
+            raise ValueError(f"a trigger needs a word and at least one id; got {word!r} -> {ids!r}")
+        self._triggers = {**getattr(self, "_triggers", {}), key: list(ids)}
+        words = sorted(self._triggers, key=len, reverse=True)  # longest first: "cat-v2" before "cat"
+        self._trigger_pattern = regex.compile(r"(?<![\w])(?:" + "|".join(map(regex.escape, words)) + r")(?![\w])")
 
     def __call__(self, text: str) -> list[int]:
         ids = self.encode(text)[: self.max_length - 2]

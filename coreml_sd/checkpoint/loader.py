@@ -15,8 +15,6 @@ from coreml_sd.checkpoint.config import CheckpointConfig
 from coreml_sd.checkpoint.writer import TEXT_CONFIG_KEYS
 from coreml_sd.errors import ModelError, choices_text
 
-COMPONENTS = ("text_encoder", "unet", "vae")
-
 
 def new_unet(config: Mapping):
     import torch
@@ -59,6 +57,8 @@ def fill(module, state: Mapping[str, Any], what: str, *, dtype=None, device: str
 
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     keymap.check_strict(what, expected, state)
+    if dtype is not None:  # per tensor: only tensors of another dtype are copied
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     module.load_state_dict(dict(state), strict=True, assign=True)
     for name, buf in list(module.named_buffers()):
         if buf.is_meta:  # non-persistent buffers are not in files; CLIP's position ids are the one known
@@ -66,33 +66,22 @@ def fill(module, state: Mapping[str, Any], what: str, *, dtype=None, device: str
                 raise ModelError(f"{what}: buffer {name} has no value in the file")
             owner = module.get_submodule(name.rsplit(".", 1)[0])
             owner.register_buffer("position_ids", torch.arange(buf.shape[-1]).expand(buf.shape), persistent=False)
-    if dtype is not None:
-        module.to(dtype=dtype)
     return module.to(device).eval().requires_grad_(False)
 
 
-def convert_components(sd: Mapping[str, Any], config: CheckpointConfig, *, ema: bool = False,
-                       vae_state: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """diffusers-named state dicts of the three components of an original-layout checkpoint."""
-    out = {
-        "unet": keymap.unet_from_original(sd, config.unet, ema=ema),
-        "text_encoder": keymap.text_from_original(sd, config.text_encoder, config.family),
+def build_components(sd: Mapping[str, Any], config: CheckpointConfig, *, ema: bool = False, dtype=None,
+                     device: str = "cpu", with_vae: bool = True) -> dict[str, Any]:
+    """diffusers modules (by component name) from an original-layout state dict; the VAE only if asked."""
+    mods = {
+        "unet": fill(new_unet(config.unet), keymap.unet_from_original(sd, config.unet, ema=ema), "UNet",
+                     dtype=dtype, device=device),
+        "text_encoder": fill(new_text_encoder(config.text_encoder),
+                             keymap.text_from_original(sd, config.text_encoder, config.family), "text encoder",
+                             dtype=dtype, device=device),
     }
-    if vae_state is not None:
-        out["vae"] = dict(vae_state)
-    else:
-        out["vae"] = keymap.vae_from_original(sd, config.vae, keymap.VAE_PREFIX)
-    return out
-
-
-def build_modules(states: Mapping[str, Mapping[str, Any]], config: CheckpointConfig, *, dtype=None,
-                  device: str = "cpu") -> dict[str, Any]:
-    builders = {"text_encoder": (new_text_encoder, config.text_encoder), "unet": (new_unet, config.unet),
-                "vae": (new_vae, config.vae)}
-    mods = {}
-    for name in COMPONENTS:
-        builder, cfg = builders[name]
-        mods[name] = fill(builder(cfg), states[name], name.replace("_", " "), dtype=dtype, device=device)
+    if with_vae:
+        mods["vae"] = fill(new_vae(config.vae), keymap.vae_from_original(sd, config.vae, keymap.VAE_PREFIX), "VAE",
+                           dtype=dtype, device=device)
     return mods
 
 
@@ -103,5 +92,4 @@ def read_original(path: str | Path, config: CheckpointConfig, *, ema: bool = Fal
 
     path = Path(path)
     obj, _ = load_tensor_file(path)
-    states = convert_components(flat_state_dict(obj, path), config, ema=ema)
-    return build_modules(states, config, dtype=dtype, device=device)
+    return build_components(flat_state_dict(obj, path), config, ema=ema, dtype=dtype, device=device)

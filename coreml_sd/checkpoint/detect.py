@@ -1,0 +1,172 @@
+"""What a tensor file is, from its key names and tensor shapes alone (no weights read).
+
+Sentinel keys tell the layout (`model.diffusion_model.` UNet, `first_stage_model.` VAE,
+`cond_stage_model.transformer.` CLIP = SD 1.x, `cond_stage_model.model.` OpenCLIP = SD 2.x,
+`conditioner.embedders.` = SDXL); shapes confirm the family (the width of the cross-attention
+context: 768 SD 1.x, 1024 SD 2.x, 2048 SDXL) and the UNet's input channels (4; 9 inpainting;
+8 instruct-pix2pix). SD 2.x files do not say whether they predict noise or velocity; see
+`probe_v_prediction`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from coreml_sd.checkpoint import keymap
+from coreml_sd.checkpoint.safeload import TensorInfo
+from coreml_sd.errors import ModelError
+
+CONTEXT_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+_ATTN2_K = re.compile(r"^model\.diffusion_model\..*attn2\.to_k\.weight$")
+_LORA = re.compile(r"(^lora_(unet|te\d?)_)|(\.lora_(down|up|A|B)\.)|(\.hada_w1_a$)|(\.lokr_w1$)")
+_DTYPE_NAMES = {"F16": "fp16", "F32": "fp32", "BF16": "bf16", "F64": "fp64"}
+
+
+@dataclass(frozen=True)
+class Detection:
+    """What a file holds. `kind`: model | vae | lora | embedding | unknown."""
+
+    kind: str
+    family: str | None = None  # sd1 | sd2 | sdxl
+    text_encoder: str | None = None  # clip | openclip
+    has_unet: bool = False
+    has_vae: bool = False
+    has_text_encoder: bool = False
+    has_ema: bool = False
+    in_channels: int | None = None
+    context_dim: int | None = None
+    standard: bool = False  # full-size SD 1.x/2.x widths: a shipped config fits
+    dtype: str = "?"
+    params: Mapping[str, int] = field(default_factory=dict)
+    found: str = ""  # a short account of the keys, for messages about unknown files
+
+    @property
+    def config_name(self) -> str | None:
+        return {"sd1": "sd1", "sd2": "sd2"}.get(self.family or "")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _account(shapes: Mapping[str, TensorInfo]) -> str:
+    heads = Counter(".".join(k.split(".")[:2]) if k.count(".") >= 2 else k for k in shapes)
+    top = ", ".join(f"{h}.* ({n})" for h, n in heads.most_common(4))
+    return f"{len(shapes)} tensors: {top}" if shapes else "no tensors"
+
+
+def _params(shapes: Mapping[str, TensorInfo]) -> dict[str, int]:
+    groups = {"unet": (keymap.UNET_PREFIX,), "vae": (keymap.VAE_PREFIX,), "text_encoder": ("cond_stage_model.",),
+              "ema": (keymap.EMA_PREFIX,)}
+    out = {name: sum(_numel(i.shape) for k, i in shapes.items() if k.startswith(p)) for name, p in groups.items()}
+    out["other"] = sum(_numel(i.shape) for i in shapes.values()) - sum(out.values())
+    return {k: v for k, v in out.items() if v}
+
+
+def _dominant_dtype(shapes: Mapping[str, TensorInfo]) -> str:
+    sizes = Counter()
+    for info in shapes.values():
+        sizes[info.dtype] += _numel(info.shape)
+    return _DTYPE_NAMES.get(sizes.most_common(1)[0][0], sizes.most_common(1)[0][0]) if sizes else "?"
+
+
+def _context_dim(shapes: Mapping[str, TensorInfo]) -> int | None:
+    for key, info in shapes.items():
+        if _ATTN2_K.match(key) and len(info.shape) == 2:
+            return int(info.shape[1])
+    return None
+
+
+def classify(shapes: Mapping[str, TensorInfo]) -> Detection:
+    """Describe a file from its key -> (dtype, shape) table; never raises."""
+    keys = list(shapes)
+    common = dict(dtype=_dominant_dtype(shapes), params=_params(shapes), found=_account(shapes))
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        return Detection("model", family="sdxl", has_unet=True, context_dim=_context_dim(shapes), **common)
+    if any(_LORA.search(k) for k in keys):
+        return Detection("lora", **common)
+    has_unet = any(k.startswith(keymap.UNET_PREFIX) for k in keys)
+    text = ("clip" if any(k.startswith("cond_stage_model.transformer.") for k in keys)
+            else "openclip" if any(k.startswith(keymap.OPENCLIP_PREFIX) for k in keys) else None)
+    if has_unet or text:
+        return _model(shapes, has_unet, text, common)
+    if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks.")) for k in keys) \
+            or keymap.vae_prefix(keys) == keymap.VAE_PREFIX:
+        return Detection("vae", has_vae=True, **common)
+    if _looks_like_embedding(shapes):
+        return Detection("embedding", **common)
+    return Detection("unknown", **common)
+
+
+def _model(shapes, has_unet: bool, text: str | None, common: dict) -> Detection:
+    ctx = _context_dim(shapes)
+    conv_in = shapes.get(keymap.UNET_PREFIX + "input_blocks.0.0.weight")
+    text_family = {"clip": "sd1", "openclip": "sd2"}.get(text or "")
+    ctx_family = CONTEXT_DIMS.get(ctx or 0)
+    if ctx_family == "sdxl":
+        family = "sdxl"
+    elif text_family and ctx_family and text_family != ctx_family:
+        family = None  # a CLIP text encoder with a 1024-wide UNet context (or the reverse): not a known model
+    else:
+        family = text_family or ctx_family
+    return Detection(
+        "model", family=family, text_encoder=text, has_unet=has_unet,
+        has_vae=any(k.startswith(keymap.VAE_PREFIX + "decoder.") for k in shapes),
+        has_text_encoder=text is not None, has_ema=keymap.has_ema(shapes),
+        in_channels=int(conv_in.shape[1]) if conv_in and len(conv_in.shape) == 4 else None,
+        context_dim=ctx, standard=ctx_family in ("sd1", "sd2"), **common)
+
+
+def _looks_like_embedding(shapes: Mapping[str, TensorInfo]) -> bool:
+    if "emb_params" in shapes or any(k.startswith("string_to_param") for k in shapes):
+        return True
+    return 0 < len(shapes) <= 2 and all(len(i.shape) in (1, 2) and i.shape[-1] in (768, 1024, 1280)
+                                        for i in shapes.values())
+
+
+def require_model(det: Detection, path: Path) -> None:
+    """Refuse anything that is not an SD 1.x / 2.x text-to-image checkpoint, saying what it is."""
+    what = {"vae": "a VAE", "lora": "a LoRA", "embedding": "a textual-inversion embedding"}.get(det.kind)
+    if what:
+        flag = {"vae": "--vae", "lora": "--lora", "embedding": "--embedding"}[det.kind]
+        raise ModelError(f"{path} is {what}, not a Stable Diffusion model; pass it with {flag} next to a model")
+    if det.kind != "model":
+        raise ModelError(f"{path} is not a Stable Diffusion checkpoint: expected SD 1.x/2.x keys "
+                         f"(model.diffusion_model.*, cond_stage_model.*), found {det.found}")
+    if det.family == "sdxl":
+        raise ModelError(f"{path} is an SDXL checkpoint (two text encoders, 2048-wide context); SDXL is not "
+                         f"supported yet: supported are SD 1.x and SD 2.x")
+    if det.family is None:
+        raise ModelError(f"{path}: unknown Stable Diffusion variant (text encoder {det.text_encoder}, "
+                         f"cross-attention width {det.context_dim}); supported: SD 1.x (CLIP, 768), SD 2.x (OpenCLIP, 1024)")
+    if not det.has_unet:
+        raise ModelError(f"{path} holds no UNet (model.diffusion_model.*): found {det.found}")
+    if det.in_channels not in (None, 4):
+        kind = {9: "an inpainting model", 8: "an instruct-pix2pix model"}.get(det.in_channels, "a UNet")
+        raise ModelError(f"{path} is {kind} ({det.in_channels} input channels); only text-to-image models "
+                         f"with 4 latent channels are supported")
+
+
+def probe_v_prediction(unet) -> bool:
+    """Whether an SD 2.x UNet predicts velocity (v) rather than noise, by running it once.
+
+    At the last timestep a noisy latent is almost pure noise, so an epsilon model returns about
+    its input, while a v model returns about minus its input. On a constant 0.5 latent the mean of
+    (output - input) is near 0 for epsilon and below -1 for v (the same test AUTOMATIC1111 uses).
+    """
+    import torch
+
+    p = next(unet.parameters())
+    ctx_dim = unet.config.cross_attention_dim
+    with torch.no_grad():
+        x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, dtype=p.dtype, device=p.device)
+        cond = torch.full((1, 2, ctx_dim), 0.5, dtype=p.dtype, device=p.device)
+        out = unet(x, torch.tensor([999], device=p.device), encoder_hidden_states=cond).sample
+    return float((out.float() - x.float()).mean()) < -1.0

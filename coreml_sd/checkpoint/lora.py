@@ -1,0 +1,151 @@
+"""kohya / AUTOMATIC1111 LoRA files merged into the weights: W += strength * alpha/rank * up @ down.
+
+Key format: `<module>.lora_down.weight`, `<module>.lora_up.weight`, `<module>.alpha`, where
+`<module>` is a layer's dotted path with underscores, prefixed `lora_unet_` or `lora_te_`. UNet
+layers are named either as diffusers names them (`lora_unet_down_blocks_0_attentions_0_..._to_q`,
+kohya's sd-scripts) or as the original UNet does (`lora_unet_input_blocks_1_1_..._to_q`, LyCORIS);
+both are matched through the key tables of `keymap`. Text-encoder layers carry transformers'
+`text_model.` level (`lora_te_text_model_encoder_layers_0_mlp_fc1`). Linear layers, 1x1 and 3x3
+convolutions (LoCon: a k x k `lora_down`, a 1x1 `lora_up`) are merged; a LoRA without `alpha`
+has scale 1 (alpha = rank). Keys that match no layer are reported, not silently dropped; a LoRA
+that matches nothing, or whose shapes disagree, is refused as made for another model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from coreml_sd.checkpoint import keymap
+from coreml_sd.checkpoint.safeload import SAFETENSORS, addnet_hash, load_tensor_file, sha256_file, sniff
+from coreml_sd.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+_UNSUPPORTED = {".hada_w1_a": "LoHa", ".lokr_w1": "LoKr", ".lokr_w1_a": "LoKr", ".lora_mid.weight": "LoCon with CP/Tucker (lora_mid)",
+                ".dora_scale": "DoRA", ".lora_A.weight": "PEFT/diffusers-format", ".oft_blocks": "OFT"}
+_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "SDXL"}
+
+
+@dataclass
+class LoraReport:
+    name: str
+    path: Path
+    strength: float
+    hash: str  # 12 hex, as AUTOMATIC1111's "Lora hashes"
+    matched: int = 0
+    unmatched: list[str] = field(default_factory=list)
+
+
+def lora_hash(path: Path, metadata: Mapping[str, str]) -> str:
+    """AUTOMATIC1111's LoRA short hash: kohya's `sshs_model_hash`, else the hash of the tensor data."""
+    if metadata.get("sshs_model_hash"):
+        return metadata["sshs_model_hash"][:12]
+    return (addnet_hash(path) if sniff(path) == SAFETENSORS else sha256_file(path))[:12]
+
+
+def load_lora(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+    import torch
+
+    from coreml_sd.checkpoint.safeload import flat_state_dict
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelError(f"LoRA not found: {path} (expected a .safetensors or .pt file)")
+    obj, metadata = load_tensor_file(path)
+    sd = flat_state_dict(obj, path)
+    for key in sd:
+        for suffix, kind in _UNSUPPORTED.items():
+            if key.endswith(suffix):
+                raise ModelError(f"{path} is a {kind} file ({key}); supported: kohya/A1111 LoRA and LoCon")
+    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in sd):
+        raise ModelError(f"{path} is an SDXL LoRA (two text encoders, lora_te1_/lora_te2_); "
+                         f"SD 1.x/2.x models take SD 1.x/2.x LoRAs")
+    if not any(k.endswith(_SUFFIXES[0]) for k in sd):
+        raise ModelError(f"{path} is not a LoRA: expected keys ending in .lora_down.weight / .lora_up.weight; "
+                         f"found {sorted(sd)[:3]}")
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, metadata
+
+
+def lora_targets(text_encoder, unet) -> dict[str, Any]:
+    """LoRA layer name -> Linear/Conv2d module, under every spelling a file may use."""
+    import torch
+
+    kinds = (torch.nn.Linear, torch.nn.Conv2d)
+    targets = {}
+    te_prefix = "" if hasattr(text_encoder, "text_model") else "text_model."
+    for name, mod in text_encoder.named_modules():
+        if isinstance(mod, kinds):
+            targets["lora_te_" + (te_prefix + name).replace(".", "_")] = mod
+    table = keymap._unet_table(unet.config)
+    for name, mod in unet.named_modules():
+        if isinstance(mod, kinds):
+            targets["lora_unet_" + name.replace(".", "_")] = mod
+            original = keymap._lookup(table, name + ".weight", "UNet")[: -len(".weight")]
+            targets["lora_unet_" + original.replace(".", "_")] = mod
+    return targets
+
+
+def merge_lora(text_encoder, unet, path: str | Path, strength: float = 1.0) -> LoraReport:
+    """Merge one LoRA file into the modules in place and report what matched."""
+    path = Path(path).expanduser()
+    sd, metadata = load_lora(path)
+    report = LoraReport(path.stem, path, float(strength), lora_hash(path, metadata))
+    targets = lora_targets(text_encoder, unet)
+    bases = sorted({k[: -len(s)] for k in sd for s in _SUFFIXES if k.endswith(s)})
+    stray = sorted(k for k in sd if not k.endswith(_SUFFIXES))
+    plan = []
+    for base in bases:
+        module = targets.get(base)
+        if module is None or base + ".lora_up.weight" not in sd or base + ".lora_down.weight" not in sd:
+            report.unmatched.append(base)
+            continue
+        delta = _delta(sd, base, module.weight.shape, path)
+        plan.append((module, delta))
+    if not plan:
+        raise ModelError(f"{path}: none of its {len(bases)} layers matches this model "
+                         f"(e.g. {bases[0] if bases else '-'}); is it a LoRA for another family?")
+    _apply(plan, strength)
+    report.matched = len(plan)
+    report.unmatched += stray
+    if report.unmatched:
+        log.warning("LoRA %s: %d keys match no layer of this model and were ignored: %s", path.name,
+                    len(report.unmatched), ", ".join(report.unmatched[:5]))
+    return report
+
+
+def _delta(sd: Mapping[str, Any], base: str, shape, path: Path):
+    """alpha/rank * up @ down, shaped like the target weight (fp32)."""
+    down = sd[base + ".lora_down.weight"].float()
+    up = sd[base + ".lora_up.weight"].float()
+    rank = down.shape[0]
+    alpha = float(sd[base + ".alpha"]) if base + ".alpha" in sd else float(rank)
+    fan_in = 1
+    for d in shape[1:]:
+        fan_in *= d
+    if up.shape[0] != shape[0] or down[0].numel() != fan_in or up.flatten(1).shape[1] != rank:
+        raise ModelError(
+            f"{path}: layer {base} has LoRA shapes down {tuple(down.shape)}, up {tuple(up.shape)}; the model's "
+            f"weight is {tuple(shape)}. This LoRA was made for another model ({_guess_family(sd)})."
+        )
+    return ((up.flatten(1) @ down.flatten(1)) * (alpha / rank)).reshape(shape)
+
+
+def _apply(plan, strength: float) -> None:
+    import torch
+
+    with torch.no_grad():
+        for module, delta in plan:
+            w = module.weight
+            w.copy_((w.float() + strength * delta.to(w.device)).to(w.dtype))
+
+
+def _guess_family(sd: Mapping[str, Any]) -> str:
+    for key, t in sd.items():
+        if "attn2_to_k" in key and key.endswith(".lora_down.weight"):
+            width = int(t.shape[1])
+            return f"its cross-attention context is {width} wide: {_WIDTHS.get(width, 'unknown family')}"
+    return "unknown family"
