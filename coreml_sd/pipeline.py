@@ -93,7 +93,7 @@ class Pipeline:
                  guidance_scale: float = 7.5, width: int | None = None,
                  height: int | None = None) -> Iterator[Progress | GeneratedImage]:
         from coreml_sd.denoiser import Denoiser
-        from coreml_sd.samplers import SAMPLERS, sample
+        from coreml_sd.samplers import SAMPLERS, noise_from_sources, sample
         from coreml_sd.schedules import SCHEDULES, make_plan
 
         if sampler not in SAMPLERS:
@@ -116,11 +116,7 @@ class Pipeline:
         shape = (1, self.info.latent_channels, height // f, width // f)
         results = []
         for i in range(num_images):
-            source = NoiseSource(seed + i)
-
-            def noise(shape_, source=source):
-                return self.components.asarray(source.randn(shape_))
-
+            noise = noise_from_sources([NoiseSource(seed + i)], self.components.asarray)
             x = noise(shape) * plan.init_noise_sigma
             for step, x in enumerate(sample(sampler, denoiser, x, plan, noise), start=1):
                 yield Progress(i, num_images, step, steps, seed + i)

@@ -96,7 +96,7 @@ def write_tiny_diffusers_folder(path: Path, *, seed: int = 0, prediction_type: s
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer(str(CLIP_FILES / "vocab.json"), str(CLIP_FILES / "merges.txt")),
+        tokenizer=CLIPTokenizer(str(CLIP_FILES / "vocab.json"), str(CLIP_FILES / "merges.txt"), model_max_length=77),
         unet=unet,
         scheduler=PNDMScheduler.from_config(sched_cfg),
         safety_checker=None,
