@@ -10,6 +10,7 @@ import click
 
 from coreml_sd import __version__
 from coreml_sd.errors import CoreMLSDError, InputError
+from coreml_sd.cli_checkpoint import checkpoint, model_source_options, pop_source_kwargs
 from coreml_sd.images import FORMATS, save_image, slugify
 
 SAMPLER_NAMES = ("euler_a", "euler", "ddim", "dpmpp_2m")  # checked against coreml_sd.samplers in tests
@@ -49,7 +50,8 @@ def _side(ctx, param, value):
 
 @main.command()
 @click.argument("prompt")
-@click.option("-m", "--model", default=None, help="Model: a diffusers folder. Default: the built-in model.")
+@click.option("-m", "--model", default=None,
+              help="Model: a diffusers folder or a .safetensors/.ckpt file. Default: the built-in model.")
 @click.option("-n", "--negative-prompt", default="", help="What the image should not show.")
 @click.option("-s", "--seed", type=click.IntRange(0, 2**64 - 1), default=None,
               help="Seed of image 1 (image i uses seed+i). Default: random, printed.")
@@ -72,14 +74,16 @@ def _side(ctx, param, value):
               help="auto: fp16 on GPUs, bf16 on CPUs with native bf16, else fp32.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@model_source_options
 def generate(prompt, model, negative_prompt, seed, num_images, sampler, schedule, steps, guidance_scale, width,
-             height, fmt, quality, output, backend, device, precision, as_json, quiet):
+             height, fmt, quality, output, backend, device, precision, as_json, quiet, **source_options):
     """Generate images from PROMPT."""
     from tqdm import tqdm
 
     from coreml_sd.pipeline import GeneratedImage, Pipeline, random_seed
 
-    pipe = Pipeline.load(model, backend=backend, device=device, precision=precision)
+    pipe = Pipeline.load(model, backend=backend, device=device, precision=precision,
+                         **pop_source_kwargs(source_options))
     seed = random_seed() if seed is None else seed
     if not as_json:
         click.echo(f"seed {seed}", err=True)
@@ -118,6 +122,7 @@ def _load_plugin_commands() -> None:
             main.add_command(ep.load(), ep.name)
 
 
+main.add_command(checkpoint)
 _load_plugin_commands()
 
 

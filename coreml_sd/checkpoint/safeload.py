@@ -330,3 +330,16 @@ def addnet_hash(path: str | Path) -> str:
         (n,) = struct.unpack("<Q", fh.read(8))
     return sha256_file(path, offset=8 + n)
 
+
+
+def own_memory(state: dict[str, Any]) -> dict[str, Any]:
+    """Contiguous tensors that each own their storage, as safetensors requires (EMA copies of the same
+    module, views such as the VAE's 1x1-conv reshape and pickles with shared storages are cloned)."""
+    seen, out = set(), {}
+    for key, t in state.items():
+        t = t.contiguous()
+        storage = t.untyped_storage()
+        whole = storage.nbytes() == t.numel() * t.element_size()
+        out[key] = t if whole and storage.data_ptr() not in seen else t.clone()
+        seen.add(out[key].untyped_storage().data_ptr())
+    return out

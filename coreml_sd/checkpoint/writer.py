@@ -14,6 +14,7 @@ from typing import Any
 
 from coreml_sd.checkpoint import keymap
 from coreml_sd.checkpoint.config import FAMILIES, CheckpointConfig
+from coreml_sd.checkpoint.safeload import own_memory
 from coreml_sd.config import SchedulerConfig
 from coreml_sd.errors import InputError, choices_text
 from coreml_sd.tokenizer import EOS
@@ -71,24 +72,13 @@ def write_original_checkpoint(text_encoder, unet, vae, path: str | Path, *, dtyp
         if fmt == "safetensors":
             from safetensors.torch import save_file
 
-            save_file(_own_memory(state), str(tmp), metadata=dict(metadata or {}, format="pt"))
+            save_file(own_memory(state), str(tmp), metadata=dict(metadata or {}, format="pt"))
         else:
             torch.save({"state_dict": state, "global_step": 0}, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def _own_memory(state: dict[str, Any]) -> dict[str, Any]:
-    """safetensors refuses tensors that share storage (an EMA copy of the same module, reshaped views)."""
-    seen, out = set(), {}
-    for key, t in state.items():
-        storage = t.untyped_storage()
-        whole = storage.nbytes() == t.numel() * t.element_size()
-        out[key] = t if whole and storage.data_ptr() not in seen else t.clone()
-        seen.add(out[key].untyped_storage().data_ptr())
-    return out
 
 
 def config_from_modules(text_encoder, unet, vae, *, family: str = "sd1", scheduler: SchedulerConfig | None = None,

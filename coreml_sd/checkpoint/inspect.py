@@ -1,0 +1,111 @@
+"""`coreml-sd checkpoint inspect` and `to-safetensors`: describe a tensor file, convert a pickle once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from coreml_sd.checkpoint import detect
+from coreml_sd.checkpoint.config import as_config, sidecar_path
+from coreml_sd.checkpoint.safeload import (SAFETENSORS, flat_state_dict, load_pickle, own_memory, sha256_file,
+                                           sniff, tensor_shapes)
+from coreml_sd.errors import ModelError
+
+FORMAT_NAMES = {SAFETENSORS: "safetensors", "torch-zip": "pickle (torch zip)", "pickle": "pickle (legacy torch)"}
+
+
+def inspect_file(path: str | Path, *, probe: bool = True) -> dict[str, Any]:
+    """What a file is, as a JSON-able dict. SD 2.x files are probed for their prediction type."""
+    path = Path(path).expanduser()
+    fmt = sniff(path)
+    shapes, metadata = tensor_shapes(path)
+    det = detect.classify(shapes)
+    report: dict[str, Any] = {
+        "file": str(path), "format": FORMAT_NAMES[fmt], "size_bytes": path.stat().st_size, "kind": det.kind,
+        "family": det.family, "dtype": det.dtype, "tensors": len(shapes),
+        "parameters": dict(det.params), "sha256": sha256_file(path),
+    }
+    report["hash"] = report["sha256"][:10]
+    if det.kind == "model":
+        report.update(has_unet=det.has_unet, has_vae=det.has_vae, has_text_encoder=det.has_text_encoder,
+                      has_ema=det.has_ema, text_encoder=det.text_encoder, context_dim=det.context_dim,
+                      in_channels=det.in_channels, prediction_type=_prediction_type(path, det, probe))
+        try:
+            detect.require_model(det, path)
+            report["supported"], report["problem"] = True, None
+        except ModelError as exc:
+            report["supported"], report["problem"] = False, str(exc)
+    if det.kind == "unknown":
+        report["found"] = det.found
+    if metadata:
+        report["metadata"] = {k: (v if len(v) < 200 else v[:200] + "...") for k, v in metadata.items()}
+    return report
+
+
+def _prediction_type(path: Path, det: detect.Detection, probe: bool) -> str | None:
+    if sidecar_path(path).is_file():
+        return as_config(sidecar_path(path)).scheduler.prediction_type
+    if det.family == "sd1":
+        return "epsilon"
+    if det.family != "sd2" or not det.standard or not det.has_unet:
+        return None
+    if not probe:
+        return "unknown (epsilon or v_prediction)"
+    from coreml_sd.checkpoint.source import SingleFileCheckpoint
+
+    return SingleFileCheckpoint(path).info.prediction_type
+
+
+def describe(report: dict[str, Any]) -> str:
+    """The report as aligned `key: value` lines for people."""
+    lines = []
+    for key, value in report.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {_count(v) if isinstance(v, int) else v}" for k, v in value.items())
+        elif key == "size_bytes":
+            key, value = "size", f"{value / 1e9:.2f} GB" if value > 1e8 else f"{value / 1e6:.2f} MB"
+        lines.append(f"{key.replace('_', ' ')}: {value}")
+    return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else str(n)
+
+
+def to_safetensors(path: str | Path, output: str | Path | None = None, *, overwrite: bool = False) -> Path:
+    """Convert a pickled checkpoint, LoRA or embedding to .safetensors (safely loaded; written atomically).
+
+    Embeddings become AUTOMATIC1111's safetensors form (`emb_params`). Hypernetworks have no
+    safetensors form that AUTOMATIC1111 reads, so they are refused.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path).expanduser()
+    if sniff(path) == SAFETENSORS:
+        raise ModelError(f"{path} is already a safetensors file")
+    out = Path(output).expanduser() if output else path.with_suffix(".safetensors")
+    if out.exists() and not overwrite:
+        raise ModelError(f"{out} exists; choose another output or remove it first")
+    obj = load_pickle(path)
+    tensors = _tensors_for_safetensors(obj, path)
+    tmp = out.with_name(out.name + ".partial")
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "converted_from": path.name})
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _tensors_for_safetensors(obj: Any, path: Path) -> dict[str, Any]:
+    from coreml_sd.checkpoint.embeddings import _vectors
+
+    if isinstance(obj, dict) and any(isinstance(k, int) for k in obj):
+        raise ModelError(f"{path} is a hypernetwork; AUTOMATIC1111 reads hypernetworks only as .pt, keep it so")
+    if isinstance(obj, dict) and ("string_to_param" in obj or "emb_params" in obj):
+        return {"emb_params": _vectors(obj, path).detach().contiguous().clone()}
+    sd = flat_state_dict(obj, path)
+    if not sd:
+        raise ModelError(f"{path} holds no tensors to convert")
+    return own_memory(sd)
