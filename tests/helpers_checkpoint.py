@@ -132,3 +132,50 @@ def write_hostile(path: Path, kind: str, marker: Path, *, container: str = "zip"
     else:
         Path(path).write_bytes(pickle.dumps(payload, protocol=2 if kind != "builtins.exec" else 4))
     return Path(path)
+
+
+def full_size_shapes(name: str) -> dict:
+    """key -> TensorInfo of a full-size original-layout file (sd1, sd2), built on the meta device."""
+    from coreml_sd.checkpoint.config import shipped_config
+    from coreml_sd.checkpoint.loader import new_text_encoder, new_unet, new_vae
+    from coreml_sd.checkpoint.safeload import TensorInfo
+    from coreml_sd.checkpoint.writer import original_state_dict
+
+    cfg = shipped_config(name)
+    state = original_state_dict(new_text_encoder(cfg.text_encoder), new_unet(cfg.unet), new_vae(cfg.vae),
+                                family=cfg.family)
+    return {k: TensorInfo("F16", tuple(t.shape)) for k, t in state.items()}
+
+
+def kohya_lora(text_encoder, unet, *, seed: int = 1, rank: int = 4, alpha: float | None = 2.0,
+               naming: str = "diffusers", convs: bool = True) -> dict:
+    """A kohya/A1111-format LoRA for these modules: every Linear of the text encoder and of the UNet's
+    attention blocks; with `convs`, LoCon on the resnets' 3x3 and the attention blocks' 1x1 convolutions.
+    `naming`: UNet layer names as diffusers spells them (kohya) or as the original UNet does (LyCORIS)."""
+    import torch
+
+    from coreml_sd.checkpoint import keymap
+
+    g = torch.Generator().manual_seed(seed)
+    table = keymap._unet_table(unet.config)
+    sd = {}
+
+    def add(base, down_shape, up_shape):
+        sd[base + ".lora_down.weight"] = torch.randn(*down_shape, generator=g) * 0.1
+        sd[base + ".lora_up.weight"] = torch.randn(*up_shape, generator=g) * 0.1
+        if alpha is not None:
+            sd[base + ".alpha"] = torch.tensor(float(alpha))
+
+    for name, mod in text_encoder.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            add("lora_te_" + ("text_model." + name).replace(".", "_"), (rank, mod.in_features), (mod.out_features, rank))
+    for name, mod in unet.named_modules():
+        if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        label = name if naming == "diffusers" else keymap._lookup(table, name + ".weight", "UNet")[: -len(".weight")]
+        base = "lora_unet_" + label.replace(".", "_")
+        if isinstance(mod, torch.nn.Linear) and ".attentions." in name:
+            add(base, (rank, mod.in_features), (mod.out_features, rank))
+        elif convs and isinstance(mod, torch.nn.Conv2d) and (".resnets." in name or "proj_" in name):
+            add(base, (rank, mod.in_channels, *mod.kernel_size), (mod.out_channels, rank, 1, 1))
+    return sd
