@@ -61,16 +61,24 @@ def psnr(actual, reference) -> float:
     return math.inf if mse == 0 else 20 * math.log10(peak / math.sqrt(mse))
 
 
+def trace(module, example_inputs):
+    import torch
+
+    with torch.no_grad():
+        # check_trace would run the module twice more; the parity tests check the result anyway
+        return torch.jit.trace(module.eval(), example_inputs, strict=False, check_trace=False)
+
+
 def convert_module(module, example_inputs, names, out_path: Path, *, precision: str = "fp32",
                    input_dtypes=None, target=None, output_names=None) -> Path:
-    """Trace `module` and convert it with plain coremltools to an ML program package at `out_path`."""
+    """Convert `module` (traced here unless it already is) with plain coremltools to an ML program
+    package at `out_path`."""
     import torch
 
     from conversion import coremltools_fixes
 
     coremltools_fixes.apply()
-    with torch.no_grad():
-        traced = torch.jit.trace(module.eval(), example_inputs, strict=False)
+    traced = module if isinstance(module, torch.jit.ScriptModule) else trace(module, example_inputs)
     dtypes = input_dtypes or [np.float32] * len(names)
     inputs = [ct.TensorType(name=n, shape=tuple(x.shape), dtype=d) for n, x, d in zip(names, example_inputs, dtypes)]
     kwargs = {}
