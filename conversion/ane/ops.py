@@ -1,0 +1,313 @@
+"""The small set of tensor primitives the Neural-Engine modules are written in, twice.
+
+Every module in `conversion.ane` computes through an `ops` argument instead of calling torch
+directly. With `TORCH` (the default) a module is an ordinary torch module, tested against
+diffusers. With a `MilOps` the very same forward emits a Core ML ML program with coremltools'
+MIL builder: weights become fp16 constants that share memory with the torch parameters, and
+nothing is traced, so converting a full UNet needs about its fp16 weight size of RAM once.
+
+The primitives mirror MIL ops one to one, so each has a single obvious lowering:
+
+    conv, pad, add, sub, mul, silu, sigmoid, gelu, sin, cos, mean, rsqrt, reshape, transpose,
+    concat, slice, split, einsum ("nchw,nwhu->nchu" family only), matmul, softmax,
+    upsample2x (nearest), gather, argmax, cast, const
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+_MIL_DTYPES = {torch.float16: "fp16", torch.float32: "fp32", torch.int32: "int32"}
+
+
+class TorchOps:
+    """The primitives on torch tensors (eager)."""
+
+    name = "torch"
+
+    @staticmethod
+    def conv(x, weight, bias=None, *, stride: int = 1, padding: int = 0):
+        return F.conv2d(x, weight, bias, stride=stride, padding=padding)
+
+    @staticmethod
+    def pad(x, pads: tuple[int, int, int, int]):
+        """Zero padding of the last two dims: (left, right, top, bottom)."""
+        return F.pad(x, pads)
+
+    @staticmethod
+    def add(x, y):
+        return x + y
+
+    @staticmethod
+    def sub(x, y):
+        return x - y
+
+    @staticmethod
+    def mul(x, y):
+        return x * y
+
+    @staticmethod
+    def silu(x):
+        return F.silu(x)
+
+    @staticmethod
+    def sigmoid(x):
+        return torch.sigmoid(x)
+
+    @staticmethod
+    def gelu(x):
+        return F.gelu(x)  # exact (erf) form, as diffusers' GEGLU and CLIP's "gelu"
+
+    @staticmethod
+    def sin(x):
+        return torch.sin(x)
+
+    @staticmethod
+    def cos(x):
+        return torch.cos(x)
+
+    @staticmethod
+    def mean(x, axes: Sequence[int]):
+        return x.mean(dim=tuple(axes), keepdim=True)
+
+    @staticmethod
+    def rsqrt(x, eps: float):
+        return torch.rsqrt(x + eps)
+
+    @staticmethod
+    def reshape(x, shape: Sequence[int]):
+        return x.reshape(tuple(shape))
+
+    @staticmethod
+    def transpose(x, perm: Sequence[int]):
+        return x.permute(*perm)
+
+    @staticmethod
+    def concat(xs, axis: int):
+        return torch.cat(list(xs), dim=axis)
+
+    @staticmethod
+    def slice(x, axis: int, start: int, stop: int):
+        return x.narrow(axis, start, stop - start)
+
+    @staticmethod
+    def split(x, parts: int, axis: int):
+        return list(x.chunk(parts, dim=axis))
+
+    @staticmethod
+    def einsum(equation: str, a, b):
+        return torch.einsum(equation, a, b)
+
+    @staticmethod
+    def matmul(x, y, *, transpose_x: bool = False, transpose_y: bool = False):
+        if transpose_x:
+            x = x.transpose(-1, -2)
+        if transpose_y:
+            y = y.transpose(-1, -2)
+        return torch.matmul(x, y)
+
+    @staticmethod
+    def softmax(x, axis: int):
+        return torch.softmax(x, dim=axis)
+
+    @staticmethod
+    def upsample2x(x):
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+    @staticmethod
+    def gather(x, indices, axis: int):
+        return torch.index_select(x, axis, indices.reshape(-1).long())
+
+    @staticmethod
+    def argmax(x, axis: int):
+        return torch.argmax(x, dim=axis)
+
+    @staticmethod
+    def cast(x, dtype: torch.dtype):
+        return x.to(dtype)
+
+    @staticmethod
+    def const(value, dtype: torch.dtype, like=None):
+        device = like.device if like is not None else "cpu"
+        return torch.as_tensor(np.asarray(value), device=device).to(dtype)
+
+    @staticmethod
+    def shape(x) -> tuple[int, ...]:
+        return tuple(x.shape)
+
+    @staticmethod
+    def dtype(x) -> torch.dtype:
+        return x.dtype
+
+
+TORCH = TorchOps()
+
+
+class MilOps:
+    """The primitives emitted as MIL ops with coremltools' builder, inside a `Function` context.
+
+    Parameters of `module` become `const` ops named after the parameter (dots -> underscores),
+    created once per parameter and sharing memory with it (fp16 numpy view, no copy).
+    """
+
+    name = "mil"
+
+    def __init__(self, module: torch.nn.Module):
+        from coremltools.converters.mil import Builder as mb
+
+        self.mb = mb
+        self._names = {id(p): n for n, p in module.named_parameters()}
+        self._names.update({id(b): n for n, b in module.named_buffers()})
+        self._consts: dict[int, Any] = {}
+        self._keep: list[torch.Tensor] = []  # keeps ids stable while the program is built
+        self._counter = 0
+
+    # -- values -------------------------------------------------------------------------------
+    def _var(self, value, like=None):
+        from coremltools.converters.mil.mil import Var
+
+        if isinstance(value, Var):
+            return value
+        if isinstance(value, torch.Tensor):
+            return self._param(value)
+        if isinstance(value, (int, float)) and like is not None:
+            return self.mb.const(val=np.array(value, dtype=_np_dtype(like.dtype)))
+        raise TypeError(f"cannot use {type(value).__name__} as a MIL value")
+
+    def _param(self, tensor: torch.Tensor):
+        key = id(tensor)
+        if key not in self._consts:
+            name = self._names.get(key)
+            if name is None:
+                self._counter += 1
+                name = f"const_{self._counter}"
+            array = tensor.detach().cpu().numpy()  # a view: fp16/fp32 parameters are not copied
+            self._consts[key] = self.mb.const(val=array, name=name.replace(".", "_"))
+            self._keep.append(tensor)
+        return self._consts[key]
+
+    # -- primitives ---------------------------------------------------------------------------
+    def conv(self, x, weight, bias=None, *, stride: int = 1, padding: int = 0):
+        kw = dict(x=x, weight=self._var(weight), strides=[stride, stride], pad_type="custom",
+                  pad=[padding] * 4)
+        if bias is not None:
+            kw["bias"] = self._var(bias)
+        return self.mb.conv(**kw)
+
+    def pad(self, x, pads):
+        left, right, top, bottom = pads
+        return self.mb.pad(x=x, pad=np.array([0, 0] * (len(x.shape) - 2) + [top, bottom, left, right],
+                                             dtype=np.int32), mode="constant", constant_val=0.0)
+
+    def add(self, x, y):
+        return self.mb.add(x=self._var(x, like=_first_var(x, y)), y=self._var(y, like=_first_var(x, y)))
+
+    def sub(self, x, y):
+        return self.mb.sub(x=self._var(x, like=_first_var(x, y)), y=self._var(y, like=_first_var(x, y)))
+
+    def mul(self, x, y):
+        return self.mb.mul(x=self._var(x, like=_first_var(x, y)), y=self._var(y, like=_first_var(x, y)))
+
+    def silu(self, x):
+        return self.mb.silu(x=x)
+
+    def sigmoid(self, x):
+        return self.mb.sigmoid(x=x)
+
+    def gelu(self, x):
+        return self.mb.gelu(x=x, mode="EXACT")
+
+    def sin(self, x):
+        return self.mb.sin(x=x)
+
+    def cos(self, x):
+        return self.mb.cos(x=x)
+
+    def mean(self, x, axes):
+        return self.mb.reduce_mean(x=x, axes=list(axes), keep_dims=True)
+
+    def rsqrt(self, x, eps: float):
+        return self.mb.rsqrt(x=x, epsilon=np.array(eps, dtype=_np_dtype(x.dtype)))
+
+    def reshape(self, x, shape):
+        return self.mb.reshape(x=x, shape=list(shape))
+
+    def transpose(self, x, perm):
+        return self.mb.transpose(x=x, perm=list(perm))
+
+    def concat(self, xs, axis: int):
+        xs = list(xs)
+        return xs[0] if len(xs) == 1 else self.mb.concat(values=xs, axis=axis)
+
+    def slice(self, x, axis: int, start: int, stop: int):
+        begin = [0] * len(x.shape)
+        end = list(x.shape)
+        begin[axis], end[axis] = start, stop
+        return self.mb.slice_by_index(x=x, begin=begin, end=end)
+
+    def split(self, x, parts: int, axis: int):
+        return list(self.mb.split(x=x, num_splits=parts, axis=axis))
+
+    def einsum(self, equation: str, a, b):
+        return self.mb.einsum(values=(a, b), equation=equation)
+
+    def matmul(self, x, y, *, transpose_x: bool = False, transpose_y: bool = False):
+        return self.mb.matmul(x=x, y=y, transpose_x=transpose_x, transpose_y=transpose_y)
+
+    def softmax(self, x, axis: int):
+        return self.mb.softmax(x=x, axis=axis)
+
+    def upsample2x(self, x):
+        return self.mb.upsample_nearest_neighbor(x=x, scale_factor_height=2, scale_factor_width=2)
+
+    def gather(self, x, indices, axis: int):
+        indices = self.mb.reshape(x=self.mb.cast(x=indices, dtype="int32"), shape=[-1])
+        return self.mb.gather(x=x, indices=indices, axis=axis)
+
+    def argmax(self, x, axis: int):
+        return self.mb.reduce_argmax(x=x, axis=axis, keep_dims=False)
+
+    def cast(self, x, dtype: torch.dtype):
+        target = _MIL_DTYPES[dtype]
+        return x if _dtype_name(x.dtype) == target else self.mb.cast(x=x, dtype=target)
+
+    def const(self, value, dtype: torch.dtype, like=None):
+        return self.mb.const(val=np.asarray(value, dtype=_np_dtype_of(dtype)))
+
+    @staticmethod
+    def shape(x) -> tuple[int, ...]:
+        return tuple(int(d) for d in x.shape)
+
+    @staticmethod
+    def dtype(x) -> torch.dtype:
+        return {v: k for k, v in _MIL_DTYPES.items()}[_dtype_name(x.dtype)]
+
+
+def _first_var(*values):
+    for v in values:
+        if not isinstance(v, (int, float, torch.Tensor)):
+            return v
+    return None
+
+
+def _dtype_name(mil_type) -> str:
+    from coremltools.converters.mil.mil import types
+
+    return types.builtin_to_string(mil_type)
+
+
+def _np_dtype(mil_type):
+    return {"fp16": np.float16, "fp32": np.float32, "int32": np.int32}[_dtype_name(mil_type)]
+
+
+def _np_dtype_of(dtype: torch.dtype):
+    return {torch.float16: np.float16, torch.float32: np.float32, torch.int32: np.int32}[dtype]
+
+
+def softmax_scale(dim_head: int) -> float:
+    return 1.0 / math.sqrt(dim_head)

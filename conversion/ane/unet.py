@@ -1,0 +1,222 @@
+"""diffusers' UNet2DConditionModel (SD 1.x / 2.x) rewritten for the Neural Engine.
+
+Same parameter names as diffusers, so its state dict loads strictly (linear weights reshaped to
+1x1 convolutions). Differences in form only:
+
+* the text embedding arrives as (B, C, 1, 77), the layout of Apple's Swift pipeline;
+* the time embedding is (B, C, 1, 1) and every projection of it a 1x1 convolution;
+* the sinusoidal timestep features are computed in fp32 whatever the model dtype: in fp16,
+  t * freq for t near 1000 is off by up to 0.5 and sin() of it is noise.
+
+The forward pass is a list of stages over a `UNetState` (current features, time embedding, skip
+connections), so the network can be cut into two halves between any two stages (`UnetChunk1/2`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from conversion.ane.config import UNetConfig
+from conversion.ane.layers import Conv2d, Downsample, GroupNorm, ResnetBlock, Upsample
+from conversion.ane.ops import TORCH
+from conversion.ane.transformer import SpatialTransformer
+
+
+@dataclass(frozen=True)
+class UNetState:
+    h: object
+    emb: object
+    skips: tuple
+
+
+@dataclass(frozen=True)
+class Stage:
+    kind: str  # "in" | "down" | "downsample" | "mid" | "up" | "upsample" | "out"
+    block: int = -1
+    layer: int = -1
+
+    @property
+    def name(self) -> str:
+        return "_".join(str(p) for p in (self.kind, self.block, self.layer) if p != -1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_channels: int, channels: int):
+        super().__init__()
+        self.linear_1 = Conv2d(in_channels, channels)
+        self.linear_2 = Conv2d(channels, channels)
+
+    def forward(self, x, ops=TORCH):
+        return self.linear_2(ops.silu(self.linear_1(x, ops)), ops)
+
+
+class _Block(nn.Module):
+    """A down or up block: resnets, optional transformers, optional resampler (diffusers names)."""
+
+    def __init__(self, resnets, attentions=None, downsampler=None, upsampler=None):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        if attentions is not None:
+            self.attentions = nn.ModuleList(attentions)
+        if downsampler is not None:
+            self.downsamplers = nn.ModuleList([downsampler])
+        if upsampler is not None:
+            self.upsamplers = nn.ModuleList([upsampler])
+
+    def attention(self, j: int):
+        return self.attentions[j] if hasattr(self, "attentions") else None
+
+
+class MidBlock(nn.Module):
+    def __init__(self, resnets, attentions):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions)
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig, *, attention: str):
+        super().__init__()
+        self.config = c = config
+        ch0 = c.block_out_channels[0]
+        temb = ch0 * 4
+        self.conv_in = Conv2d(c.in_channels, ch0, 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch0, temb)
+
+        def resnet(cin, cout):
+            return ResnetBlock(cin, cout, temb_channels=temb, groups=c.norm_num_groups, eps=c.norm_eps)
+
+        def transformer(ch, block):
+            return SpatialTransformer(ch, heads=c.heads[block], cross_attention_dim=c.cross_attention_dim,
+                                      impl=attention, groups=c.norm_num_groups,
+                                      num_layers=c.transformer_layers[block])
+
+        n = len(c.block_out_channels)
+        self.down_blocks = nn.ModuleList()
+        cout = ch0
+        for i, kind in enumerate(c.down_block_types):
+            cin, cout = cout, c.block_out_channels[i]
+            self.down_blocks.append(_Block(
+                [resnet(cin if j == 0 else cout, cout) for j in range(c.layers_per_block)],
+                [transformer(cout, i) for _ in range(c.layers_per_block)] if kind.startswith("CrossAttn") else None,
+                downsampler=Downsample(cout, padding=1) if i < n - 1 else None,
+            ))
+        top = c.block_out_channels[-1]
+        self.mid_block = MidBlock([resnet(top, top), resnet(top, top)], [transformer(top, n - 1)])
+        rev = tuple(reversed(c.block_out_channels))
+        self.up_blocks = nn.ModuleList()
+        prev = top
+        for i, kind in enumerate(c.up_block_types):
+            cout, cskip_in = rev[i], rev[min(i + 1, n - 1)]
+            layers = c.layers_per_block + 1
+            resnets = [resnet((prev if j == 0 else cout) + (cskip_in if j == layers - 1 else cout), cout)
+                       for j in range(layers)]
+            attns = ([transformer(cout, n - 1 - i) for _ in range(layers)]
+                     if kind.startswith("CrossAttn") else None)
+            self.up_blocks.append(_Block(resnets, attns, upsampler=Upsample(cout) if i < n - 1 else None))
+            prev = cout
+        self.conv_norm_out = GroupNorm(c.norm_num_groups, ch0, c.norm_eps)
+        self.conv_out = Conv2d(ch0, c.out_channels, 3, padding=1)
+
+    # -- stages ---------------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        out = [Stage("in")]
+        for i, block in enumerate(self.down_blocks):
+            out += [Stage("down", i, j) for j in range(len(block.resnets))]
+            if hasattr(block, "downsamplers"):
+                out.append(Stage("downsample", i))
+        out.append(Stage("mid"))
+        for i, block in enumerate(self.up_blocks):
+            out += [Stage("up", i, j) for j in range(len(block.resnets))]
+            if hasattr(block, "upsamplers"):
+                out.append(Stage("upsample", i))
+        return out + [Stage("out")]
+
+    def stage_modules(self, stage: Stage) -> list[nn.Module]:
+        if stage.kind == "in":
+            return [self.conv_in, self.time_embedding]
+        if stage.kind == "out":
+            return [self.conv_norm_out, self.conv_out]
+        if stage.kind == "mid":
+            return [self.mid_block]
+        block = (self.down_blocks if stage.kind.startswith("down") else self.up_blocks)[stage.block]
+        if stage.kind in ("downsample", "upsample"):
+            return [getattr(block, stage.kind + "rs")[0]]
+        attn = block.attention(stage.layer)
+        return [block.resnets[stage.layer]] + ([attn] if attn is not None else [])
+
+    def run_stage(self, stage: Stage, state: UNetState, context, ops=TORCH) -> UNetState:
+        h, emb, skips = state.h, state.emb, state.skips
+        if stage.kind in ("down", "up"):
+            block = (self.down_blocks if stage.kind == "down" else self.up_blocks)[stage.block]
+            if stage.kind == "up":
+                h, skips = ops.concat([h, skips[-1]], 1), skips[:-1]
+            h = block.resnets[stage.layer](h, emb, ops)
+            attn = block.attention(stage.layer)
+            if attn is not None:
+                h = attn(h, context, ops)
+            return UNetState(h, emb, skips + (h,) if stage.kind == "down" else skips)
+        if stage.kind == "downsample":
+            h = self.down_blocks[stage.block].downsamplers[0](h, ops)
+            return UNetState(h, emb, skips + (h,))
+        if stage.kind == "upsample":
+            return UNetState(self.up_blocks[stage.block].upsamplers[0](h, ops), emb, skips)
+        if stage.kind == "mid":
+            mid = self.mid_block
+            h = mid.resnets[0](h, emb, ops)
+            h = mid.resnets[1](mid.attentions[0](h, context, ops), emb, ops)
+            return UNetState(h, emb, skips)
+        if stage.kind == "out":
+            return UNetState(self.conv_out(ops.silu(self.conv_norm_out(h, ops)), ops), emb, skips)
+        raise ValueError(f"unknown stage {stage}")
+
+    def begin(self, sample, timestep, ops=TORCH) -> UNetState:
+        """The "in" stage: conv_in and the time embedding."""
+        dtype = self.conv_in.weight.dtype
+        h = self.conv_in(ops.cast(sample, dtype), ops)
+        emb = self.time_embedding(ops.cast(self.time_features(timestep, ops), dtype), ops)
+        return UNetState(h, emb, (h,))
+
+    def time_features(self, timestep, ops=TORCH):
+        """Sinusoidal timestep features (B, C, 1, 1) in fp32, as diffusers' get_timestep_embedding."""
+        c = self.config
+        half = self.config.block_out_channels[0] // 2
+        exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32) / (half - c.freq_shift)
+        freqs = torch.exp(exponent).reshape(1, half).numpy()
+        t = ops.reshape(ops.cast(timestep, torch.float32), (-1, 1))
+        args = ops.mul(t, ops.const(freqs, torch.float32, like=t))  # (B, half)
+        parts = [ops.cos(args), ops.sin(args)] if c.flip_sin_to_cos else [ops.sin(args), ops.cos(args)]
+        feats = ops.concat(parts, 1)
+        return ops.reshape(feats, (ops.shape(feats)[0], 2 * half, 1, 1))
+
+    def run(self, state: UNetState, context, stages: list[Stage], ops=TORCH) -> UNetState:
+        context = ops.cast(context, self.conv_in.weight.dtype)
+        for stage in stages:
+            state = self.run_stage(stage, state, context, ops)
+        return state
+
+    def forward(self, sample, timestep, encoder_hidden_states, ops=TORCH):
+        """sample (B, 4, h, w), timestep (B,), encoder_hidden_states (B, C, 1, 77) -> (B, 4, h, w)."""
+        state = self.begin(sample, timestep, ops)
+        return self.run(state, encoder_hidden_states, self.stages()[1:], ops).h
+
+
+def parameter_bytes(modules: list[nn.Module]) -> int:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+def chunk_boundary(unet: UNet) -> int:
+    """Index of the first stage of the second half, balancing the halves' weight bytes."""
+    stages = unet.stages()
+    sizes = [parameter_bytes(unet.stage_modules(s)) for s in stages]
+    total, best, acc, best_gap = sum(sizes), 1, 0, None
+    for k in range(1, len(stages)):
+        acc += sizes[k - 1]
+        gap = abs(total - 2 * acc)
+        if best_gap is None or gap < best_gap:
+            best, best_gap = k, gap
+    return best

@@ -1,0 +1,165 @@
+"""Rewritten module -> ML program -> (compressed) `.mlpackage`, without tracing.
+
+The program is emitted by running the module's forward with `MilOps`: weights enter it as fp16
+constants sharing memory with the torch parameters, every op is typed as the module computes it
+(fp16, with fp32 where the module asks, e.g. the timestep features), and coremltools then runs
+its optimization passes and serializes. No fp32 copy of the weights ever exists, which is what
+lets a full SD UNet convert in a few GiB (a traced fp32 graph costs several times that).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from coreml_sd.errors import CoreMLSDError, choices_text
+
+log = logging.getLogger(__name__)
+
+WEIGHT_MODES = ("fp16", "palettize-8", "palettize-6", "palettize-4", "int8")
+MIN_TARGETS = ("macOS13", "macOS14", "macOS15", "iOS16", "iOS17", "iOS18")
+# The passes run on the emitted program. coremltools' default pipeline (~90 passes) is written for
+# fp32 programs from its frontends (some fusions insert fp32 constants next to fp16 values and
+# fail), re-validates the whole program after each pass, and mostly looks for patterns an emitted
+# program does not contain; these few do the work that applies here.
+PASSES = (
+    "common::const_elimination",  # folds ops whose inputs are all constant
+    "common::noop_elimination",  # identity ops, e.g. the ones that name outputs
+    "common::remove_redundant_ops",  # identical ops on identical inputs (silu(emb) in every resnet)
+    "common::dead_code_elimination",
+    "common::dedup_op_and_var_names",
+    "common::topological_reorder",
+)
+# Small tensors (norm scales, biases) stay fp16: compressing them saves nothing and costs accuracy.
+COMPRESSION_MIN_ELEMENTS = 2048
+
+
+class ConversionError(CoreMLSDError):
+    """A conversion step failed, or its result did not pass the parity gate."""
+
+
+@dataclass(frozen=True)
+class TensorIO:
+    """One input or output of a package: name, fixed shape, element type ("fp16" | "fp32")."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+def core_ml_target(name: str):
+    import coremltools as ct
+
+    if name not in MIN_TARGETS:
+        raise ConversionError(f"unknown minimum deployment target {name!r}; valid: {choices_text(MIN_TARGETS)}")
+    return getattr(ct.target, name)
+
+
+def build_program(forward: Callable[..., Sequence[Any]], module, inputs: Sequence[TensorIO],
+                  outputs: Sequence[TensorIO], *, min_target: str):
+    """The ML program computing `forward(ops, *inputs)` -> outputs, named and typed as given."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import Function, Program
+
+    from conversion.ane.ops import MilOps
+
+    placeholders = OrderedDict((io.name, mb.placeholder(shape=io.shape, dtype=_mil_type(io.dtype)))
+                               for io in inputs)
+    ops = MilOps(module)
+    prog = Program()
+    with Function(placeholders, opset_version=core_ml_target(min_target)) as func:
+        results = forward(ops, *[func.inputs[io.name] for io in inputs])
+        if len(results) != len(outputs):
+            raise ConversionError(f"the module returned {len(results)} outputs, expected {len(outputs)}")
+        func.set_outputs([_named(mb, value, io) for value, io in zip(results, outputs)])
+    prog.add_function("main", func)
+    return prog
+
+
+def _named(mb, value, io: TensorIO):
+    from coremltools.converters.mil.mil import types
+
+    found = types.builtin_to_string(value.dtype)
+    shape = tuple(int(d) for d in value.shape)
+    if shape != tuple(io.shape):
+        raise ConversionError(f"output {io.name}: the module computes shape {shape}, the contract says {io.shape}")
+    if found != io.dtype:
+        return mb.cast(x=value, dtype=io.dtype, name=io.name)
+    return mb.identity(x=value, name=io.name)
+
+
+def _mil_type(dtype: str):
+    from coremltools.converters.mil.mil import types
+
+    return {"fp16": types.fp16, "fp32": types.fp32}[dtype]
+
+
+def compression_config(weights: str):
+    """coremltools.optimize.coreml config for a `--weights` mode (None for plain fp16)."""
+    import coremltools.optimize.coreml as cto
+
+    if weights not in WEIGHT_MODES:
+        raise ConversionError(f"unknown weight mode {weights!r}; valid: {choices_text(WEIGHT_MODES)}")
+    if weights == "fp16":
+        return None
+    if weights == "int8":
+        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
+                                         weight_threshold=COMPRESSION_MIN_ELEMENTS)
+    else:
+        op = cto.OpPalettizerConfig(mode="kmeans", nbits=int(weights.split("-")[1]), granularity="per_tensor",
+                                    weight_threshold=COMPRESSION_MIN_ELEMENTS)
+    return cto.OptimizationConfig(global_config=op)
+
+
+def compress(prog, weights: str) -> None:
+    """Apply coremltools' own compression pass for `weights` to the program, in place."""
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+    from coremltools.converters.mil.mil.passes.graph_pass import PassOption
+
+    config = compression_config(weights)
+    if config is None:
+        return
+    name = "compression::linear_quantize_weights" if weights == "int8" else "compression::palettize_weights"
+    graph_pass = PASS_REGISTRY[name]
+    graph_pass.set_options([PassOption("config", config)])
+    graph_pass.apply(prog)
+
+
+def to_mlmodel(prog, *, min_target: str, description: str = "", metadata: dict | None = None):
+    """coremltools' conversion of an already-typed program (its passes; no fp16 re-casting)."""
+    import coremltools as ct
+
+    pipeline = ct.PassPipeline(pass_names=list(PASSES), pipeline_name="coreml_sd")
+    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=core_ml_target(min_target),
+                       compute_precision=ct.precision.FLOAT32, skip_model_load=True, pass_pipeline=pipeline)
+    model.short_description = description
+    model.author = "coreml-sd"
+    for key, value in (metadata or {}).items():
+        model.user_defined_metadata[key] = str(value)
+    return model
+
+
+def save_package(model, path: Path) -> Path:
+    path = Path(path)
+    model.save(str(path))
+    return path
+
+
+def compile_package(package: Path, out_dir: Path) -> Path:
+    """`.mlmodelc` next to the package (needs macOS: coremltools' compiler ships only there)."""
+    import sys
+
+    if sys.platform != "darwin":
+        raise ConversionError("--compile needs macOS (Core ML's compiler); on this OS convert without "
+                              "--compile: the packages compile on the Mac at first load")
+    import coremltools as ct
+
+    target = Path(out_dir) / (Path(package).stem + ".mlmodelc")
+    compiled = ct.models.utils.compile_model(str(package), str(target))
+    return Path(compiled)
