@@ -50,6 +50,7 @@ class _Graph:
     constants: dict[int, tuple[Any, str]]  # slot -> (numpy value, MIL dtype)
     inputs: dict[str, int]
     outputs: dict[str, int]
+    names: dict[str, int]  # var name -> slot, for every value that has one
 
 
 class Executor:
@@ -64,24 +65,13 @@ class Executor:
         self.outputs: tuple[TensorSpec, ...] = program.outputs
         graph = compile_function(program.function, self.precision, self.device)
         prepare_steps, run_steps = _split_constant_steps(graph)
-        self._table = self._materialize(graph, prepare_steps, run_steps)
+        table = _materialize(graph, prepare_steps, self.precision, self.device)
+        # Keep only what the per-call steps read: decompression inputs (indices, tables) go.
+        needed = {a for s in run_steps for a in s.args} | set(graph.outputs.values())
+        self._table = [value if i in needed else None for i, value in enumerate(table)]
         self._input_slots = graph.inputs
         self._output_slots = graph.outputs
         self._steps = _with_frees(run_steps, set(graph.outputs.values()))
-
-    # -- setup ------------------------------------------------------------------------------
-    def _materialize(self, graph: _Graph, prepare_steps: list[Step], run_steps: list[Step]) -> list:
-        """The slot table with every constant the run steps read, computed once."""
-        table: list = [None] * graph.n_slots
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            for slot, (value, mil_dtype) in graph.constants.items():
-                table[slot] = _constant_tensor(value, self.precision.torch_dtype(mil_dtype), self.device)
-        with torch.inference_mode():
-            for step in prepare_steps:
-                _execute_step(step, table)
-        needed = {a for s in run_steps for a in s.args} | set(graph.outputs.values())
-        return [value if i in needed else None for i, value in enumerate(table)]
 
     # -- calls ------------------------------------------------------------------------------
     def __call__(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -151,6 +141,35 @@ def _execute_step(step: Step, env: list) -> None:
         env[slot] = value
 
 
+def _materialize(graph: _Graph, prepare_steps: list[Step], precision: Precision, device: torch.device) -> list:
+    """The slot table with every constant, and everything computable from constants, filled in."""
+    table: list = [None] * graph.n_slots
+    with warnings.catch_warnings():
+        # Weights read from the package are read-only numpy buffers; constants are never written.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for slot, (value, mil_dtype) in graph.constants.items():
+            table[slot] = _constant_tensor(value, precision.torch_dtype(mil_dtype), device)
+    with torch.inference_mode():
+        for step in prepare_steps:
+            _execute_step(step, table)
+    return table
+
+
+def materialize_constants(program: MilProgram, names, *, device: str = "cpu", precision_mode: str = "exact",
+                          fast_dtype: str | None = None) -> dict[str, torch.Tensor]:
+    """The values of the program's constant vars `names` (e.g. decompressed weights), as an
+    executor with these settings holds them."""
+    dev = torch.device(device)
+    precision = make_precision(precision_mode, dev, fast_dtype)
+    graph = compile_function(program.function, precision, dev)
+    prepare_steps, _ = _split_constant_steps(graph)
+    table = _materialize(graph, prepare_steps, precision, dev)
+    missing = [n for n in names if n not in graph.names or table[graph.names[n]] is None]
+    if missing:
+        raise InputError(f"not constants of the program: {', '.join(map(repr, missing))}")
+    return {n: table[graph.names[n]] for n in names}
+
+
 def compile_function(function, precision: Precision, device: torch.device) -> _Graph:
     """Steps for every op of `function` (a coremltools Function), with slots for all values."""
     slots: dict[int, int] = {}  # id(Var) -> slot
@@ -168,13 +187,14 @@ def compile_function(function, precision: Precision, device: torch.device) -> _G
         constants[slot] = (var.val, mil_dtype_name(var))
         return slot
 
-    steps = []
+    steps, names = [], dict(inputs)
     for op in function.operations:
         if op.op_type == "const" or all(v.val is not None for v in op.outputs):
             continue  # constant values: materialized from `.val` where an op reads them
         steps.append(_compile_op(op, precision, device, slot_of, slots))
+        names.update((var.name, slots[id(var)]) for var in op.outputs)
     outputs = {var.name: slot_of(var, "output") for var in function.outputs}
-    return _Graph(steps, len(slots), constants, inputs, outputs)
+    return _Graph(steps, len(slots), constants, inputs, outputs, names)
 
 
 def _compile_op(op, precision: Precision, device, slot_of, slots: dict) -> Step:
