@@ -261,7 +261,10 @@ def load_pickle(path: Path) -> Any:
         with torch.serialization.safe_globals(inert + _numpy_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == TORCH_ZIP)
     except pickle.UnpicklingError as exc:
-        raise UnsafeFileError(f"refusing to load {path}: {str(exc).splitlines()[0]}") from None
+        # torch's message is long; keep the line that names what it refused.
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        named = [ln for ln in lines if "GLOBAL" in ln or "got <" in ln or "Unsupported" in ln] or lines[-1:]
+        raise UnsafeFileError(f"refusing to load {path}: {named[0]}; nothing from the file was executed") from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
         raise ModelError(f"{path} is truncated or corrupt: {str(exc).splitlines()[0]}") from None
 
@@ -273,7 +276,10 @@ def _numpy_globals() -> list:
         return []
     core = getattr(np, "_core", None) or np.core
     scalar = core.multiarray.scalar
-    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype]
+    # np.dtype(...) builds an instance of a per-dtype class whose state is then set: allow those classes.
+    dtype_classes = [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "uint8", "bool")]
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype,
+            *dtype_classes]
 
 
 def load_tensor_file(path: str | Path) -> tuple[Any, dict[str, str]]:
