@@ -64,7 +64,7 @@ def _account(shapes: Mapping[str, TensorInfo]) -> str:
 
 def _params(shapes: Mapping[str, TensorInfo]) -> dict[str, int]:
     groups = {"unet": (keymap.UNET_PREFIX,), "vae": (keymap.VAE_PREFIX,), "text_encoder": ("cond_stage_model.",),
-              "ema": (keymap.EMA_PREFIX,)}
+              "ema": (keymap.EMA_PREFIX + "diffusion_model",)}
     out = {name: sum(_numel(i.shape) for k, i in shapes.items() if k.startswith(p)) for name, p in groups.items()}
     out["other"] = sum(_numel(i.shape) for i in shapes.values()) - sum(out.values())
     return {k: v for k, v in out.items() if v}
