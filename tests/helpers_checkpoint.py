@@ -179,3 +179,63 @@ def kohya_lora(text_encoder, unet, *, seed: int = 1, rank: int = 4, alpha: float
         elif convs and isinstance(mod, torch.nn.Conv2d) and (".resnets." in name or "proj_" in name):
             add(base, (rank, mod.in_channels, *mod.kernel_size), (mod.out_channels, rank, 1, 1))
     return sd
+
+
+# ---------------------------------------------------------------- embeddings and hypernetworks
+
+def write_a1111_pt(path, vecs):
+    """A textual-inversion embedding as AUTOMATIC1111 saves it."""
+    import torch
+
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vecs}, "name": "x", "step": 1000,
+                "sd_checkpoint": "0123456789", "sd_checkpoint_name": "tiny"}, path)
+    return path
+
+
+def write_parameterdict_pt(path, vecs):
+    """Early textual-inversion files keep the vectors in a torch ParameterDict."""
+    import torch
+
+    params = torch.nn.ParameterDict({"*": torch.nn.Parameter(vecs)})
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": params, "name": "x", "step": 5}, path)
+    return path
+
+
+STRUCTURE = [1, 2, 1]
+
+
+def a1111_sequential(dim, activation="relu", layer_norm=True, dropout=(0, 0.3, 0), activate_output=False):
+    """The MLP exactly as AUTOMATIC1111 builds it (Linear, activation, LayerNorm, Dropout per layer)."""
+    import torch
+
+    acts = {"relu": torch.nn.ReLU, "swish": torch.nn.Hardswish, "tanh": torch.nn.Tanh}
+    layers = []
+    for i in range(len(STRUCTURE) - 1):
+        layers.append(torch.nn.Linear(dim * STRUCTURE[i], dim * STRUCTURE[i + 1]))
+        if activation != "linear" and (i < len(STRUCTURE) - 2 or activate_output):
+            layers.append(acts[activation]())
+        if layer_norm:
+            layers.append(torch.nn.LayerNorm(dim * STRUCTURE[i + 1]))
+        if dropout[i + 1] > 0:
+            layers.append(torch.nn.Dropout(dropout[i + 1]))
+    return torch.nn.Sequential(*layers).eval()
+
+
+def write_hypernetwork(path, widths=(32,), seed=0, **kw):
+    """An AUTOMATIC1111 hypernetwork .pt with random weights; returns (path, {width: [keys_mlp, values_mlp]})."""
+    import torch
+
+    torch.manual_seed(seed)
+    nets = {w: [a1111_sequential(w, **kw), a1111_sequential(w, **kw)] for w in widths}
+    with torch.no_grad():
+        for pair in nets.values():
+            for seq in pair:
+                for p in seq.parameters():
+                    p.normal_(0, 0.3)
+    obj = {w: [{f"linear.{k}": v for k, v in seq.state_dict().items()} for seq in pair] for w, pair in nets.items()}
+    obj.update(layer_structure=STRUCTURE, activation_func=kw.get("activation", "relu"),
+               is_layer_norm=kw.get("layer_norm", True), weight_initialization="Normal", use_dropout=True,
+               dropout_structure=list(kw.get("dropout", (0, 0.3, 0))), activate_output=kw.get("activate_output", False),
+               last_layer_dropout=False, name="toon", step=2000, sd_checkpoint="0123456789", sd_checkpoint_name="tiny")
+    torch.save(obj, path)
+    return path, nets

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from helpers_checkpoint import save_safetensors  # noqa: E402
+from helpers_checkpoint import save_safetensors, write_a1111_pt, write_parameterdict_pt  # noqa: E402
 
 from coreml_sd.checkpoint.embeddings import load_embedding  # noqa: E402
 from coreml_sd.errors import ModelError  # noqa: E402
@@ -18,19 +18,6 @@ WIDTH = 32  # the tiny text encoder's
 
 def vectors(n, seed=0, width=WIDTH):
     return torch.randn(n, width, generator=torch.Generator().manual_seed(seed))
-
-
-def write_a1111_pt(path, vecs):
-    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vecs}, "name": "x", "step": 1000,
-                "sd_checkpoint": "0123456789", "sd_checkpoint_name": "tiny"}, path)
-    return path
-
-
-def write_parameterdict_pt(path, vecs):
-    """Early textual-inversion files keep the vectors in a torch ParameterDict."""
-    params = torch.nn.ParameterDict({"*": torch.nn.Parameter(vecs)})
-    torch.save({"string_to_token": {"*": 265}, "string_to_param": params, "name": "x", "step": 5}, path)
-    return path
 
 
 @pytest.mark.parametrize("form", ["a1111_pt", "parameterdict_pt", "a1111_safetensors", "diffusers_bin"])

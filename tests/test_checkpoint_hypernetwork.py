@@ -8,45 +8,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from helpers_checkpoint import write_hypernetwork  # noqa: E402
 from tiny_models import build_tiny_modules  # noqa: E402
 
 from coreml_sd.checkpoint.hypernetwork import install, load_hypernetwork  # noqa: E402
 from coreml_sd.errors import ModelError  # noqa: E402
 from coreml_sd.sources import open_model  # noqa: E402
-
-STRUCTURE = [1, 2, 1]
-
-
-def a1111_sequential(dim, activation="relu", layer_norm=True, dropout=(0, 0.3, 0), activate_output=False):
-    """The MLP exactly as AUTOMATIC1111 builds it (Linear, activation, LayerNorm, Dropout per layer)."""
-    layers = []
-    for i in range(len(STRUCTURE) - 1):
-        layers.append(torch.nn.Linear(dim * STRUCTURE[i], dim * STRUCTURE[i + 1]))
-        if activation != "linear" and (i < len(STRUCTURE) - 2 or activate_output):
-            layers.append({"relu": torch.nn.ReLU, "swish": torch.nn.Hardswish, "tanh": torch.nn.Tanh}[activation]())
-        if layer_norm:
-            layers.append(torch.nn.LayerNorm(dim * STRUCTURE[i + 1]))
-        if dropout[i + 1] > 0:
-            layers.append(torch.nn.Dropout(dropout[i + 1]))
-    return torch.nn.Sequential(*layers).eval()
-
-
-def write_hypernetwork(path, widths=(32,), seed=0, **kw):
-    torch.manual_seed(seed)
-    nets = {w: [a1111_sequential(w, **kw), a1111_sequential(w, **kw)] for w in widths}
-    with torch.no_grad():
-        for pair in nets.values():
-            for seq in pair:
-                for p in seq.parameters():
-                    p.normal_(0, 0.3)
-    obj = {w: [{f"linear.{k}": v for k, v in seq.state_dict().items()} for seq in pair] for w, pair in nets.items()}
-    obj.update(layer_structure=STRUCTURE, activation_func=kw.get("activation", "relu"),
-               is_layer_norm=kw.get("layer_norm", True), weight_initialization="Normal", use_dropout=True,
-               dropout_structure=list(kw.get("dropout", (0, 0.3, 0))), activate_output=kw.get("activate_output", False),
-               last_layer_dropout=False, name="toon", step=2000, sd_checkpoint="0123456789", sd_checkpoint_name="tiny")
-    torch.save(obj, path)
-    return path, nets
-
 
 def direct_attention(attn, x, ctx, key_net, value_net, strength):
     """Attention computed by hand with k/v context = context + strength * mlp(context)."""
