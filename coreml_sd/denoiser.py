@@ -1,11 +1,13 @@
 """The guided denoiser D(x, sigma): a UNet behind classifier-free guidance, as samplers see it.
 
-Samplers work in sigma ("VE") space, x = x0 + sigma * eps; the UNet was trained on VP latents
-x / sqrt(sigma**2 + 1) at an integer-or-fractional timestep. This adapter does the scaling, asks
-the plan for the timestep, runs the unconditional and conditional passes (one batch, or several
-when a compiled UNet takes a fixed batch), mixes them with the guidance scale and turns the
-model output (epsilon or v) into an estimate of x0 (k-diffusion's `DiscreteEpsDDPMDenoiser` /
-`DiscreteVDDPMDenoiser`, in the arithmetic order diffusers' schedulers use).
+The UNet was trained on model-scale ("VP") latents `(x0 + sigma * eps) / sqrt(sigma**2 + 1)` at
+an integer-or-fractional timestep. This adapter asks the plan for the timestep, runs the
+unconditional and conditional passes (one batch, or several when a compiled UNet takes a fixed
+batch), mixes them with the guidance scale and turns the model output (epsilon or v) into an
+estimate of x0 (k-diffusion's `DiscreteEpsDDPMDenoiser` / `DiscreteVDDPMDenoiser`). It takes the
+latent in sigma space (`D(x, sigma)`, Euler-style samplers) or in model scale
+(`D.scaled(x, sigma)`, DDIM and DPM-Solver), each with the arithmetic of the diffusers scheduler
+that keeps latents that way, so no conversion rounds the UNet's input.
 """
 
 from __future__ import annotations
@@ -36,20 +38,27 @@ class Denoiser:
             raise InputError(f"guidance scale {guidance_scale} needs the unconditional (negative prompt) embeddings")
         self.cond = cond
         self.uncond = uncond
-        self.calls = 0  # UNet evaluations of D, for progress and benchmarks
+        self.calls = 0  # guided model evaluations, for progress and benchmarks
 
     def __call__(self, x, sigma: float):
-        t = self.plan.timestep(sigma)
-        model_input = x / math.sqrt(sigma**2 + 1.0)
-        out = self.model_output(model_input, t)
-        self.calls += 1
+        """x0 from a sigma-space latent x = x0 + sigma * eps."""
+        out = self.model_output(x / math.sqrt(sigma**2 + 1.0), self.plan.timestep(sigma))
         if self.prediction_type == "epsilon":
             return x - out * sigma
         # v-prediction (Salimans & Ho 2022): x0 = c_skip * x + c_out * v in sigma space.
         return out * (-sigma / math.sqrt(sigma**2 + 1.0)) + x / (sigma**2 + 1.0)
 
+    def scaled(self, x, sigma: float):
+        """x0 from a model-scale latent x = alpha * x0 + s * eps (alpha = 1 / sqrt(sigma**2 + 1), s = sigma * alpha)."""
+        out = self.model_output(x, self.plan.timestep(sigma))
+        alpha = 1.0 / math.sqrt(sigma**2 + 1.0)
+        if self.prediction_type == "epsilon":
+            return (x - out * (sigma * alpha)) / alpha
+        return x * alpha - out * (sigma * alpha)
+
     def model_output(self, model_input, t: float):
         """The guided model output (epsilon or v) at timestep t for VP latents `model_input`."""
+        self.calls += 1
         batch = model_input.shape[0]
         cond = _repeat_rows(self.cond, batch)
         if not self.guided:

@@ -1,17 +1,18 @@
 """Samplers: pure functions that walk a latent down a list of noise levels with a denoiser.
 
 Each sampler is a generator `fn(denoiser, x, sigmas, noise)` in the style of k-diffusion's
-`sample_*` functions: `x` is the latent at noise level `sigmas[0]` in sigma ("VE") space
-(`x = x0 + sigma * eps`), `denoiser(x, sigma)` returns the model's estimate of x0, `noise(shape)`
-returns standard-normal noise like `x` (ancestral samplers only), and the latent is yielded after
-every step. Only arithmetic operators, Python floats and `coreml_sd.arrays` touch the arrays, so
-the same code runs on numpy arrays (Core ML, no torch) and torch tensors; randomness comes only
-from `noise`.
+`sample_*` functions: `x` is the latent at noise level `sigmas[0]`, `denoiser(x, sigma)` returns
+the model's estimate of x0, `noise(shape)` returns standard-normal noise like `x` (ancestral
+samplers only), and the latent is yielded after every step. Only arithmetic operators, Python
+floats and `coreml_sd.arrays` touch the arrays, so the same code runs on numpy arrays (Core ML,
+no torch) and torch tensors; randomness comes only from `noise`.
 
-`sample()` is what callers use: it takes a `SamplingPlan` and yields each step's latent in the
-model's own scale (`x / sqrt(sigma**2 + 1)`, what diffusers' DDIM and DPM-Solver carry and what
-the VAE decodes); the last one is the result. Each sampler equals a diffusers scheduler, named in
-`SamplerInfo.diffusers`, to float32 rounding (tests/test_samplers.py).
+Each sampler works on the latent in the form the diffusers scheduler it reproduces keeps, so that
+the UNet sees the very latents diffusers' pipeline would give it: Euler-style samplers in sigma
+space (`x0 + sigma * eps`, k-diffusion's), DDIM and DPM-Solver in the model's own scale
+(`(x0 + sigma * eps) / sqrt(sigma**2 + 1)`, via `denoiser.scaled`). `SamplerInfo.model_scale`
+says which. Both end on the finished latent for the VAE. tests/test_samplers.py shows each equal
+to its diffusers scheduler (`SamplerInfo.diffusers`) to float32 rounding.
 """
 
 from __future__ import annotations
@@ -51,35 +52,39 @@ def euler_a(denoiser, x, sigmas: Sequence[float], noise: NoiseFn | None = None) 
 
 def ddim(denoiser, x, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
          targets: Sequence[float] | None = None) -> Iterator:
-    """DDIM with eta = 0 (Song et al. 2020), written as what it is in sigma space: an Euler step."""
+    """DDIM with eta = 0 (Song et al. 2020) on model-scale latents; in sigma space it is an Euler step."""
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        # With `targets` the step lands where diffusers' DDIM lands (t - num_train_timesteps //
+        # steps), and the next step reads that latent at sigma_next, as diffusers does.
         target = sigma_next if targets is None else targets[i]
-        denoised = denoiser(x, sigma)
-        x = denoised + (x - denoised) * (target / sigma)
-        if target != sigma_next:
-            # diffusers' DDIM landed at `target` but reads the latent (a VP latent, x / sqrt(s**2+1))
-            # as if it were at sigma_next on the next step: re-express it there.
-            x = x * math.sqrt((sigma_next**2 + 1.0) / (target**2 + 1.0))
+        denoised = denoiser.scaled(x, sigma)
+        alpha, alpha_to = 1.0 / (sigma**2 + 1.0), 1.0 / (target**2 + 1.0)  # alphas_cumprod
+        eps = (x - denoised * math.sqrt(alpha)) / math.sqrt(1.0 - alpha)
+        x = denoised * math.sqrt(alpha_to) + eps * math.sqrt(1.0 - alpha_to)
         yield x
 
 
 def dpmpp_2m(denoiser, x, sigmas: Sequence[float], noise: NoiseFn | None = None) -> Iterator:
-    """DPM-Solver++(2M), the multistep second-order data-prediction solver (Lu et al. 2022)."""
+    """DPM-Solver++(2M), the multistep second-order data-prediction solver (Lu et al. 2022), on model-scale latents."""
     old_denoised, h_last = None, None
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        denoised = denoiser(x, sigma)
+        denoised = denoiser.scaled(x, sigma)
         if sigma_next == 0:
-            # The last step to sigma 0 is first order (diffusers' final_sigmas_type="zero"):
+            # The last step, to sigma 0, is first order (diffusers' final_sigmas_type="zero"):
             # the exponential integrator then lands exactly on the data estimate.
             x = denoised
         else:
-            h = math.log(sigma) - math.log(sigma_next)  # step in log-SNR: lambda = -log(sigma)
-            if old_denoised is None:
-                d = denoised
-            else:
+            # In model scale x = alpha * x0 + s * eps with alpha = 1 / sqrt(sigma**2 + 1),
+            # s = sigma * alpha; the step size h is in log-SNR, lambda = -log(sigma).
+            alpha_next = 1.0 / math.sqrt(sigma_next**2 + 1.0)
+            ratio = (sigma_next * alpha_next) / (sigma / math.sqrt(sigma**2 + 1.0))
+            h = math.log(sigma) - math.log(sigma_next)
+            coef = alpha_next * math.expm1(-h)
+            x = x * ratio - denoised * coef
+            if old_denoised is not None:
+                # Second order: extrapolate the data estimate from the previous step's (midpoint form).
                 r = h_last / h
-                d = denoised * (1.0 + 1.0 / (2.0 * r)) - old_denoised * (1.0 / (2.0 * r))
-            x = x * (sigma_next / sigma) - d * math.expm1(-h)
+                x = x - (denoised - old_denoised) * (0.5 * coef / r)
             h_last = h
         old_denoised = denoised
         yield x
@@ -92,24 +97,25 @@ class SamplerInfo:
     function: Callable[..., Iterator]
     display_name: str  # AUTOMATIC1111's name, written into image metadata
     ancestral: bool  # draws fresh noise every step, so needs `noise`
+    model_scale: bool  # works on model-scale latents (DDIM, DPM-Solver), else on sigma-space ones
     plan_style: str  # whose timesteps it walks: "euler", "ddim" or "dpm" (coreml_sd.schedules)
     diffusers: str  # the diffusers scheduler it reproduces
 
 
 SAMPLERS: dict[str, SamplerInfo] = {
-    "euler_a": SamplerInfo(euler_a, "Euler a", True, "euler", "EulerAncestralDiscreteScheduler"),
-    "euler": SamplerInfo(euler, "Euler", False, "euler", "EulerDiscreteScheduler"),
-    "ddim": SamplerInfo(ddim, "DDIM", False, "ddim", "DDIMScheduler"),
-    "dpmpp_2m": SamplerInfo(dpmpp_2m, "DPM++ 2M", False, "dpm",
+    "euler_a": SamplerInfo(euler_a, "Euler a", True, False, "euler", "EulerAncestralDiscreteScheduler"),
+    "euler": SamplerInfo(euler, "Euler", False, False, "euler", "EulerDiscreteScheduler"),
+    "ddim": SamplerInfo(ddim, "DDIM", False, True, "ddim", "DDIMScheduler"),
+    "dpmpp_2m": SamplerInfo(dpmpp_2m, "DPM++ 2M", False, True, "dpm",
                             'DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)'),
 }
 
 
 def sample(name: str, denoiser, x, plan, noise: NoiseFn | None = None) -> Iterator:
-    """Run sampler `name` over `plan` from latents `x` (noise * plan.init_noise_sigma); yield each step's latent.
+    """Run sampler `name` over `plan` from `x` = noise * plan.init_noise_sigma; yield the latent after each step.
 
-    Yielded latents are in the model's scale (x / sqrt(sigma**2 + 1) at the step's noise level);
-    the last one is the finished latent for the VAE.
+    The latents are those diffusers' pipeline holds after each step (sigma space or model scale,
+    see `SamplerInfo.model_scale`); the last one is the finished latent for the VAE.
     """
     if name not in SAMPLERS:
         raise InputError(f"unknown sampler {name!r}; valid samplers: {choices_text(SAMPLERS)}")
@@ -121,10 +127,7 @@ def sample(name: str, denoiser, x, plan, noise: NoiseFn | None = None) -> Iterat
         if info.plan_style != "ddim":
             raise InputError(f"this plan was made for DDIM (it has landing targets), not for {name!r}")
         extra["targets"] = plan.targets
-    sigmas = plan.sigmas
-    for i, x in enumerate(info.function(denoiser, x, sigmas, noise, **extra)):
-        sigma_next = sigmas[i + 1]
-        yield x if sigma_next == 0 else x * (1.0 / math.sqrt(sigma_next**2 + 1.0))
+    yield from info.function(denoiser, x, plan.sigmas, noise, **extra)
 
 
 def noise_from_sources(sources: Sequence, asarray: Callable[[Any], Any]) -> NoiseFn:

@@ -1,8 +1,8 @@
 """Noise schedules: which noise levels (sigmas) a sampler walks and which UNet timestep each one gets.
 
-Everything here works in k-diffusion's "VE" picture: a latent at noise level sigma is
-`x = x0 + sigma * eps`, and the model sees `x / sqrt(sigma**2 + 1)` (the "VP" latent diffusers'
-DDIM and DPM-Solver schedulers carry). sigma(t) = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t]).
+Noise levels are k-diffusion's "VE" sigmas: a latent at level sigma is `x0 + sigma * eps` in
+sigma space, `(x0 + sigma * eps) / sqrt(sigma**2 + 1)` in the model's own ("VP") scale, and
+sigma(t) = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t]).
 
 Which timesteps a plan uses follows the diffusers scheduler users compare against, detail for
 detail, because "the same seed gives the same image as diffusers" is a promise:
@@ -49,13 +49,13 @@ class SamplingPlan:
     # The UNet timestep for each of the first `steps` sigmas. Usually t(sigma), but DPM-Solver's
     # Karras timesteps are rounded to integers while its sigmas are not.
     timesteps: tuple[float, ...]
-    # Initial latents = standard-normal noise * init_noise_sigma, in the sigma ("VE") space the
-    # samplers work in: diffusers' own value for Euler-style schedulers; for DDIM/DPM-Solver,
-    # which start from unit noise in VP space, sqrt(sigmas[0]**2 + 1).
+    # Initial latents = standard-normal noise * init_noise_sigma, diffusers' value: the latent is
+    # in the sampler's own space (sigma space for Euler-style samplers, model scale, so 1.0, for
+    # DDIM and DPM-Solver; `SamplerInfo.model_scale`).
     init_noise_sigma: float
     # DDIM only, when not None: the noise level step i lands on, which differs from sigmas[i + 1]
     # where diffusers' DDIM steps back by num_train_timesteps // steps on a non-uniform spacing.
-    # The sampler then reads the landed latent (a VP latent) at sigmas[i + 1].
+    # The next step then reads the landed (model-scale) latent as if it were at sigmas[i + 1].
     targets: tuple[float, ...] | None = None
     # The training schedule, for the timestep of a sigma that is not in the plan (Heun's and the
     # SDE samplers' intermediate points).
@@ -177,8 +177,8 @@ def make_plan(config: SchedulerConfig, sampler: str, steps: int, schedule: str =
     plan = _euler_plan(config, int(steps), schedule == "karras")
     if style == "ddim":
         # DDIMScheduler has no Karras option. DDIM (eta=0) is Euler in sigma space, so it walks the
-        # Euler-style Karras sigmas, starting from unit noise in VP space as DDIM always does.
-        return replace(plan, init_noise_sigma=math.sqrt(plan.sigmas[0] ** 2 + 1.0))
+        # Euler-style Karras sigmas, starting from unit noise in model scale as DDIM always does.
+        return replace(plan, init_noise_sigma=1.0)
     return plan
 
 
@@ -209,7 +209,7 @@ def _ddim_plan(config: SchedulerConfig, steps: int) -> SamplingPlan:
     landing = timesteps - config.num_train_timesteps // steps
     targets = [sigma_of_alpha(float(a[t])) if t >= 0 else sigma_of_alpha(final) for t in landing]
     sigmas = [sigma_of_alpha(float(a[t])) for t in timesteps] + [targets[-1]]
-    plan = _plan(np.asarray(sigmas), timesteps, math.sqrt(sigmas[0] ** 2 + 1.0), config)
+    plan = _plan(np.asarray(sigmas), timesteps, 1.0, config)
     if list(plan.sigmas[1:]) != [float(np.float32(s)) for s in targets]:
         plan = replace(plan, targets=tuple(float(np.float32(s)) for s in targets))
     return plan
@@ -225,7 +225,7 @@ def _dpm_plan(config: SchedulerConfig, steps: int, karras: bool) -> SamplingPlan
         timesteps = spaced_timesteps(config, steps, "dpm")
         sigmas = np.interp(timesteps, np.arange(len(table)), table)
     sigmas = np.append(sigmas, 0.0).astype(np.float32)
-    return _plan(sigmas, timesteps, math.sqrt(float(sigmas[0]) ** 2 + 1.0), config)
+    return _plan(sigmas, timesteps, 1.0, config)
 
 
 def _plan(sigmas, timesteps, init_noise_sigma: float, config: SchedulerConfig) -> SamplingPlan:
