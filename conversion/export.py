@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from coreml_sd.errors import CoreMLSDError, choices_text
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,11 @@ def core_ml_target(name: str):
 
 def build_program(forward: Callable[..., Sequence[Any]], module, inputs: Sequence[TensorIO],
                   outputs: Sequence[TensorIO], *, min_target: str):
-    """The ML program computing `forward(ops, *inputs)` -> outputs, named and typed as given."""
+    """The ML program computing `forward(ops, *inputs)` -> outputs, named and typed as given.
+
+    An output whose shape is None takes the shape the module computes. Returns the program, the
+    outputs as built (shapes resolved) and a map from weight-constant names to parameter names.
+    """
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import Function, Program
 
@@ -77,19 +83,23 @@ def build_program(forward: Callable[..., Sequence[Any]], module, inputs: Sequenc
         results = forward(ops, *[func.inputs[io.name] for io in inputs])
         if len(results) != len(outputs):
             raise ConversionError(f"the module returned {len(results)} outputs, expected {len(outputs)}")
-        func.set_outputs([_named(mb, value, io) for value, io in zip(results, outputs)])
+        resolved = [_resolve(value, io) for value, io in zip(results, outputs)]
+        func.set_outputs([_named(mb, value, io) for value, io in zip(results, resolved)])
     prog.add_function("main", func)
-    return prog
+    return prog, resolved, ops.const_names()
+
+
+def _resolve(value, io: TensorIO) -> TensorIO:
+    shape = tuple(int(d) for d in value.shape)
+    if io.shape is not None and shape != tuple(io.shape):
+        raise ConversionError(f"output {io.name}: the module computes shape {shape}, the contract says {io.shape}")
+    return TensorIO(io.name, shape, io.dtype)
 
 
 def _named(mb, value, io: TensorIO):
     from coremltools.converters.mil.mil import types
 
-    found = types.builtin_to_string(value.dtype)
-    shape = tuple(int(d) for d in value.shape)
-    if shape != tuple(io.shape):
-        raise ConversionError(f"output {io.name}: the module computes shape {shape}, the contract says {io.shape}")
-    if found != io.dtype:
+    if types.builtin_to_string(value.dtype) != io.dtype:
         return mb.cast(x=value, dtype=io.dtype, name=io.name)
     return mb.identity(x=value, name=io.name)
 
@@ -112,9 +122,27 @@ def compression_config(weights: str):
         op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
                                          weight_threshold=COMPRESSION_MIN_ELEMENTS)
     else:
-        op = cto.OpPalettizerConfig(mode="kmeans", nbits=int(weights.split("-")[1]), granularity="per_tensor",
-                                    weight_threshold=COMPRESSION_MIN_ELEMENTS)
+        op = cto.OpPalettizerConfig(mode="custom", lut_function=kmeans_lut(int(weights.split("-")[1])),
+                                    granularity="per_tensor", weight_threshold=COMPRESSION_MIN_ELEMENTS)
     return cto.OptimizationConfig(global_config=op)
+
+
+def kmeans_lut(nbits: int) -> Callable:
+    """A palettization LUT function: coremltools' own k-means, always in its exact 1-D form.
+
+    coremltools clusters large fp16 tensors with its bundled optimal 1-D k-means (over distinct
+    values, weighted by counts) but tensors under 10,000 elements with scikit-learn's KMeans,
+    which is approximate and orders of magnitude slower (seconds per tiny model). Forcing the 1-D
+    algorithm gives the same result for large tensors and exact, fast clustering for all.
+    """
+
+    def lut_function(weight: np.ndarray):
+        from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
+
+        lut, indices = _get_kmeans_lookup_table_and_weight(nbits, weight, force_kmeans1d=True)
+        return lut.astype(weight.dtype), np.asarray(indices, dtype=np.uint8)
+
+    return lut_function
 
 
 def compress(prog, weights: str) -> None:
@@ -131,24 +159,43 @@ def compress(prog, weights: str) -> None:
     graph_pass.apply(prog)
 
 
-def to_mlmodel(prog, *, min_target: str, description: str = "", metadata: dict | None = None):
-    """coremltools' conversion of an already-typed program (its passes; no fp16 re-casting)."""
+def to_mlmodel(prog, *, min_target: str, package_dir: Path, description: str = "",
+               metadata: dict | None = None) -> Path:
+    """coremltools' conversion of an already-typed program, serialized straight to `package_dir`.
+
+    compute_precision=FLOAT32 tells coremltools not to re-cast: the program's types are final.
+    """
     import coremltools as ct
 
     pipeline = ct.PassPipeline(pass_names=list(PASSES), pipeline_name="coreml_sd")
+    package_dir = Path(package_dir)
     model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=core_ml_target(min_target),
-                       compute_precision=ct.precision.FLOAT32, skip_model_load=True, pass_pipeline=pipeline)
-    model.short_description = description
-    model.author = "coreml-sd"
-    for key, value in (metadata or {}).items():
-        model.user_defined_metadata[key] = str(value)
-    return model
+                       compute_precision=ct.precision.FLOAT32, skip_model_load=True, pass_pipeline=pipeline,
+                       package_dir=str(package_dir))
+    del model
+    set_package_metadata(package_dir, description=description, metadata=metadata or {})
+    return package_dir
 
 
-def save_package(model, path: Path) -> Path:
-    path = Path(path)
-    model.save(str(path))
-    return path
+def set_package_metadata(package: Path, *, description: str, metadata: dict) -> None:
+    """Write the description and user metadata into a saved package's model spec, in place.
+
+    (Setting them on the MLModel would mean saving the package a second time, weights included.)
+    """
+    import json
+
+    from coremltools.proto import Model_pb2
+
+    manifest = json.loads((Path(package) / "Manifest.json").read_text())
+    root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]["path"]
+    spec_path = Path(package) / "Data" / root
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_path.read_bytes())
+    spec.description.metadata.shortDescription = description
+    spec.description.metadata.author = "coreml-sd"
+    for key, value in metadata.items():
+        spec.description.metadata.userDefined[key] = str(value)
+    spec_path.write_bytes(spec.SerializeToString())
 
 
 def compile_package(package: Path, out_dir: Path) -> Path:

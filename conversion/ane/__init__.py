@@ -53,10 +53,6 @@ def text_encoder_from_transformers(text_encoder, *, attention: str = "split_eins
     from conversion.ane.text_encoder import TextEncoder
 
     config = TextEncoderConfig.from_transformers(text_encoder.config)
-    eos = getattr(text_encoder.config, "eos_token_id", None)
-    if eos not in (2, config.vocab_size - 1):
-        raise ModelError(f"text encoder: eos_token_id {eos} is not the last id of the vocabulary "
-                         f"({config.vocab_size - 1}); the converter finds the end token by argmax")
     state = strip_prefix(text_encoder.state_dict(), "text_model.")
     state = {k: v for k, v in state.items() if k not in _NON_WEIGHTS}
     return load_rewrite(lambda: TextEncoder(config, attention=check_attention(attention)), state,

@@ -166,6 +166,7 @@ class TextEncoderConfig:
     max_position_embeddings: int
     hidden_act: str
     layer_norm_eps: float
+    eos_token_id: int
 
     @classmethod
     def from_transformers(cls, config: Any) -> "TextEncoderConfig":
@@ -183,4 +184,5 @@ class TextEncoderConfig:
             max_position_embeddings=int(get("max_position_embeddings", 77)),
             hidden_act=act,
             layer_norm_eps=float(get("layer_norm_eps", 1e-5)),
+            eos_token_id=int(get("eos_token_id", 2)),
         )

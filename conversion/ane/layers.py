@@ -15,6 +15,21 @@ from torch import nn
 from conversion.ane.ops import TORCH
 
 
+class Rewrite(nn.Module):
+    """Base of the top-level rewritten modules: inputs are cast to `compute_dtype` on entry.
+
+    By default that is the weights' dtype (an fp16 model emits an fp16 program). Setting
+    `compute_dtype_override = torch.float32` on a module with fp16 weights computes in fp32 with
+    each weight upcast as it is used: the parity gate's reference for compressed packages.
+    """
+
+    compute_dtype_override: torch.dtype | None = None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.compute_dtype_override or next(self.parameters()).dtype
+
+
 def channel_view(t: torch.Tensor) -> torch.Tensor:
     """A per-channel parameter (C,) as (1, C, 1, 1), a view (no copy)."""
     return t.reshape(1, -1, 1, 1)

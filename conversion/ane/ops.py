@@ -10,7 +10,7 @@ The primitives mirror MIL ops one to one, so each has a single obvious lowering:
 
     conv, pad, add, sub, mul, silu, sigmoid, gelu, sin, cos, mean, rsqrt, reshape, transpose,
     concat, slice, split, einsum ("nchw,nwhu->nchu" family only), matmul, softmax,
-    upsample2x (nearest), gather, argmax, cast, const
+    upsample2x (nearest), gather, argmax, equal, cast, const
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ class TorchOps:
 
     @staticmethod
     def conv(x, weight, bias=None, *, stride: int = 1, padding: int = 0):
+        if weight.dtype != x.dtype:  # fp16 weights in an fp32 reference computation
+            weight = weight.to(x.dtype)
+            bias = None if bias is None else bias.to(x.dtype)
         return F.conv2d(x, weight, bias, stride=stride, padding=padding)
 
     @staticmethod
@@ -128,6 +131,11 @@ class TorchOps:
         return torch.argmax(x, dim=axis)
 
     @staticmethod
+    def equal(x, value: float):
+        """1 where x == value else 0, in x's dtype."""
+        return (x == value).to(x.dtype)
+
+    @staticmethod
     def cast(x, dtype: torch.dtype):
         return x.to(dtype)
 
@@ -167,6 +175,11 @@ class MilOps:
         self._keep: list[torch.Tensor] = []  # keeps ids stable while the program is built
         self._counter = 0
 
+    def const_names(self) -> dict[str, str]:
+        """Weight-constant name -> parameter name, for every parameter the program uses."""
+        return {var.op.name: self._names[id(t)] for t, var in
+                ((t, self._consts[id(t)]) for t in self._keep) if id(t) in self._names}
+
     # -- values -------------------------------------------------------------------------------
     def _var(self, value, like=None):
         from coremltools.converters.mil.mil import Var
@@ -202,7 +215,8 @@ class MilOps:
     def pad(self, x, pads):
         left, right, top, bottom = pads
         return self.mb.pad(x=x, pad=np.array([0, 0] * (len(x.shape) - 2) + [top, bottom, left, right],
-                                             dtype=np.int32), mode="constant", constant_val=0.0)
+                                             dtype=np.int32), mode="constant",
+                           constant_val=np.array(0, dtype=_np_dtype(x.dtype)))
 
     def add(self, x, y):
         return self.mb.add(x=self._var(x, like=_first_var(x, y)), y=self._var(y, like=_first_var(x, y)))
@@ -267,10 +281,13 @@ class MilOps:
 
     def gather(self, x, indices, axis: int):
         indices = self.mb.reshape(x=self.mb.cast(x=indices, dtype="int32"), shape=[-1])
-        return self.mb.gather(x=x, indices=indices, axis=axis)
+        return self.mb.gather(x=self._var(x), indices=indices, axis=axis)
 
     def argmax(self, x, axis: int):
         return self.mb.reduce_argmax(x=x, axis=axis, keep_dims=False)
+
+    def equal(self, x, value: float):
+        return self.mb.cast(x=self.mb.equal(x=x, y=self._var(float(value), like=x)), dtype=_dtype_name(x.dtype))
 
     def cast(self, x, dtype: torch.dtype):
         target = _MIL_DTYPES[dtype]

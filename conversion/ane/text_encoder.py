@@ -2,8 +2,8 @@
 
 Input ids arrive as float32 (B, 77), as Apple's Swift pipeline feeds them; outputs are
 `last_hidden_state` (B, 77, C) after the final layer norm, and `pooled_outputs` (B, C): the
-final state at the end-of-text token, which in CLIP's vocabulary is the largest id, so its first
-position is the argmax of the ids (transformers' legacy and current rules agree there).
+final state at the first end-of-text token, found as transformers does (configs with the legacy
+eos_token_id 2 take the largest id instead).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import nn
 
 from conversion.ane.attention import attention, causal_mask
 from conversion.ane.config import TextEncoderConfig
-from conversion.ane.layers import Conv2d, LayerNormChannels
+from conversion.ane.layers import Conv2d, LayerNormChannels, Rewrite
 from conversion.ane.ops import TORCH
 
 
@@ -70,7 +70,7 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList([EncoderLayer(c, impl) for _ in range(c.num_hidden_layers)])
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(Rewrite):
     """input_ids float (B, S) -> (last_hidden_state (B, S, C), pooled_outputs (B, C))."""
 
     def __init__(self, config: TextEncoderConfig, *, attention: str):
@@ -83,7 +83,7 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids, ops=TORCH):
         b, s = ops.shape(input_ids)
         c = self.config.hidden_size
-        tokens = ops.gather(self.embeddings.token_embedding.weight, input_ids, 0)  # (b*s, c)
+        tokens = ops.cast(ops.gather(self.embeddings.token_embedding.weight, input_ids, 0), self.compute_dtype)
         positions = self.embeddings.position_embedding.weight[:s].reshape(1, s, c)
         x = ops.add(ops.reshape(tokens, (b, s, c)), positions)
         x = ops.reshape(ops.transpose(x, (0, 2, 1)), (b, c, 1, s))
@@ -92,7 +92,8 @@ class TextEncoder(nn.Module):
             x = layer(x, mask, ops)
         x = self.final_layer_norm(x, ops)
         hidden = ops.transpose(ops.reshape(x, (b, c, s)), (0, 2, 1))  # (b, s, c)
-        eos = ops.argmax(input_ids, 1)  # (b,)
+        eos_id = self.config.eos_token_id
+        eos = ops.argmax(input_ids if eos_id == 2 else ops.equal(input_ids, eos_id), 1)  # (b,)
         if b > 1:
             eos = ops.add(eos, ops.const(np.arange(b) * s, torch.int32, like=eos))
         pooled = ops.gather(ops.reshape(hidden, (b * s, c)), eos, 0)  # (b, c)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from conversion.ane.config import UNetConfig
-from conversion.ane.layers import Conv2d, Downsample, GroupNorm, ResnetBlock, Upsample
+from conversion.ane.layers import Conv2d, Downsample, GroupNorm, ResnetBlock, Rewrite, Upsample
 from conversion.ane.ops import TORCH
 from conversion.ane.transformer import SpatialTransformer
 
@@ -78,7 +78,7 @@ class MidBlock(nn.Module):
         self.attentions = nn.ModuleList(attentions)
 
 
-class UNet(nn.Module):
+class UNet(Rewrite):
     def __init__(self, config: UNetConfig, *, attention: str):
         super().__init__()
         self.config = c = config
@@ -176,7 +176,7 @@ class UNet(nn.Module):
 
     def begin(self, sample, timestep, ops=TORCH) -> UNetState:
         """The "in" stage: conv_in and the time embedding."""
-        dtype = self.conv_in.weight.dtype
+        dtype = self.compute_dtype
         h = self.conv_in(ops.cast(sample, dtype), ops)
         emb = self.time_embedding(ops.cast(self.time_features(timestep, ops), dtype), ops)
         return UNetState(h, emb, (h,))
@@ -194,7 +194,7 @@ class UNet(nn.Module):
         return ops.reshape(feats, (ops.shape(feats)[0], 2 * half, 1, 1))
 
     def run(self, state: UNetState, context, stages: list[Stage], ops=TORCH) -> UNetState:
-        context = ops.cast(context, self.conv_in.weight.dtype)
+        context = ops.cast(context, self.compute_dtype)
         for stage in stages:
             state = self.run_stage(stage, state, context, ops)
         return state

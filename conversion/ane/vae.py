@@ -11,7 +11,7 @@ from torch import nn
 
 from conversion.ane.attention import attention
 from conversion.ane.config import VAEConfig
-from conversion.ane.layers import Conv2d, Downsample, GroupNorm, ResnetBlock, Upsample
+from conversion.ane.layers import Conv2d, Downsample, GroupNorm, ResnetBlock, Rewrite, Upsample
 from conversion.ane.ops import TORCH
 
 EPS = 1e-6
@@ -119,7 +119,7 @@ class Encoder(nn.Module):
         return self.conv_out(ops.silu(self.conv_norm_out(x, ops)), ops)
 
 
-class VAEDecoder(nn.Module):
+class VAEDecoder(Rewrite):
     """z (B, 4, h, w), already divided by the scaling factor -> image (B, 3, 8h, 8w) in [-1, 1]."""
 
     def __init__(self, config: VAEConfig, *, attention: str):
@@ -129,13 +129,13 @@ class VAEDecoder(nn.Module):
         self.decoder = Decoder(config, attention)
 
     def forward(self, z, ops=TORCH):
-        z = ops.cast(z, self.decoder.conv_in.weight.dtype)
+        z = ops.cast(z, self.compute_dtype)
         if hasattr(self, "post_quant_conv"):
             z = self.post_quant_conv(z, ops)
         return self.decoder(z, ops)
 
 
-class VAEEncoder(nn.Module):
+class VAEEncoder(Rewrite):
     """x (B, 3, H, W) in [-1, 1] -> (B, 8, H/8, W/8): the latent distribution's mean, log-variance."""
 
     def __init__(self, config: VAEConfig, *, attention: str):
@@ -145,5 +145,5 @@ class VAEEncoder(nn.Module):
             self.quant_conv = Conv2d(2 * config.latent_channels, 2 * config.latent_channels)
 
     def forward(self, x, ops=TORCH):
-        x = self.encoder(ops.cast(x, self.encoder.conv_in.weight.dtype), ops)
+        x = self.encoder(ops.cast(x, self.compute_dtype), ops)
         return self.quant_conv(x, ops) if hasattr(self, "quant_conv") else x

@@ -1,0 +1,464 @@
+"""Convert a model source into a verified Core ML model folder.
+
+For each component, one at a time, so that only one component's weights are in memory beyond
+the source's: compute the upstream module's fp32 reference on seeded inputs, halve its weights in
+place, build the Neural-Engine rewrite on the same tensors, emit the ML program ("trace"),
+optionally compress it, let coremltools convert and serialize it straight into the output, then
+run the package (Core ML on macOS, the `mil` executor elsewhere) against the reference: the
+parity gate. The folder is written under a hidden name and renamed only when everything passed.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+import sys
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from coreml_sd.errors import choices_text
+from coreml_sd.model_folder import PACKAGE_NAMES, Manifest, PackageInfo, TensorSpec
+from coreml_sd.sources import ModelSource
+from conversion.ane.attention import ATTENTION_IMPLEMENTATIONS
+from conversion.atomic import atomic_folder, check_target
+from conversion.export import (MIN_TARGETS, WEIGHT_MODES, ConversionError, TensorIO, build_program,
+                               compile_package, compress, to_mlmodel)
+from conversion.progress import StageRecord, StageTimer
+from conversion.verify import MIN_PSNR_DB, PackageRunner, ParityResult, compare
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+DEFAULT_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+# --weights compresses these; the VAE stays fp16 (small, and its errors show directly in pixels).
+COMPRESSIBLE = ("text_encoder", "unet")
+TEXT_LENGTH = 77
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    attention: str = "split_einsum_v2"
+    width: int | None = None  # pixels; default: the model's native size
+    height: int | None = None
+    batch: int = 2  # 2: guidance pair, 1: no guidance
+    weights: str = "fp16"
+    chunk_unet: bool = False
+    min_target: str = "macOS13"
+    compile: bool = False
+    components: tuple[str, ...] = DEFAULT_COMPONENTS
+    threshold_db: float = MIN_PSNR_DB
+
+    def validate(self) -> None:
+        for name, value, valid in (("attention", self.attention, ATTENTION_IMPLEMENTATIONS),
+                                   ("weights", self.weights, WEIGHT_MODES), ("min_target", self.min_target, MIN_TARGETS),
+                                   ("batch", self.batch, (1, 2))):
+            if value not in valid:
+                raise ConversionError(f"{name} {value!r} is not supported; valid: {choices_text(valid)}")
+        unknown = [c for c in self.components if c not in COMPONENTS]
+        if unknown:
+            raise ConversionError(f"unknown component {unknown[0]!r}; valid: {choices_text(COMPONENTS)}")
+        if self.compile and sys.platform != "darwin":
+            raise ConversionError("--compile needs macOS (Core ML's compiler runs only there); convert without "
+                                  "--compile here: the packages compile on the Mac when first loaded")
+
+    def weights_for(self, component: str) -> str:
+        return self.weights if component in COMPRESSIBLE else "fp16"
+
+
+@dataclass
+class ConversionResult:
+    path: Path
+    manifest: Manifest
+    parity: dict[str, ParityResult]
+    stages: list[StageRecord] = field(default_factory=list)
+    summary: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    width: int
+    height: int
+    latent: tuple[int, int, int]  # (channels, h, w)
+    batch: int
+    text_hidden: int
+
+
+def _shapes(source: ModelSource, options: ConvertOptions, unet_downscale: int) -> Shapes:
+    info = source.info
+    f = info.vae_scale_factor
+    multiple = f * unet_downscale
+    width = options.width or info.sample_size
+    height = options.height or info.sample_size
+    for name, v in (("width", width), ("height", height)):
+        if v < multiple or v % multiple:
+            raise ConversionError(f"{name} must be a positive multiple of {multiple} for this model "
+                                  f"(VAE factor {f} x UNet downscale {unet_downscale}); got {v}")
+    return Shapes(width, height, (info.latent_channels, height // f, width // f), options.batch,
+                  info.text_hidden_size)
+
+
+def _check_source(source: ModelSource) -> None:
+    if getattr(source, "hypernetworks", None):
+        raise ConversionError("hypernetworks change the UNet's attention at run time and cannot be baked into "
+                              "Core ML packages; convert without --hypernetwork (use it with the torch backend)")
+
+
+class Converter:
+    """One conversion run: the source's modules, the output folder, the options, the timer."""
+
+    def __init__(self, source: ModelSource, folder: Path, options: ConvertOptions, timer: StageTimer):
+        self.source, self.folder, self.options, self.timer = source, folder, options, timer
+        self.runner = PackageRunner()
+        self.packages: dict[str, PackageInfo] = {}
+        self.parity: dict[str, ParityResult] = {}
+        self.extra_parity: dict[str, dict] = {}
+
+    # -- one component ------------------------------------------------------------------------
+    def export(self, component: str, rewrite, forward: Callable, inputs: list[TensorIO],
+               outputs: list[TensorIO]) -> tuple[list[TensorIO], dict[str, np.ndarray]]:
+        """Emit, compress and convert one package; returns its outputs and dequantized weights."""
+        opts = self.options
+        weights = opts.weights_for(component.split("_chunk")[0])
+        with self.timer(component, "trace"):
+            prog, outputs, const_names = build_program(forward, rewrite, inputs, outputs, min_target=opts.min_target)
+        dense: dict[str, np.ndarray] = {}
+        if weights != "fp16":
+            with self.timer(component, "compress", weights):
+                compress(prog, weights)
+                dense = _dequantized(prog, const_names)
+        package = self.folder / f"{PACKAGE_NAMES[component]}.mlpackage"
+        with self.timer(component, "convert"):
+            to_mlmodel(prog, min_target=opts.min_target, package_dir=package,
+                       description=f"coreml-sd {component} of {self.source.info.name}",
+                       metadata={"coreml_sd.component": component, "coreml_sd.attention": opts.attention,
+                                 "coreml_sd.weights": weights})
+        del prog
+        gc.collect()
+        self.packages[component] = PackageInfo(
+            package=package.name, inputs=tuple(_spec(io) for io in inputs),
+            outputs=tuple(_spec(io) for io in outputs), weights=weights, size_bytes=_folder_size(package))
+        return outputs, dense
+
+    def gate(self, component: str, outputs: dict[str, np.ndarray], references: dict[str, np.ndarray],
+             *, dequantized_reference: dict[str, np.ndarray] | None = None) -> ParityResult:
+        """Record parity; the gate compares with the reference of the weights the package holds."""
+        ref = dequantized_reference if dequantized_reference is not None else references
+        result = compare(component, outputs, ref, executor=self.runner.name, threshold_db=self.options.threshold_db)
+        self.parity[component] = result
+        if dequantized_reference is not None:
+            vs_source = compare(component, outputs, references, executor=self.runner.name)
+            self.extra_parity[component] = {"psnr_vs_source_db": vs_source.to_dict()["psnr_db"]}
+        if not result.passed:
+            figures = ", ".join(f"{k} {v:.1f} dB" for k, v in result.psnr_db.items())
+            raise ConversionError(f"parity gate failed for {component}: {figures} (minimum {result.threshold_db:g} dB) "
+                                  f"against the torch reference; nothing was written")
+        return result
+
+
+def _dequantized(prog, const_names: dict[str, str]) -> dict[str, np.ndarray]:
+    """Parameter name -> the dense fp16 values the compressed program's weights decode to."""
+    out = {}
+    for op in prog.functions["main"].operations:
+        if not op.op_type.startswith("constexpr_"):
+            continue
+        base = op.name.rsplit("_", 1)[0]  # "<const>_palettized" / "<const>_quantized"
+        if base in const_names:
+            out[const_names[base]] = np.asarray(op.materialized_val_inference())
+    return out
+
+
+def _set_weights(module, dense: dict[str, np.ndarray]) -> None:
+    """Replace parameters of `module` by the given arrays (by parameter name)."""
+    import torch
+
+    for name, value in dense.items():
+        owner, _, attr = name.rpartition(".")
+        sub = module.get_submodule(owner) if owner else module
+        old = getattr(sub, attr)
+        setattr(sub, attr, torch.nn.Parameter(torch.from_numpy(value.copy()).reshape(old.shape).to(old.dtype),
+                                              requires_grad=False))
+
+
+def _spec(io: TensorIO) -> TensorSpec:
+    return TensorSpec(io.name, tuple(io.shape), io.dtype)
+
+
+def _folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _reference_outputs(rewrite, inputs: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+    """The rewrite in fp32 compute (weights as they are) on the package inputs."""
+    import torch
+
+    rewrite.compute_dtype_override = torch.float32
+    try:
+        with torch.inference_mode():
+            out = rewrite(*[torch.from_numpy(np.asarray(v, dtype=np.float32)) for v in inputs.values()])
+    finally:
+        rewrite.compute_dtype_override = None
+    out = out if isinstance(out, tuple) else (out,)
+    return {n: o.float().numpy() for n, o in zip(names, out)}
+
+
+# -- the components ---------------------------------------------------------------------------
+def _run_chain(conv: Converter, chain: list[str], inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run packages in order, each taking its inputs by name from the inputs and earlier outputs."""
+    values = dict(inputs)
+    for component in chain:
+        info = conv.packages[component]
+        feed = {s.name: np.asarray(values[s.name], dtype=np.float16 if s.dtype == "fp16" else np.float32)
+                for s in info.inputs}
+        values.update(conv.runner.run(conv.folder / info.package, feed))
+        gc.collect()
+    return {s.name: values[s.name] for s in conv.packages[chain[-1]].outputs}
+
+
+def _verify(conv: Converter, component: str, chain: list[str], inputs: dict[str, np.ndarray],
+            refs: dict[str, np.ndarray], dequantized_ref: dict[str, np.ndarray] | None) -> None:
+    with conv.timer(component, "verify", conv.runner.name):
+        outputs = _run_chain(conv, chain, inputs)
+        conv.gate(component, outputs, refs, dequantized_reference=dequantized_ref)
+
+
+def _dequantized_reference(conv: Converter, component: str, rewrite, dense: dict[str, np.ndarray],
+                           inputs: dict[str, np.ndarray], names: list[str]):
+    if not dense:
+        return None
+    with conv.timer(component, "reference", "dequantized weights"):
+        _set_weights(rewrite, dense)
+        return _reference_outputs(rewrite, inputs, names)
+
+
+def convert_text_encoder(conv: Converter, mods, shapes: Shapes) -> None:
+    from conversion.ane import text_encoder_from_transformers
+    from conversion.verify import text_encoder_case
+
+    module, mods.text_encoder = mods.text_encoder, None
+    with conv.timer("text_encoder", "reference"):
+        inputs, refs = text_encoder_case(module, conv.source.tokenizer())
+    rewrite = text_encoder_from_transformers(module.half(), attention=conv.options.attention)
+    del module
+    c = shapes.text_hidden
+    ins = [TensorIO("input_ids", (1, TEXT_LENGTH), "fp32")]
+    outs = [TensorIO("last_hidden_state", (1, TEXT_LENGTH, c), "fp32"), TensorIO("pooled_outputs", (1, c), "fp32")]
+    _, dense = conv.export("text_encoder", rewrite, lambda ops, ids: rewrite(ids, ops), ins, outs)
+    deq = _dequantized_reference(conv, "text_encoder", rewrite, dense, inputs, list(refs))
+    del rewrite
+    gc.collect()
+    _verify(conv, "text_encoder", ["text_encoder"], inputs, refs, deq)
+
+
+def convert_unet(conv: Converter, mods, shapes: Shapes) -> None:
+    from conversion.ane import unet_from_diffusers
+    from conversion.verify import unet_case
+
+    module, mods.unet = mods.unet, None
+    with conv.timer("unet", "reference"):
+        inputs, refs = unet_case(module, batch=shapes.batch, latent_shape=shapes.latent,
+                                 context_dim=shapes.text_hidden)
+    rewrite = unet_from_diffusers(module.half(), attention=conv.options.attention)
+    del module
+    gc.collect()
+    b, latent = shapes.batch, shapes.latent
+    ins = [TensorIO("sample", (b, *latent), "fp16"), TensorIO("timestep", (b,), "fp16"),
+           TensorIO("encoder_hidden_states", (b, shapes.text_hidden, 1, TEXT_LENGTH), "fp16")]
+    out = TensorIO("noise_pred", (b, *latent), "fp32")
+    if conv.options.chunk_unet:
+        chain, dense = _export_unet_chunks(conv, rewrite, ins, out)
+    else:
+        chain = ["unet"]
+        _, dense = conv.export("unet", rewrite, lambda ops, s, t, c: [rewrite(s, t, c, ops)], ins, [out])
+    deq = _dequantized_reference(conv, "unet", rewrite, dense, inputs, list(refs))
+    del rewrite
+    gc.collect()
+    _verify(conv, "unet", chain, inputs, refs, deq)
+
+
+def _export_unet_chunks(conv: Converter, rewrite, ins: list[TensorIO], out: TensorIO):
+    """UnetChunk1 (inputs -> features, time embedding, open skips) and UnetChunk2 (-> noise_pred)."""
+    from conversion.ane.unet import UNetState, chunk_boundary
+
+    stages = rewrite.stages()
+    k = chunk_boundary(rewrite)
+    open_skips = 1 + sum({"down": 1, "downsample": 1, "up": -1}.get(s.kind, 0) for s in stages[1:k])
+    # After a down stage the features are also the newest skip: send them once.
+    h_is_skip = stages[k - 1].kind in ("down", "downsample")
+
+    def first(ops, sample, timestep, context):
+        state = rewrite.run(rewrite.begin(sample, timestep, ops), context, stages[1:k], ops)
+        return ([] if h_is_skip else [state.h]) + [state.emb, *state.skips]
+
+    names = ([] if h_is_skip else ["hidden_states"]) + ["time_embedding"] + [f"skip_{i}" for i in range(open_skips)]
+    outs1, dense1 = conv.export("unet_chunk1", rewrite, first, ins, [TensorIO(n, None, "fp16") for n in names])
+
+    def second(ops, *values):
+        values, context = list(values[:-1]), values[-1]
+        h = values[-1] if h_is_skip else values.pop(0)
+        emb, skips = values[0], tuple(values[1:])
+        return [rewrite.run(UNetState(h, emb, skips), context, stages[k:], ops).h]
+
+    _, dense2 = conv.export("unet_chunk2", rewrite, second, outs1 + [ins[2]], [out])
+    return ["unet_chunk1", "unet_chunk2"], {**dense1, **dense2}
+
+
+def convert_vae(conv: Converter, mods, shapes: Shapes, components: list[str]) -> None:
+    from conversion.ane import vae_decoder_from_diffusers, vae_encoder_from_diffusers
+    from conversion.verify import vae_decoder_case, vae_encoder_case
+
+    vae, mods.vae = mods.vae, None
+    c, h, w = shapes.latent
+    cases = {}
+    for component in components:
+        with conv.timer(component, "reference"):
+            if component == "vae_decoder":
+                cases[component] = vae_decoder_case(vae, latent_shape=shapes.latent)
+            else:
+                cases[component] = vae_encoder_case(vae, image_shape=(3, shapes.height, shapes.width))
+    vae.half()
+    for component in components:
+        if component == "vae_decoder":
+            rewrite = vae_decoder_from_diffusers(vae, attention=conv.options.attention)
+            ins, outs = [TensorIO("z", (1, c, h, w), "fp32")], [TensorIO("image", (1, 3, shapes.height, shapes.width), "fp32")]
+        else:
+            rewrite = vae_encoder_from_diffusers(vae, attention=conv.options.attention)
+            ins, outs = [TensorIO("x", (1, 3, shapes.height, shapes.width), "fp32")], [TensorIO("latent", (1, 2 * c, h, w), "fp32")]
+        conv.export(component, rewrite, lambda ops, x: [rewrite(x, ops)], ins, outs)
+        del rewrite
+        gc.collect()
+        inputs, refs = cases[component]
+        _verify(conv, component, [component], inputs, refs, None)
+
+
+# -- the whole model --------------------------------------------------------------------------
+def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = ConvertOptions(), *,
+                  force: bool = False, on_stage: Callable[[StageRecord], None] | None = None) -> ConversionResult:
+    """Convert `source` into a verified model folder at `out_dir` (see the module docstring)."""
+    import torch
+
+    options.validate()
+    _check_source(source)
+    target = check_target(Path(out_dir), force=force)
+    timer = StageTimer(on_stage)
+    components = [c for c in COMPONENTS if c in options.components]
+    with atomic_folder(target, force=force) as folder:
+        with timer("model", "load"):
+            mods = source.torch_modules(device="cpu", dtype=torch.float32)
+        from conversion.ane.config import UNetConfig
+
+        shapes = _shapes(source, options, UNetConfig.from_diffusers(mods.unet.config).downscale)
+        if options.weights != "fp16" and not set(components) & set(COMPRESSIBLE):
+            log.warning("--weights %s compresses only %s; none of them is converted", options.weights,
+                        choices_text(COMPRESSIBLE))
+        conv = Converter(source, folder, options, timer)
+        with torch.no_grad():
+            if "text_encoder" in components:
+                convert_text_encoder(conv, mods, shapes)
+            vae_parts = [c for c in components if c.startswith("vae_")]
+            if vae_parts:
+                convert_vae(conv, mods, shapes, vae_parts)
+            mods.vae = mods.text_encoder = None
+            gc.collect()
+            if "unet" in components:
+                convert_unet(conv, mods, shapes)
+        del mods
+        gc.collect()
+        if options.compile:
+            _compile_all(conv)
+        with timer("model", "write"):
+            manifest = _manifest(conv, shapes, source_record(source))
+            _copy_tokenizer(source, folder)
+            manifest.write(folder)
+    return ConversionResult(target, manifest, conv.parity, timer.records, timer.summary())
+
+
+def _compile_all(conv: Converter) -> None:
+    for component, info in list(conv.packages.items()):
+        with conv.timer(component, "compile"):
+            compiled = compile_package(conv.folder / info.package, conv.folder)
+        conv.packages[component] = replace(info, compiled=compiled.name)
+
+
+def _copy_tokenizer(source: ModelSource, folder: Path) -> None:
+    files = source.info.tokenizer_files
+    shutil.copyfile(files.vocab, folder / "vocab.json")
+    shutil.copyfile(files.merges, folder / "merges.txt")
+
+
+def _manifest(conv: Converter, shapes: Shapes, source: dict) -> Manifest:
+    info, opts = conv.source.info, conv.options
+    packages = {k: replace(v, psnr_db=round(conv.parity[_parity_key(k)].min_psnr_db, 2))
+                for k, v in conv.packages.items()}
+    trigger_ids = getattr(conv.source, "trigger_ids", None)
+    parity = {"threshold_db": opts.threshold_db, "executor": conv.runner.name,
+              "reference": "upstream torch modules (diffusers/transformers), fp32, seeded inputs; compressed "
+                           "packages: the same modules with the dequantized weights",
+              "components": {k: {**v.to_dict(), **conv.extra_parity.get(k, {})} for k, v in conv.parity.items()}}
+    return Manifest(
+        name=info.name, family=info.family, scheduler=info.scheduler, width=shapes.width, height=shapes.height,
+        batch=shapes.batch, latent_channels=info.latent_channels, vae_scale_factor=info.vae_scale_factor,
+        scaling_factor=info.scaling_factor, text_hidden_size=info.text_hidden_size, attention=opts.attention,
+        weights=opts.weights, min_target=opts.min_target, components=packages, pad_token=info.pad_token,
+        max_length=TEXT_LENGTH, trigger_words=dict(trigger_ids()) if trigger_ids else {}, source=source,
+        tools=tool_versions(), parity=parity, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def _parity_key(component: str) -> str:
+    return component.split("_chunk")[0]
+
+
+def tool_versions() -> dict[str, str]:
+    import platform
+
+    import coreml_sd
+
+    out = {"coreml_sd": coreml_sd.__version__, "python": platform.python_version()}
+    for mod in ("coremltools", "torch", "diffusers", "transformers", "numpy"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return out
+
+
+def source_record(source: ModelSource) -> dict[str, Any]:
+    """Where the model came from: path, kind, sha256 and the modifiers baked in (to reopen it)."""
+    base = getattr(source, "base", source)
+    info = base.info
+    record: dict[str, Any] = {"path": str(Path(info.path).absolute()), "kind": info.kind,
+                              "sha256": source_sha256(Path(info.path)), "hash": info.hash}
+    modifiers: dict[str, Any] = {}
+    vae = getattr(source, "vae", None)
+    if vae is not None:
+        modifiers["vae"] = str(Path(vae.path).absolute())
+    if getattr(source, "loras", None):
+        modifiers["loras"] = [[str(Path(w.path).absolute()), w.strength] for w in source.loras]
+    if getattr(source, "embeddings", None):
+        modifiers["embeddings"] = [str(Path(e.path).absolute()) for e in source.embeddings]
+    if base is not source and source.info.prediction_type != info.prediction_type:
+        modifiers["prediction_type"] = source.info.prediction_type
+    record["modifiers"] = modifiers
+    record["generation_extras"] = dict(getattr(source, "generation_extras", {}) or {})
+    return record
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json", ".txt")
+
+
+def source_sha256(path: Path) -> str:
+    """sha256 of a single file; of a folder, the sha256 of "<relative path> <file sha256>" lines."""
+    import hashlib
+
+    from coreml_sd.checkpoint.safeload import sha256_file
+
+    if path.is_file():
+        return sha256_file(path)
+    lines = [f"{p.relative_to(path).as_posix()} {sha256_file(p)}\n"
+             for p in sorted(path.rglob("*")) if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
