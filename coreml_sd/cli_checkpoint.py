@@ -51,14 +51,16 @@ def model_source_options(command):
     """Decorator: the options that modify the model a command opens."""
     options = (
         click.option("--vae", type=click.Path(exists=True, path_type=Path), default=None,
-                     help="Replacement VAE: a .safetensors/.pt file (original or diffusers layout) or a diffusers VAE folder."),
+                     help="Replacement VAE: a .safetensors/.pt file (original or diffusers layout) "
+                          "or a diffusers VAE folder."),
         click.option("--lora", "loras", multiple=True, metavar="FILE[:STRENGTH]", callback=_weighted_many,
                      help="kohya/A1111 LoRA or LoCon merged into the weights (strength default 1). Repeatable."),
         click.option("--embedding", "embeddings", multiple=True,
                      type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="Textual-inversion embedding; its file name is the trigger word. Repeatable."),
         click.option("--hypernetwork", metavar="FILE[:STRENGTH]", default=None, callback=_weighted_one,
-                     help="AUTOMATIC1111 hypernetwork (.pt) on the attention context (strength default 1); torch backend only."),
+                     help="AUTOMATIC1111 hypernetwork (.pt) on the attention context (strength default 1); "
+                          "torch backend only."),
         click.option("--prediction-type", type=click.Choice(PREDICTION_TYPES), default=None,
                      help="Override the model's prediction type (SD 2.x 768 models: v_prediction)."),
     )

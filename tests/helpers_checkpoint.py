@@ -55,7 +55,7 @@ def write_tiny_checkpoint(path: Path, *, seed: int = 0, dtype: str = "fp32", fmt
 
         sched = SchedulerConfig(prediction_type=prediction_type)
         config_from_modules(*mods, family=family, scheduler=sched).write(sidecar_path(path))
-    return path, dict(zip(("text_encoder", "unet", "vae"), mods)), ema_unet
+    return path, dict(zip(("text_encoder", "unet", "vae"), mods, strict=True)), ema_unet
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> Path:
@@ -168,7 +168,8 @@ def kohya_lora(text_encoder, unet, *, seed: int = 1, rank: int = 4, alpha: float
 
     for name, mod in text_encoder.named_modules():
         if isinstance(mod, torch.nn.Linear):
-            add("lora_te_" + ("text_model." + name).replace(".", "_"), (rank, mod.in_features), (mod.out_features, rank))
+            base = "lora_te_" + ("text_model." + name).replace(".", "_")
+            add(base, (rank, mod.in_features), (mod.out_features, rank))
     for name, mod in unet.named_modules():
         if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
             continue

@@ -10,8 +10,13 @@ from click.testing import CliRunner
 
 torch = pytest.importorskip("torch")
 
-from helpers_checkpoint import (build_tiny_sd2_modules, fake_sdxl_file, full_size_shapes,  # noqa: E402
-                                save_safetensors, write_tiny_checkpoint)
+from helpers_checkpoint import (  # noqa: E402
+    build_tiny_sd2_modules,
+    fake_sdxl_file,
+    full_size_shapes,
+    save_safetensors,
+    write_tiny_checkpoint,
+)
 
 from coreml_sd.checkpoint import detect, keymap  # noqa: E402
 from coreml_sd.checkpoint.safeload import TensorInfo  # noqa: E402
@@ -27,7 +32,8 @@ def sd1_shapes():
 
 def test_full_size_sd1_and_sd2_are_recognised(sd1_shapes):
     sd1 = detect.classify(sd1_shapes)
-    assert (sd1.kind, sd1.family, sd1.text_encoder, sd1.context_dim, sd1.in_channels) == ("model", "sd1", "clip", 768, 4)
+    facts = (sd1.kind, sd1.family, sd1.text_encoder, sd1.context_dim, sd1.in_channels)
+    assert facts == ("model", "sd1", "clip", 768, 4)
     assert sd1.standard and sd1.has_vae and sd1.has_text_encoder and not sd1.has_ema
     assert 855e6 < sd1.params["unet"] < 865e6 and 120e6 < sd1.params["text_encoder"] < 125e6  # SD 1.5's counts
     sd2 = detect.classify(full_size_shapes("sd2"))
@@ -86,7 +92,8 @@ def test_vae_or_lora_passed_as_model(tmp_path):
     vae = keymap.apply_mapper(keymap.vae_to_original(mods["vae"].config, prefix=""), mods["vae"].state_dict())
     vae_file = save_safetensors(vae, tmp_path / "vae-ft-mse.safetensors")
     lora_file = save_safetensors({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4, 3, 3),
-                                  "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 4, 1, 1)}, tmp_path / "l.safetensors")
+                                  "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 4, 1, 1)},
+                                 tmp_path / "l.safetensors")
     for bad, needle in ((vae_file, "is a VAE, not a Stable Diffusion model; pass it with --vae"),
                         (lora_file, "is a LoRA, not a Stable Diffusion model; pass it with --lora")):
         out = tmp_path / "out"

@@ -27,7 +27,8 @@ def test_formats_load_their_vectors(tmp_path, form):
         "a1111_pt": lambda: write_a1111_pt(tmp_path / "mystyle.pt", vecs),
         "parameterdict_pt": lambda: write_parameterdict_pt(tmp_path / "mystyle.pt", vecs),
         "a1111_safetensors": lambda: save_safetensors({"emb_params": vecs}, tmp_path / "mystyle.safetensors"),
-        "diffusers_bin": lambda: torch.save({"<my-style>": vecs[0]}, tmp_path / "mystyle.bin") or tmp_path / "mystyle.bin",
+        "diffusers_bin": lambda: torch.save({"<my-style>": vecs[0]}, tmp_path / "mystyle.bin")
+        or tmp_path / "mystyle.bin",
     }[form]()
     emb = load_embedding(path)
     assert emb.name == "mystyle"
@@ -76,7 +77,8 @@ def test_embedding_for_another_width_is_refused(tiny_diffusers_dir, tmp_path):
     path = save_safetensors({"emb_params": vectors(1, width=768)}, tmp_path / "sd1style.safetensors")
     with pytest.raises(ModelError, match=r"768 wide \(SD 1.x\).*32 wide"):
         open_model(tiny_diffusers_dir, embeddings=[path])
-    xl = save_safetensors({"clip_l": vectors(1, width=768), "clip_g": vectors(1, width=1280)}, tmp_path / "xl.safetensors")
+    xl = save_safetensors({"clip_l": vectors(1, width=768), "clip_g": vectors(1, width=1280)},
+                          tmp_path / "xl.safetensors")
     with pytest.raises(ModelError, match="SDXL embedding"):
         load_embedding(xl)
 

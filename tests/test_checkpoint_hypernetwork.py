@@ -15,6 +15,7 @@ from coreml_sd.checkpoint.hypernetwork import install, load_hypernetwork  # noqa
 from coreml_sd.errors import ModelError  # noqa: E402
 from coreml_sd.sources import open_model  # noqa: E402
 
+
 def direct_attention(attn, x, ctx, key_net, value_net, strength):
     """Attention computed by hand with k/v context = context + strength * mlp(context)."""
     k_ctx, v_ctx = ctx + strength * key_net(ctx), ctx + strength * value_net(ctx)

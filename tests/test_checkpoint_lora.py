@@ -54,7 +54,7 @@ def test_merge_equals_diffusers_fuse_lora(tiny, tmp_path, naming, strength, alph
     # diffusers maps original-UNet (input_blocks) names assuming SD's full-size layout, so its reference
     # reads the same tensors under the diffusers names (kohya_lora draws them in the same order).
     reference = kohya_lora(tiny[0], tiny[1], naming="diffusers", alpha=alpha)
-    assert all(torch.equal(a, b) for a, b in zip(reference.values(), lora.values()))
+    assert all(torch.equal(a, b) for a, b in zip(reference.values(), lora.values(), strict=True))
     ref_text, ref_unet = diffusers_fused(tiny, reference, strength)
     assert max_diff(text_encoder, ref_text) <= 1e-5
     assert max_diff(unet, ref_unet) <= 1e-5
@@ -116,6 +116,7 @@ def test_lora_for_another_family_is_refused(tiny, tmp_path):
 
 @pytest.mark.parametrize("key, kind", [("x.hada_w1_a", "LoHa"), ("x.lora_mid.weight", "lora_mid")])
 def test_unsupported_lycoris_kinds_are_named(tiny, tmp_path, key, kind):
-    path = save_safetensors({key: torch.zeros(2, 2), "x.lora_down.weight": torch.zeros(2, 2)}, tmp_path / "ly.safetensors")
+    path = save_safetensors({key: torch.zeros(2, 2), "x.lora_down.weight": torch.zeros(2, 2)},
+                            tmp_path / "ly.safetensors")
     with pytest.raises(ModelError, match=kind):
         merge_lora(copy.deepcopy(tiny[0]), copy.deepcopy(tiny[1]), path, 1.0)

@@ -64,7 +64,8 @@ def test_sd2_openclip_round_trip_drops_the_unused_last_layer(tmp_path):
                                         "text_encoder": {**config.text_encoder, "num_hidden_layers": 1}})
     short = read_original(path, fewer)["text_encoder"]
     assert len(short.encoder.layers) == 1
-    assert torch.equal(short.encoder.layers[0].self_attn.q_proj.weight, mods["text_encoder"].encoder.layers[0].self_attn.q_proj.weight)
+    first = mods["text_encoder"].encoder.layers[0]
+    assert torch.equal(short.encoder.layers[0].self_attn.q_proj.weight, first.self_attn.q_proj.weight)
     assert torch.equal(short.final_layer_norm.weight, mods["text_encoder"].final_layer_norm.weight)
 
 

@@ -13,8 +13,7 @@ torch = pytest.importorskip("torch")
 
 from helpers_checkpoint import HOSTILE, write_hostile, write_tiny_checkpoint  # noqa: E402
 
-from coreml_sd.checkpoint.safeload import (ALLOWED_GLOBALS, check_pickle, load_pickle,  # noqa: E402
-                                           read_safetensors_header)
+from coreml_sd.checkpoint.safeload import ALLOWED_GLOBALS, check_pickle, load_pickle, read_safetensors_header  # noqa: E402
 from coreml_sd.cli import main  # noqa: E402
 from coreml_sd.errors import ModelError, UnsafeFileError  # noqa: E402
 from coreml_sd.sources import open_model  # noqa: E402

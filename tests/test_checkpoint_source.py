@@ -90,7 +90,8 @@ def test_vae_replacement(files, tiny_diffusers_dir, tmp_path, layout):
     for model in (files["safetensors"], tiny_diffusers_dir):
         source = open_model(model, vae=paths[layout])
         vae = source.torch_modules(device="cpu", dtype=torch.float32).vae
-        assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), other.state_dict().values()))
+        pairs = zip(vae.state_dict().values(), other.state_dict().values(), strict=True)
+        assert all(torch.equal(x, y) for x, y in pairs)
         assert source.generation_extras["VAE hash"] == hashlib.sha256(
             (paths[layout] / "diffusion_pytorch_model.safetensors" if layout == "folder" else paths[layout])
             .read_bytes()).hexdigest()[:10]
@@ -123,8 +124,9 @@ def test_modifiers_work_on_a_diffusers_folder_like_on_the_file(files, tiny_diffu
     a = open_model(files["safetensors"], loras=[(lora, 0.5)]).torch_modules(device="cpu", dtype=torch.float32)
     b = open_model(tiny_diffusers_dir, loras=[(lora, 0.5)]).torch_modules(device="cpu", dtype=torch.float32)
     for x, y in ((a.unet, b.unet), (a.text_encoder, b.text_encoder)):
-        assert all(torch.equal(p, q) for p, q in zip(x.state_dict().values(), y.state_dict().values()))
-    assert not torch.equal(a.unet.down_blocks[0].resnets[0].conv1.weight, mods["unet"].down_blocks[0].resnets[0].conv1.weight)
+        assert all(torch.equal(p, q) for p, q in zip(x.state_dict().values(), y.state_dict().values(), strict=True))
+    conv1 = a.unet.down_blocks[0].resnets[0].conv1.weight
+    assert not torch.equal(conv1, mods["unet"].down_blocks[0].resnets[0].conv1.weight)  # the LoRA did change it
 
 
 def test_generate_cli_with_every_modifier(files, tmp_path):
@@ -151,8 +153,8 @@ def test_generate_cli_with_every_modifier(files, tmp_path):
 
 
 def test_cli_refuses_a_lora_for_another_family_and_writes_nothing(files, tmp_path):
-    wide = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(4, 1024),
-            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(32, 4)}
+    base = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    wide = {base + ".lora_down.weight": torch.zeros(4, 1024), base + ".lora_up.weight": torch.zeros(32, 4)}
     lora = save_safetensors(wide, tmp_path / "sd2style.safetensors")
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["generate", "a fox", "--model", str(files["safetensors"]), "--lora", str(lora),
@@ -175,8 +177,9 @@ def test_to_safetensors_converts_a_pickle_once(files, tmp_path):
     assert set(converted) == set(original) and all(torch.equal(converted[k], original[k]) for k in original)
     again = CliRunner().invoke(main, ["checkpoint", "to-safetensors", str(src)])
     assert again.exit_code == 1 and "exists" in again.output
-    already = CliRunner().invoke(main, ["checkpoint", "to-safetensors", str(out), "-o", str(tmp_path / "x.safetensors")])
-    assert already.exit_code == 1 and "already a safetensors" in already.output and not (tmp_path / "x.safetensors").exists()
+    target = tmp_path / "x.safetensors"
+    already = CliRunner().invoke(main, ["checkpoint", "to-safetensors", str(out), "-o", str(target)])
+    assert already.exit_code == 1 and "already a safetensors" in already.output and not target.exists()
 
 
 def test_parse_weighted(tmp_path):

@@ -70,7 +70,8 @@ class CheckpointConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "CheckpointConfig":
         unknown = sorted(set(data) - set(_TOP_KEYS))
         if unknown:
-            raise ModelError(f"checkpoint config: unknown keys {choices_text(unknown)}; known: {choices_text(_TOP_KEYS)}")
+            raise ModelError(f"checkpoint config: unknown keys {choices_text(unknown)}; "
+                             f"known: {choices_text(_TOP_KEYS)}")
         missing = [k for k in ("family", "unet", "vae", "text_encoder") if k not in data]
         if missing:
             raise ModelError(f"checkpoint config: missing {choices_text(missing)}")

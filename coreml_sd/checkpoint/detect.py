@@ -145,7 +145,8 @@ def require_model(det: Detection, path: Path) -> None:
                          f"supported yet: supported are SD 1.x and SD 2.x")
     if det.family is None:
         raise ModelError(f"{path}: unknown Stable Diffusion variant (text encoder {det.text_encoder}, "
-                         f"cross-attention width {det.context_dim}); supported: SD 1.x (CLIP, 768), SD 2.x (OpenCLIP, 1024)")
+                         f"cross-attention width {det.context_dim}); supported: SD 1.x (CLIP, 768), "
+                         f"SD 2.x (OpenCLIP, 1024)")
     if not det.has_unet:
         raise ModelError(f"{path} holds no UNet (model.diffusion_model.*): found {det.found}")
     if det.in_channels not in (None, 4):

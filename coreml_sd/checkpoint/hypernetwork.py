@@ -64,8 +64,9 @@ def _activation(name: str):
         return lambda h: h
     if name == "swish":  # A1111's "swish" is torch's Hardswish
         return torch.nn.functional.hardswish
-    table = {n.lower(): getattr(torch.nn, n) for n in dir(torch.nn.modules.activation)
-             if isinstance(getattr(torch.nn, n, None), type) and getattr(torch.nn, n).__module__ == "torch.nn.modules.activation"}
+    module = "torch.nn.modules.activation"
+    classes = (getattr(torch.nn, n, None) for n in dir(torch.nn.modules.activation))
+    table = {c.__name__.lower(): c for c in classes if isinstance(c, type) and c.__module__ == module}
     if name not in table:
         raise ModelError(f"hypernetwork activation {name!r} is unknown; known: {choices_text(sorted(table))}")
     return table[name]()

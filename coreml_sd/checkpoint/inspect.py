@@ -8,8 +8,15 @@ from typing import Any
 
 from coreml_sd.checkpoint import detect
 from coreml_sd.checkpoint.config import as_config, sidecar_path
-from coreml_sd.checkpoint.safeload import (SAFETENSORS, flat_state_dict, load_pickle, own_memory, sha256_file,
-                                           sniff, tensor_shapes)
+from coreml_sd.checkpoint.safeload import (
+    SAFETENSORS,
+    flat_state_dict,
+    load_pickle,
+    own_memory,
+    sha256_file,
+    sniff,
+    tensor_shapes,
+)
 from coreml_sd.errors import ModelError
 
 FORMAT_NAMES = {SAFETENSORS: "safetensors", "torch-zip": "pickle (torch zip)", "pickle": "pickle (legacy torch)"}

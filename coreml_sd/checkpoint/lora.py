@@ -25,8 +25,9 @@ from coreml_sd.errors import ModelError
 log = logging.getLogger(__name__)
 
 _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
-_UNSUPPORTED = {".hada_w1_a": "LoHa", ".lokr_w1": "LoKr", ".lokr_w1_a": "LoKr", ".lora_mid.weight": "LoCon with CP/Tucker (lora_mid)",
-                ".dora_scale": "DoRA", ".lora_A.weight": "PEFT/diffusers-format", ".oft_blocks": "OFT"}
+_UNSUPPORTED = {".hada_w1_a": "LoHa", ".lokr_w1": "LoKr", ".lokr_w1_a": "LoKr",
+                ".lora_mid.weight": "LoCon with CP/Tucker (lora_mid)", ".dora_scale": "DoRA",
+                ".lora_A.weight": "PEFT/diffusers-format", ".oft_blocks": "OFT"}
 _WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "SDXL"}
 
 

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from coreml_sd.checkpoint import detect, keymap
 from coreml_sd.checkpoint.config import CheckpointConfig, as_config, shipped_config, sidecar_path
-from coreml_sd.checkpoint.safeload import SAFETENSORS, sha256_file, sniff, tensor_shapes
+from coreml_sd.checkpoint.safeload import SAFETENSORS, TensorInfo, sha256_file, sniff, tensor_shapes, torch_dtype_name
 from coreml_sd.config import PREDICTION_TYPES
 from coreml_sd.errors import ModelError, choices_text
 from coreml_sd.sources import ModelInfo, ModelSource, TorchModules
@@ -48,7 +48,11 @@ class SingleFileCheckpoint:
             raise ModelError(f"checkpoint not found: {self.path}")
         self.ema = ema
         self._state: dict[str, Any] | None = None
-        shapes, _ = tensor_shapes(self.path)
+        if sniff(self.path) == SAFETENSORS:
+            shapes, _ = tensor_shapes(self.path)  # the header only
+        else:  # a pickle has no header: load it (memory-mapped) once, for the shapes and the weights
+            state = self.state()
+            shapes = {k: TensorInfo(torch_dtype_name(v.dtype), tuple(v.shape)) for k, v in state.items()}
         self.detection = detect.classify(shapes)
         detect.require_model(self.detection, self.path)
         if ema and not self.detection.has_ema:
