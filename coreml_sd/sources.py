@@ -141,16 +141,31 @@ def open_model(path: str | Path | None = None, *, vae: str | Path | None = None,
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelError(f"model not found: {p} (expected a diffusers model folder or a .safetensors/.ckpt file)")
+    if p.is_dir() and (p / "manifest.json").is_file():
+        return _converted_folder(p, vae=vae, loras=loras, embeddings=embeddings, hypernetworks=hypernetworks,
+                                 prediction_type=prediction_type)
     if p.is_dir() and (p / "model_index.json").is_file():
         source = DiffusersFolder(p)
     elif p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES:
         source = SingleFileCheckpoint(p, config=config, prediction_type=prediction_type, ema=ema)
     else:
         found = "a folder without model_index.json" if p.is_dir() else f"a file ({p.suffix or 'no extension'})"
-        raise ModelError(f"{p} is not a model: expected a diffusers model folder (with model_index.json) or a "
-                         f"{'/'.join(CHECKPOINT_SUFFIXES)} checkpoint, found {found}")
+        raise ModelError(f"{p} is not a model: expected a diffusers model folder (with model_index.json), a "
+                         f"converted model folder (with manifest.json) or a {'/'.join(CHECKPOINT_SUFFIXES)} "
+                         f"checkpoint, found {found}")
     return with_modifiers(source, vae=vae, loras=loras, embeddings=embeddings, hypernetworks=hypernetworks,
                           prediction_type=prediction_type)
+
+
+def _converted_folder(path: Path, **modifiers) -> ModelSource:
+    """A folder written by `coreml-sd convert` (its VAE, LoRAs and embeddings are already baked in)."""
+    from coreml_sd.model_folder import ConvertedModel
+
+    given = [k for k, v in modifiers.items() if v]
+    if given:
+        raise ModelError(f"{path} is a converted model: {', '.join(given)} cannot be applied to it; pass them to "
+                         f"`coreml-sd convert` instead")
+    return ConvertedModel(path)
 
 
 def require_torch_modules(source: ModelSource) -> None:

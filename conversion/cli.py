@@ -1,0 +1,127 @@
+"""`coreml-sd convert`: registered through the `coreml_sd.commands` entry point.
+
+The command only unpacks options and calls `conversion.convert.convert_model`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from coreml_sd.cli_checkpoint import model_source_options, source_kwargs
+
+# Kept in step with conversion.convert / conversion.export (checked by a test); listed here so
+# `--help` needs no torch or coremltools import.
+ATTENTIONS = ("split_einsum_v2", "split_einsum", "original")
+WEIGHTS = ("fp16", "palettize-8", "palettize-6", "palettize-4", "int8")
+MIN_TARGETS = ("macOS13", "macOS14", "macOS15", "iOS16", "iOS17", "iOS18")
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+DEFAULT_COMPONENTS = "text_encoder,unet,vae_decoder"
+
+
+def _components(ctx, param, value: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    bad = [n for n in names if n not in COMPONENTS]
+    if bad or not names:
+        raise click.BadParameter(f"{bad[0] if bad else value!r} is not a component; choose from "
+                                 f"{', '.join(COMPONENTS)} (comma-separated)")
+    return names
+
+
+def _side(ctx, param, value):
+    if value is not None and (value < 64 or value % 8):
+        raise click.BadParameter(f"must be a multiple of 8 (of 64 for SD's UNet) and at least 64; got {value}")
+    return value
+
+
+@contextlib.contextmanager
+def _quiet_libraries(enabled: bool):
+    """coremltools/diffusers print a tqdm bar per pass pipeline and warn that Core ML's runtime is
+    absent on Linux; the stage lines say what matters. Defaults `disable=True` for tqdm bars
+    created meanwhile (an explicit `disable=` still wins) and raises coremltools' log level."""
+    if not enabled:
+        yield
+        return
+    from functools import partialmethod
+
+    from tqdm import tqdm
+
+    original = tqdm.__init__
+    ct_logger = logging.getLogger("coremltools")
+    level = ct_logger.level
+    tqdm.__init__ = partialmethod(original, disable=True)
+    ct_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        tqdm.__init__ = original
+        ct_logger.setLevel(level)
+
+
+@click.command("convert")
+@click.argument("source", required=False, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+              help="Model folder to write (must not exist, unless --force).")
+@click.option("--attention", type=click.Choice(ATTENTIONS), default="split_einsum_v2", show_default=True,
+              help="split_einsum(_v2): Neural Engine; original: GPU.")
+@click.option("-W", "--width", type=int, default=None, callback=_side, help="Pixels. Default: the model's size.")
+@click.option("-H", "--height", type=int, default=None, callback=_side, help="Pixels. Default: the model's size.")
+@click.option("--batch", type=click.Choice(("2", "1")), default="2", show_default=True,
+              help="UNet batch: 2 for classifier-free guidance, 1 without.")
+@click.option("--weights", type=click.Choice(WEIGHTS), default="fp16", show_default=True,
+              help="UNet and text-encoder weights: fp16, palettized (k-means LUT) or int8.")
+@click.option("--chunk-unet", is_flag=True, help="Split the UNet into UnetChunk1/2 (iOS; compressed too).")
+@click.option("--min-target", type=click.Choice(MIN_TARGETS), default="macOS13", show_default=True,
+              help="Oldest OS the packages must load on.")
+@click.option("--compile", "compile_", is_flag=True, help="Also write .mlmodelc folders (macOS only).")
+@click.option("--components", default=DEFAULT_COMPONENTS, show_default=True, callback=_components,
+              help=f"Which packages: {', '.join(COMPONENTS)}.")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@model_source_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+def convert(source, output, attention, width, height, batch, weights, chunk_unet, min_target, compile_,
+            components, force, vae, loras, embeddings, hypernetwork, prediction_type, as_json, quiet):
+    """Convert SOURCE (a .safetensors/.ckpt checkpoint or a diffusers folder) into Core ML packages.
+
+    Every package is checked against the torch model before the folder appears (PSNR >= 35 dB).
+    """
+    from coreml_sd.sources import open_model
+    from conversion.convert import ConvertOptions, convert_model
+    from conversion.progress import StageRecord
+
+    options = ConvertOptions(attention=attention, width=width, height=height, batch=int(batch), weights=weights,
+                             chunk_unet=chunk_unet, min_target=min_target, compile=compile_,
+                             components=components)
+    options.validate()
+
+    def show(r: StageRecord) -> None:
+        if not quiet:
+            detail = f"  ({r.detail})" if r.detail else ""
+            click.echo(f"  {r.component:<13} {r.stage:<10} {r.seconds:7.1f} s   peak {r.peak_rss_gib:5.2f} GiB{detail}",
+                       err=True)
+
+    verbose = click.get_current_context().find_root().params.get("verbose", 0)
+    with _quiet_libraries(not verbose):
+        model = open_model(source, **source_kwargs(vae=vae, loras=loras, embeddings=embeddings,
+                                                   hypernetwork=hypernetwork, prediction_type=prediction_type))
+        if not quiet:
+            click.echo(f"converting {model.info.name} -> {output} ({', '.join(components)}; {attention}, {weights}, "
+                       f"batch {batch})", err=True)
+        result = convert_model(model, output, options, force=force, on_stage=show)
+    if as_json:
+        click.echo(json.dumps({
+            "path": str(result.path), "components": {k: v.to_dict() for k, v in result.manifest.components.items()},
+            "parity": {k: v.to_dict() for k, v in result.parity.items()}, "stages": [r.to_dict() for r in result.stages],
+            "summary": result.summary,
+        }, indent=2))
+    else:
+        for name, p in result.parity.items():
+            click.echo(f"{name:<13} PSNR {p.min_psnr_db:6.1f} dB (>= {p.threshold_db:g})  {p.executor}", err=True)
+        click.echo(str(result.path))
+    sys.stdout.flush()
