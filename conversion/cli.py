@@ -75,6 +75,8 @@ def _quiet_libraries(enabled: bool):
               help="UNet batch: 2 for classifier-free guidance, 1 without.")
 @click.option("--weights", type=click.Choice(WEIGHTS), default="fp16", show_default=True,
               help="UNet and text-encoder weights: fp16, palettized (k-means LUT) or int8.")
+@click.option("--precision", type=click.Choice(("fp16", "fp32")), default="fp16", show_default=True,
+              help="Program precision. fp32 is for checking and GPU-only use: the Neural Engine computes in fp16.")
 @click.option("--chunk-unet", is_flag=True, help="Split the UNet into UnetChunk1/2 (iOS; compressed too).")
 @click.option("--min-target", type=click.Choice(MIN_TARGETS), default="macOS13", show_default=True,
               help="Oldest OS the packages must load on.")
@@ -85,7 +87,7 @@ def _quiet_libraries(enabled: bool):
 @model_source_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
-def convert(source, output, attention, width, height, batch, weights, chunk_unet, min_target, compile_,
+def convert(source, output, attention, width, height, batch, weights, precision, chunk_unet, min_target, compile_,
             components, force, vae, loras, embeddings, hypernetwork, prediction_type, as_json, quiet):
     """Convert SOURCE (a .safetensors/.ckpt checkpoint or a diffusers folder) into Core ML packages.
 
@@ -96,6 +98,7 @@ def convert(source, output, attention, width, height, batch, weights, chunk_unet
     from conversion.progress import StageRecord
 
     options = ConvertOptions(attention=attention, width=width, height=height, batch=int(batch), weights=weights,
+                             precision=precision,
                              chunk_unet=chunk_unet, min_target=min_target, compile=compile_,
                              components=components)
     options.validate()

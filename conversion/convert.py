@@ -38,6 +38,7 @@ DEFAULT_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 # --weights compresses these; the VAE stays fp16 (small, and its errors show directly in pixels).
 COMPRESSIBLE = ("text_encoder", "unet")
 TEXT_LENGTH = 77
+PRECISIONS = ("fp16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class ConvertOptions:
     height: int | None = None
     batch: int = 2  # 2: guidance pair, 1: no guidance
     weights: str = "fp16"
+    precision: str = "fp16"  # fp32: for checking and GPU-only use (the Neural Engine computes in fp16)
     chunk_unet: bool = False
     min_target: str = "macOS13"
     compile: bool = False
@@ -55,7 +57,8 @@ class ConvertOptions:
 
     def validate(self) -> None:
         for name, value, valid in (("attention", self.attention, ATTENTION_IMPLEMENTATIONS),
-                                   ("weights", self.weights, WEIGHT_MODES), ("min_target", self.min_target, MIN_TARGETS),
+                                   ("weights", self.weights, WEIGHT_MODES), ("precision", self.precision, PRECISIONS),
+                                   ("min_target", self.min_target, MIN_TARGETS),
                                    ("batch", self.batch, (1, 2))):
             if value not in valid:
                 raise ConversionError(f"{name} {value!r} is not supported; valid: {choices_text(valid)}")
@@ -68,6 +71,10 @@ class ConvertOptions:
 
     def weights_for(self, component: str) -> str:
         return self.weights if component in COMPRESSIBLE else "fp16"
+
+    def cast(self, module):
+        """The upstream module in the package precision (in place: fp32 -> fp16 halves its memory)."""
+        return module.half() if self.precision == "fp16" else module
 
 
 @dataclass
@@ -242,7 +249,7 @@ def convert_text_encoder(conv: Converter, mods, shapes: Shapes) -> None:
     module, mods.text_encoder = mods.text_encoder, None
     with conv.timer("text_encoder", "reference"):
         inputs, refs = text_encoder_case(module, conv.source.tokenizer())
-    rewrite = text_encoder_from_transformers(module.half(), attention=conv.options.attention)
+    rewrite = text_encoder_from_transformers(conv.options.cast(module), attention=conv.options.attention)
     del module
     c = shapes.text_hidden
     ins = [TensorIO("input_ids", (1, TEXT_LENGTH), "fp32")]
@@ -262,12 +269,12 @@ def convert_unet(conv: Converter, mods, shapes: Shapes) -> None:
     with conv.timer("unet", "reference"):
         inputs, refs = unet_case(module, batch=shapes.batch, latent_shape=shapes.latent,
                                  context_dim=shapes.text_hidden)
-    rewrite = unet_from_diffusers(module.half(), attention=conv.options.attention)
+    rewrite = unet_from_diffusers(conv.options.cast(module), attention=conv.options.attention)
     del module
     gc.collect()
-    b, latent = shapes.batch, shapes.latent
-    ins = [TensorIO("sample", (b, *latent), "fp16"), TensorIO("timestep", (b,), "fp16"),
-           TensorIO("encoder_hidden_states", (b, shapes.text_hidden, 1, TEXT_LENGTH), "fp16")]
+    b, latent, p = shapes.batch, shapes.latent, conv.options.precision
+    ins = [TensorIO("sample", (b, *latent), p), TensorIO("timestep", (b,), p),
+           TensorIO("encoder_hidden_states", (b, shapes.text_hidden, 1, TEXT_LENGTH), p)]
     out = TensorIO("noise_pred", (b, *latent), "fp32")
     if conv.options.chunk_unet:
         chain, dense = _export_unet_chunks(conv, rewrite, ins, out)
@@ -295,7 +302,8 @@ def _export_unet_chunks(conv: Converter, rewrite, ins: list[TensorIO], out: Tens
         return ([] if h_is_skip else [state.h]) + [state.emb, *state.skips]
 
     names = ([] if h_is_skip else ["hidden_states"]) + ["time_embedding"] + [f"skip_{i}" for i in range(open_skips)]
-    outs1, dense1 = conv.export("unet_chunk1", rewrite, first, ins, [TensorIO(n, None, "fp16") for n in names])
+    outs1, dense1 = conv.export("unet_chunk1", rewrite, first, ins,
+                                [TensorIO(n, None, conv.options.precision) for n in names])
 
     def second(ops, *values):
         values, context = list(values[:-1]), values[-1]
@@ -320,7 +328,7 @@ def convert_vae(conv: Converter, mods, shapes: Shapes, components: list[str]) ->
                 cases[component] = vae_decoder_case(vae, latent_shape=shapes.latent)
             else:
                 cases[component] = vae_encoder_case(vae, image_shape=(3, shapes.height, shapes.width))
-    vae.half()
+    conv.options.cast(vae)
     for component in components:
         if component == "vae_decoder":
             rewrite = vae_decoder_from_diffusers(vae, attention=conv.options.attention)
@@ -403,7 +411,7 @@ def _manifest(conv: Converter, shapes: Shapes, source: dict) -> Manifest:
         name=info.name, family=info.family, scheduler=info.scheduler, width=shapes.width, height=shapes.height,
         batch=shapes.batch, latent_channels=info.latent_channels, vae_scale_factor=info.vae_scale_factor,
         scaling_factor=info.scaling_factor, text_hidden_size=info.text_hidden_size, attention=opts.attention,
-        weights=opts.weights, min_target=opts.min_target, components=packages, pad_token=info.pad_token,
+        weights=opts.weights, precision=opts.precision, min_target=opts.min_target, components=packages, pad_token=info.pad_token,
         max_length=TEXT_LENGTH, trigger_words=dict(trigger_ids()) if trigger_ids else {}, source=source,
         tools=tool_versions(), parity=parity, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )

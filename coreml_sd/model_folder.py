@@ -109,6 +109,7 @@ class Manifest:
     weights: str
     min_target: str
     components: dict[str, PackageInfo]
+    precision: str = "fp16"  # compute/storage precision of the programs ("fp32": checking, GPU-only)
     pad_token: str = EOS
     max_length: int = 77
     trigger_words: dict[str, list[int]] = field(default_factory=dict)  # textual-inversion words baked in
