@@ -38,6 +38,14 @@ SCHEDULES = ("default", "karras")
 # Which diffusers scheduler's choice of timesteps a sampler follows (see the module docstring).
 PLAN_STYLES = ("euler", "ddim", "dpm")
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
+# What each diffusers scheduler assumes for a key the model's scheduler_config.json leaves out
+# (a SchedulerConfig field of None): their class defaults differ. SD 1.5's published config has
+# no timestep_spacing, so diffusers runs Euler and DPM-Solver "linspace" but DDIM "leading".
+UNSET_DEFAULTS = {
+    "euler": {"timestep_spacing": "linspace", "steps_offset": 0},
+    "ddim": {"timestep_spacing": "leading", "steps_offset": 0, "set_alpha_to_one": True},
+    "dpm": {"timestep_spacing": "linspace", "steps_offset": 0},
+}
 
 
 @dataclass(frozen=True)
@@ -170,6 +178,7 @@ def make_plan(config: SchedulerConfig, sampler: str, steps: int, schedule: str =
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= config.num_train_timesteps:
         raise InputError(f"steps must be an integer from 1 to {config.num_train_timesteps}; got {steps!r}")
     style = SAMPLERS[sampler].plan_style
+    config = with_unset_defaults(config, style)
     if style == "dpm":
         return _dpm_plan(config, int(steps), schedule == "karras")
     if style == "ddim" and schedule == "default":
@@ -180,6 +189,12 @@ def make_plan(config: SchedulerConfig, sampler: str, steps: int, schedule: str =
         # Euler-style Karras sigmas, starting from unit noise in model scale as DDIM always does.
         return replace(plan, init_noise_sigma=1.0)
     return plan
+
+
+def with_unset_defaults(config: SchedulerConfig, style: str) -> SchedulerConfig:
+    """`config` with the keys the model's config left unset (None) filled as `style`'s diffusers scheduler fills them."""
+    unset = {k: v for k, v in UNSET_DEFAULTS[style].items() if getattr(config, k, None) is None}
+    return replace(config, **unset) if unset else config
 
 
 def _euler_plan(config: SchedulerConfig, steps: int, karras: bool) -> SamplingPlan:

@@ -83,6 +83,44 @@ def _check_ddim_plan(plan, ref, where):
     assert (plan.targets is not None) == lands_between, where
 
 
+def _published_sd15():
+    """SD 1.5's scheduler_config.json as published: it has no timestep_spacing key."""
+    from tiny_models import SD15_SCHEDULER
+
+    assert "timestep_spacing" not in SD15_SCHEDULER
+    return dict(SD15_SCHEDULER)
+
+
+def _diffusers_timesteps_for_published_sd15(sampler, steps):
+    from diffusers import PNDMScheduler
+
+    from helpers_samplers import diffusers_scheduler
+
+    # What users write: SomeScheduler.from_config(pipe.scheduler.config) on the PNDM original.
+    ref = diffusers_scheduler(sampler, "default", PNDMScheduler.from_config(_published_sd15()).config)
+    ref.set_timesteps(steps)
+    return ref.timesteps.numpy().tolist()
+
+
+@pytest.mark.parametrize("sampler", REQUIRED)
+def test_unset_keys_take_each_diffusers_schedulers_default(sampler):
+    pytest.importorskip("diffusers")
+    config = SchedulerConfig.from_dict(_published_sd15())
+    object.__setattr__(config, "timestep_spacing", None)  # "absent", as config.py should keep it
+    plan = make_plan(config, sampler, 25)
+    assert list(plan.timesteps) == _diffusers_timesteps_for_published_sd15(sampler, 25)
+    assert plan.config.timestep_spacing == ("leading" if sampler == "ddim" else "linspace")
+
+
+@pytest.mark.xfail(strict=True, reason="SchedulerConfig.from_dict fills an absent timestep_spacing with "
+                   "'leading'; diffusers' Euler and DPM-Solver then use 'linspace' (config.py must keep None)")
+@pytest.mark.parametrize("sampler", ["euler_a", "euler", "dpmpp_2m"])
+def test_published_sd15_config_gives_diffusers_timesteps(sampler):
+    pytest.importorskip("diffusers")
+    plan = make_plan(SchedulerConfig.from_dict(_published_sd15()), sampler, 25)
+    assert list(plan.timesteps) == _diffusers_timesteps_for_published_sd15(sampler, 25)
+
+
 def test_ddim_landing_targets_appear_only_off_the_leading_grid():
     cfg = SchedulerConfig()  # SD 1.5: leading spacing, offset 1
     assert make_plan(cfg, "ddim", 25).targets is None
