@@ -68,7 +68,8 @@ def _side(ctx, param, value):
 @click.option("--format", "fmt", type=click.Choice(tuple(FORMATS)), default="jpeg", show_default=True)
 @click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True, help="JPEG/WebP quality.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default="outputs", show_default=True)
-@click.option("--backend", type=click.Choice(("torch",)), default="torch", show_default=True)
+@click.option("--backend", type=click.Choice(("torch", "mil")), default="torch", show_default=True,
+              help="torch: diffusers modules; mil: a converted model's Core ML packages run with torch kernels.")
 @click.option("--device", type=click.Choice(("auto", "cpu", "cuda", "mps")), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(("auto", "fp32", "fp16", "bf16")), default="auto", show_default=True,
               help="auto: fp16 on GPUs, bf16 on CPUs with native bf16, else fp32.")

@@ -84,6 +84,17 @@ class Pipeline:
         components = get_loader(backend)(source, device=device, precision=precision)
         return cls(source, components)
 
+    def _size(self, width: int | None, height: int | None) -> tuple[int, int]:
+        # Converted Core ML packages take exactly the size they were converted for.
+        fixed = getattr(self.source, "size", None)
+        default_w, default_h = fixed or (self.info.sample_size, self.info.sample_size)
+        width = check_side(width or default_w, "width")
+        height = check_side(height or default_h, "height")
+        if fixed and (width, height) != tuple(fixed):
+            raise InputError(f"{self.info.name} was converted for {fixed[0]}x{fixed[1]}; got {width}x{height} "
+                             f"(convert again with --width/--height, or use the torch backend)")
+        return width, height
+
     def encode_prompt(self, text: str):
         ids = np.asarray([self.tokenizer(text)], dtype=np.int64)
         return self.components.text_encoder.encode(ids)
@@ -100,8 +111,7 @@ class Pipeline:
             raise InputError(f"unknown sampler {sampler!r}; valid samplers: {choices_text(SAMPLERS)}")
         if schedule not in SCHEDULES:
             raise InputError(f"unknown schedule {schedule!r}; valid schedules: {choices_text(SCHEDULES)}")
-        width = check_side(width or self.info.sample_size, "width")
-        height = check_side(height or self.info.sample_size, "height")
+        width, height = self._size(width, height)
         check_positive(steps, "steps")
         check_positive(num_images, "num_images")
         seed = random_seed() if seed is None else int(seed)

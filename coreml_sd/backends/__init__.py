@@ -56,6 +56,7 @@ class Components:
 # Imported lazily so that choosing one backend never imports another's engine.
 _BACKENDS: dict[str, str] = {
     "torch": "coreml_sd.backends.torch_backend:load_components",
+    "mil": "coreml_sd.backends.folder:load_mil",
 }
 
 
