@@ -128,3 +128,19 @@ def test_safetensors_header_describes_the_file(tiny_files):
     shapes, meta = read_safetensors_header(tiny_files[0])
     assert shapes["model.diffusion_model.out.2.bias"].shape == (4,)
     assert meta.get("format") == "pt"
+
+
+def test_merging_into_loaded_weights_never_changes_the_file(tiny_files, tmp_path):
+    """Tensors are views of a private memory map: writing to them copies pages, the file stays as it was."""
+    import hashlib
+
+    from coreml_sd.checkpoint.safeload import load_safetensors
+
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(tiny_files[0].read_bytes())
+    before = hashlib.sha256(copy.read_bytes()).hexdigest()
+    sd = load_safetensors(copy)
+    bias = sd["model.diffusion_model.out.2.bias"]
+    bias.add_(1.0)
+    del sd, bias
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == before

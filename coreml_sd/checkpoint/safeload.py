@@ -1,9 +1,9 @@
 """Read tensor files without running code from them.
 
 * `.safetensors` never touches pickle: the JSON header is read and checked here (truncation,
-  offsets, sizes), the tensors are memory-mapped copy-on-write by the `safetensors` library, so
-  opening a 2 GB file costs page cache, not a copy, and merging a LoRA copies only the pages it
-  changes.
+  offsets, sizes) and the tensors are views of one private (copy-on-write) memory map of the
+  file, so opening a 2 GB file costs page cache, not a copy, and merging a LoRA copies only the
+  pages it changes.
 * Pickles (`.ckpt`, `.pt`, `.bin`) pass two gates. First every global the pickle stream names is
   listed by reading its opcodes (nothing is executed) and checked against `ALLOWED_GLOBALS`;
   anything else is refused with its name (`posix.system`, `builtins.exec`, ...). Then the file is
@@ -21,6 +21,7 @@ from __future__ import annotations
 import _compat_pickle
 import io
 import json
+import math
 import os
 import pickletools
 import struct
@@ -104,6 +105,12 @@ def sniff(path: Path) -> str:
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Names, dtypes and shapes of a .safetensors file, and its metadata, checked against the file size."""
+    entries, metadata, _ = _safetensors_layout(path)
+    return {k: TensorInfo(dtype, shape) for k, (dtype, shape, _, _) in entries.items()}, metadata
+
+
+def _safetensors_layout(path: Path) -> tuple[dict[str, tuple], dict[str, str], int]:
+    """(key -> (dtype, shape, start, stop) within the data section, metadata, where the data section starts)."""
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
         raw_len = fh.read(8)
@@ -119,40 +126,67 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     if not isinstance(header, dict):
         raise ModelError(f"{path} is corrupt: its safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
-    return _check_entries(path, header, size - 8 - n), {str(k): str(v) for k, v in metadata.items()}
+    entries = _check_entries(path, header, size - 8 - n)
+    return entries, {str(k): str(v) for k, v in metadata.items()}, 8 + n
 
 
-def _check_entries(path: Path, header: dict, data_size: int) -> dict[str, TensorInfo]:
-    infos, end = {}, 0
+def _check_entries(path: Path, header: dict, data_size: int) -> dict[str, tuple]:
+    entries, end = {}, 0
     for key, entry in header.items():
         try:
             dtype, shape, (start, stop) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-            numel = 1
-            for d in shape:
-                numel *= d
-            expected = numel * _ST_DTYPE_BYTES[dtype]
+            start, stop = int(start), int(stop)
+            expected = math.prod(shape) * _ST_DTYPE_BYTES[dtype]
         except (KeyError, TypeError, ValueError):
             raise ModelError(f"{path} is corrupt: bad header entry for {key!r}: {entry!r}") from None
         if stop - start != expected or start < 0:
             raise ModelError(f"{path} is corrupt: {key!r} occupies {stop - start} bytes, its shape needs {expected}")
-        infos[key] = TensorInfo(dtype, shape)
+        entries[key] = (dtype, shape, start, stop)
         end = max(end, stop)
     if end > data_size:
         raise ModelError(f"{path} is truncated: its header describes {end} bytes of tensor data, "
                          f"the file holds {data_size}")
-    return infos
+    return entries
 
 
 def load_safetensors(path: Path) -> dict[str, Any]:
-    """All tensors of a .safetensors file, memory-mapped (copy-on-write), in their stored dtype."""
-    from safetensors import SafetensorError, safe_open
+    """All tensors of a .safetensors file, in their stored dtype, as views of one private memory map.
 
-    read_safetensors_header(path)  # the size checks, with our messages
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            return {key: fh.get_tensor(key) for key in fh.keys()}
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise ModelError(f"{path} could not be read as safetensors: {exc}") from None
+    Nothing is read until a tensor is used, and writing to a tensor (merging a LoRA) copies only
+    the pages it touches (copy-on-write); the file itself is never modified. (The `safetensors`
+    library's loader touches part of every tensor's pages while opening, about a quarter of an
+    SD 1.5 file, which is why the mapping is done here.)
+    """
+    import mmap
+
+    import torch
+
+    entries, _, data_start = _safetensors_layout(path)
+    if not entries:
+        return {}
+    with open(path, "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    whole = torch.frombuffer(mapped, dtype=torch.uint8)  # (file bytes,) sharing the mapping
+    out = {}
+    for key, (dtype, shape, start, stop) in entries.items():
+        torch_dtype = _torch_dtype(dtype, path)
+        raw = whole[data_start + start: data_start + stop]
+        if (data_start + start) % torch_dtype.itemsize:  # not aligned for a view: copy this one tensor
+            raw = raw.clone()
+        out[key] = raw.view(torch_dtype).reshape(shape) if stop > start else torch.empty(shape, dtype=torch_dtype)
+    return out
+
+
+def _torch_dtype(name: str, path: Path):
+    import torch
+
+    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+             "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
+    if name not in table:
+        raise ModelError(f"{path}: tensor dtype {name} is not supported; supported: {', '.join(table)}")
+    return table[name]
 
 
 def pickle_globals(stream: io.BufferedIOBase, *, max_pickles: int = 6) -> list[str]:
