@@ -235,3 +235,33 @@ def test_split_einsum_attention_layouts(query_chunk, precision, tmp_path):
         assert psnr(module(x).numpy(), reference) > 100  # the layout itself is the same attention
     out = next(iter(run_package(path, {"x": x.numpy()}, mode="exact").values()))
     assert psnr(out, reference) >= (60 if precision == "fp32" else 40)
+
+
+def _expected_fusions(kind, modules):
+    from diffusers.models.attention_processor import Attention
+    from transformers.models.clip.modeling_clip import CLIPAttention
+
+    text_encoder, unet, vae = modules
+    module = {"unet": unet, "text_encoder": text_encoder, "vae_decoder": vae.decoder, "vae_encoder": vae.encoder}[kind]
+    return {
+        "fused_attention": sum(isinstance(m, (Attention, CLIPAttention)) for m in module.modules()),
+        "fused_group_norm": sum(isinstance(m, torch.nn.GroupNorm) for m in module.modules()),
+    }
+
+
+@pytest.mark.parametrize("kind", ["unet", "text_encoder", "vae_decoder"])
+def test_fast_mode_fuses_every_attention_and_group_norm_without_changing_results(kind, modules, packages):
+    """In fp32 compute, fused and op-by-op execution must agree to float rounding."""
+    from coreml_sd.mil.executor import Executor
+    from coreml_sd.mil.package import load_program
+
+    program = load_program(packages(kind, "fp32"))
+    fused = Executor(program, precision_mode="fast", fast_dtype="fp32")
+    plain = Executor(program, precision_mode="fast", fast_dtype="fp32", fuse=False)
+    assert fused.fused == _expected_fusions(kind, modules)
+    assert plain.fused == {"fused_attention": 0, "fused_group_norm": 0}
+    assert fused.num_steps < plain.num_steps
+    feeds = {k: v.numpy() for k, v in _inputs(kind).items()}
+    a, b = fused(feeds), plain(feeds)
+    for name in _OUTPUTS[kind]:
+        assert psnr(a[name].numpy(), b[name].numpy()) >= 100

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from coreml_sd.errors import InputError, ModelError
+from coreml_sd.mil.fusion import FUSION_KINDS, Fusion, find_fusions
 from coreml_sd.mil.package import MilProgram, TensorSpec
 from coreml_sd.mil.precision import Precision, make_precision
 from coreml_sd.mil.registry import OpView, lookup, mil_dtype_name
@@ -57,13 +58,20 @@ class Executor:
     """Executes one ML program function on `device` in precision mode `exact` or `fast`."""
 
     def __init__(self, program: MilProgram, *, device: str = "cpu", precision_mode: str = "fast",
-                 fast_dtype: str | None = None):
+                 fast_dtype: str | None = None, fuse: bool | None = None):
+        """`fuse` (default: on in fast mode) runs decomposed attention and GroupNorm as single
+        torch kernels (see `fusion.py`); exact mode cannot fuse."""
         self.device = torch.device(device)
         self.precision: Precision = make_precision(precision_mode, self.device, fast_dtype)
+        if fuse and self.precision.rounds_fp16:
+            raise InputError("fusing ops is for precision mode 'fast'; exact mode rounds after every op")
         self.path = program.path
         self.inputs: tuple[TensorSpec, ...] = program.inputs
         self.outputs: tuple[TensorSpec, ...] = program.outputs
-        graph = compile_function(program.function, self.precision, self.device)
+        fusions = find_fusions(program.function) if (fuse is None and not self.precision.rounds_fp16) or fuse else {}
+        graph = compile_function(program.function, self.precision, self.device, fusions)
+        groups = {id(f): f for f in fusions.values()}.values()
+        self.fused = {kind: sum(1 for f in groups if f.name == kind) for kind in FUSION_KINDS}
         prepare_steps, run_steps = _split_constant_steps(graph)
         table = _materialize(graph, prepare_steps, self.precision, self.device)
         # Keep only what the per-call steps read: decompression inputs (indices, tables) go.
@@ -170,8 +178,14 @@ def materialize_constants(program: MilProgram, names, *, device: str = "cpu", pr
     return {n: table[graph.names[n]] for n in names}
 
 
-def compile_function(function, precision: Precision, device: torch.device) -> _Graph:
-    """Steps for every op of `function` (a coremltools Function), with slots for all values."""
+def compile_function(function, precision: Precision, device: torch.device,
+                     fusions: dict[int, Fusion] | None = None) -> _Graph:
+    """Steps for every op of `function` (a coremltools Function), with slots for all values.
+
+    `fusions` (from `fusion.find_fusions`) maps ops to the fused group replacing them; the group
+    runs where its last op would have.
+    """
+    fusions = fusions or {}
     slots: dict[int, int] = {}  # id(Var) -> slot
     constants: dict[int, tuple[Any, str]] = {}
     inputs = {}
@@ -188,10 +202,18 @@ def compile_function(function, precision: Precision, device: torch.device) -> _G
         return slot
 
     steps, names = [], dict(inputs)
+    pending = {id(f): len(f.ops) for f in fusions.values()}
     for op in function.operations:
         if op.op_type == "const" or all(v.val is not None for v in op.outputs):
             continue  # constant values: materialized from `.val` where an op reads them
-        steps.append(_compile_op(op, precision, device, slot_of, slots))
+        fusion = fusions.get(id(op))
+        if fusion is not None:
+            pending[id(fusion)] -= 1
+            if pending[id(fusion)]:
+                continue
+            steps.append(_compile_fusion(fusion, op, precision, slot_of, slots))
+        else:
+            steps.append(_compile_op(op, precision, device, slot_of, slots))
         names.update((var.name, slots[id(var)]) for var in op.outputs)
     outputs = {var.name: slot_of(var, "output") for var in function.outputs}
     return _Graph(steps, len(slots), constants, inputs, outputs, names)
@@ -200,14 +222,22 @@ def compile_function(function, precision: Precision, device: torch.device) -> _G
 def _compile_op(op, precision: Precision, device, slot_of, slots: dict) -> Step:
     entry = lookup(op.op_type, op.name)
     kernel = entry.build(OpView(op, precision, device))
+    return _step(kernel, op, precision, slot_of, slots, keeps_values=entry.keeps_values, op_type=op.op_type)
+
+
+def _compile_fusion(fusion: Fusion, last_op, precision: Precision, slot_of, slots: dict) -> Step:
+    return _step(fusion.kernel, last_op, precision, slot_of, slots, keeps_values=False, op_type=fusion.name)
+
+
+def _step(kernel, op, precision: Precision, slot_of, slots: dict, *, keeps_values: bool, op_type: str) -> Step:
     args = tuple(slot_of(var, op.name) for var in kernel.args)
     outs, dtypes, rounds = [], [], []
     for var in op.outputs:
         outs.append(slots.setdefault(id(var), len(slots)))
         mil_dtype = mil_dtype_name(var)
         dtypes.append(precision.torch_dtype(mil_dtype))
-        rounds.append(precision.rounds_fp16 and mil_dtype == "fp16" and not entry.keeps_values)
-    return Step(kernel.fn, args, tuple(outs), tuple(dtypes), tuple(rounds), op.name, op.op_type)
+        rounds.append(precision.rounds_fp16 and mil_dtype == "fp16" and not keeps_values)
+    return Step(kernel.fn, args, tuple(outs), tuple(dtypes), tuple(rounds), op.name, op_type)
 
 
 def _split_constant_steps(graph: _Graph) -> tuple[list[Step], list[Step]]:
