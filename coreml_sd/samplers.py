@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
+from numpy.polynomial import Polynomial
+
 from coreml_sd.errors import InputError, choices_text
 
 # noise(shape) -> standard-normal array of that shape, of the same kind/device/dtype as the latents.
@@ -90,6 +92,71 @@ def dpmpp_2m(denoiser, x, sigmas: Sequence[float], noise: NoiseFn | None = None)
         yield x
 
 
+def heun(denoiser, x, sigmas: Sequence[float], noise: NoiseFn | None = None) -> Iterator:
+    """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without churn)."""
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        denoised = denoiser(x, sigma)
+        derivative = (x - denoised) / sigma
+        dt = sigma_next - sigma
+        if sigma_next == 0:
+            x = x + derivative * dt  # no model at sigma 0: the last step is Euler's
+        else:
+            x_euler = x + derivative * dt
+            derivative_next = (x_euler - denoiser(x_euler, sigma_next)) / sigma_next
+            x = x + (derivative + derivative_next) / 2 * dt
+        yield x
+
+
+def lms(denoiser, x, sigmas: Sequence[float], noise: NoiseFn | None = None, *, order: int = 4) -> Iterator:
+    """Linear multistep (Adams-Bashforth over sigma) of up to 4th order, k-diffusion's LMS sampler."""
+    derivatives = []
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        denoised = denoiser(x, sigma)
+        derivatives.insert(0, (x - denoised) / sigma)  # newest first
+        del derivatives[order:]
+        coefficients = lms_coefficients(sigmas, i, len(derivatives))
+        update = derivatives[0] * coefficients[0]
+        for coefficient, derivative in zip(coefficients[1:], derivatives[1:]):
+            update = update + derivative * coefficient
+        x = x + update
+        yield x
+
+
+def lms_coefficients(sigmas: Sequence[float], i: int, order: int) -> list[float]:
+    """Integrals over [sigmas[i], sigmas[i + 1]] of the Lagrange basis through sigmas[i], ..., sigmas[i - order + 1]."""
+    nodes = [float(sigmas[i - k]) for k in range(order)]
+    out = []
+    for j, node in enumerate(nodes):
+        basis = Polynomial([1.0])
+        for k, other in enumerate(nodes):
+            if k != j:
+                basis = basis * Polynomial([-other, 1.0]) / (node - other)
+        antiderivative = basis.integ()
+        out.append(float(antiderivative(sigmas[i + 1]) - antiderivative(sigmas[i])))
+    return out
+
+
+def dpmpp_2m_sde(denoiser, x, sigmas: Sequence[float], noise: NoiseFn | None = None) -> Iterator:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022), midpoint form, eta = 1, on model-scale latents."""
+    old_denoised, h_last = None, None
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        denoised = denoiser.scaled(x, sigma)
+        if sigma_next == 0:
+            x = denoised  # first order to sigma 0: no noise left to add
+        else:
+            alpha_next = 1.0 / math.sqrt(sigma_next**2 + 1.0)
+            s_next, s = sigma_next * alpha_next, sigma / math.sqrt(sigma**2 + 1.0)
+            h = math.log(sigma) - math.log(sigma_next)
+            coef = alpha_next * -math.expm1(-2.0 * h)
+            x = x * (s_next / s * math.exp(-h)) + denoised * coef
+            if old_denoised is not None:
+                x = x + (denoised - old_denoised) * (0.5 * coef / (h_last / h))
+            x = x + noise(tuple(x.shape)) * (s_next * math.sqrt(-math.expm1(-2.0 * h)))
+            h_last = h
+        old_denoised = denoised
+        yield x
+
+
 @dataclass(frozen=True)
 class SamplerInfo:
     """A sampler and how users and diffusers know it."""
@@ -108,6 +175,10 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "ddim": SamplerInfo(ddim, "DDIM", False, True, "ddim", "DDIMScheduler"),
     "dpmpp_2m": SamplerInfo(dpmpp_2m, "DPM++ 2M", False, True, "dpm",
                             'DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)'),
+    "heun": SamplerInfo(heun, "Heun", False, False, "euler", "HeunDiscreteScheduler"),
+    "lms": SamplerInfo(lms, "LMS", False, False, "euler", "LMSDiscreteScheduler"),
+    "dpmpp_2m_sde": SamplerInfo(dpmpp_2m_sde, "DPM++ 2M SDE", True, True, "dpm",
+                                'DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2)'),
 }
 
 

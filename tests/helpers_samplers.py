@@ -89,9 +89,16 @@ def load_tiny_sd(model_dir: Path) -> TinySD:
 def diffusers_scheduler(sampler: str, schedule: str, config: dict):
     """The diffusers scheduler our sampler reproduces, built from the model's scheduler config."""
     from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                           EulerDiscreteScheduler)
+                           EulerDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler)
 
     karras = schedule == "karras"
+    if sampler == "heun":
+        return HeunDiscreteScheduler.from_config(config, use_karras_sigmas=karras)
+    if sampler == "lms":
+        return LMSDiscreteScheduler.from_config(config, use_karras_sigmas=karras)
+    if sampler == "dpmpp_2m_sde":
+        return DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="sde-dpmsolver++", solver_order=2, use_karras_sigmas=karras)
     if sampler == "euler":
         return EulerDiscreteScheduler.from_config(config, use_karras_sigmas=karras)
     if sampler == "euler_a":
