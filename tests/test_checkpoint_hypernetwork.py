@@ -80,3 +80,15 @@ def test_source_lists_the_hypernetwork_in_generation_settings(tiny_diffusers_dir
     unet = source.torch_modules(device="cpu", dtype=torch.float32).unet
     attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
     assert type(attn.processor).__name__ == "HypernetworkAttnProcessor"
+
+
+def test_networks_follow_the_unet_to_its_device(tmp_path):
+    """The MLPs are loaded on the CPU; installed on a UNet on another device (CUDA, MPS; here the
+    meta device) they are moved with it, so no attention mixes devices."""
+    _, unet, _ = build_tiny_modules(0)
+    path, _ = write_hypernetwork(tmp_path / "toon.pt")
+    unet = unet.to("meta")
+    install(unet, load_hypernetwork(path), 1.0)
+    processor = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.processor
+    tensors = [t for mlp in processor.pair for w, b, ln in mlp.layers for t in (w, b, *(ln or ()))]
+    assert tensors and all(t.device.type == "meta" for t in tensors)

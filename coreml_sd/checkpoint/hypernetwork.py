@@ -36,6 +36,12 @@ class MLP:
     activation: str
     activate_output: bool
 
+    def to(self, device) -> "MLP":
+        """The same MLP with its tensors on `device` (float32 stays: A1111 runs hypernetworks in float32)."""
+        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
+        layers = [(move(w), move(b), None if ln is None else (move(ln[0]), move(ln[1]))) for w, b, ln in self.layers]
+        return MLP(layers, self.activation, self.activate_output)
+
     def __call__(self, x, strength: float):
         import torch.nn.functional as F
 
@@ -154,6 +160,8 @@ def install(unet, net: Hypernetwork, strength: float) -> int:
     """
     from diffusers.models.attention_processor import Attention
 
+    device = next(unet.parameters()).device
+    pairs = {width: (keys.to(device), values.to(device)) for width, (keys, values) in net.layers.items()}
     changed = 0
     for name, module in unet.named_modules():
         if not isinstance(module, Attention):
@@ -162,7 +170,7 @@ def install(unet, net: Hypernetwork, strength: float) -> int:
         if width not in net.layers:
             continue
         _check_plain(module, name)
-        module.set_processor(HypernetworkAttnProcessor(net.layers[width], strength))
+        module.set_processor(HypernetworkAttnProcessor(pairs[width], strength))
         changed += 1
     if not changed:
         raise ModelError(f"hypernetwork {net.name} has networks for widths {sorted(net.layers)}; no attention "
