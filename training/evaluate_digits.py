@@ -57,6 +57,20 @@ def evaluate(pipe, seeds=range(50), samplers=SAMPLERS) -> dict:
     return res
 
 
+def save_grid(pipe, path: Path, seeds=range(8)) -> None:
+    from PIL import Image
+
+    rows = [f"a handwritten digit {w}" for w in WORDS] + ["a red handwritten digit seven", "the number 3 in blue",
+                                                         "a green 5", "a handwritten digit two, white on black", ""]
+    tiles = [[im for im in images(pipe, [(p, s) for s in seeds])] for p in rows]
+    w, h = tiles[0][0].size
+    grid = Image.new("RGB", (w * len(seeds), h * len(rows)), "white")
+    for r, row in enumerate(tiles):
+        for c, im in enumerate(row):
+            grid.paste(im, (c * w, r * h))
+    grid.save(path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", type=Path)
@@ -65,6 +79,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--seeds", type=int, default=50)
+    parser.add_argument("--grid", type=Path, default=None, help="also save a grid of samples (rows: prompts)")
     parser.add_argument("--samplers", default=",".join(SAMPLERS))
     args = parser.parse_args(argv)
 
@@ -78,6 +93,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     res = evaluate(pipe, seeds=range(args.seeds), samplers=args.samplers.split(","))
     res["seconds"] = round(time.perf_counter() - start, 1)
+    if args.grid:
+        save_grid(pipe, args.grid)
     print(json.dumps(res, indent=1))
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))

@@ -31,13 +31,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import random
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -114,6 +112,8 @@ SUFFIXES = {
 }
 PREFIXES = ("a drawing of ", "an image of ", "a picture of ", "a photo of ")
 EMPTY_SHARE = 0.15
+DESCRIPTION = ("coreml-sd built-in model: handwritten digits 0-9 at 32x32 (scikit-learn load_digits), ink colour "
+               "and white-on-black from the prompt; trained by training/train_digits.py")
 
 
 def suffixes(style: str) -> tuple[str, ...]:
@@ -316,20 +316,6 @@ def train_unet(lat_mean, lat_std, labels, styles, scale: float, *, steps: int, b
 # 4. export
 
 
-def model_config(scaling_factor: float) -> dict:
-    """The single-file checkpoint's config (coreml_sd.checkpoint JSON format)."""
-    return {
-        "description": "coreml-sd built-in tiny model: handwritten digits (sklearn load_digits), 32x32, "
-                       "trained by training/train_digits.py",
-        "family": "sd1",
-        "unet": dict(UNET_CONFIG),
-        "vae": dict(VAE_CONFIG, scaling_factor=scaling_factor),
-        "text_encoder": dict(TEXT_CONFIG),
-        "scheduler": dict(SCHEDULER),
-        "tokenizer": {"pad_token": "<|endoftext|>"},
-    }
-
-
 def save_diffusers(path: Path, text_encoder, unet, vae, scaling_factor: float) -> Path:
     """A diffusers folder (for checks with diffusers' own pipeline and schedulers)."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
@@ -357,7 +343,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vae-steps", type=int, default=400)
     parser.add_argument("--vae-batch", type=int, default=64)
     parser.add_argument("--unet-steps", type=int, default=2000)
-    parser.add_argument("--unet-batch", type=int, default=256)
+    parser.add_argument("--unet-batch", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the UNet + text encoder")
     parser.add_argument("--device", default="cpu",
                         help="cpu for the shipped weights; cuda only to try recipe changes quickly")
     args = parser.parse_args(argv)
@@ -382,7 +369,7 @@ def main(argv=None) -> int:
     scaling_factor = float(f"{1.0 / sampled.std().item():.5f}")
     log(f"latents {tuple(lat_mean.shape)} std {sampled.std().item():.4f} -> scaling factor {scaling_factor}")
     text_encoder, unet = train_unet(lat_mean, lat_std, labels, styles, scaling_factor, steps=args.unet_steps,
-                                    batch=args.unet_batch, lr=1e-3, seed=args.seed + 10, device=args.device,
+                                    batch=args.unet_batch, lr=args.lr, seed=args.seed + 10, device=args.device,
                                     log=log)
     if args.diffusers_out:
         save_diffusers(args.diffusers_out, text_encoder, unet, vae, scaling_factor)
@@ -393,22 +380,18 @@ def main(argv=None) -> int:
 
 
 def export(out: Path, text_encoder, unet, vae, scaling_factor: float, log) -> None:
-    """One single-file checkpoint (original key layout, fp16) and its config."""
+    """One single-file checkpoint (original key layout, fp16) and its config beside it."""
+    from coreml_sd.checkpoint import config_from_modules, write_original_checkpoint
+    from coreml_sd.config import SchedulerConfig
+
     out.mkdir(parents=True, exist_ok=True)
-    config = model_config(scaling_factor)
-    try:
-        from coreml_sd.checkpoint import write_original_checkpoint
-    except ImportError:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = save_diffusers(Path(tmp) / "digits", text_encoder, unet, vae, scaling_factor)
-            log(f"coreml_sd.checkpoint.write_original_checkpoint is not available yet; "
-                f"only the config is written (diffusers folder was {folder})")
-        (out / "digits.coreml-sd.json").write_text(json.dumps(config, indent=2) + "\n")
-        return
-    write_original_checkpoint(out / "digits.safetensors", text_encoder=text_encoder, unet=unet, vae=vae,
-                              dtype=torch.float16)
-    (out / "digits.coreml-sd.json").write_text(json.dumps(config, indent=2) + "\n")
-    log(f"wrote {out / 'digits.safetensors'} and {out / 'digits.coreml-sd.json'}")
+    vae.register_to_config(scaling_factor=scaling_factor)
+    config = config_from_modules(text_encoder, unet, vae, family="sd1", scheduler=SchedulerConfig.from_dict(SCHEDULER),
+                                 description=DESCRIPTION)
+    ckpt = write_original_checkpoint(out / "digits.safetensors", text_encoder=text_encoder, unet=unet, vae=vae,
+                                     dtype="fp16")
+    config.write(out / "digits.coreml-sd.json")
+    log(f"wrote {ckpt} ({ckpt.stat().st_size / 1e6:.2f} MB) and {out / 'digits.coreml-sd.json'}")
 
 
 if __name__ == "__main__":
