@@ -183,10 +183,11 @@ SAMPLERS: dict[str, SamplerInfo] = {
 
 
 def sample(name: str, denoiser, x, plan, noise: NoiseFn | None = None) -> Iterator:
-    """Run sampler `name` over `plan` from `x` = noise * plan.init_noise_sigma; yield the latent after each step.
+    """Run sampler `name` over `plan` from `x` = noise * plan.init_noise_sigma: an iterator over the latent after each step.
 
     The latents are those diffusers' pipeline holds after each step (sigma space or model scale,
-    see `SamplerInfo.model_scale`); the last one is the finished latent for the VAE.
+    see `SamplerInfo.model_scale`); the last one is the finished latent for the VAE. Arguments
+    are checked here, before the first step runs.
     """
     if name not in SAMPLERS:
         raise InputError(f"unknown sampler {name!r}; valid samplers: {choices_text(SAMPLERS)}")
@@ -198,7 +199,7 @@ def sample(name: str, denoiser, x, plan, noise: NoiseFn | None = None) -> Iterat
         if info.plan_style != "ddim":
             raise InputError(f"this plan was made for DDIM (it has landing targets), not for {name!r}")
         extra["targets"] = plan.targets
-    yield from info.function(denoiser, x, plan.sigmas, noise, **extra)
+    return info.function(denoiser, x, plan.sigmas, noise, **extra)
 
 
 def noise_from_sources(sources: Sequence, asarray: Callable[[Any], Any]) -> NoiseFn:

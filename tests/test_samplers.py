@@ -57,7 +57,7 @@ def test_plan_matches_diffusers_set_timesteps(sampler, schedule):
     for base in PLAN_CONFIGS:
         for spacing in ("leading", "linspace", "trailing"):
             cfg = dict(base, timestep_spacing=spacing, num_train_timesteps=1000, prediction_type="epsilon")
-            for steps in (1, 2, 3, 7, 10, 25, 50, 999):
+            for steps in (1, 2, 3, 7, 10, 25, 50, 200):
                 ref = diffusers_scheduler(sampler, schedule, cfg)
                 ref.set_timesteps(steps)
                 plan = make_plan(SchedulerConfig.from_dict(cfg), sampler, steps, schedule)
@@ -205,9 +205,9 @@ def test_parity_other_timestep_spacings(sd, sampler, schedule, spacing):
     _assert_close(ours, ref, what=f"{sampler}/{schedule}/{spacing}")
 
 
-@pytest.mark.parametrize("spacing,steps", [("leading", 7), ("leading", 25), ("trailing", 7)])
-@pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("sampler", EXTRA)
+@pytest.mark.parametrize("sampler,schedule,spacing,steps", [
+    (sampler, schedule, spacing, 7) for sampler in EXTRA for schedule in SCHEDULES for spacing in ("leading", "trailing")
+] + [(sampler, "default", "leading", 25) for sampler in EXTRA])
 def test_parity_extra_samplers(sd, sampler, schedule, spacing, steps):
     from helpers_samplers import diffusers_scheduler, run_diffusers, run_ours
 
@@ -447,7 +447,7 @@ def test_registry_names_and_display_names():
 
 def test_bad_inputs_raise_errors_that_name_the_choices():
     cfg = SchedulerConfig()
-    with pytest.raises(InputError, match="valid samplers: euler_a, euler, ddim, dpmpp_2m"):
+    with pytest.raises(InputError, match="valid samplers: euler_a, euler, ddim, dpmpp_2m, heun, lms, dpmpp_2m_sde"):
         make_plan(cfg, "plms", 10)
     with pytest.raises(InputError, match="valid schedules: default, karras"):
         make_plan(cfg, "euler", 10, "exponential")
@@ -457,12 +457,12 @@ def test_bad_inputs_raise_errors_that_name_the_choices():
     plan = make_plan(cfg, "euler_a", 3)
     denoiser = Denoiser(DummyUNet(), plan, prediction_type="epsilon", cond=GOLDEN_COND, uncond=GOLDEN_UNCOND)
     with pytest.raises(InputError, match="draws noise every step"):
-        next(sample("euler_a", denoiser, np.zeros(GOLDEN_SHAPE, np.float32), plan))
+        sample("euler_a", denoiser, np.zeros(GOLDEN_SHAPE, np.float32), plan)
     with pytest.raises(InputError, match="valid samplers"):
-        next(sample("k_lms", denoiser, np.zeros(GOLDEN_SHAPE, np.float32), plan))
+        sample("k_lms", denoiser, np.zeros(GOLDEN_SHAPE, np.float32), plan)
     ddim_plan = make_plan(SchedulerConfig(timestep_spacing="trailing"), "ddim", 7)
     with pytest.raises(InputError, match="made for DDIM"):
-        next(sample("euler", denoiser, np.zeros(GOLDEN_SHAPE, np.float32), ddim_plan))
+        sample("euler", denoiser, np.zeros(GOLDEN_SHAPE, np.float32), ddim_plan)
     with pytest.raises(InputError, match="needs the unconditional"):
         Denoiser(DummyUNet(), plan, prediction_type="epsilon", cond=GOLDEN_COND, guidance_scale=7.5)
     with pytest.raises(InputError, match="supported: epsilon, v_prediction"):
