@@ -64,4 +64,9 @@ def load_components(source: ModelSource, *, device: str = "auto", precision: str
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
     mods = source.torch_modules(device=device, dtype=torch_dtype(precision))
+    if device == "cpu":
+        from coreml_sd.backends.cpu_prepack import prepack
+
+        for module in (mods.text_encoder, mods.unet, mods.vae):
+            prepack(module)
     return components_from_modules(mods, device=device, precision=precision)
