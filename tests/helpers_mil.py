@@ -43,8 +43,8 @@ def run_program(prog, *arrays, mode: str = "exact", fast_dtype: str | None = Non
     return [_np(v) for v in outputs.values()]
 
 
-def run_op(body, *arrays, mode: str = "exact", opset=None):
-    return run_program(mil_program(body, *arrays, opset=opset), *arrays, mode=mode)
+def run_op(body, *arrays, mode: str = "exact", opset=None, fast_dtype: str | None = None):
+    return run_program(mil_program(body, *arrays, opset=opset), *arrays, mode=mode, fast_dtype=fast_dtype)
 
 
 def _np(tensor):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from helpers_mil import mb, run_op, types
 
+from coreml_sd.mil import compiler
 from coreml_sd.mil.ops.image import grid_points
 from coreml_sd.mil.registry import supported_ops
 
@@ -433,14 +434,39 @@ FAST_CASES = [case for case in CASES if case.op in {"conv", "linear", "layer_nor
 
 
 @pytest.mark.parametrize("case", FAST_CASES[:8], ids=[c.id for c in FAST_CASES[:8]])
-def test_fast_mode_runs_fp16_ops_in_bf16_and_keeps_fp32_ops_exact(case: Case):
+def test_fast_mode_runs_fp16_ops_in_bf16_and_keeps_fp32_ops_exact(case: Case, monkeypatch):
+    monkeypatch.setattr(compiler, "SMALL", 0)  # these tensors are tiny: keep none of them in fp32
     arrays16 = _prepare(case, "fp16")
     reference = case.ref(*[a.astype(np.float64) for a in arrays16])
-    out16 = run_op(case.body, *arrays16, mode="fast")[0]
+    out16 = run_op(case.body, *arrays16, mode="fast", fast_dtype="bf16")[0]
     np.testing.assert_allclose(out16, reference, rtol=3e-2, atol=3e-2 * np.abs(reference).max())
+    assert not np.allclose(out16, reference, rtol=1e-4, atol=1e-4)  # it really ran in bf16
     arrays32 = _prepare(case, "fp32")
-    out32 = run_op(case.body, *arrays32, mode="fast")[0]
+    out32 = run_op(case.body, *arrays32, mode="fast", fast_dtype="bf16")[0]
     np.testing.assert_allclose(out32, case.ref(*[a.astype(np.float64) for a in arrays32]), rtol=2e-5, atol=2e-5)
+
+
+def test_fast_mode_keeps_small_values_in_fp32():
+    """sin(t * f) for a timestep near 1000: bf16 (8-bit mantissa) gets the phase wrong by ~1 rad;
+    small tensors therefore stay fp32 in fast mode, big ones run in bf16 (and meet at a cast)."""
+    freqs = np.exp(-np.log(10000) * np.arange(160) / 160).astype(np.float16)
+    t = np.array([[999.0], [21.0]], np.float16)
+    big = rand(1, 8, 64, 64).astype(np.float16)  # 32768 elements: above compiler.SMALL
+
+    def body(t, x):
+        emb = mb.sin(x=mb.mul(x=t, y=freqs))  # (2, 160)
+        proj = mb.reduce_mean(x=emb, axes=[0, 1], keep_dims=True)  # a small value ...
+        return emb, mb.add(x=x, y=mb.reshape(x=proj, shape=[1, 1, 1, 1]))  # ... meeting a big one
+
+    emb, out = run_op(body, t, big, mode="fast", fast_dtype="bf16")
+    ref_emb = np.sin(t.astype(np.float64) * freqs.astype(np.float64))
+    np.testing.assert_allclose(emb, ref_emb, atol=2e-3)
+    np.testing.assert_allclose(out, big.astype(np.float64) + ref_emb.mean(), rtol=1e-2, atol=1e-2)
+
+    def is_bf16(a):
+        return np.array_equal(a, torch.from_numpy(a).bfloat16().double().numpy())
+
+    assert is_bf16(out) and not is_bf16(emb)
 
 
 def test_every_registered_op_has_a_case():

@@ -1,8 +1,7 @@
 """Running a loaded ML program op by op with torch kernels.
 
-Compiling (once per executor) walks the program's `main` function and turns every op into a step:
-a kernel from the registry plus integer slots for its inputs and outputs. Values live in one flat
-list indexed by slot, so a call is a tight loop of kernel calls with no name lookups.
+An executor compiles the program's function once (`compiler.py`: every op becomes a step, a
+kernel plus integer slots), then each call is a tight loop over the steps.
 
 * Constants (weights, and anything computable from them alone: decompression ops, folded shape
   math) are materialized once per executor in the dtype and on the device it runs with, and
@@ -16,42 +15,18 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from coreml_sd.errors import InputError, ModelError
-from coreml_sd.mil.fusion import FUSION_KINDS, Fusion, find_fusions
+from coreml_sd.errors import InputError
+from coreml_sd.mil.compiler import Graph, Step, compile_function, split_constant_steps, with_frees
+from coreml_sd.mil.fusion import FUSION_KINDS, find_fusions
 from coreml_sd.mil.package import MilProgram, TensorSpec
 from coreml_sd.mil.precision import Precision, make_precision
-from coreml_sd.mil.registry import OpView, lookup, mil_dtype_name
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Step:
-    fn: Callable[..., Any]
-    args: tuple[int, ...]
-    outs: tuple[int, ...]
-    dtypes: tuple[torch.dtype, ...]  # storage dtype of each output
-    rounds: tuple[bool, ...]  # round this output to fp16 (exact mode)
-    name: str
-    op_type: str
-
-
-@dataclass
-class _Graph:
-    """The compiled form before constants are materialized."""
-
-    steps: list[Step]  # in program order
-    n_slots: int
-    constants: dict[int, tuple[Any, str]]  # slot -> (numpy value, MIL dtype)
-    inputs: dict[str, int]
-    outputs: dict[str, int]
-    names: dict[str, int]  # var name -> slot, for every value that has one
 
 
 class Executor:
@@ -72,14 +47,15 @@ class Executor:
         graph = compile_function(program.function, self.precision, self.device, fusions)
         groups = {id(f): f for f in fusions.values()}.values()
         self.fused = {kind: sum(1 for f in groups if f.name == kind) for kind in FUSION_KINDS}
-        prepare_steps, run_steps = _split_constant_steps(graph)
-        table = _materialize(graph, prepare_steps, self.precision, self.device)
+        prepare_steps, run_steps = split_constant_steps(graph)
+        table = _materialize(graph, prepare_steps, self.device)
         # Keep only what the per-call steps read: decompression inputs (indices, tables) go.
         needed = {a for s in run_steps for a in s.args} | set(graph.outputs.values())
         self._table = [value if i in needed else None for i, value in enumerate(table)]
         self._input_slots = graph.inputs
+        self._input_dtypes = graph.input_dtypes
         self._output_slots = graph.outputs
-        self._steps = _with_frees(run_steps, set(graph.outputs.values()))
+        self._steps = with_frees(run_steps, set(graph.outputs.values()))
 
     # -- calls ------------------------------------------------------------------------------
     def __call__(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -127,7 +103,7 @@ class Executor:
         tensor = tensor.to(self.device)
         if spec.dtype == "fp16" and self.precision.rounds_fp16:
             tensor = tensor.to(torch.float16)
-        return tensor.to(self.precision.torch_dtype(spec.dtype))
+        return tensor.to(self._input_dtypes[spec.name])
 
     def describe(self) -> str:
         return f"mil {self.device.type} {self.precision.describe()}"
@@ -149,14 +125,14 @@ def _execute_step(step: Step, env: list) -> None:
         env[slot] = value
 
 
-def _materialize(graph: _Graph, prepare_steps: list[Step], precision: Precision, device: torch.device) -> list:
+def _materialize(graph: Graph, prepare_steps: list[Step], device: torch.device) -> list:
     """The slot table with every constant, and everything computable from constants, filled in."""
     table: list = [None] * graph.n_slots
     with warnings.catch_warnings():
         # Weights read from the package are read-only numpy buffers; constants are never written.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        for slot, (value, mil_dtype) in graph.constants.items():
-            table[slot] = _constant_tensor(value, precision.torch_dtype(mil_dtype), device)
+        for slot, (value, _, dtype) in graph.constants.items():
+            table[slot] = _constant_tensor(value, dtype, device)
     with torch.inference_mode():
         for step in prepare_steps:
             _execute_step(step, table)
@@ -170,118 +146,12 @@ def materialize_constants(program: MilProgram, names, *, device: str = "cpu", pr
     dev = torch.device(device)
     precision = make_precision(precision_mode, dev, fast_dtype)
     graph = compile_function(program.function, precision, dev)
-    prepare_steps, _ = _split_constant_steps(graph)
-    table = _materialize(graph, prepare_steps, precision, dev)
+    prepare_steps, _ = split_constant_steps(graph)
+    table = _materialize(graph, prepare_steps, dev)
     missing = [n for n in names if n not in graph.names or table[graph.names[n]] is None]
     if missing:
         raise InputError(f"not constants of the program: {', '.join(map(repr, missing))}")
     return {n: table[graph.names[n]] for n in names}
-
-
-def compile_function(function, precision: Precision, device: torch.device,
-                     fusions: dict[int, Fusion] | None = None) -> _Graph:
-    """Steps for every op of `function` (a coremltools Function), with slots for all values.
-
-    `fusions` (from `fusion.find_fusions`) maps ops to the fused group replacing them; the group
-    runs where its last op would have.
-    """
-    fusions = fusions or {}
-    slots: dict[int, int] = {}  # id(Var) -> slot
-    constants: dict[int, tuple[Any, str]] = {}
-    inputs = {}
-    for name, var in function.inputs.items():
-        inputs[name] = slots.setdefault(id(var), len(slots))
-
-    def slot_of(var, op_name: str) -> int:
-        if id(var) in slots:
-            return slots[id(var)]
-        if var.val is None:
-            raise ModelError(f"op {op_name!r} reads {var.name!r}, which no earlier op of the program computes")
-        slot = slots[id(var)] = len(slots)
-        constants[slot] = (var.val, mil_dtype_name(var))
-        return slot
-
-    steps, names = [], dict(inputs)
-    pending = {id(f): len(f.ops) for f in fusions.values()}
-    for op in function.operations:
-        if op.op_type == "const" or all(v.val is not None for v in op.outputs):
-            continue  # constant values: materialized from `.val` where an op reads them
-        fusion = fusions.get(id(op))
-        if fusion is not None:
-            pending[id(fusion)] -= 1
-            if pending[id(fusion)]:
-                continue
-            steps.append(_compile_fusion(fusion, op, precision, slot_of, slots))
-        else:
-            steps.append(_compile_op(op, precision, device, slot_of, slots))
-        names.update((var.name, slots[id(var)]) for var in op.outputs)
-    outputs = {var.name: slot_of(var, "output") for var in function.outputs}
-    return _Graph(steps, len(slots), constants, inputs, outputs, names)
-
-
-def _compile_op(op, precision: Precision, device, slot_of, slots: dict) -> Step:
-    entry = lookup(op.op_type, op.name)
-    kernel = entry.build(OpView(op, precision, device))
-    return _step(kernel, op, precision, slot_of, slots, keeps_values=entry.keeps_values, op_type=op.op_type)
-
-
-def _compile_fusion(fusion: Fusion, last_op, precision: Precision, slot_of, slots: dict) -> Step:
-    return _step(fusion.kernel, last_op, precision, slot_of, slots, keeps_values=False, op_type=fusion.name)
-
-
-def _step(kernel, op, precision: Precision, slot_of, slots: dict, *, keeps_values: bool, op_type: str) -> Step:
-    args = tuple(slot_of(var, op.name) for var in kernel.args)
-    outs, dtypes, rounds = [], [], []
-    for var in op.outputs:
-        outs.append(slots.setdefault(id(var), len(slots)))
-        mil_dtype = mil_dtype_name(var)
-        dtypes.append(precision.torch_dtype(mil_dtype))
-        rounds.append(precision.rounds_fp16 and mil_dtype == "fp16" and not keeps_values)
-    return Step(kernel.fn, args, tuple(outs), tuple(dtypes), tuple(rounds), op.name, op_type)
-
-
-def _split_constant_steps(graph: _Graph) -> tuple[list[Step], list[Step]]:
-    """Steps whose inputs are all constant (weight decompression, folded math) run at setup."""
-    constant_slots = set(graph.constants)
-    prepare, run = [], []
-    for step in graph.steps:
-        if all(a in constant_slots for a in step.args):
-            prepare.append(step)
-            constant_slots.update(step.outs)
-        else:
-            run.append(step)
-    return prepare, run
-
-
-@dataclass(frozen=True)
-class _RunStep:
-    fn: Callable[..., Any]
-    args: tuple[int, ...]
-    outs: tuple[int, ...]
-    dtypes: tuple[torch.dtype, ...]
-    rounds: tuple[bool, ...]
-    free: tuple[int, ...]  # slots whose last reader is this step
-    name: str
-    op_type: str
-
-
-def _with_frees(steps: list[Step], keep: set[int]) -> list[_RunStep]:
-    last_use: dict[int, int] = {}
-    produced = set()
-    for index, step in enumerate(steps):
-        for slot in step.args:
-            last_use[slot] = index
-        produced.update(step.outs)
-    frees: list[list[int]] = [[] for _ in steps]
-    for slot, index in last_use.items():
-        if slot in produced and slot not in keep:
-            frees[index].append(slot)
-    for index, step in enumerate(steps):  # outputs nobody reads (e.g. unused split parts)
-        frees[index].extend(s for s in step.outs if s not in last_use and s not in keep)
-    return [
-        _RunStep(s.fn, s.args, s.outs, s.dtypes, s.rounds, tuple(f), s.name, s.op_type)
-        for s, f in zip(steps, frees)
-    ]
 
 
 def _constant_tensor(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

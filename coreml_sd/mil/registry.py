@@ -89,8 +89,9 @@ _MISSING = object()
 class OpView:
     """What a builder sees of one program op: its constant parameters and its types."""
 
-    def __init__(self, op, precision: "Precision", device):
+    def __init__(self, op, precision: "Precision", device, out_dtypes: Sequence | None = None):
         self._op = op
+        self._out_dtypes = out_dtypes  # storage dtype of each output, as the compiler planned
         self.type: str = op.op_type
         self.name: str = op.name
         self.precision = precision
@@ -178,6 +179,9 @@ class OpView:
         return self.precision.torch_dtype(mil_dtype)
 
     def out_torch_dtype(self, index: int = 0):
+        """The torch dtype output `index` is stored in (kernels creating values use it)."""
+        if self._out_dtypes is not None:
+            return self._out_dtypes[index]
         return self.precision.torch_dtype(self.out_dtype(index))
 
     # -- results --------------------------------------------------------------------------
