@@ -248,7 +248,8 @@ def convert_text_encoder(conv: Converter, mods, shapes: Shapes) -> None:
 
     module, mods.text_encoder = mods.text_encoder, None
     with conv.timer("text_encoder", "reference"):
-        inputs, refs = text_encoder_case(module, conv.source.tokenizer())
+        triggers = getattr(conv.source, "trigger_ids", None)
+        inputs, refs = text_encoder_case(module, conv.source.tokenizer(), extra_words=list(triggers() if triggers else []))
     rewrite = text_encoder_from_transformers(conv.options.cast(module), attention=conv.options.attention)
     del module
     c = shapes.text_hidden

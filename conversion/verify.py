@@ -105,11 +105,14 @@ def _randn(shape: Sequence[int], seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(tuple(shape)).astype(np.float32)
 
 
-def text_encoder_case(module, tokenizer, *, seed: int = 0):
-    """(package inputs, references) for the text encoder: a real prompt's token ids."""
+def text_encoder_case(module, tokenizer, *, extra_words: Sequence[str] = ()):
+    """(package inputs, references) for the text encoder: a real prompt's token ids.
+
+    `extra_words` (e.g. textual-inversion trigger words) are appended so their vectors are checked.
+    """
     import torch
 
-    ids = np.asarray([tokenizer(VERIFY_PROMPT)], dtype=np.int64)
+    ids = np.asarray([tokenizer(" ".join([VERIFY_PROMPT, *extra_words]))], dtype=np.int64)
     with torch.inference_mode():
         out = module(torch.from_numpy(ids))
     refs = {"last_hidden_state": out.last_hidden_state.float().numpy(),

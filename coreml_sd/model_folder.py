@@ -170,11 +170,14 @@ class Manifest:
         if unknown:
             raise ModelError(f"{where}: unknown component(s) {', '.join(unknown)}; "
                              f"valid: {choices_text(PACKAGE_NAMES)}")
-        has_unet = "unet" in self.components or {"unet_chunk1", "unet_chunk2"} <= set(self.components)
-        for needed, ok in (("text_encoder", "text_encoder" in self.components), ("unet", has_unet),
-                           ("vae_decoder", "vae_decoder" in self.components)):
-            if not ok:
-                raise ModelError(f"{where}: the model has no {needed} package")
+        if ("unet_chunk1" in self.components) != ("unet_chunk2" in self.components):
+            raise ModelError(f"{where}: a chunked UNet needs both unet_chunk1 and unet_chunk2")
+
+    def missing_for_generation(self) -> list[str]:
+        """Components a text-to-image pipeline needs that this folder lacks (a partial conversion)."""
+        has_unet = "unet" in self.components or "unet_chunk1" in self.components
+        return [name for name, ok in (("text_encoder", "text_encoder" in self.components), ("unet", has_unet),
+                                      ("vae_decoder", "vae_decoder" in self.components)) if not ok]
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest":
@@ -206,6 +209,7 @@ class ConvertedModel:
         self.manifest = Manifest.read(self.path)
         missing = [f for f in TOKENIZER_FILES if not (self.path / f).is_file()]
         missing += [p.package for p in self.manifest.components.values() if not (self.path / p.package).is_dir()]
+        missing += [f"a {c} package (converted with --components)" for c in self.manifest.missing_for_generation()]
         if missing:
             raise ModelError(f"{self.path}: incomplete converted model, missing {', '.join(missing)}")
         m = self.manifest
