@@ -8,16 +8,12 @@ latency and memory do not depend on weight values.
 from __future__ import annotations
 
 import json
-import os
-import platform
-import resource
-import statistics
-import subprocess
-import sys
-import threading
-import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+# Machine facts, memory and timing summaries live in the package (`coreml-sd bench` uses them too);
+# re-exported here so every script records the same facts.
+from coreml_sd.bench.machine import RSSSampler, machine_info, peak_rss_gib  # noqa: F401
+from coreml_sd.bench.stats import summarize  # noqa: F401
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -63,89 +59,6 @@ def sd15_text_encoder(seed: int = 0):
 
     torch.manual_seed(seed)
     return CLIPTextModel(CLIPTextConfig(**SD15_TEXT)).eval().requires_grad_(False)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="ascii", errors="ignore"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    if sys.platform == "darwin":
-        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
-        return out.stdout.strip()
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict:
-    """Machine, OS, CPU, accelerator and library versions for a result file."""
-    info = {
-        "hostname_hint": platform.node()[:8],
-        "os": f"{platform.system()} {platform.release()}",
-        "machine": platform.machine(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "python": platform.python_version(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    for mod in ("torch", "diffusers", "transformers", "coremltools", "numpy"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except ImportError:
-            pass
-    if "torch" in sys.modules:
-        import torch
-
-        info["torch_threads"] = torch.get_num_threads()
-        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-        if torch.cuda.is_available():
-            info["accelerator"] = torch.cuda.get_device_name(0)
-            info["cuda"] = torch.version.cuda
-    return info
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**30 if sys.platform == "darwin" else 2**20)
-
-
-class RSSSampler:
-    """Peak RSS over a block (sampled every 20 ms), for phases inside one process."""
-
-    def __init__(self, interval: float = 0.02):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    def _run(self):
-        import psutil
-
-        proc = psutil.Process()
-        while not self._stop.is_set():
-            self.peak = max(self.peak, proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def peak_gib(self) -> float:
-        return self.peak / 2**30
-
-
-def summarize(times: list[float]) -> dict:
-    """Median, p10, p90 and IQR of a list of seconds."""
-    qs = statistics.quantiles(times, n=20, method="inclusive") if len(times) > 1 else [times[0]] * 19
-    q1, q3 = (statistics.quantiles(times, n=4, method="inclusive")[::2] if len(times) > 1 else (times[0],) * 2)
-    return {"n": len(times), "median_s": statistics.median(times), "p10_s": qs[1], "p90_s": qs[17],
-            "iqr_s": q3 - q1, "min_s": min(times)}
 
 
 def write_result(name: str, data: dict) -> Path:
