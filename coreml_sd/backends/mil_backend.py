@@ -21,7 +21,7 @@ import torch
 
 from coreml_sd.backends import Components
 from coreml_sd.errors import InputError, ModelError, choices_text
-from coreml_sd.mil.executor import Executor
+from coreml_sd.mil.executor import Executor, release_freed_memory
 from coreml_sd.mil.package import TensorSpec, load_program
 
 KINDS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
@@ -178,6 +178,7 @@ def load_mil_component(package_path, kind: str, *, device: str = "auto", precisi
         # The loaded program (coremltools graph + numpy weights) is dropped once compiled.
         executors.append(Executor(load_program(path), device=device, precision_mode=precision_mode,
                                   fast_dtype=fast_dtype))
+        release_freed_memory()
     return _ADAPTERS[kind](_Package(executors))
 
 

@@ -48,37 +48,17 @@ def _scalar(var):
     return float(np.asarray(value).reshape(-1)[0])
 
 
-def _input(op, name):
-    return op.inputs.get(name)
-
-
 def match_attention(softmax_op, keep: set[int]) -> Fusion | None:
     """matmul(q, k^T) [* s | / s] [+ mask] -> softmax(-1) -> matmul(., v)  =>  SDPA."""
     x = softmax_op.inputs["x"]
     rank = len(x.shape)
-    axis = int(_const(softmax_op.inputs.get("axis")) if softmax_op.inputs.get("axis") is not None else -1)
-    if rank not in (3, 4) or axis not in (-1, rank - 1):
+    axis = _scalar(softmax_op.inputs.get("axis"))
+    if rank not in (3, 4) or (axis is not None and int(axis) not in (-1, rank - 1)):
         return None
-    ops, scale, mask = [softmax_op], 1.0, None
-    producer = x.op
-    if producer is not None and producer.op_type == "add" and _only_reader(x, keep) is softmax_op:
-        # additive mask on the scores (either operand may be the scores)
-        a, b = producer.inputs["x"], producer.inputs["y"]
-        scores_var, mask = (a, b) if a.op is not None and a.op.op_type in ("matmul", "mul", "real_div") else (b, a)
-        ops.insert(0, producer)
-        x, producer = scores_var, scores_var.op
-        if _only_reader(x, keep) is not ops[0]:
-            return None
-    if producer is not None and producer.op_type in ("mul", "real_div"):
-        factor = _scalar(producer.inputs["y"])
-        if factor is None or _only_reader(x, keep) is not ops[0]:
-            return None
-        scale = factor if producer.op_type == "mul" else 1.0 / factor
-        ops.insert(0, producer)
-        x, producer = producer.inputs["x"], producer.inputs["x"].op
-    if producer is None or producer.op_type != "matmul" or _only_reader(x, keep) is not ops[0]:
+    scores = _scores_chain(softmax_op, keep)
+    if scores is None:
         return None
-    first = producer
+    first, ops, scale, mask = scores
     if _const(first.inputs.get("transpose_x")):
         return None
     k_transposed = bool(_const(first.inputs.get("transpose_y")))
@@ -90,7 +70,6 @@ def match_attention(softmax_op, keep: set[int]) -> Fusion | None:
     q, k, v = first.inputs["x"], first.inputs["y"], second.inputs["y"]
     if not (len(q.shape) == len(k.shape) == len(v.shape) == rank):
         return None
-    ops = [first] + ops + [second]
 
     def run(q, k, v, *maybe_mask):
         k = k if k_transposed else k.transpose(-1, -2)
@@ -98,7 +77,30 @@ def match_attention(softmax_op, keep: set[int]) -> Fusion | None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale)
 
     args = (q, k, v) + ((mask,) if mask is not None else ())
-    return Fusion("fused_attention", tuple(ops), Kernel(run, args))
+    return Fusion("fused_attention", tuple([first] + ops + [second]), Kernel(run, args))
+
+
+def _scores_chain(softmax_op, keep):
+    """Walk back from softmax over an optional additive mask and scalar scale to the q.k matmul:
+    (matmul op, ops between it and the softmax inclusive, scale, mask var or None)."""
+    ops, scale, mask = [softmax_op], 1.0, None
+    x = softmax_op.inputs["x"]
+    producer = x.op
+    if producer is not None and producer.op_type == "add" and _only_reader(x, keep) is softmax_op:
+        a, b = producer.inputs["x"], producer.inputs["y"]
+        x, mask = (a, b) if a.op is not None and a.op.op_type in ("matmul", "mul", "real_div") else (b, a)
+        ops.insert(0, producer)
+        producer = x.op
+    if producer is not None and producer.op_type in ("mul", "real_div"):
+        factor = _scalar(producer.inputs["y"])
+        if factor is None or _only_reader(x, keep) is not ops[0]:
+            return None
+        scale = factor if producer.op_type == "mul" else 1.0 / factor
+        ops.insert(0, producer)
+        x, producer = producer.inputs["x"], producer.inputs["x"].op
+    if producer is None or producer.op_type != "matmul" or _only_reader(x, keep) is not ops[0]:
+        return None
+    return producer, ops, scale, mask
 
 
 def match_group_norm(reduce_op, keep: set[int]) -> Fusion | None:
