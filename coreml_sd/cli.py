@@ -10,6 +10,7 @@ import click
 
 from coreml_sd import __version__
 from coreml_sd.errors import CoreMLSDError, InputError
+from coreml_sd.cli_bench import bench
 from coreml_sd.cli_checkpoint import checkpoint, model_source_options, pop_source_kwargs
 from coreml_sd.images import FORMATS, save_image, slugify
 
@@ -124,6 +125,7 @@ def _load_plugin_commands() -> None:
 
 
 main.add_command(checkpoint)
+main.add_command(bench)
 _load_plugin_commands()
 
 

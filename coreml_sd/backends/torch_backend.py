@@ -23,14 +23,18 @@ class TorchTextEncoder:
 class TorchUNet:
     batch_size = None
 
-    def __init__(self, module, dtype):
-        self.module, self.dtype = module, dtype
+    def __init__(self, module, dtype, *, cuda_graphs: bool = False):
+        self.module, self.dtype, self.cuda_graphs = module, dtype, cuda_graphs
 
     @torch.inference_mode()
     def predict(self, sample, timestep, encoder_hidden_states):
+        if self.cuda_graphs:  # each call is a new replay of the recorded graph
+            torch.compiler.cudagraph_mark_step_begin()
         out = self.module(
             sample.to(self.dtype), timestep, encoder_hidden_states=encoder_hidden_states.to(self.dtype)
         ).sample
+        if self.cuda_graphs and out.dtype == torch.float32:
+            return out.clone()  # the graph's output buffer is overwritten by the next replay
         return out.float()
 
 
@@ -43,23 +47,40 @@ class TorchVAEDecoder:
         return self.module.decode(z.to(self.dtype)).sample.float()
 
 
-def components_from_modules(mods: TorchModules, *, device: str, precision: str) -> Components:
+def components_from_modules(mods: TorchModules, *, device: str, precision: str,
+                            compile: str | None = None) -> Components:
+    """`compile`: a `torch_compile.COMPILE_MODES` mode for the UNet (None: eager)."""
     dtype = torch_dtype(precision)
     where = f"torch {device} {precision}"
+    if compile:
+        from coreml_sd.backends.torch_compile import compile_unet, uses_cuda_graphs
+
+        unet = TorchUNet(compile_unet(mods.unet, compile, device=device), dtype,
+                         cuda_graphs=uses_cuda_graphs(compile, device))
+    else:
+        unet = TorchUNet(mods.unet, dtype)
 
     def asarray(a):
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
     return Components(
         text_encoder=TorchTextEncoder(mods.text_encoder, device),
-        unet=TorchUNet(mods.unet, dtype),
+        unet=unet,
         vae_decoder=TorchVAEDecoder(mods.vae, dtype),
         asarray=asarray,
-        runs_on={"text_encoder": where, "unet": where, "vae_decoder": where},
+        runs_on={"text_encoder": where, "unet": where + (f" compiled ({compile})" if compile else ""),
+                 "vae_decoder": where},
     )
 
 
-def load_components(source: ModelSource, *, device: str = "auto", precision: str = "auto") -> Components:
+def load_components(source: ModelSource, *, device: str = "auto", precision: str = "auto",
+                    compile: str | None = None) -> Components:
+    """`compile`: torch.compile the UNet in this mode (see `torch_compile.py`; for GPUs). None: eager,
+    with weights pre-packed for oneDNN on a CPU."""
+    if compile:
+        from coreml_sd.backends.torch_compile import check_mode
+
+        check_mode(compile)
     require_torch_modules(source)
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
@@ -67,6 +88,7 @@ def load_components(source: ModelSource, *, device: str = "auto", precision: str
     if device == "cpu":
         from coreml_sd.backends.cpu_prepack import prepack
 
-        for module in (mods.text_encoder, mods.unet, mods.vae):
+        # Inductor cannot trace oneDNN's opaque packed weights: a compiled UNet stays unpacked.
+        for module in (mods.text_encoder, mods.vae) if compile else (mods.text_encoder, mods.unet, mods.vae):
             prepack(module)
-    return components_from_modules(mods, device=device, precision=precision)
+    return components_from_modules(mods, device=device, precision=precision, compile=compile)

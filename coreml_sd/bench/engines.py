@@ -1,0 +1,261 @@
+"""How each engine is loaded, exercised and described for a benchmark.
+
+`ours` covers coreml_sd's pipelines (torch, mil and coreml components); `diffusers` is the
+baseline: diffusers' own StableDiffusionPipeline, eager, at its default precision for the device
+(fp32 on a CPU, fp16 on CUDA/MPS) unless a precision is named. Each engine gives a loader, a
+workload (the calls measure.py times) and a description (where and how it ran: precision,
+attention implementation, weight compression), so every number says what produced it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from coreml_sd.errors import BackendUnavailable
+
+if TYPE_CHECKING:
+    from coreml_sd.bench.measure import Settings
+
+ENGINE_PREFIX = {"torch": "torch", "mil": "mil", "coreml": "coreml"}
+
+
+def load_ours(task):
+    """A coreml_sd Pipeline for the task's backend; never a silent fallback to another engine."""
+    from coreml_sd.pipeline import Pipeline
+
+    spec, path = task.run.spec, task.model_path
+    if spec.engine == "torch":
+        from coreml_sd.backends.torch_backend import load_components
+        from coreml_sd.sources import open_model
+
+        source = open_model(path)
+        pipe = Pipeline(source, load_components(source, device=spec.device, precision=task.run.precision,
+                                                compile=task.settings.torch_compile))
+    elif spec.engine == "mil":
+        pipe = Pipeline.load(path, backend="mil", device=spec.device, precision=task.run.precision)
+    else:
+        pipe = Pipeline.load(path, backend="coreml", compute_units=spec.compute_units)
+    other = {k: v for k, v in pipe.components.runs_on.items() if not v.startswith(ENGINE_PREFIX[spec.engine])}
+    if other:
+        raise BackendUnavailable(f"{spec.name} did not run on {spec.engine}: the pipeline fell back to "
+                                 + "; ".join(f"{k} on {v}" for k, v in other.items()))
+    return pipe
+
+
+def diffusers_dtype(device: str, precision: str):
+    """diffusers' default for the device (fp32 on a CPU, fp16 on a GPU) unless one is named."""
+    from coreml_sd.devices import torch_dtype
+
+    if precision == "auto":
+        precision = "fp32" if device == "cpu" else "fp16"
+    return torch_dtype(precision)
+
+
+def load_diffusers(task):
+    """StableDiffusionPipeline: `from_pretrained` for a diffusers folder, else its constructor
+    around the modules coreml_sd reads from the file (diffusers cannot read a single file offline)."""
+    import torch
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+    from coreml_sd.devices import resolve_device
+    from coreml_sd.sources import open_model, require_torch_modules
+
+    device = resolve_device(task.run.spec.device)
+    dtype = diffusers_dtype(device, task.run.precision)
+    source = open_model(task.model_path)
+    require_torch_modules(source)
+    if source.info.kind == "diffusers":
+        with _quiet_diffusers():
+            pipe = StableDiffusionPipeline.from_pretrained(source.info.path, torch_dtype=dtype, local_files_only=True,
+                                                           safety_checker=None, requires_safety_checker=False)
+    else:
+        pipe = _pipeline_from_modules(source, device, dtype)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(torch.device(device))
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    """No loading bars or `torch_dtype` deprecation notes between the harness's progress lines."""
+    from diffusers.utils import logging as dlogging
+
+    was_disabled = dlogging.are_progress_bars_disabled()
+    dlogging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        if not was_disabled:
+            dlogging.enable_progress_bar()
+
+
+def _pipeline_from_modules(source, device: str, dtype):
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    mods = source.torch_modules(device=device, dtype=dtype)
+    files = source.info.tokenizer_files
+    tokenizer = CLIPTokenizer(str(files.vocab), str(files.merges), model_max_length=77,
+                              pad_token=source.info.pad_token)
+    scheduler = PNDMScheduler.from_config({**source.info.scheduler.to_dict(), "skip_prk_steps": True})
+    return StableDiffusionPipeline(vae=mods.vae, text_encoder=mods.text_encoder, tokenizer=tokenizer, unet=mods.unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+# -- descriptions -------------------------------------------------------------------------------
+_DTYPE_NAMES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
+
+
+def torch_attention(unet) -> str:
+    """The attention processors a diffusers UNet runs (torch SDPA for AttnProcessor2_0)."""
+    unet = getattr(unet, "_orig_mod", unet)  # a torch.compile'd module
+    names = sorted({type(p).__name__ for p in unet.attn_processors.values()})
+    sdpa = any("2_0" in n for n in names)
+    return ", ".join(names) + (" (torch scaled_dot_product_attention)" if sdpa else "")
+
+
+def _mil_facts(pipe) -> tuple[str | None, str | None]:
+    """(compute precision, attention as executed) of a mil UNet, from its executors."""
+    executors = getattr(getattr(pipe.components.unet, "package", None), "executors", [])
+    if not executors:
+        return None, None
+    half = _DTYPE_NAMES.get(str(executors[0].precision.half))
+    fused = sum(ex.fused.get("attention", 0) for ex in executors)
+    return half, f"{fused} attention blocks fused into torch scaled_dot_product_attention by the mil executor"
+
+
+def describe_ours(pipe, task) -> dict:
+    spec = task.run.spec
+    manifest = getattr(pipe.source, "manifest", None)
+    out = {"runs_on": dict(pipe.components.runs_on)}
+    if spec.engine == "torch":
+        module = pipe.components.unet.module
+        out.update(precision=_DTYPE_NAMES[str(pipe.components.unet.dtype)], attention=torch_attention(module),
+                   compression="none")
+    else:
+        out.update(precision=manifest.precision, attention=manifest.attention, compression=manifest.weights)
+        if spec.engine == "mil":
+            half, executed = _mil_facts(pipe)
+            out["precision"] = f"{half} compute ({manifest.precision} package)" if half else manifest.precision
+            if executed:
+                out["attention"] = f"{manifest.attention}; {executed}"
+    return out
+
+
+def describe_diffusers(pipe, task) -> dict:
+    device, dtype = str(pipe.unet.device), str(pipe.unet.dtype)
+    where = f"diffusers {device} {_DTYPE_NAMES.get(dtype, dtype)} eager"
+    return {"runs_on": {"text_encoder": where, "unet": where, "vae_decoder": where},
+            "precision": _DTYPE_NAMES.get(dtype, dtype), "attention": torch_attention(pipe.unet),
+            "compression": "none"}
+
+
+# -- workloads ----------------------------------------------------------------------------------
+class OursWorkload:
+    """A coreml_sd Pipeline (torch, mil or coreml components)."""
+
+    def __init__(self, pipe, settings: Settings):
+        from coreml_sd.denoiser import Denoiser
+        from coreml_sd.schedules import make_plan
+
+        self.pipe, self.s = pipe, settings
+        info = pipe.info
+        fixed = getattr(pipe.source, "size", None)  # converted packages take one size
+        self.width, self.height = fixed or (settings.width or info.sample_size, settings.height or info.sample_size)
+        f = info.vae_scale_factor
+        shape = (1, info.latent_channels, self.height // f, self.width // f)
+        rng = np.random.default_rng(0)
+        asarray = pipe.components.asarray
+        self.x = asarray(rng.standard_normal(shape).astype(np.float32))
+        self.z = asarray(rng.standard_normal(shape).astype(np.float32))
+        plan = make_plan(info.scheduler, "euler", max(settings.steps + settings.warmup, 2))
+        self.timesteps = plan.timesteps
+        self.denoiser = Denoiser(pipe.components.unet, plan, prediction_type=info.prediction_type,
+                                 cond=pipe.encode_prompt(settings.prompt), uncond=pipe.encode_prompt(""),
+                                 guidance_scale=settings.guidance_scale)
+
+    def text_encoder(self, i: int):
+        return self.pipe.encode_prompt(self.s.prompt)
+
+    def unet_step(self, i: int):
+        return self.denoiser.model_output(self.x, self.timesteps[i % len(self.timesteps)])
+
+    def vae_decoder(self, i: int):
+        return self.pipe.components.vae_decoder.decode(self.z)
+
+    def generate(self, steps: int):
+        return self.pipe(self.s.prompt, steps=steps, seed=0, sampler=self.s.sampler,
+                         guidance_scale=self.s.guidance_scale, width=self.width, height=self.height)
+
+
+class DiffusersWorkload:
+    """diffusers' StableDiffusionPipeline, its modules called eagerly as its __call__ does."""
+
+    def __init__(self, pipe, settings: Settings):
+        import torch
+
+        self.pipe, self.s, self.torch = pipe, settings, torch
+        unet, vae = pipe.unet, pipe.vae
+        f = pipe.vae_scale_factor
+        size = unet.config.sample_size * f
+        self.width, self.height = settings.width or size, settings.height or size
+        shape = (1, unet.config.in_channels, self.height // f, self.width // f)
+        gen = torch.Generator().manual_seed(0)
+        device, dtype = unet.device, unet.dtype
+        self.x = torch.randn(shape, generator=gen).to(device, dtype)
+        self.z = torch.randn(shape, generator=gen).to(device, vae.dtype)
+        self.ids = self._ids(settings.prompt)
+        with torch.inference_mode():
+            cond = pipe.text_encoder(self.ids)[0]
+            uncond = pipe.text_encoder(self._ids(""))[0]
+        self.embeddings = torch.cat([uncond, cond]).to(dtype)
+        pipe.scheduler.set_timesteps(max(settings.steps + settings.warmup, 2), device=device)
+        self.timesteps = pipe.scheduler.timesteps
+
+    def _ids(self, text: str):
+        tok = self.pipe.tokenizer
+        return tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids.to(self.pipe.text_encoder.device)
+
+    def text_encoder(self, i: int):
+        with self.torch.inference_mode():
+            return self.pipe.text_encoder(self.ids)[0]
+
+    def unet_step(self, i: int):
+        with self.torch.inference_mode():
+            t = self.timesteps[i % len(self.timesteps)]
+            noise = self.pipe.unet(self.torch.cat([self.x] * 2), t, encoder_hidden_states=self.embeddings).sample
+            uncond, cond = noise.chunk(2)
+            return uncond + self.s.guidance_scale * (cond - uncond)
+
+    def vae_decoder(self, i: int):
+        with self.torch.inference_mode():
+            return self.pipe.vae.decode(self.z).sample
+
+    def generate(self, steps: int):
+        gen = self.torch.Generator(self.pipe.unet.device).manual_seed(0)
+        return self.pipe(self.s.prompt, num_inference_steps=steps, guidance_scale=self.s.guidance_scale,
+                         width=self.width, height=self.height, generator=gen).images
+
+
+@dataclass(frozen=True)
+class Engine:
+    load: Callable[[Any], Any]
+    workload: Callable[[Any, Any], Any]
+    describe: Callable[[Any, Any], dict]
+
+
+ENGINES = {
+    "torch": Engine(load_ours, OursWorkload, describe_ours),
+    "mil": Engine(load_ours, OursWorkload, describe_ours),
+    "coreml": Engine(load_ours, OursWorkload, describe_ours),
+    "diffusers": Engine(load_diffusers, DiffusersWorkload, describe_diffusers),
+}
