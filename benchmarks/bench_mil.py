@@ -65,6 +65,11 @@ class Wrapper(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def _rss_gib() -> float:
     import psutil
 
@@ -106,7 +111,7 @@ def phase_mil(args) -> dict:
     start = time.perf_counter()
     program = load_program(args.package)
     loaded = time.perf_counter()
-    executor = Executor(program, device="cpu", precision_mode="fast", fast_dtype=args.fast_dtype)
+    executor = Executor(program, device=args.device, precision_mode="fast", fast_dtype=args.fast_dtype)
     del program
     release_freed_memory()  # as load_mil_component does: the fp16 numpy weights go back to the OS
     compiled = time.perf_counter()
@@ -117,17 +122,21 @@ def phase_mil(args) -> dict:
         "mil_steps": executor.num_steps, "mil_fused": executor.fused, "mil_peak_rss_gib": peak_rss_gib(),
         "mil_rss_after_first_call_gib": _rss_gib(),
     }
+    if args.device == "cuda":
+        result["mil_peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.fast_dtype]
-    unet = _unet(args.preset).to(dtype)
+    unet = _unet(args.preset).to(args.device, dtype)
     module = Wrapper(unet)
-    cast = {k: v.to(dtype) if k != "timestep" else v for k, v in feeds.items()}
+    cast = {k: (v.to(dtype) if k != "timestep" else v).to(args.device) for k, v in feeds.items()}
     with torch.inference_mode():
         reference = module(**cast).float()
         times = {"mil": [], "torch": []}
         for _ in range(args.rounds):
             for name, fn in (("mil", lambda: executor(feeds)), ("torch", lambda: module(**cast))):
+                _sync(args.device)
                 t0 = time.perf_counter()
                 fn()
+                _sync(args.device)
                 times[name].append(time.perf_counter() - t0)
     diff = (first - reference).double()
     result["psnr_mil_vs_torch_db"] = float(20 * np.log10(reference.abs().max().item() / diff.pow(2).mean().sqrt().item()))
@@ -141,12 +150,15 @@ def phase_torch(args) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.fast_dtype]
     unet = _unet(args.preset)
     params = sum(p.numel() for p in unet.parameters())
-    module = Wrapper(unet.to(dtype))
-    feeds = {k: v.to(dtype) if k != "timestep" else v for k, v in _inputs(args.batch, args.latent).items()}
+    module = Wrapper(unet.to(args.device, dtype))
+    feeds = {k: (v.to(dtype) if k != "timestep" else v).to(args.device) for k, v in _inputs(args.batch, args.latent).items()}
     with torch.inference_mode():
         for _ in range(2):
             module(**feeds)
-    return {"torch_peak_rss_gib": peak_rss_gib(), "params": params, "fp16_weights_gib": params * 2 / 2**30}
+    result = {"torch_peak_rss_gib": peak_rss_gib(), "params": params, "fp16_weights_gib": params * 2 / 2**30}
+    if args.device == "cuda":
+        result["torch_peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
 
 
 def _run_phase(phase: str, args) -> dict:
@@ -164,15 +176,17 @@ def _parse():
     ap.add_argument("--latent", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--fast-dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    ap.add_argument("--device", choices=("cpu", "cuda", "mps"), default="cpu")
     ap.add_argument("--work", type=Path, default=Path(".cache/bench_mil"))
-    ap.add_argument("--name", default=None, help="result file name (default mil_step_<preset>_cpu)")
+    ap.add_argument("--name", default=None, help="result file name (default mil_step_<preset>_<device>)")
     ap.add_argument("--phase", choices=("convert", "mil", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--phase-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.package = args.work / f"unet_{args.preset}_b{args.batch}_l{args.latent}_fp16.mlpackage"
     args.passthrough = ["--preset", args.preset, "--batch", str(args.batch), "--latent", str(args.latent),
-                        "--rounds", str(args.rounds), "--fast-dtype", args.fast_dtype, "--work", str(args.work)]
+                        "--rounds", str(args.rounds), "--fast-dtype", args.fast_dtype, "--work", str(args.work),
+                        "--device", args.device]
     return args
 
 
@@ -183,14 +197,18 @@ def main() -> None:
         args.phase_out.write_text(json.dumps(result))
         return
     data = {"machine": machine_info(), "load_average_start": os.getloadavg(),
-            "config": {k: v for k, v in vars(args).items() if k in ("preset", "batch", "latent", "rounds", "fast_dtype")},
+            "config": {k: v for k, v in vars(args).items() if k in ("preset", "batch", "latent", "rounds", "fast_dtype", "device")},
             "command": "python -m benchmarks.bench_mil " + " ".join(sys.argv[1:])}
-    data["convert"] = _run_phase("convert", args) if not args.package.exists() else {"cached": str(args.package)}
+    if args.package.exists():  # converted by an earlier run: report that run's conversion figures
+        earlier = args.work / "convert.json"
+        data["convert"] = {"cached": str(args.package), **(json.loads(earlier.read_text()) if earlier.exists() else {})}
+    else:
+        data["convert"] = _run_phase("convert", args)
     data["torch_threads"] = torch.get_num_threads()
     data["run"] = _run_phase("mil", args)
     data["torch_alone"] = _run_phase("torch", args)
     data["load_average_end"] = os.getloadavg()
-    path = write_result(args.name or f"mil_step_{args.preset}_cpu", data)
+    path = write_result(args.name or f"mil_step_{args.preset}_{args.device}", data)
     run = data["run"]
     print(f"mil {run['mil']['median_s']:.2f} s, torch eager {run['torch']['median_s']:.2f} s "
           f"({args.fast_dtype}): ratio {run['ratio_median']:.2f}; peak RSS mil {run['mil_peak_rss_gib']:.2f} GiB, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,9 @@ from coremltools.converters.mil.mil import types  # noqa: E402
 
 from coreml_sd.mil.executor import Executor  # noqa: E402
 from coreml_sd.mil.package import load_program, program_from_function  # noqa: E402
+
+# Where the executor runs in these tests; MIL_TEST_DEVICE=cuda re-runs them on a GPU.
+DEVICE = os.environ.get("MIL_TEST_DEVICE", "cpu")
 
 _MIL_TYPES = {
     np.dtype(np.float32): types.fp32,
@@ -38,7 +42,8 @@ def mil_program(body, *arrays, opset=None):
 
 def run_program(prog, *arrays, mode: str = "exact", fast_dtype: str | None = None):
     """Execute a MIL program's main function; returns its outputs as float64/int numpy arrays."""
-    executor = Executor(program_from_function(prog.functions["main"]), precision_mode=mode, fast_dtype=fast_dtype)
+    executor = Executor(program_from_function(prog.functions["main"]), precision_mode=mode, fast_dtype=fast_dtype,
+                        device=DEVICE)
     outputs = executor({f"x{i}": a for i, a in enumerate(arrays)})
     return [_np(v) for v in outputs.values()]
 
@@ -97,7 +102,7 @@ def convert_module(module, example_inputs, names, out_path: Path, *, precision: 
 
 
 def run_package(path, feeds: dict, mode: str = "exact", **kwargs) -> dict:
-    executor = Executor(load_program(path), precision_mode=mode, **kwargs)
+    executor = Executor(load_program(path), precision_mode=mode, device=DEVICE, **kwargs)
     return {k: _np(v) for k, v in executor(feeds).items()}
 
 
