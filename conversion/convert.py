@@ -1,15 +1,18 @@
 """Convert a model source into a verified Core ML model folder.
 
-For each component, one at a time, so that only one component's weights are in memory beyond
-the source's: compute the upstream module's fp32 reference on seeded inputs, halve its weights in
-place, build the Neural-Engine rewrite on the same tensors, emit the ML program ("trace"),
-optionally compress it, let coremltools convert and serialize it straight into the output, then
-run the package (Core ML on macOS, the `mil` executor elsewhere) against the reference: the
-parity gate. The folder is written under a hidden name and renamed only when everything passed.
+The source's modules are loaded in the package precision (fp16 by default: half the memory of
+fp32). Then for each component, one at a time, so that only one component's work is in memory:
+compute the upstream module's reference in fp32 on seeded inputs (an exact upcast of the stored
+weights, and back), build the Neural-Engine rewrite on the same tensors, emit the ML program
+("trace"), optionally compress it, let coremltools convert and serialize it straight into the
+output, then run the package (Core ML on macOS, the `mil` executor elsewhere) against the
+reference: the parity gate. The folder is written under a hidden name and renamed only when
+everything passed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import shutil
@@ -17,7 +20,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -28,7 +31,7 @@ from conversion.ane.attention import ATTENTION_IMPLEMENTATIONS
 from conversion.atomic import atomic_folder, check_target
 from conversion.export import (MIN_TARGETS, WEIGHT_MODES, ConversionError, TensorIO, build_program,
                                compile_package, compress, to_mlmodel)
-from conversion.progress import StageRecord, StageTimer
+from conversion.progress import StageRecord, StageTimer, release_memory
 from conversion.verify import MIN_PSNR_DB, PackageRunner, ParityResult, compare
 
 log = logging.getLogger(__name__)
@@ -72,9 +75,15 @@ class ConvertOptions:
     def weights_for(self, component: str) -> str:
         return self.weights if component in COMPRESSIBLE else "fp16"
 
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return torch.float16 if self.precision == "fp16" else torch.float32
+
     def cast(self, module):
-        """The upstream module in the package precision (in place: fp32 -> fp16 halves its memory)."""
-        return module.half() if self.precision == "fp16" else module
+        """The upstream module in the package precision (in place)."""
+        return module.to(self.torch_dtype)
 
 
 @dataclass
@@ -145,7 +154,7 @@ class Converter:
                        metadata={"coreml_sd.component": component, "coreml_sd.attention": opts.attention,
                                  "coreml_sd.weights": weights})
         del prog
-        gc.collect()
+        release_memory()
         self.packages[component] = PackageInfo(
             package=package.name, inputs=tuple(_spec(io) for io in inputs),
             outputs=tuple(_spec(io) for io in outputs), weights=weights, size_bytes=_folder_size(package))
@@ -191,6 +200,22 @@ def _set_weights(module, dense: dict[str, np.ndarray]) -> None:
                                               requires_grad=False))
 
 
+@contextlib.contextmanager
+def in_fp32(module, options: ConvertOptions) -> Iterator[Any]:
+    """The upstream module computing in fp32 for its reference, then back in the package precision.
+
+    Weights were loaded in the package precision (fp16: half the memory of fp32 for the whole
+    conversion), so the upcast is exact and so is the way back: the reference is the upstream
+    model with the weights the package stores, computed in fp32.
+    """
+    module.float()
+    try:
+        yield module
+    finally:
+        options.cast(module)
+        release_memory()
+
+
 def _spec(io: TensorIO) -> TensorSpec:
     return TensorSpec(io.name, tuple(io.shape), io.dtype)
 
@@ -222,7 +247,7 @@ def _run_chain(conv: Converter, chain: list[str], inputs: dict[str, np.ndarray])
         feed = {s.name: np.asarray(values[s.name], dtype=np.float16 if s.dtype == "fp16" else np.float32)
                 for s in info.inputs}
         values.update(conv.runner.run(conv.folder / info.package, feed))
-        gc.collect()
+        release_memory()
     return {s.name: values[s.name] for s in conv.packages[chain[-1]].outputs}
 
 
@@ -247,10 +272,10 @@ def convert_text_encoder(conv: Converter, mods, shapes: Shapes) -> None:
     from conversion.verify import text_encoder_case
 
     module, mods.text_encoder = mods.text_encoder, None
-    with conv.timer("text_encoder", "reference"):
+    with conv.timer("text_encoder", "reference"), in_fp32(module, conv.options):
         triggers = getattr(conv.source, "trigger_ids", None)
         inputs, refs = text_encoder_case(module, conv.source.tokenizer(), extra_words=list(triggers() if triggers else []))
-    rewrite = text_encoder_from_transformers(conv.options.cast(module), attention=conv.options.attention)
+    rewrite = text_encoder_from_transformers(module, attention=conv.options.attention)
     del module
     c = shapes.text_hidden
     ins = [TensorIO("input_ids", (1, TEXT_LENGTH), "fp32")]
@@ -258,7 +283,7 @@ def convert_text_encoder(conv: Converter, mods, shapes: Shapes) -> None:
     _, dense = conv.export("text_encoder", rewrite, lambda ops, ids: rewrite(ids, ops), ins, outs)
     deq = _dequantized_reference(conv, "text_encoder", rewrite, dense, inputs, list(refs))
     del rewrite
-    gc.collect()
+    release_memory()
     _verify(conv, "text_encoder", ["text_encoder"], inputs, refs, deq)
 
 
@@ -267,12 +292,12 @@ def convert_unet(conv: Converter, mods, shapes: Shapes) -> None:
     from conversion.verify import unet_case
 
     module, mods.unet = mods.unet, None
-    with conv.timer("unet", "reference"):
+    with conv.timer("unet", "reference"), in_fp32(module, conv.options):
         inputs, refs = unet_case(module, batch=shapes.batch, latent_shape=shapes.latent,
                                  context_dim=shapes.text_hidden)
-    rewrite = unet_from_diffusers(conv.options.cast(module), attention=conv.options.attention)
+    rewrite = unet_from_diffusers(module, attention=conv.options.attention)
     del module
-    gc.collect()
+    release_memory()
     b, latent, p = shapes.batch, shapes.latent, conv.options.precision
     ins = [TensorIO("sample", (b, *latent), p), TensorIO("timestep", (b,), p),
            TensorIO("encoder_hidden_states", (b, shapes.text_hidden, 1, TEXT_LENGTH), p)]
@@ -284,7 +309,7 @@ def convert_unet(conv: Converter, mods, shapes: Shapes) -> None:
         _, dense = conv.export("unet", rewrite, lambda ops, s, t, c: [rewrite(s, t, c, ops)], ins, [out])
     deq = _dequantized_reference(conv, "unet", rewrite, dense, inputs, list(refs))
     del rewrite
-    gc.collect()
+    release_memory()
     _verify(conv, "unet", chain, inputs, refs, deq)
 
 
@@ -323,13 +348,13 @@ def convert_vae(conv: Converter, mods, shapes: Shapes, components: list[str]) ->
     vae, mods.vae = mods.vae, None
     c, h, w = shapes.latent
     cases = {}
-    for component in components:
-        with conv.timer(component, "reference"):
-            if component == "vae_decoder":
-                cases[component] = vae_decoder_case(vae, latent_shape=shapes.latent)
-            else:
-                cases[component] = vae_encoder_case(vae, image_shape=(3, shapes.height, shapes.width))
-    conv.options.cast(vae)
+    with in_fp32(vae, conv.options):
+        for component in components:
+            with conv.timer(component, "reference"):
+                if component == "vae_decoder":
+                    cases[component] = vae_decoder_case(vae, latent_shape=shapes.latent)
+                else:
+                    cases[component] = vae_encoder_case(vae, image_shape=(3, shapes.height, shapes.width))
     for component in components:
         if component == "vae_decoder":
             rewrite = vae_decoder_from_diffusers(vae, attention=conv.options.attention)
@@ -339,7 +364,7 @@ def convert_vae(conv: Converter, mods, shapes: Shapes, components: list[str]) ->
             ins, outs = [TensorIO("x", (1, 3, shapes.height, shapes.width), "fp32")], [TensorIO("latent", (1, 2 * c, h, w), "fp32")]
         conv.export(component, rewrite, lambda ops, x: [rewrite(x, ops)], ins, outs)
         del rewrite
-        gc.collect()
+        release_memory()
         inputs, refs = cases[component]
         _verify(conv, component, [component], inputs, refs, None)
 
@@ -357,7 +382,7 @@ def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = 
     components = [c for c in COMPONENTS if c in options.components]
     with atomic_folder(target, force=force) as folder:
         with timer("model", "load"):
-            mods = source.torch_modules(device="cpu", dtype=torch.float32)
+            mods = source.torch_modules(device="cpu", dtype=options.torch_dtype)
         from conversion.ane.config import UNetConfig
 
         shapes = _shapes(source, options, UNetConfig.from_diffusers(mods.unet.config).downscale)
@@ -372,7 +397,7 @@ def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = 
             if vae_parts:
                 convert_vae(conv, mods, shapes, vae_parts)
             mods.vae = mods.text_encoder = None
-            gc.collect()
+            release_memory()
             if "unet" in components:
                 convert_unet(conv, mods, shapes)
         del mods
@@ -405,8 +430,9 @@ def _manifest(conv: Converter, shapes: Shapes, source: dict) -> Manifest:
                 for k, v in conv.packages.items()}
     trigger_ids = getattr(conv.source, "trigger_ids", None)
     parity = {"threshold_db": opts.threshold_db, "executor": conv.runner.name,
-              "reference": "upstream torch modules (diffusers/transformers), fp32, seeded inputs; compressed "
-                           "packages: the same modules with the dequantized weights",
+              "reference": "upstream torch modules (diffusers/transformers) computing in fp32 with the weights "
+                           "the package stores (fp16/fp32), seeded inputs; compressed packages: the rewritten "
+                           "modules with the dequantized weights, in fp32",
               "components": {k: {**v.to_dict(), **conv.extra_parity.get(k, {})} for k, v in conv.parity.items()}}
     return Manifest(
         name=info.name, family=info.family, scheduler=info.scheduler, width=shapes.width, height=shapes.height,

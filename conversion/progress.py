@@ -28,6 +28,24 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS.
+
+    glibc keeps freed blocks below its (adaptive, up to 32 MiB) mmap threshold in the heap, so a
+    component's freed weights would still count in RSS while the next component converts;
+    malloc_trim returns them. Elsewhere (macOS) the allocator returns large blocks by itself.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+            pass
+
+
 @dataclass(frozen=True)
 class StageRecord:
     component: str  # "model" for whole-model stages (load, hash, write)

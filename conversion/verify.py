@@ -1,7 +1,7 @@
 """The parity gate: each converted package against the upstream torch module, on seeded inputs.
 
-The reference is the *upstream* module (diffusers / transformers) in fp32, not our rewrite, so
-the gate covers the rewrite and the conversion together. Packages run in Core ML on macOS where
+The reference is the *upstream* module (diffusers / transformers) computing in fp32, not our
+rewrite, so the gate covers the rewrite and the conversion together. Packages run in Core ML on macOS where
 its runtime is present, elsewhere in the `mil` executor in `exact` mode (fp16 rounding after
 every fp16 op, as Core ML computes). PSNR is Apple's definition, 20 log10(max|ref| / RMSE); a
 component below 35 dB fails the conversion.
