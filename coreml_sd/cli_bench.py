@@ -105,6 +105,8 @@ def _show_comparison(paths: tuple[str, str], as_json: bool) -> None:
               help="Conversion weight compression for mil/coreml-*.")
 @click.option("--torch-compile", type=click.Choice(tuple(COMPILE_MODES)), default=None,
               help="torch.compile the torch-* UNets in this mode (GPU; see coreml_sd/backends/torch_compile.py).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads (default: one per core). On a busy shared machine fewer can be much faster.")
 @click.option("--isolation", type=click.Choice(ISOLATIONS), default="process", show_default=True,
               help="process: each backend in a fresh process (honest cold load and memory); inline: one process.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -116,7 +118,7 @@ def _show_comparison(paths: tuple[str, str], as_json: bool) -> None:
 @click.option("--compare", nargs=2, type=click.Path(exists=True, dir_okay=False), default=None,
               metavar="A.json B.json", help="Only compare two result files: B/A per backend and metric.")
 def bench(model, backends, precision, steps, warmup, runs, e2e_steps, size, prompt, attention, weights,
-          torch_compile, isolation, cache_dir, output, name, as_json, compare):
+          torch_compile, threads, isolation, cache_dir, output, name, as_json, compare):
     """Measure load time, per-step latency and memory of each backend on one model."""
     if compare:
         _show_comparison(compare, as_json)
@@ -128,7 +130,7 @@ def bench(model, backends, precision, steps, warmup, runs, e2e_steps, size, prom
     command = _command(click.get_current_context().params)
     settings = Settings(warmup=warmup, steps=steps, runs=runs, e2e_steps=e2e_steps,
                         width=size[0] if size else None, height=size[1] if size else None,
-                        prompt=prompt or DEFAULT_PROMPT, torch_compile=torch_compile)
+                        prompt=prompt or DEFAULT_PROMPT, torch_compile=torch_compile, threads=threads)
     request = BenchRequest(runs=tuple(parse_runs(backends, precision)), model=model, settings=settings,
                            cache_dir=cache_dir, attention=attention, weights=weights, isolation=isolation,
                            command=command)

@@ -85,14 +85,14 @@ def _quiet_diffusers():
     """No loading bars or `torch_dtype` deprecation notes between the harness's progress lines."""
     from diffusers.utils import logging as dlogging
 
-    was_disabled = dlogging.are_progress_bars_disabled()
+    was_enabled = dlogging.is_progress_bar_enabled()
     dlogging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             yield
     finally:
-        if not was_disabled:
+        if was_enabled:
             dlogging.enable_progress_bar()
 
 
@@ -128,7 +128,9 @@ def _mil_facts(pipe) -> tuple[str | None, str | None]:
     if not executors:
         return None, None
     half = _DTYPE_NAMES.get(str(executors[0].precision.half))
-    fused = sum(ex.fused.get("attention", 0) for ex in executors)
+    fused = sum(ex.fused.get("fused_attention", 0) for ex in executors)
+    if not fused:
+        return half, "run op by op by the mil executor (no attention fused)"
     return half, f"{fused} attention blocks fused into torch scaled_dot_product_attention by the mil executor"
 
 

@@ -20,6 +20,7 @@ the whole measurement (sampled), plus the CUDA allocator's peak on a CUDA device
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
@@ -50,6 +51,7 @@ class Settings:
     guidance_scale: float = 7.5
     sampler: str = "euler_a"
     torch_compile: str | None = None  # torch.compile mode for torch-* UNets (None: eager)
+    threads: int | None = None  # torch intra-op threads (None: torch's default, one per core)
     evict_cache: bool = True  # drop the model's files from the page cache before the cold load
 
     def to_dict(self) -> dict:
@@ -156,6 +158,23 @@ def _measure(task: Task, entry: dict, progress: Callable[[str], None]) -> None:
     del work, handle
 
 
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """torch's intra-op threads for the block. On a machine shared with other busy processes, fewer
+    threads than cores can be much faster: each parallel region waits for its slowest thread."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def new_entry(run: RunSpec) -> dict:
     spec = run.spec
     return {"label": run.label, "backend": run.backend, "engine": spec.engine, "device": spec.device,
@@ -177,7 +196,7 @@ def measure_run(task: Task, progress: Callable[[str], None] = lambda s: None) ->
     if "torch" in sys.modules and _cuda_peak_gib() is not None:
         sys.modules["torch"].cuda.reset_peak_memory_stats()
     try:
-        with RSSSampler() as rss:
+        with RSSSampler() as rss, _threads(task.settings.threads):
             _measure(task, entry, progress)
     except BackendUnavailable as exc:
         entry.update(status="skipped", reason=str(exc))
@@ -189,6 +208,8 @@ def measure_run(task: Task, progress: Callable[[str], None] = lambda s: None) ->
     entry["memory"] = {"peak_rss_gib": rss.peak_gib, "peak_cuda_gib": _cuda_peak_gib()}
     entry["load_average"] = {"before": before, "after": load_average()}
     entry["seconds"] = time.perf_counter() - start
+    if "torch" in sys.modules:
+        entry["torch_threads"] = sys.modules["torch"].get_num_threads()
     if entry["status"] != "ok":
         progress(f"{task.run.label}: {entry['status']}: {entry['reason']}")
     return entry

@@ -171,9 +171,10 @@ class ConversionFailed(CoreMLSDError):
 
 
 def converted_folder(model: BenchModel, options: ConvertOptions, cache_dir: Path,
-                     progress: Callable[[str], None] = lambda s: None) -> Converted:
+                     progress: Callable[[str], None] = lambda s: None, *, threads: int | None = None) -> Converted:
     """A converted model folder for `model`: the model itself when it already is one, else the
-    cached conversion for these options, converting first if there is none."""
+    cached conversion for these options, converting first if there is none (`threads`: torch
+    threads of the converting process)."""
     if is_converted(model.path):
         return Converted(model.path, True, 0.0, options)
     key = hashlib.sha256((_source_identity(model.path) + "\n" + json.dumps(options.__dict__)).encode()).hexdigest()
@@ -186,7 +187,8 @@ def converted_folder(model: BenchModel, options: ConvertOptions, cache_dir: Path
     start = time.perf_counter()
     tail: deque[str] = deque(maxlen=8)
     # Its own process: the conversion's memory is returned before anything is measured.
-    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env) as proc:
         for line in proc.stderr:
             tail.append(line.rstrip())
             progress("  convert: " + line.rstrip())

@@ -86,7 +86,8 @@ def _make_random_in_process(folder: Path, config: str, seed: int) -> None:
 def _prepare(request: BenchRequest, model: BenchModel, run: RunSpec, progress) -> tuple[str | None, dict | None]:
     """(path the backend loads, conversion record) for one run."""
     if run.spec.engine in ("mil", "coreml"):
-        conv = converted_folder(model, convert_options(request, run), request.cache_dir, progress)
+        conv = converted_folder(model, convert_options(request, run), request.cache_dir, progress,
+                                threads=request.settings.threads)
         return str(conv.path), conv.to_dict()
     return (None if model.path is None else str(model.path)), None
 
