@@ -39,15 +39,18 @@ class SchedulerConfig:
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
     prediction_type: str = "epsilon"
-    timestep_spacing: str = "leading"
-    steps_offset: int = 1
-    set_alpha_to_one: bool = False
+    # None = absent from the model's config: each diffusers scheduler then uses its own default
+    # (SD 1.5's published config has no timestep_spacing: Euler/DPM-Solver run "linspace", DDIM
+    # "leading"), which coreml_sd.schedules reproduces per sampler.
+    timestep_spacing: str | None = None
+    steps_offset: int | None = None
+    set_alpha_to_one: bool | None = None
 
     def __post_init__(self):
         for name, value, valid in (
             ("beta_schedule", self.beta_schedule, BETA_SCHEDULES),
             ("prediction_type", self.prediction_type, PREDICTION_TYPES),
-            ("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS),
+            ("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS + (None,)),
         ):
             if value not in valid:
                 raise ModelError(f"scheduler config: {name} is {value!r}; supported: {choices_text(valid)}")

@@ -53,7 +53,9 @@ def write_tiny_checkpoint(path: Path, *, seed: int = 0, dtype: str = "fp32", fmt
     if sidecar:
         from coreml_sd.checkpoint.config import sidecar_path
 
-        sched = SchedulerConfig(prediction_type=prediction_type)
+        # What the tiny diffusers folder's scheduler_config.json says (diffusers writes the spacing out).
+        sched = SchedulerConfig(prediction_type=prediction_type, timestep_spacing="leading", steps_offset=1,
+                                set_alpha_to_one=False)
         config_from_modules(*mods, family=family, scheduler=sched).write(sidecar_path(path))
     return path, dict(zip(("text_encoder", "unet", "vae"), mods, strict=True)), ema_unet
 
