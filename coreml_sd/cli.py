@@ -13,9 +13,8 @@ from coreml_sd.errors import CoreMLSDError, InputError
 from coreml_sd.cli_bench import bench
 from coreml_sd.cli_checkpoint import checkpoint, model_source_options, pop_source_kwargs
 from coreml_sd.images import FORMATS, save_image, slugify
-
-SAMPLER_NAMES = ("euler_a", "euler", "ddim", "dpmpp_2m")  # checked against coreml_sd.samplers in tests
-SCHEDULE_NAMES = ("default", "karras")
+from coreml_sd.samplers import SAMPLERS
+from coreml_sd.schedules import SCHEDULES
 
 
 class Group(click.Group):
@@ -57,8 +56,8 @@ def _side(ctx, param, value):
 @click.option("-s", "--seed", type=click.IntRange(0, 2**64 - 1), default=None,
               help="Seed of image 1 (image i uses seed+i). Default: random, printed.")
 @click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--sampler", type=click.Choice(SAMPLER_NAMES), default="euler_a", show_default=True)
-@click.option("--schedule", type=click.Choice(SCHEDULE_NAMES), default="default", show_default=True,
+@click.option("--sampler", type=click.Choice(tuple(SAMPLERS)), default="euler_a", show_default=True)
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="default", show_default=True,
               help="Sigma schedule: the model's own, or Karras et al.'s.")
 @click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True)
 @click.option("-g", "--guidance-scale", "--cfg-scale", type=click.FloatRange(min=0), default=7.5, show_default=True)

@@ -10,11 +10,17 @@ torch's CPU `normal_` for a float32 tensor of 16 or more elements: draw one 32-b
 Twister word per element, keep 24 bits as a uniform in [0, 1), then Box-Muller over blocks of 16
 (the first 8 of each block give the radii, the last 8 the angles). When the size is not a
 multiple of 16, the last 16 values are redrawn and recomputed.
+
+Where torch is already imported (the torch and mil backends), the stream is drawn by torch's own
+generator instead, so latents equal diffusers' bit for bit; the numpy path (Core ML on a Mac
+without torch) differs from it by at most one float32 ulp in some elements. Both are the same
+Mersenne Twister stream, so the images agree to rounding.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 
@@ -33,10 +39,19 @@ def _normal_blocks(u: np.ndarray) -> np.ndarray:
 class NoiseSource:
     """A stream of standard-normal float32 noise, identical to torch's CPU generator with this seed."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, *, engine: str = "auto"):
         if not 0 <= int(seed) < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+        if engine not in ("auto", "numpy", "torch"):
+            raise ValueError(f"engine must be auto, numpy or torch; got {engine!r}")
         self.seed = int(seed)
+        # auto: torch's generator when torch is loaded anyway (never import it just for noise).
+        self.engine = ("torch" if "torch" in sys.modules else "numpy") if engine == "auto" else engine
+        if self.engine == "torch":
+            import torch
+
+            self._torch = torch.Generator("cpu").manual_seed(self.seed)
+            return
         self._bits = np.random.MT19937(0)
         # torch seeds its mt19937 with the low 32 bits (init_genrand), as numpy's legacy seeding does.
         self._bits._legacy_seeding(self.seed & 0xFFFFFFFF)
@@ -50,6 +65,10 @@ class NoiseSource:
         n = math.prod(shape)
         if n < _MIN_VECTOR_SIZE:
             raise ValueError(f"noise of fewer than {_MIN_VECTOR_SIZE} elements is not supported (shape {shape})")
+        if self.engine == "torch":
+            import torch
+
+            return torch.randn(shape, generator=self._torch, dtype=torch.float32).numpy()
         out = np.empty(n, dtype=np.float32)
         whole = n - n % 16
         uniforms = self._uniform(n)

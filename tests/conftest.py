@@ -13,6 +13,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# The suite runs as `pytest -n 2` on 2 cores: one torch thread per worker avoids oversubscription,
+# which slows tiny-model tests by an order of magnitude on a busy machine.
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:
+    pass
+
 from tiny_models import write_tiny_diffusers_folder  # noqa: E402
 
 

@@ -10,14 +10,27 @@ torch = pytest.importorskip("torch")
 
 @pytest.mark.parametrize("seed", [0, 1, 42, 2**32 - 1, 2**32 + 5, 2**63 + 11])
 @pytest.mark.parametrize("shape", [(1, 4, 64, 64), (1, 4, 8, 8), (2, 3, 5, 7), (17,), (16,)])
-def test_stream_equals_torch(seed, shape):
-    ours = NoiseSource(seed)
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_stream_equals_torch(seed, shape, engine):
+    ours = NoiseSource(seed, engine=engine)
     gen = torch.Generator("cpu").manual_seed(seed)
     for _ in range(3):  # successive draws continue the same stream
         expected = torch.randn(shape, generator=gen).numpy()
         got = ours.randn(shape)
         assert got.dtype == np.float32 and got.shape == shape
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+        if engine == "torch":
+            assert np.array_equal(got, expected)
+
+
+def test_auto_engine_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from coreml_sd.rng import NoiseSource; s = NoiseSource(1); s.randn((16,)); "
+            "print(s.engine, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["numpy", "False"]
 
 
 def test_same_seed_same_noise_and_different_seeds_differ():
@@ -31,3 +44,5 @@ def test_rejects_bad_seed_and_tiny_sizes():
         NoiseSource(-1)
     with pytest.raises(ValueError, match="fewer than 16"):
         NoiseSource(0).randn((3,))
+    with pytest.raises(ValueError, match="engine"):
+        NoiseSource(0, engine="cupy")
