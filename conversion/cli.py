@@ -34,8 +34,8 @@ def _components(ctx, param, value: str) -> tuple[str, ...]:
 
 
 def _side(ctx, param, value):
-    if value is not None and (value < 64 or value % 8):
-        raise click.BadParameter(f"must be a multiple of 8 (of 64 for SD's UNet) and at least 64; got {value}")
+    if value is not None and (value < 8 or value % 8):
+        raise click.BadParameter(f"must be a positive multiple of 8 (of 64 for SD 1.x/2.x); got {value}")
     return value
 
 

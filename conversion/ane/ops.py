@@ -176,9 +176,18 @@ class MilOps:
         self._counter = 0
 
     def const_names(self) -> dict[str, str]:
-        """Weight-constant name -> parameter name, for every parameter the program uses."""
-        return {var.op.name: self._names[id(t)] for t, var in
-                ((t, self._consts[id(t)]) for t in self._keep) if id(t) in self._names}
+        """Weight-constant name -> parameter name, for every parameter (or reshaped view of one)."""
+        return {self._consts[id(t)].op.name: name for t in self._keep
+                if (name := self._param_name(t)) is not None}
+
+    def _param_name(self, tensor: torch.Tensor) -> str | None:
+        """The parameter `tensor` is, or is a same-size view of (e.g. a (C,) scale seen as (1, C, 1, 1))."""
+        if id(tensor) in self._names:
+            return self._names[id(tensor)]
+        base = tensor._base
+        if base is not None and id(base) in self._names and base.numel() == tensor.numel():
+            return self._names[id(base)]
+        return None
 
     # -- values -------------------------------------------------------------------------------
     def _var(self, value, like=None):
@@ -198,7 +207,8 @@ class MilOps:
             name = self._names.get(key)
             if name is None:
                 self._counter += 1
-                name = f"const_{self._counter}"
+                base = self._param_name(tensor)
+                name = f"{base}_view{self._counter}" if base else f"const_{self._counter}"
             array = tensor.detach().cpu().numpy()  # a view: fp16/fp32 parameters are not copied
             self._consts[key] = self.mb.const(val=array, name=name.replace(".", "_"))
             self._keep.append(tensor)
@@ -249,7 +259,7 @@ class MilOps:
         return self.mb.rsqrt(x=x, epsilon=np.array(eps, dtype=_np_dtype(x.dtype)))
 
     def reshape(self, x, shape):
-        return self.mb.reshape(x=x, shape=list(shape))
+        return self.mb.reshape(x=self._var(x), shape=list(shape))
 
     def transpose(self, x, perm):
         return self.mb.transpose(x=x, perm=list(perm))
@@ -259,6 +269,7 @@ class MilOps:
         return xs[0] if len(xs) == 1 else self.mb.concat(values=xs, axis=axis)
 
     def slice(self, x, axis: int, start: int, stop: int):
+        x = self._var(x)
         begin = [0] * len(x.shape)
         end = list(x.shape)
         begin[axis], end[axis] = start, stop

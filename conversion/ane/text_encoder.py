@@ -84,8 +84,10 @@ class TextEncoder(Rewrite):
         b, s = ops.shape(input_ids)
         c = self.config.hidden_size
         tokens = ops.cast(ops.gather(self.embeddings.token_embedding.weight, input_ids, 0), self.compute_dtype)
-        positions = self.embeddings.position_embedding.weight[:s].reshape(1, s, c)
-        x = ops.add(ops.reshape(tokens, (b, s, c)), positions)
+        positions = self.embeddings.position_embedding.weight  # (max positions, c), sliced as an op
+        if s < positions.shape[0]:
+            positions = ops.slice(positions, 0, 0, s)
+        x = ops.add(ops.reshape(tokens, (b, s, c)), ops.reshape(positions, (1, s, c)))
         x = ops.reshape(ops.transpose(x, (0, 2, 1)), (b, c, 1, s))
         mask = causal_mask(s)
         for layer in self.encoder.layers:
