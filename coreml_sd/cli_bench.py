@@ -100,7 +100,7 @@ def _show_comparison(paths: tuple[str, str], as_json: bool) -> None:
 @click.option("--size", default=None, callback=_size, help="WIDTHxHEIGHT, e.g. 512x512. Default: the model's.")
 @click.option("--prompt", default=None, help="Prompt for the text encoder and the generation.")
 @click.option("--attention", type=click.Choice(ATTENTIONS), default="auto", show_default=True,
-              help="Conversion for mil/coreml-*: auto = split_einsum_v2 for coreml-ane and mil, original for GPU/CPU.")
+              help="Conversion for mil/coreml-*: auto = split_einsum_v2 for coreml-ane, original for the others.")
 @click.option("--weights", type=click.Choice(WEIGHTS), default="fp16", show_default=True,
               help="Conversion weight compression for mil/coreml-*.")
 @click.option("--torch-compile", type=click.Choice(tuple(COMPILE_MODES)), default=None,

@@ -70,7 +70,7 @@ def test_each_result_says_what_produced_it(bench_run, tiny_diffusers_dir):
     assert base["status"] == "ok" and base["precision"] == "fp32" and base["runs_on"]["unet"].startswith("diffusers cpu")
     assert mil["status"] == "ok", mil["reason"]
     assert mil["runs_on"]["unet"].startswith("mil cpu") and mil["compression"] == "fp16"
-    assert mil["attention"].startswith("split_einsum_v2") and mil["precision"].startswith("fp32 compute")
+    assert mil["attention"].startswith("original") and mil["precision"].startswith("fp32 compute")
 
 
 def test_mil_packages_come_from_the_conversion_cache(bench_run, tiny_diffusers_dir):
@@ -79,13 +79,13 @@ def test_mil_packages_come_from_the_conversion_cache(bench_run, tiny_diffusers_d
 
     result, out = bench_run
     conversion = by_label(result)["mil:fp32"]["conversion"]
-    assert conversion["cached"] is False and conversion["attention"] == "split_einsum_v2"
+    assert conversion["cached"] is False and conversion["attention"] == "original"
     folder = Path(conversion["path"])
     assert folder.parent == out / "cache" / "converted"
-    assert Manifest.read(folder).attention == "split_einsum_v2"
+    assert Manifest.read(folder).attention == "original"
     # The same model and options again: the folder is reused, nothing is converted.
     model = BenchModel("tiny-sd", Path(tiny_diffusers_dir).resolve(), "tiny")
-    again = converted_folder(model, ConvertOptions(), out / "cache")
+    again = converted_folder(model, ConvertOptions(attention="original"), out / "cache")
     assert again.cached and again.path == folder
 
 
