@@ -1,0 +1,271 @@
+"""Core ML packages behind the backend contract, whichever engine executes them.
+
+A converted model's packages speak Apple's tensor contract (see DESIGN: `input_ids` float32
+(1, 77) -> `last_hidden_state`; `sample`, `timestep`, `encoder_hidden_states` (B, C, 1, 77) ->
+`noise_pred`; `z` -> `image`; `x` -> `latent`) at a fixed batch. The pipeline speaks diffusers'
+(integer token ids, (B, 77, C) text embeddings, any batch). The adapters here translate, once for
+every engine: they only need a *package runner*,
+
+    name, inputs, outputs (TensorSpec), batch_size, run(feeds) -> outputs, describe(), native(value, dtype)
+
+where `run` executes exactly one call at the package's own shapes and `native` turns a numpy array
+or torch tensor into the engine's array (torch for the `mil` executor, numpy for Core ML). So
+everything except the engine's own call — input checks, layouts, batch splitting, UNet chunks —
+is the same code on Linux (mil) and on a Mac (Core ML), and Linux tests cover it.
+
+Nothing here imports torch or coremltools: torch tensors are recognised by `coreml_sd.arrays`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from coreml_sd import arrays
+from coreml_sd.errors import InputError, ModelError, choices_text
+
+KINDS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+# Tensor names of Apple's Swift StableDiffusion package contract.
+INPUT_NAMES = {"text_encoder": "input_ids", "vae_decoder": "z", "vae_encoder": "x"}
+OUTPUT_NAMES = {"text_encoder": "last_hidden_state", "unet": "noise_pred", "vae_decoder": "image",
+                "vae_encoder": "latent"}
+UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a package: name, shape (None: flexible), MIL element type."""
+
+    name: str
+    shape: tuple
+    dtype: str  # "fp32", "fp16", "int32", "bool" ...
+
+    def describe(self) -> str:
+        return f"{self.name} {format_shape(self.shape)} {self.dtype}"
+
+
+class PackageRunner(Protocol):
+    """One engine's view of a package (or of a chain of packages run as one)."""
+
+    name: str
+    inputs: tuple  # of TensorSpec-like (name, shape, dtype, describe())
+    outputs: tuple
+
+    @property
+    def batch_size(self) -> int | None: ...
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    def native(self, value, dtype: str) -> Any: ...
+
+    def describe(self) -> str: ...
+
+
+def format_shape(shape) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def fixed_batch(inputs: Sequence) -> int | None:
+    """The batch every input's first dimension fixes, or None when they disagree or are flexible."""
+    batches = {s.shape[0] for s in inputs if s.shape and s.shape[0] is not None}
+    return batches.pop() if len(batches) == 1 else None
+
+
+class PackageChain:
+    """Packages run one after another as one (a UNet split into UnetChunk1/2): each reads its inputs
+    by name from the original inputs and the earlier packages' outputs."""
+
+    def __init__(self, runners: Sequence[PackageRunner]):
+        if not runners:
+            raise ValueError("a package chain needs at least one package")
+        self.runners = list(runners)
+        self.name = ", ".join(r.name for r in self.runners)
+        inputs: dict[str, Any] = {}
+        produced: set[str] = set()
+        for r in self.runners:
+            inputs.update({s.name: s for s in r.inputs if s.name not in produced and s.name not in inputs})
+            produced.update(s.name for s in r.outputs)
+        self.inputs = tuple(inputs.values())
+        self.outputs = tuple(self.runners[-1].outputs)
+
+    @property
+    def batch_size(self) -> int | None:
+        return fixed_batch(self.inputs)
+
+    @property
+    def executors(self) -> list:
+        """The mil executors behind the chain (empty for other engines), for benchmarks' facts."""
+        return [ex for r in self.runners for ex in getattr(r, "executors", [])]
+
+    def native(self, value, dtype: str):
+        return self.runners[0].native(value, dtype)
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        values = dict(feeds)
+        for r in self.runners:
+            values.update(r.run({s.name: values[s.name] for s in r.inputs}))
+        return {s.name: values[s.name] for s in self.outputs}
+
+    def describe(self) -> str:
+        return self.runners[0].describe()
+
+
+# -- calling a package --------------------------------------------------------------------------
+def _kind(value) -> str:
+    """float | integer | bool, for numpy arrays and torch tensors alike."""
+    if arrays.is_torch(value):
+        if str(value.dtype) == "torch.bool":
+            return "bool"
+        return "float" if value.dtype.is_floating_point else "integer"
+    dtype = np.asarray(value).dtype
+    if dtype == np.bool_:
+        return "bool"
+    return "float" if np.issubdtype(dtype, np.floating) else "integer"
+
+
+def _spec_kind(dtype: str) -> str:
+    return "bool" if dtype == "bool" else ("float" if dtype.startswith("fp") else "integer")
+
+
+def check_feeds(runner: PackageRunner, feeds: Mapping[str, Any]) -> int:
+    """Check names, shapes (any multiple of the fixed batch) and element kinds; return the batch."""
+    specs = {s.name: s for s in runner.inputs}
+    valid = "; ".join(s.describe() for s in runner.inputs)
+    unknown, missing = sorted(set(feeds) - set(specs)), sorted(set(specs) - set(feeds))
+    if unknown or missing:
+        raise InputError(f"{runner.name}: " + (f"unknown input(s) {', '.join(map(repr, unknown))}; " if unknown else "")
+                         + (f"missing input(s) {', '.join(map(repr, missing))}; " if missing else "")
+                         + f"valid inputs: {valid}")
+    batch, total = runner.batch_size, None
+    for name, value in feeds.items():
+        spec, shape = specs[name], tuple(np.shape(value))
+        expected = spec.shape
+        same_rank = len(shape) == len(expected)
+        if not same_rank or any(e is not None and e != f for e, f in zip(expected[1:], shape[1:])):
+            raise InputError(f"{runner.name}: input {name!r} expects shape {format_shape(expected)}, found "
+                             f"{format_shape(shape)}; valid inputs: {valid}")
+        if expected and expected[0] is not None:
+            if batch and expected[0] == batch and (shape[0] == 0 or shape[0] % batch):
+                raise InputError(f"{runner.name}: batch of {shape[0]} is not a multiple of the package's fixed "
+                                 f"batch {batch} (input {name!r}, shape {format_shape(shape)})")
+            if expected[0] != batch and shape[0] != expected[0]:
+                raise InputError(f"{runner.name}: input {name!r} expects shape {format_shape(expected)}, found "
+                                 f"{format_shape(shape)}; valid inputs: {valid}")
+        if _kind(value) != _spec_kind(spec.dtype):
+            raise InputError(f"{runner.name}: input {name!r} expects {_spec_kind(spec.dtype)} values ({spec.dtype}), "
+                             f"found {_kind(value)} values; valid inputs: {valid}")
+        if shape and total is not None and shape[0] != total:
+            raise InputError(f"{runner.name}: inputs disagree on the batch: {total} rows and {shape[0]} rows "
+                             f"({name!r})")
+        total = shape[0] if shape else total
+    return total or 1
+
+
+def call_package(runner: PackageRunner, feeds: Mapping[str, Any]) -> dict[str, Any]:
+    """Check `feeds`, run them in calls of the package's fixed batch, return the outputs concatenated."""
+    total = check_feeds(runner, feeds)
+    dtypes = {s.name: s.dtype for s in runner.inputs}
+    native = {k: runner.native(v, dtypes[k]) for k, v in feeds.items()}
+    batch = runner.batch_size or total
+    parts = [runner.run({k: v[i:i + batch] for k, v in native.items()}) for i in range(0, total, batch)]
+    if len(parts) == 1:
+        return parts[0]
+    return {name: arrays.concat([p[name] for p in parts]) for name in parts[0]}
+
+
+def _pick(preferred: str, specs: Sequence, what: str, package: str) -> str:
+    names = [s.name for s in specs]
+    if preferred in names:
+        return preferred
+    if len(names) == 1:
+        return names[0]
+    raise ModelError(f"{package}: expected an {what} named {preferred!r}; the package has: {choices_text(names)}")
+
+
+# -- the components -----------------------------------------------------------------------------
+class _Adapter:
+    kind = ""
+
+    def __init__(self, package: PackageRunner):
+        self.package = package
+        self.runs_on = package.describe()
+        self.output = _pick(OUTPUT_NAMES[self.kind], package.outputs, "output", package.name)
+        if self.kind in INPUT_NAMES:
+            self.input = _pick(INPUT_NAMES[self.kind], package.inputs, "input", package.name)
+
+    def _call_one(self, value):
+        return call_package(self.package, {self.input: value})[self.output]
+
+
+class PackageTextEncoder(_Adapter):
+    kind = "text_encoder"
+
+    def encode(self, input_ids):
+        """int token ids (B, 77) -> last_hidden_state (B, 77, C) float32."""
+        if _kind(input_ids) != "integer":
+            dtype = input_ids.dtype if hasattr(input_ids, "dtype") else type(input_ids).__name__
+            raise InputError(f"text encoder: expected integer token ids, found {dtype}")
+        spec = next(s for s in self.package.inputs if s.name == self.input)
+        # Apple's packages take the ids as float32 (exact for ids below 2**24).
+        ids = self.package.native(input_ids, "fp32" if spec.dtype.startswith("fp") else spec.dtype)
+        return self._call_one(ids)
+
+
+class PackageUNet(_Adapter):
+    kind = "unet"
+
+    def __init__(self, package: PackageRunner):
+        super().__init__(package)
+        names = {s.name: s for s in package.inputs}
+        if not set(UNET_INPUTS) <= set(names):
+            raise ModelError(f"{package.name}: a UNet package needs inputs {', '.join(UNET_INPUTS)}; found "
+                             f"{choices_text(names)}")
+        self.batch_size = package.batch_size
+        # (B, C, 1, S) in Apple's Neural-Engine layout, (B, S, C) in a plain conversion
+        self._channels_first = len(names["encoder_hidden_states"].shape) == 4
+
+    def predict(self, sample, timestep, encoder_hidden_states):
+        """diffusers' UNet call: sample (B, 4, h, w), timestep (B,) or scalar, text (B, 77, C) -> (B, 4, h, w)."""
+        batch = sample.shape[0]
+        # A handful of numbers: numpy is the common ground, the runner moves them where they run.
+        t = arrays.to_numpy(timestep).astype(np.float32).reshape(-1)
+        if t.size not in (1, batch):
+            raise InputError(f"{self.package.name}: expected one timestep or one per row ({batch}); found {t.size}")
+        context = encoder_hidden_states
+        if self._channels_first:
+            context = context.swapaxes(1, 2)[:, :, None, :]  # (B, 77, C) -> (B, C, 1, 77), numpy or torch
+        feeds = {"sample": sample, "timestep": t if t.size == batch else np.full(batch, t[0], np.float32),
+                 "encoder_hidden_states": context}
+        return call_package(self.package, feeds)[self.output]
+
+
+class PackageVAEDecoder(_Adapter):
+    kind = "vae_decoder"
+
+    def decode(self, z):
+        """latents already divided by the scaling factor (B, 4, h, w) -> image (B, 3, H, W) in [-1, 1]."""
+        return self._call_one(z)
+
+
+class PackageVAEEncoder(_Adapter):
+    kind = "vae_encoder"
+
+    def encode(self, x):
+        """image (B, 3, H, W) in [-1, 1] -> mean and log-variance (B, 8, h, w)."""
+        return self._call_one(x)
+
+
+ADAPTERS = {a.kind: a for a in (PackageTextEncoder, PackageUNet, PackageVAEDecoder, PackageVAEEncoder)}
+
+
+def check_kind(kind: str) -> None:
+    if kind not in ADAPTERS:
+        raise InputError(f"unknown component kind {kind!r}; valid: {choices_text(KINDS)}")
+
+
+def adapt(runner: PackageRunner, kind: str):
+    """The backend component of `kind` over `runner` (a single package or a `PackageChain`)."""
+    check_kind(kind)
+    return ADAPTERS[kind](runner)
