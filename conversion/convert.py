@@ -178,13 +178,17 @@ class Converter:
 
 def _dequantized(prog, const_names: dict[str, str]) -> dict[str, np.ndarray]:
     """Parameter name -> the dense fp16 values the compressed program's weights decode to."""
-    out = {}
+    out, unmapped = {}, []
     for op in prog.functions["main"].operations:
         if not op.op_type.startswith("constexpr_"):
             continue
         base = op.name.rsplit("_", 1)[0]  # "<const>_palettized" / "<const>_quantized"
         if base in const_names:
             out[const_names[base]] = np.asarray(op.materialized_val_inference())
+        else:
+            unmapped.append(op.name)
+    if unmapped:  # the gate's reference would silently keep these weights uncompressed
+        raise ConversionError(f"compressed weights without a parameter to check them against: {', '.join(unmapped)}")
     return out
 
 

@@ -35,8 +35,9 @@ PASSES = (
     "common::dedup_op_and_var_names",
     "common::topological_reorder",
 )
-# Small tensors (norm scales, biases) stay fp16: compressing them saves nothing and costs accuracy.
+# Small tensors (biases, small convs) stay fp16: compressing them saves nothing and costs accuracy.
 COMPRESSION_MIN_ELEMENTS = 2048
+COMPRESSED_OP_TYPES = ("conv", "gather")
 
 
 class ConversionError(CoreMLSDError):
@@ -124,7 +125,9 @@ def compression_config(weights: str):
     else:
         op = cto.OpPalettizerConfig(mode="custom", lut_function=kmeans_lut(int(weights.split("-")[1])),
                                     granularity="per_tensor", weight_threshold=COMPRESSION_MIN_ELEMENTS)
-    return cto.OptimizationConfig(global_config=op)
+    # Weights are what conv ops (every linear/conv layer) and gather (the token embedding table)
+    # read; other constants (attention masks, norm scales, position tables) stay as they are.
+    return cto.OptimizationConfig(op_type_configs={op_type: op for op_type in COMPRESSED_OP_TYPES})
 
 
 def kmeans_lut(nbits: int) -> Callable:

@@ -209,6 +209,13 @@ def test_single_file_sd2_checkpoint_with_embedding(tmp_path):
         assert figures["passed"] and figures["min_psnr_db"] >= 55, (component, figures)
         assert all(v < figures["min_psnr_db"] for v in figures["psnr_vs_source_db"].values())
         assert m.components[component].weights == "palettize-6"
+    users = {}
+    for package in ("TextEncoder", "Unet"):
+        ops = list(load_program(out / f"{package}.mlpackage").function.operations)
+        users[package] = {c.op_type for op in ops if op.op_type.startswith("constexpr_") for c in op.outputs[0].child_ops}
+    # layer weights and the token table are compressed; masks, norms and positions are not
+    assert "gather" in users["TextEncoder"] and "conv" in users["Unet"]
+    assert users["TextEncoder"] | users["Unet"] <= {"conv", "gather"}
 
 
 # -- refusing, failing and being interrupted without leaving anything behind -----------------------
