@@ -58,6 +58,9 @@ def _split_heads(q, k, v, *, heads, ops, mask, query_chunk):
     q = ops.mul(q, 1.0 / math.sqrt(d))
     k_t = ops.transpose(k, (0, 3, 2, 1))  # (b, sk, 1, c): keys on the channel axis
     bounds = _chunks(sq, query_chunk)
+    masks = [None if mask is None else  # one constant per chunk, shared by the heads
+             ops.const(mask[start:stop].T.reshape(1, -1, 1, stop - start), ops.dtype(q), like=q)
+             for start, stop in bounds]
     outs = []
     for h in range(heads):
         if heads == 1:
@@ -67,12 +70,11 @@ def _split_heads(q, k, v, *, heads, ops, mask, query_chunk):
             k_h = ops.slice(k_t, 3, h * d, (h + 1) * d)  # (b, sk, 1, d)
             v_h = ops.slice(v, 1, h * d, (h + 1) * d)  # (b, d, 1, sk)
         pieces = []
-        for start, stop in bounds:
+        for (start, stop), m in zip(bounds, masks):
             q_c = q_h if len(bounds) == 1 else ops.slice(q_h, 3, start, stop)
             w = ops.einsum("bkhc,bchq->bkhq", k_h, q_c)  # (b, sk, 1, q)
-            if mask is not None:
-                m = mask[start:stop].T.reshape(1, -1, 1, stop - start)
-                w = ops.add(w, ops.const(m, ops.dtype(w), like=w))
+            if m is not None:
+                w = ops.add(w, m)
             w = ops.softmax(w, 1)
             pieces.append(ops.einsum("bchk,bkhq->bchq", v_h, w))  # (b, d, 1, q)
         outs.append(ops.concat(pieces, 3))
