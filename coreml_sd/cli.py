@@ -114,6 +114,25 @@ def generate(prompt, model, negative_prompt, seed, num_images, sampler, schedule
         click.echo(json.dumps(summary, indent=2))
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+def models(as_json):
+    """List the built-in models (used when --model is not given)."""
+    from coreml_sd.checkpoint.config import CheckpointConfig, sidecar_path
+    from coreml_sd.sources import BUILTIN, builtin_checkpoint
+
+    path = builtin_checkpoint()
+    config = CheckpointConfig.from_json(sidecar_path(path))
+    entry = {"name": BUILTIN, "default": True, "path": str(path), "size_bytes": path.stat().st_size,
+             "family": config.family, "native_size": f"{config.sample_size}x{config.sample_size}",
+             "prediction_type": config.scheduler.prediction_type, "description": config.description}
+    if as_json:
+        click.echo(json.dumps([entry], indent=2))
+        return
+    click.echo(f"{entry['name']} (default)  {entry['native_size']}  {entry['size_bytes'] / 1e6:.1f} MB  {path}")
+    click.echo(f"  {entry['description']}")
+
+
 def _load_plugin_commands() -> None:
     """Add commands packaged outside the runtime (e.g. `convert`), declared as entry points."""
     from importlib.metadata import entry_points

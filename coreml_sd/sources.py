@@ -124,6 +124,17 @@ def _token_text(token, default: str) -> str:
     return token if isinstance(token, str) else default
 
 
+BUILTIN = "builtin"
+
+
+def builtin_checkpoint() -> Path:
+    """The built-in model: a tiny SD-architecture model of handwritten digits (training/train_digits.py),
+    one original-layout checkpoint with its config beside it (`<stem>.coreml-sd.json`)."""
+    from importlib import resources
+
+    return Path(str(resources.files("coreml_sd") / "data" / "builtin" / "digits.safetensors"))
+
+
 def open_model(path: str | Path | None = None, *, vae: str | Path | None = None, loras=(), embeddings=(),
                hypernetworks=(), prediction_type: str | None = None, config=None, ema: bool = False) -> ModelSource:
     """Recognise the model at `path` and return its source; a one-line error otherwise.
@@ -132,10 +143,11 @@ def open_model(path: str | Path | None = None, *, vae: str | Path | None = None,
     work on both: `vae` a replacement VAE file, `loras` paths or (path, strength) pairs, `embeddings`
     textual-inversion files, `hypernetworks` (path, strength) pairs, `prediction_type` to override
     the model's. `config` (single files only): the architecture of a non-standard file, see
-    `coreml_sd.checkpoint.config`; `ema`: use a checkpoint's EMA weights.
+    `coreml_sd.checkpoint.config`; `ema`: use a checkpoint's EMA weights. None or "builtin": the
+    built-in model, which loads through the same single-file path as a community checkpoint.
     """
-    if path is None:
-        raise ModelError("no model given and this version has no built-in model yet: pass --model PATH")
+    if path is None or str(path) == BUILTIN:
+        path = builtin_checkpoint()
     from coreml_sd.checkpoint.source import CHECKPOINT_SUFFIXES, SingleFileCheckpoint, with_modifiers
 
     p = Path(path).expanduser()

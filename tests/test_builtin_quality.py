@@ -85,16 +85,12 @@ def test_builtin_model_is_one_small_original_layout_file_with_its_config():
 
 
 def test_model_none_loads_the_builtin_model():
-    from coreml_sd.errors import ModelError
     from coreml_sd.sources import open_model
 
-    try:
-        source = open_model(None)
-    except ModelError as exc:
-        if "no built-in model" in str(exc):
-            pytest.skip("the runtime has no built-in model hook yet (coreml_sd.sources.open_model(None))")
-        raise
-    assert Path(source.info.path).resolve() == CHECKPOINT.resolve()
+    for spec in (None, "builtin"):
+        source = open_model(spec)
+        assert Path(source.info.path).resolve() == CHECKPOINT.resolve()
+        assert source.info.sample_size == 32 and source.info.kind == "checkpoint"
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)

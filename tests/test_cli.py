@@ -70,3 +70,20 @@ def test_generate_writes_images_with_metadata(tiny_diffusers_dir, tmp_path):
     params = GenerationParams.from_a1111(read_parameters(paths[1]))
     assert (params.seed, params.steps, params.sampler, params.width) == (8, 3, "Euler a", 16)
     assert summary["parameters"]["steps"] == 3 and summary["runs_on"]["unet"] == "torch cpu fp32"
+
+
+def test_models_lists_the_builtin_default():
+    result = run("models", "--json")
+    assert result.exit_code == 0
+    (entry,) = json.loads(result.output)
+    assert entry["name"] == "builtin" and entry["default"] and entry["native_size"] == "32x32"
+    assert entry["path"].endswith("digits.safetensors") and entry["size_bytes"] < 10_000_000
+
+
+def test_generate_without_model_uses_the_builtin(tmp_path):
+    result = CliRunner().invoke(main, ["generate", "the number 3", "--seed", "1", "--steps", "2", "--json",
+                                       "--device", "cpu", "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["model"] == "digits" and summary["parameters"]["width"] == 32
+    assert len(list(tmp_path.iterdir())) == 1
