@@ -48,10 +48,43 @@ def _side(ctx, param, value):
         raise click.BadParameter(str(exc)) from None
 
 
+def _backend(ctx, param, value):
+    from coreml_sd.backends.selection import parse_backend
+
+    try:
+        parse_backend(value)
+    except InputError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def backend_options(command):
+    """Decorator: --backend, --device, --precision, --compute-units (generate, info, ...)."""
+    from coreml_sd.backends.coreml_backend import COMPUTE_UNITS
+    from coreml_sd.backends.selection import BACKEND_HELP
+
+    options = (
+        click.option("--backend", default="auto", show_default=True, callback=_backend, metavar="SPEC",
+                     help=BACKEND_HELP),
+        click.option("--device", type=click.Choice(("auto", "cpu", "cuda", "mps")), default="auto", show_default=True,
+                     help="torch and mil backends."),
+        click.option("--precision", type=click.Choice(("auto", "fp32", "fp16", "bf16")), default="auto",
+                     show_default=True, help="torch and mil backends. auto: fp16 on GPUs, bf16 on CPUs with native "
+                                             "bf16, else fp32."),
+        click.option("--compute-units", type=click.Choice(tuple(COMPUTE_UNITS)), default="all", show_default=True,
+                     help="coreml backend: ane = CPU_AND_NE (Neural Engine), gpu = CPU_AND_GPU, cpu = CPU_ONLY, "
+                          "all = ALL (Core ML decides)."),
+    )
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("prompt")
 @click.option("-m", "--model", default=None,
-              help="Model: a diffusers folder or a .safetensors/.ckpt file. Default: the built-in model.")
+              help="Model: a converted Core ML folder, a diffusers folder or a .safetensors/.ckpt file. "
+                   "Default: the built-in model.")
 @click.option("-n", "--negative-prompt", default="", help="What the image should not show.")
 @click.option("-s", "--seed", type=click.IntRange(0, 2**64 - 1), default=None,
               help="Seed of image 1 (image i uses seed+i). Default: random, printed.")
@@ -68,23 +101,23 @@ def _side(ctx, param, value):
 @click.option("--format", "fmt", type=click.Choice(tuple(FORMATS)), default="jpeg", show_default=True)
 @click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True, help="JPEG/WebP quality.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default="outputs", show_default=True)
-@click.option("--backend", type=click.Choice(("torch", "mil")), default="torch", show_default=True,
-              help="torch: diffusers modules; mil: a converted model's Core ML packages run with torch kernels.")
-@click.option("--device", type=click.Choice(("auto", "cpu", "cuda", "mps")), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(("auto", "fp32", "fp16", "bf16")), default="auto", show_default=True,
-              help="auto: fp16 on GPUs, bf16 on CPUs with native bf16, else fp32.")
+@backend_options
+@click.option("--reduce-memory", is_flag=True,
+              help="Load each component when it is used and free it after (text encoder, UNet, VAE in turn): "
+                   "for 8 GB Macs; slower per request.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @model_source_options
 def generate(prompt, model, negative_prompt, seed, num_images, sampler, schedule, steps, guidance_scale, width,
-             height, fmt, quality, output, backend, device, precision, as_json, quiet, **source_options):
+             height, fmt, quality, output, backend, device, precision, compute_units, reduce_memory, as_json, quiet,
+             **source_options):
     """Generate images from PROMPT."""
     from tqdm import tqdm
 
     from coreml_sd.pipeline import GeneratedImage, Pipeline, random_seed
 
-    pipe = Pipeline.load(model, backend=backend, device=device, precision=precision,
-                         **pop_source_kwargs(source_options))
+    pipe = Pipeline.load(model, backend=backend, device=device, precision=precision, compute_units=compute_units,
+                         reduce_memory=reduce_memory, **pop_source_kwargs(source_options))
     seed = random_seed() if seed is None else seed
     if not as_json:
         click.echo(f"seed {seed}", err=True)

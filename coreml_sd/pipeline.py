@@ -8,13 +8,13 @@ is also its return value. Image i of a request uses seed + i, so any image can b
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import numpy as np
 
 from coreml_sd import arrays
-from coreml_sd.backends import Components, get_loader
+from coreml_sd.backends import Components, LoadOptions
 from coreml_sd.errors import InputError, choices_text
 from coreml_sd.images import GenerationParams
 from coreml_sd.rng import NoiseSource
@@ -68,21 +68,36 @@ def to_pil(image) -> Any:
 
 
 class Pipeline:
-    """A loaded model: its source (facts, tokenizer) and the components a backend built."""
+    """A loaded model: its source (facts, tokenizer) and the components the backends built."""
 
-    def __init__(self, source: ModelSource, components: Components):
+    def __init__(self, source: ModelSource, components: Components, *, reduce_memory: bool = False):
         self.source = source
         self.info = source.info
         self.components = components
         self.tokenizer = source.tokenizer()
+        # Components load when first used and are released after their phase: all latents are
+        # sampled before the first is decoded, so each model is in memory once per request.
+        self.reduce_memory = reduce_memory
 
     @classmethod
-    def load(cls, model=None, *, backend: str = "torch", device: str = "auto", precision: str = "auto",
-             **source_options) -> "Pipeline":
-        """Open `model` (a path; None = the built-in model) and build its components on `backend`."""
+    def load(cls, model=None, *, backend: str = "auto", device: str = "auto", precision: str = "auto",
+             compute_units: str = "all", reduce_memory: bool = False, **source_options) -> "Pipeline":
+        """Open `model` (a path; None = the built-in model) and build its components.
+
+        `backend`: auto, a backend name, a fallback order or per component (see
+        `coreml_sd.backends.selection`). `device`/`precision`: torch and mil; `compute_units`
+        (ane, gpu, cpu, all): coreml. `reduce_memory`: load each component just in time and
+        release it after use (text encoder -> UNet -> VAE decoder), for 8 GB Macs.
+        """
+        from coreml_sd.backends.coreml_backend import compute_units_name
+        from coreml_sd.backends.selection import load_components, parse_backend
+
+        request = parse_backend(backend)
+        compute_units_name(compute_units)  # a wrong name fails before anything loads
         source = open_model(model, **source_options)
-        components = get_loader(backend)(source, device=device, precision=precision)
-        return cls(source, components)
+        options = LoadOptions(device=device, precision=precision, compute_units=compute_units)
+        components = load_components(source, request, options, reduce_memory=reduce_memory)
+        return cls(source, components, reduce_memory=reduce_memory)
 
     def _size(self, width: int | None, height: int | None) -> tuple[int, int]:
         # Converted Core ML packages take exactly the size they were converted for.
@@ -104,7 +119,7 @@ class Pipeline:
                  guidance_scale: float = 7.5, width: int | None = None,
                  height: int | None = None) -> Iterator[Progress | GeneratedImage]:
         from coreml_sd.denoiser import Denoiser
-        from coreml_sd.samplers import SAMPLERS, noise_from_sources, sample
+        from coreml_sd.samplers import SAMPLERS
         from coreml_sd.schedules import SCHEDULES, make_plan
 
         if sampler not in SAMPLERS:
@@ -120,27 +135,43 @@ class Pipeline:
 
         plan = make_plan(self.info.scheduler, sampler, steps, schedule)
         cond, uncond = self.encode_prompt(prompt), self.encode_prompt(negative_prompt)
+        self.components.release("text_encoder")
         denoiser = Denoiser(self.components.unet, plan, prediction_type=self.info.prediction_type,
                             cond=cond, uncond=uncond, guidance_scale=guidance_scale)
         f = self.info.vae_scale_factor
         shape = (1, self.info.latent_channels, height // f, width // f)
+        params = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps,
+                      sampler=SAMPLERS[sampler].display_name, schedule=schedule, guidance_scale=guidance_scale,
+                      width=width, height=height, model=self.info.name, model_hash=self.info.hash)
+        # Each image is sampled and decoded in turn; with reduce_memory all are sampled first, so
+        # the UNet is released before the VAE decoder loads.
+        groups = [list(range(num_images))] if self.reduce_memory else [[i] for i in range(num_images)]
         results = []
-        for i in range(num_images):
-            noise = noise_from_sources([NoiseSource(seed + i)], self.components.asarray)
-            x = noise(shape) * plan.init_noise_sigma
-            for step, x in enumerate(sample(sampler, denoiser, x, plan, noise), start=1):
-                yield Progress(i, num_images, step, steps, seed + i)
-            image = to_pil(self.components.vae_decoder.decode(x / self.info.scaling_factor))
-            params = GenerationParams(
-                prompt=prompt, negative_prompt=negative_prompt, steps=steps,
-                sampler=SAMPLERS[sampler].display_name, schedule=schedule, guidance_scale=guidance_scale,
-                seed=seed + i, width=width, height=height, model=self.info.name, model_hash=self.info.hash,
-                extras=self.generation_extras(),
-            )
-            result = GeneratedImage(image, i, seed + i, params, arrays.to_numpy(x))
-            results.append(result)
-            yield result
+        for group in groups:
+            latents = []
+            for i in group:
+                x = yield from self._sample(sampler, denoiser, plan, shape, Progress(i, num_images, 0, steps, seed + i))
+                latents.append(x)
+            if self.reduce_memory:
+                self.components.release("unet")
+            for i, x in zip(group, latents):
+                image = to_pil(self.components.vae_decoder.decode(x / self.info.scaling_factor))
+                meta = GenerationParams(seed=seed + i, extras=self.generation_extras(), **params)
+                results.append(GeneratedImage(image, i, seed + i, meta, arrays.to_numpy(x)))
+                yield results[-1]
+        self.components.release("unet")
+        self.components.release("vae_decoder")
         return results
+
+    def _sample(self, sampler: str, denoiser, plan, shape, start: Progress):
+        """Yields a Progress per step and returns the final latents of image `start.image_index`."""
+        from coreml_sd.samplers import noise_from_sources, sample
+
+        noise = noise_from_sources([NoiseSource(start.seed)], self.components.asarray)
+        x = noise(shape) * plan.init_noise_sigma
+        for step, x in enumerate(sample(sampler, denoiser, x, plan, noise), start=1):
+            yield replace(start, step=step)
+        return x
 
     def generation_extras(self) -> dict[str, str]:
         extras = dict(getattr(self.source, "generation_extras", {}) or {})

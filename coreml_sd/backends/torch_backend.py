@@ -92,3 +92,30 @@ def load_components(source: ModelSource, *, device: str = "auto", precision: str
         for module in (mods.text_encoder, mods.vae) if compile else (mods.text_encoder, mods.unet, mods.vae):
             prepack(module)
     return components_from_modules(mods, device=device, precision=precision, compile=compile)
+
+
+_MODULE_OF = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae"}
+
+
+def load_component(source: ModelSource, component: str, *, device: str = "auto", precision: str = "auto",
+                   compile: str | None = None, modules: TorchModules | None = None):
+    """One component on torch: (component, runs_on, device). `modules`: the source's modules when
+    already loaded for another component of the same load (same device and precision)."""
+    if compile and component == "unet":
+        from coreml_sd.backends.torch_compile import check_mode
+
+        check_mode(compile)
+    require_torch_modules(source)
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    mods = modules or source.torch_modules(device=device, dtype=torch_dtype(precision))
+    compile = compile if component == "unet" else None
+    if device == "cpu" and not compile:
+        from coreml_sd.backends.cpu_prepack import prepack
+
+        module = getattr(mods, _MODULE_OF[component])
+        if not getattr(module, "_coreml_sd_prepacked", False):
+            prepack(module)
+            module._coreml_sd_prepacked = True
+    built = components_from_modules(mods, device=device, precision=precision, compile=compile)
+    return getattr(built, component), built.runs_on[component], device
