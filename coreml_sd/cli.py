@@ -10,6 +10,7 @@ import click
 
 from coreml_sd import __version__
 from coreml_sd.errors import CoreMLSDError, InputError
+from coreml_sd.cli_backends import backend_options, info
 from coreml_sd.cli_bench import bench
 from coreml_sd.cli_checkpoint import checkpoint, model_source_options, pop_source_kwargs
 from coreml_sd.images import FORMATS, save_image, slugify
@@ -46,38 +47,6 @@ def _side(ctx, param, value):
         return check_side(value, param.name)
     except InputError as exc:
         raise click.BadParameter(str(exc)) from None
-
-
-def _backend(ctx, param, value):
-    from coreml_sd.backends.selection import parse_backend
-
-    try:
-        parse_backend(value)
-    except InputError as exc:
-        raise click.BadParameter(str(exc)) from None
-    return value
-
-
-def backend_options(command):
-    """Decorator: --backend, --device, --precision, --compute-units (generate, info, ...)."""
-    from coreml_sd.backends.coreml_backend import COMPUTE_UNITS
-    from coreml_sd.backends.selection import BACKEND_HELP
-
-    options = (
-        click.option("--backend", default="auto", show_default=True, callback=_backend, metavar="SPEC",
-                     help=BACKEND_HELP),
-        click.option("--device", type=click.Choice(("auto", "cpu", "cuda", "mps")), default="auto", show_default=True,
-                     help="torch and mil backends."),
-        click.option("--precision", type=click.Choice(("auto", "fp32", "fp16", "bf16")), default="auto",
-                     show_default=True, help="torch and mil backends. auto: fp16 on GPUs, bf16 on CPUs with native "
-                                             "bf16, else fp32."),
-        click.option("--compute-units", type=click.Choice(tuple(COMPUTE_UNITS)), default="all", show_default=True,
-                     help="coreml backend: ane = CPU_AND_NE (Neural Engine), gpu = CPU_AND_GPU, cpu = CPU_ONLY, "
-                          "all = ALL (Core ML decides)."),
-    )
-    for option in reversed(options):
-        command = option(command)
-    return command
 
 
 @main.command()
@@ -176,6 +145,7 @@ def _load_plugin_commands() -> None:
 
 
 main.add_command(checkpoint)
+main.add_command(info)
 main.add_command(bench)
 _load_plugin_commands()
 

@@ -132,7 +132,7 @@ def _spec_kind(dtype: str) -> str:
 def check_feeds(runner: PackageRunner, feeds: Mapping[str, Any]) -> int:
     """Check names, shapes (any multiple of the fixed batch) and element kinds; return the batch."""
     specs = {s.name: s for s in runner.inputs}
-    valid = "; ".join(s.describe() for s in runner.inputs)
+    valid = "; ".join(f"{s.name} {format_shape(s.shape)} {s.dtype}" for s in runner.inputs)
     unknown, missing = sorted(set(feeds) - set(specs)), sorted(set(specs) - set(feeds))
     if unknown or missing:
         raise InputError(f"{runner.name}: " + (f"unknown input(s) {', '.join(map(repr, unknown))}; " if unknown else "")

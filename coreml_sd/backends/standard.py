@@ -109,9 +109,8 @@ class MilBackend:
         return reason
 
     def describe(self, source, component: str, options: LoadOptions) -> str:
-        device, _ = _resolved_torch(options)
-        dtype = "auto" if options.precision == "auto" else options.precision
-        return f"mil {device} fast ({dtype} compute for fp16 ops)"
+        device, precision = _resolved_torch(options)  # the executor's fast dtype follows the same rule
+        return f"mil {device} fast ({precision} for fp16 ops)"
 
     def load(self, source, component: str, options: LoadOptions, shared: dict) -> Loaded:
         from coreml_sd.backends.mil_backend import load_mil_component
