@@ -35,7 +35,9 @@ def generate_row(prompt: str, out_dir: Path, model: str | None) -> list[Path]:
     if model:
         cmd += ["--model", model]
     print("$", " ".join(repr(c) if " " in c else c for c in cmd[1:]), flush=True)
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if done.returncode:
+        raise SystemExit(f"coreml-sd generate failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return [Path(img["path"]) for img in json.loads(done.stdout)["images"]]
 
 

@@ -11,7 +11,9 @@ red, green or blue ink on white, and white ink on black ("white on black", "inve
 are what people type ("a handwritten digit seven", "the number 7", "7", "a red handwritten digit
 seven", "7, white on black"); 15 % are empty so classifier-free guidance and negative prompts work.
 
-Reproduce the shipped weights exactly (CPU only, 2 threads, ~25 min on a 2-core machine):
+Reproduce the shipped weights exactly (CPU only, 2 threads; about 24 CPU-minutes, so roughly
+12-15 minutes on 2 idle cores — 45 minutes measured while the 2-core machine was shared with 4-6
+other jobs):
 
     . .venv/bin/activate
     python training/train_digits.py --out coreml_sd/data/builtin
