@@ -168,13 +168,13 @@ def render(ink8: torch.Tensor, styles: torch.Tensor, gen: torch.Generator) -> to
     return (paper + (ink_rgb - paper) * ink) * 2 - 1
 
 
-def make_bank(variants: int, seed: int):
-    """`variants` augmented renders of each of the 1,797 digits, each with a random look."""
+def make_bank(variants: int, seed: int, limit: int | None = None):
+    """`variants` augmented renders of each of the 1,797 digits (or the first `limit`), each with a random look."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    ink8 = torch.tensor(digits.images, dtype=torch.float32) / 16.0
-    labels = torch.tensor(digits.target, dtype=torch.long)
+    ink8 = torch.tensor(digits.images[:limit], dtype=torch.float32) / 16.0
+    labels = torch.tensor(digits.target[:limit], dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
     shares = torch.tensor([STYLES[s][2] for s in STYLE_NAMES])
     images, all_labels, all_styles = [], [], []
@@ -346,6 +346,7 @@ def main(argv=None) -> int:
     parser.add_argument("--vae-batch", type=int, default=64)
     parser.add_argument("--unet-steps", type=int, default=2000)
     parser.add_argument("--unet-batch", type=int, default=128)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N digits (quick checks)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the UNet + text encoder")
     parser.add_argument("--device", default="cpu",
                         help="cpu for the shipped weights; cuda only to try recipe changes quickly")
@@ -360,7 +361,7 @@ def main(argv=None) -> int:
         cpu = usage.ru_utime + usage.ru_stime
         print(f"[wall {time.perf_counter() - start:7.1f}s cpu {cpu:7.1f}s] {msg}", flush=True)
 
-    images, labels, styles = make_bank(args.variants, args.seed)
+    images, labels, styles = make_bank(args.variants, args.seed, args.limit)
     log(f"bank: {tuple(images.shape)} images")
     vae = train_vae(images, steps=args.vae_steps, batch=args.vae_batch, lr=1e-3, kl_weight=1e-5,
                     seed=args.seed, device=args.device, log=log)
