@@ -1,0 +1,218 @@
+"""Verify a converted model folder against its source: `coreml-sd verify`.
+
+The same check as the conversion's parity gate (`conversion.verify`: the same seeded inputs, the
+same upstream torch references computed in fp32 with the weights the package stores, the same
+PSNR), run again at any later time — after copying a folder to another machine, or to find out
+whether a package was damaged — plus an end-to-end check: one image generated from the same seed
+through the packages and through the source model in torch.
+
+Packages run in Core ML where its runtime is present (macOS, on the chosen compute units), else in
+the `mil` executor in exact mode (Core ML's fp16 rounding). The source is the manifest's (with
+the VAE, LoRAs and embeddings that were baked in), or another path given with `against`.
+
+A compressed package (palettized, int8) cannot match the source to 35 dB by construction; the
+conversion measured how close it came (`psnr_vs_source_db` in the manifest), and such a package
+passes when it still comes that close (less a 1 dB margin for a different executor).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coreml_sd import arrays
+from coreml_sd.errors import ModelError
+from coreml_sd.model_folder import ConvertedModel, Manifest
+from conversion.verify import (MIN_PSNR_DB, VERIFY_PROMPT, ParityResult, compare, psnr, text_encoder_case,
+                               unet_case, vae_decoder_case, vae_encoder_case)
+
+COMPRESSED_MARGIN_DB = 1.0
+IMAGE = "image"
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    threshold_db: float = MIN_PSNR_DB
+    steps: int = 8  # end-to-end image: sampler steps (0: no image check)
+    seed: int = 0
+    guidance_scale: float = 7.5
+    compute_units: str = "cpu"  # Core ML only (macOS)
+
+
+@dataclass
+class VerifyReport:
+    folder: Path
+    source: str
+    executor: str
+    results: dict[str, ParityResult] = field(default_factory=dict)  # components, then "image"
+    packages: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # check -> why it did not run
+
+    @property
+    def failed(self) -> list[str]:
+        return [name for name, r in self.results.items() if not r.passed]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"folder": str(self.folder), "source": self.source, "executor": self.executor, "passed": self.passed,
+                "failed": self.failed, "skipped": dict(self.skipped),
+                "results": {k: {**v.to_dict(), "package": self.packages.get(k)} for k, v in self.results.items()}}
+
+
+# -- package execution ----------------------------------------------------------------------------
+def _coreml_here() -> bool:
+    from coreml_sd.backends.coreml_backend import runtime_unavailable_reason
+
+    return runtime_unavailable_reason() is None
+
+
+def package_runner(paths: list[Path], compute_units: str):
+    """Core ML where it runs (the chosen compute units), else the mil executor in exact mode."""
+    if _coreml_here():
+        from coreml_sd.backends.coreml_backend import load_coreml_runner
+
+        return load_coreml_runner(paths, compute_units=compute_units)
+    from coreml_sd.backends.mil_backend import load_mil_runner
+
+    return load_mil_runner(paths, device="cpu", precision_mode="exact")
+
+
+def _run(runner, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from coreml_sd.backends.packages import call_package
+
+    return {k: arrays.to_numpy(v).astype(np.float32) for k, v in call_package(runner, inputs).items()}
+
+
+# -- the source -----------------------------------------------------------------------------------
+def open_source(manifest: Manifest, against: str | Path | None):
+    """The model the folder was converted from, with the modifiers that were baked in."""
+    from coreml_sd.sources import open_model
+
+    record = manifest.source or {}
+    path = against or record.get("path")
+    if not path or not Path(path).exists():
+        raise ModelError(f"the manifest's source model {path or '(none recorded)'} is not there; pass the source "
+                         f"checkpoint or diffusers folder with --against SOURCE")
+    modifiers = dict(record.get("modifiers") or {})
+    if "loras" in modifiers:
+        modifiers["loras"] = [tuple(x) for x in modifiers["loras"]]
+    return open_model(path, **modifiers)
+
+
+def _expected(manifest: Manifest, component: str, threshold: float) -> float:
+    """The component's pass mark: the threshold, or for a compressed package what the conversion
+    measured against the source (less a margin), whichever is lower."""
+    figures = (manifest.parity.get("components", {}).get(component, {}) or {}).get("psnr_vs_source_db")
+    if not figures:
+        return threshold
+    return min(threshold, min(v for v in figures.values() if v is not None) - COMPRESSED_MARGIN_DB)
+
+
+# -- the checks -----------------------------------------------------------------------------------
+def _case(component: str, mods, source, manifest: Manifest):
+    latent = (manifest.latent_channels, manifest.height // manifest.vae_scale_factor,
+              manifest.width // manifest.vae_scale_factor)
+    if component == "text_encoder":
+        triggers = getattr(source, "trigger_ids", None)
+        return text_encoder_case(mods.text_encoder, source.tokenizer(), extra_words=list(triggers() if triggers else []))
+    if component == "unet":
+        return unet_case(mods.unet, batch=manifest.batch, latent_shape=latent, context_dim=manifest.text_hidden_size)
+    if component == "vae_decoder":
+        return vae_decoder_case(mods.vae, latent_shape=latent)
+    return vae_encoder_case(mods.vae, image_shape=(3, manifest.height, manifest.width))
+
+
+_MODULE = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+
+
+def manifest_packages(folder: Path, manifest: Manifest) -> dict[str, list[Path]]:
+    """component -> its package path(s) (a chunked UNet: both chunks, in order), as converted."""
+    out = {}
+    for component in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        names = ["unet_chunk1", "unet_chunk2"] if component == "unet" and manifest.chunked else [component]
+        if all(n in manifest.components for n in names):
+            out[component] = [folder / manifest.components[n].package for n in names]
+    return out
+
+
+def check_components(folder: Path, manifest: Manifest, source, options: VerifyOptions, report: VerifyReport) -> None:
+    """Each package against the upstream module on the conversion gate's seeded inputs."""
+    import torch
+
+    dtype = torch.float16 if manifest.precision == "fp16" else torch.float32
+    # Loaded in the package precision, then computed in fp32: the weights the package stores.
+    mods = source.torch_modules(device="cpu", dtype=dtype)
+    with torch.inference_mode():
+        for component, paths in manifest_packages(folder, manifest).items():
+            module = getattr(mods, _MODULE[component]).float()
+            inputs, refs = _case(component, mods, source, manifest)
+            module.to(dtype)
+            runner = package_runner(paths, options.compute_units)
+            report.executor = runner.describe()
+            report.packages[component] = ", ".join(p.name for p in paths)
+            outputs = _run(runner, inputs)
+            del runner
+            report.results[component] = compare(component, outputs, refs, executor=report.executor,
+                                                threshold_db=_expected(manifest, component, options.threshold_db))
+
+
+def check_image(folder: ConvertedModel, source, options: VerifyOptions, report: VerifyReport) -> None:
+    """One image from the same seed through the packages and through the source in torch (fp32)."""
+    from coreml_sd.backends import LoadOptions
+    from coreml_sd.backends.selection import load_components, parse_backend
+    from coreml_sd.pipeline import Pipeline
+
+    kwargs = dict(seed=options.seed, steps=options.steps, sampler="euler", guidance_scale=options.guidance_scale,
+                  width=folder.manifest.width, height=folder.manifest.height)
+    reference = Pipeline(source, load_components(source, parse_backend("torch"),
+                                                 LoadOptions(device="cpu", precision="fp32")))
+    expected = np.asarray(reference(VERIFY_PROMPT, **kwargs)[0].image, dtype=np.float64)
+    del reference
+    image = np.asarray(Pipeline(folder, _package_components(folder, options))(VERIFY_PROMPT, **kwargs)[0].image,
+                       dtype=np.float64)
+    result = ParityResult(IMAGE, {IMAGE: psnr(expected, image)}, options.threshold_db, report.executor)
+    report.results[IMAGE] = result
+    report.packages[IMAGE] = f"{options.steps} euler steps, seed {options.seed}, guidance {options.guidance_scale:g}"
+
+
+def _package_components(folder: ConvertedModel, options: VerifyOptions):
+    if _coreml_here():
+        from coreml_sd.backends import LoadOptions
+        from coreml_sd.backends.selection import load_components, parse_backend
+
+        return load_components(folder, parse_backend("coreml"), LoadOptions(compute_units=options.compute_units))
+    from coreml_sd.backends.mil_backend import components_from_packages
+
+    paths = manifest_packages(folder.path, folder.manifest)
+    return components_from_packages(*(paths[c] for c in ("text_encoder", "unet", "vae_decoder")),
+                                    device="cpu", precision_mode="exact")
+
+
+def verify_model(folder: str | Path, *, against: str | Path | None = None,
+                 options: VerifyOptions = VerifyOptions()) -> VerifyReport:
+    """Check every package of a converted folder, and an end-to-end image, against the torch source."""
+    if not math.isfinite(options.threshold_db):
+        raise ModelError(f"threshold must be a finite number of dB; got {options.threshold_db}")
+    folder = Path(folder)
+    manifest = Manifest.read(folder)
+    missing = [p.package for p in manifest.components.values() if not (folder / p.package).is_dir()]
+    if missing:
+        raise ModelError(f"{folder}: the manifest lists {', '.join(missing)}, which is not in the folder")
+    source = open_source(manifest, against)
+    report = VerifyReport(folder, str(source.info.path), executor="")
+    check_components(folder, manifest, source, options, report)
+    lacking = manifest.missing_for_generation()
+    if options.steps <= 0:
+        report.skipped[IMAGE] = "--steps 0"
+    elif lacking:
+        report.skipped[IMAGE] = f"a partial conversion (no {', '.join(lacking)} package) cannot generate"
+    else:
+        check_image(ConvertedModel(folder), source, options, report)
+    return report
