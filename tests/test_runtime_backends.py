@@ -209,3 +209,25 @@ def test_coreml_load_failure_on_compute_units_falls_back(tiny, tmp_path, monkeyp
 def test_compute_units_are_checked(tiny):
     with pytest.raises(InputError, match="unknown compute units 'npu'; valid: ane, gpu, cpu, all"):
         Pipeline.load(tiny[1], compute_units="npu")
+
+
+@pytest.mark.macos
+@pytest.mark.parametrize("units", ["cpu", "gpu", "ane", "all"])
+def test_core_ml_on_macos(tiny, mil_image, tmp_path, monkeypatch, units):
+    """macOS: the packages through Core ML itself on each compute units; compiled into the cache once."""
+    from coreml_sd.backends.compiled_cache import CompiledModelCache
+
+    monkeypatch.setenv("COREML_SD_CACHE", str(tmp_path / "cache"))
+    pipe = Pipeline.load(tiny[1], backend="coreml", compute_units=units)
+    assert set(pipe.components.runs_on.values()) == {f"coreml {units} ({_units(units)})"}
+    assert image_psnr(pipe(PROMPT, **GEN)[0].image, mil_image.image) >= 30
+    cache = CompiledModelCache(tmp_path / "cache")
+    packages = [tiny[1] / f"{n}.mlpackage" for n in ("TextEncoder", "Unet", "VAEDecoder")]
+    assert all(cache.lookup(p) for p in packages)
+    assert not any(cache.compiled_path(p).compiled_now for p in packages)
+
+
+def _units(short: str) -> str:
+    from coreml_sd.backends.coreml_backend import COMPUTE_UNITS
+
+    return COMPUTE_UNITS[short]

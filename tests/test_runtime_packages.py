@@ -98,3 +98,62 @@ def test_check_feeds_reports_unknown_and_missing_inputs():
     with pytest.raises(InputError, match="inputs disagree on the batch: 2 rows and 3 rows \\('b'\\)"):
         check_feeds(Runner(), {"a": np.zeros((2, 3)), "b": np.zeros(3, np.int32)})
     assert check_feeds(Runner(), {"a": np.zeros((2, 3)), "b": np.zeros(2, np.int32)}) == 2
+
+
+NO_TORCH_SCRIPT = r'''
+import importlib.abc, importlib.machinery, sys
+
+
+class NoTorch(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """As if torch were not installed: any `import torch` fails (the Core ML path must not need it)."""
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "torch":
+            return importlib.machinery.ModuleSpec(name, self)
+    def create_module(self, spec):
+        raise ModuleNotFoundError(f"No module named {spec.name!r} (blocked)", name=spec.name)
+    def exec_module(self, module):
+        pass
+
+
+sys.meta_path.insert(0, NoTorch())
+import numpy as np
+from coreml_sd.backends import coreml_backend
+
+class NumpyModel:
+    """Core ML's predict contract with a little numpy arithmetic instead of a network."""
+    def __init__(self, path):
+        self.name = path.name
+    def predict(self, feeds):
+        if "input_ids" in feeds:
+            ids = feeds["input_ids"]
+            return {"last_hidden_state": np.repeat((ids / 49408.0)[..., None], 32, -1).astype(np.float32),
+                    "pooled_outputs": np.zeros((1, 32), np.float32)}
+        if "sample" in feeds:
+            assert feeds["sample"].dtype == np.float16 and feeds["encoder_hidden_states"].shape == (2, 32, 1, 77)
+            return {"noise_pred": (0.1 * feeds["sample"]).astype(np.float32)}
+        z = feeds["z"]
+        return {"image": np.tanh(np.repeat(np.repeat(z[:, :3], 2, 2), 2, 3)).astype(np.float32)}
+
+class Opener:
+    def open(self, package, units, compiled=None):
+        return NumpyModel(package)
+
+coreml_backend.runtime_unavailable_reason = lambda platform=None: None
+coreml_backend.make_opener = lambda: Opener()
+from coreml_sd.pipeline import Pipeline
+pipe = Pipeline.load(sys.argv[1], backend="coreml", compute_units="ane")
+result = pipe("a cat", seed=1, steps=3, sampler="euler_a")[0]
+assert type(result.latents) is np.ndarray and result.image.size == (16, 16)
+print(sorted(set(pipe.components.runs_on.values())), "torch" in sys.modules)
+'''
+
+
+def test_core_ml_path_needs_no_torch(folder):
+    """A whole generation through the coreml backend in a process where torch cannot be imported
+    (Core ML's predict replaced by numpy arithmetic): adapters, sampler, noise and images are torch-free."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", NO_TORCH_SCRIPT, str(folder)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "['coreml ane (CPU_AND_NE)'] False"
