@@ -61,7 +61,8 @@ def runs():
     torch.set_num_threads(1)
     digit_classifier()  # fit once, outside the timed generation
     try:
-        yield Runs(Pipeline.load(CHECKPOINT, backend="torch", device="cpu", precision="fp32"))
+        # model=None: the runtime's own default, as `coreml-sd generate PROMPT` without --model.
+        yield Runs(Pipeline.load(None, backend="torch", device="cpu", precision="fp32"))
     finally:
         torch.set_num_threads(threads)
 
