@@ -121,7 +121,8 @@ def _case(component: str, mods, source, manifest: Manifest):
               manifest.width // manifest.vae_scale_factor)
     if component == "text_encoder":
         triggers = getattr(source, "trigger_ids", None)
-        return text_encoder_case(mods.text_encoder, source.tokenizer(), extra_words=list(triggers() if triggers else []))
+        words = list(triggers() if triggers else [])  # textual-inversion words baked in: checked too
+        return text_encoder_case(mods.text_encoder, source.tokenizer(), extra_words=words)
     if component == "unet":
         return unet_case(mods.unet, batch=manifest.batch, latent_shape=latent, context_dim=manifest.text_hidden_size)
     if component == "vae_decoder":

@@ -63,9 +63,10 @@ def _manifest_lines(m: dict[str, Any]) -> list[str]:
     src = m.get("source") or {}
     parity = m.get("parity") or {}
     figures = ", ".join(f"{k} {v.get('min_psnr_db')} dB" for k, v in (parity.get("components") or {}).items())
-    lines = [f"  converted    {m['attention']} attention, {m['weights']} weights, {m['precision']} programs, UNet batch "
-             f"{m['batch']}, min target {m['min_target']}, {m.get('created') or '?'}",
-             f"  source       {src.get('path', '-')} ({src.get('kind', '?')}, sha256 {str(src.get('sha256', '-'))[:16]}...)"]
+    sha = str(src.get("sha256", "-"))[:16]
+    lines = [f"  converted    {m['attention']} attention, {m['weights']} weights, {m['precision']} programs, "
+             f"UNet batch {m['batch']}, min target {m['min_target']}, {m.get('created') or '?'}",
+             f"  source       {src.get('path', '-')} ({src.get('kind', '?')}, sha256 {sha}...)"]
     mods = {k: v for k, v in (src.get("modifiers") or {}).items() if v}
     if mods:
         lines.append(f"  baked in     {', '.join(f'{k}: {v}' for k, v in mods.items())}")

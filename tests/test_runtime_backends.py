@@ -16,7 +16,6 @@ from coreml_sd.backends import COMPONENTS, LoadOptions
 from coreml_sd.backends.selection import BACKEND_HELP, parse_backend, plan_components
 from coreml_sd.cli import main
 from coreml_sd.errors import BackendUnavailable, InputError
-from coreml_sd.model_folder import Manifest
 from coreml_sd.pipeline import Pipeline
 from coreml_sd.sources import open_model
 

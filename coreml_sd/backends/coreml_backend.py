@@ -135,10 +135,13 @@ class CoreMLOpener:
         self.cache = cache or CompiledModelCache(cache_root(), compile_fn=compile_with_coremltools)
 
     def open(self, package: Path, compute_units: str, compiled: Path | None = None):
-        """A model with `predict`: the folder's own .mlmodelc if given, else the cache's."""
-        path = compiled if compiled is not None and compiled.is_dir() else \
-            self.cache.compiled_path(package, compute_units).path
-        return self.load_compiled(path, compute_units)
+        """A model with `predict`: the folder's own .mlmodelc if given and it loads, else the cache's."""
+        if compiled is not None and compiled.is_dir():
+            try:
+                return self.load_compiled(compiled, compute_units)
+            except Exception as exc:  # e.g. compiled by a newer OS than this one: compile here instead
+                log.info("%s did not load (%s); using the compiled-model cache", compiled.name, exc)
+        return self.load_compiled(self.cache.compiled_path(package, compute_units).path, compute_units)
 
     def load_compiled(self, path: Path, compute_units: str):
         ct = _coremltools()

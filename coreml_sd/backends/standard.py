@@ -133,7 +133,8 @@ class TorchBackend:
         if converted is not None:
             path = converted.manifest.source.get("path")
             if not path or not Path(path).exists():
-                return f"torch needs the source model, and the manifest's source {path or '(none recorded)'} is not there"
+                return (f"torch needs the source model, and the manifest's source {path or '(none recorded)'} "
+                        f"is not there")
         return None
 
     def describe(self, source, component: str, options: LoadOptions) -> str:
