@@ -96,8 +96,9 @@ class MilCoreML(CoreMLOpener):
     def load_compiled(self, path: Path, compute_units: str):
         if compute_units in self.fail_on:
             raise RuntimeError(f"Error in declaring network. (simulated Core ML load failure on {compute_units})")
+        model = MilPredictor(path, compute_units)
         self.loaded.append((Path(path).name, compute_units))
-        return MilPredictor(path, compute_units)
+        return model
 
 
 def as_macos(monkeypatch, opener: MilCoreML) -> MilCoreML:

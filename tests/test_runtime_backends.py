@@ -205,6 +205,26 @@ def test_coreml_load_failure_on_compute_units_falls_back(tiny, tmp_path, monkeyp
     assert Pipeline.load(tiny[1], backend="coreml", compute_units="gpu").components.runs_on["unet"].startswith("coreml")
 
 
+def test_models_compiled_at_conversion_are_used(tiny, tmp_path, monkeypatch):
+    """A folder converted with --compile carries .mlmodelc folders: used as they are, and one that does
+    not load (compiled by a newer OS, say) is compiled into the cache instead."""
+    import shutil
+
+    folder = copy_model(tiny[1], tmp_path / "compiled")
+    shutil.copytree(folder / "Unet.mlpackage", folder / "Unet.mlmodelc")  # stands in for a compiled model
+    (folder / "VAEDecoder.mlmodelc").mkdir()  # one that does not load
+    data = json.loads((folder / "manifest.json").read_text())
+    data["components"]["unet"]["compiled"] = "Unet.mlmodelc"
+    data["components"]["vae_decoder"]["compiled"] = "VAEDecoder.mlmodelc"
+    (folder / "manifest.json").write_text(json.dumps(data))
+    opener = as_macos(monkeypatch, MilCoreML(tmp_path / "cache"))
+    Pipeline.load(folder, backend="coreml")
+    assert opener.loaded == [("TextEncoder.mlmodelc", "ALL"), ("Unet.mlmodelc", "ALL"), ("VAEDecoder.mlmodelc", "ALL")]
+    assert opener.cache.lookup(folder / "Unet.mlpackage") is None  # the folder's own: nothing compiled
+    assert opener.cache.lookup(folder / "TextEncoder.mlpackage") is not None
+    assert opener.cache.lookup(folder / "VAEDecoder.mlpackage") is not None
+
+
 def test_compute_units_are_checked(tiny):
     with pytest.raises(InputError, match="unknown compute units 'npu'; valid: ane, gpu, cpu, all"):
         Pipeline.load(tiny[1], compute_units="npu")
