@@ -75,7 +75,10 @@ def load_diffusers(task):
                                                            safety_checker=None, requires_safety_checker=False)
     else:
         pipe = _pipeline_from_modules(source, device, dtype)
-    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    # A key a config leaves null (SD 1.5 folders written from coreml_sd's configs have
+    # timestep_spacing: null) takes the scheduler's default, as a missing key does in diffusers.
+    config = {k: v for k, v in pipe.scheduler.config.items() if v is not None}
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(torch.device(device))
 
@@ -96,6 +99,11 @@ def _quiet_diffusers():
             dlogging.enable_progress_bar()
 
 
+def scheduler_config(config) -> dict:
+    """diffusers scheduler_config keys of a coreml_sd SchedulerConfig; unset (None) keys left out."""
+    return {**{k: v for k, v in config.to_dict().items() if v is not None}, "skip_prk_steps": True}
+
+
 def _pipeline_from_modules(source, device: str, dtype):
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
@@ -104,7 +112,7 @@ def _pipeline_from_modules(source, device: str, dtype):
     files = source.info.tokenizer_files
     tokenizer = CLIPTokenizer(str(files.vocab), str(files.merges), model_max_length=77,
                               pad_token=source.info.pad_token)
-    scheduler = PNDMScheduler.from_config({**source.info.scheduler.to_dict(), "skip_prk_steps": True})
+    scheduler = PNDMScheduler.from_config(scheduler_config(source.info.scheduler))
     return StableDiffusionPipeline(vae=mods.vae, text_encoder=mods.text_encoder, tokenizer=tokenizer, unet=mods.unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

@@ -84,6 +84,7 @@ def write_random_model(folder: Path, config_name: str = "sd1", *, seed: int = 0,
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    from coreml_sd.bench.engines import scheduler_config
     from coreml_sd.checkpoint.config import shipped_config
     from coreml_sd.tokenizer import bundled_files
 
@@ -97,7 +98,7 @@ def write_random_model(folder: Path, config_name: str = "sd1", *, seed: int = 0,
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, unet=unet,
         tokenizer=CLIPTokenizer(str(files.vocab), str(files.merges), model_max_length=77, pad_token=cfg.pad_token),
-        scheduler=PNDMScheduler.from_config({**cfg.scheduler.to_dict(), "skip_prk_steps": True}),
+        scheduler=PNDMScheduler.from_config(scheduler_config(cfg.scheduler)),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     folder = Path(folder)
