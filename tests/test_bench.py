@@ -262,3 +262,35 @@ def test_a_worker_that_dies_is_a_failure_not_a_number(monkeypatch):
     entry = runner._run_in_process(Task(targets.RunSpec("torch-cpu"), None, Settings()), lambda s: None)
     assert entry["status"] == "failed" and "exit code 1" in entry["reason"]
     assert "unet_step" not in entry
+
+
+def test_random_model_is_written_once_and_loads_in_both_pipelines(tmp_path):
+    """The default model's path: a random-weight diffusers folder written once into the cache (here
+    at the tiny architecture with SD 1.5's shipped scheduler config, which leaves timestep_spacing
+    unset), then measured by diffusers' own pipeline and by coreml_sd's."""
+    from tiny_models import TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG
+
+    from coreml_sd.bench.measure import Settings
+    from coreml_sd.bench.models import resolve_model, write_random_model
+    from coreml_sd.bench.runner import BenchRequest, run_bench
+    from coreml_sd.checkpoint.config import CheckpointConfig, shipped_config
+
+    config = CheckpointConfig("sd1", dict(UNET_CONFIG), dict(VAE_CONFIG), dict(TEXT_CONFIG),
+                              shipped_config("sd1").scheduler)
+    calls = []
+
+    def make(folder, name, seed):
+        calls.append((name, seed))
+        write_random_model(folder, config=config, seed=seed)
+
+    first = resolve_model(None, tmp_path, make_random=make)
+    again = resolve_model("sd15-random", tmp_path, make_random=make)
+    assert calls == [("sd1", 0)] and first == again and first.random_weights
+    assert not list(tmp_path.glob(".*partial*"))  # written under a temporary name, then renamed
+    sched = json.loads((first.path / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["timestep_spacing"] == "leading"  # diffusers' default for the unset key, not null
+    request = BenchRequest(tuple(targets.parse_runs("diffusers,torch-cpu:fp32")), model=str(first.path),
+                           settings=Settings(steps=1, warmup=0, runs=1, e2e_steps=1, threads=1),
+                           cache_dir=tmp_path, isolation="inline")
+    result = run_bench(request)
+    assert [r["status"] for r in result["runs"]] == ["ok", "ok"], [r["reason"] for r in result["runs"]]

@@ -107,8 +107,9 @@ def write_chart(result: dict, path: Path) -> Path | None:
         ax.annotate(fmt_s(m), (m, y), xytext=(6, 6), textcoords="offset points", fontsize=8)
     e2e = runs[0]["end_to_end"]
     ax.set_xlabel("seconds per guided UNet step (batch 2), median; bars p10–p90")
-    ax.set_title(f"UNet step, {e2e['width']}x{e2e['height']}: {result['model']['name']} on "
-                 f"{result['machine']['cpu']} / {result['machine']['accelerator']}", fontsize=9)
+    machine = result["machine"]
+    where = machine["cpu"] + ("" if machine["accelerator"] == "none" else f" / {machine['accelerator']}")
+    ax.set_title(f"UNet step, {e2e['width']}x{e2e['height']}: {result['model']['name']} on {where}", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
