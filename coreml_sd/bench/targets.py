@@ -7,7 +7,6 @@ on this machine; the run records the resolved precision too).
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 from coreml_sd.errors import InputError, choices_text
@@ -100,16 +99,15 @@ def parse_runs(backends: str, precisions: tuple[str, ...] = ("auto",)) -> list[R
 
 
 def coreml_unavailable_reason() -> str | None:
-    """Why Core ML cannot run here, known without loading anything; None where it may."""
+    """Why Core ML cannot run here, known without loading anything (the coreml backend's own
+    check); None where it may. Checked before converting a model for it."""
     from coreml_sd.backends import backend_names
 
     if "coreml" not in backend_names():
         return "this coreml-sd has no coreml backend registered"
-    if sys.platform != "darwin":
-        from coreml_sd.bench.machine import os_name
+    from coreml_sd.backends.coreml_backend import runtime_unavailable_reason
 
-        return f"Core ML runs only on macOS; this is {os_name()}"
-    return None
+    return runtime_unavailable_reason()
 
 
 def torch_device_unavailable_reason(device: str) -> str | None:
