@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -119,7 +119,7 @@ def run_bench(request: BenchRequest, progress: Callable[[str], None] = lambda s:
 
     request.validate()
     cache = Path(request.cache_dir or default_cache_dir())
-    request = BenchRequest(**{**request.__dict__, "cache_dir": cache})
+    request = replace(request, cache_dir=cache)
     before, start = load_average(), time.perf_counter()
     make = _make_random_in_process if request.isolation == "process" else None
     if request.model is None or not Path(request.model).exists():
