@@ -110,7 +110,7 @@ def _show_comparison(paths: tuple[str, str], as_json: bool) -> None:
 @click.option("--isolation", type=click.Choice(ISOLATIONS), default="process", show_default=True,
               help="process: each backend in a fresh process (honest cold load and memory); inline: one process.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Random model and conversions. Default: $COREML_SD_CACHE or ~/.cache/coreml-sd, /bench.")
+              help="Random model and conversions. Default: the cache folder ($COREML_SD_CACHE, ~/Library/Caches/coreml-sd on macOS, ~/.cache/coreml-sd elsewhere) + /bench.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"),
               show_default=True, help="Folder for NAME.json, NAME.md and NAME.png.")
 @click.option("--name", default="bench", show_default=True, help="File name stem of the outputs.")

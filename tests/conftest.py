@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 import pytest
 
 # Belt and braces: no test may reach a model hub, even where a network exists.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Caches (compiled models, file hashes, bench models) go to a folder of this run, never the user's.
+os.environ["COREML_SD_CACHE"] = tempfile.mkdtemp(prefix="coreml-sd-test-cache-")
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -47,36 +47,21 @@ import logging
 import os
 import platform
 import shutil
-import sys
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator
+
+from coreml_sd.cachedir import ENV_VAR, cache_root  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
-ENV_VAR = "COREML_SD_CACHE"
-APP = "coreml-sd"
 FORMAT_VERSION = 1
 SMALL_FILE = 16 << 20  # files up to this size (spec, manifests) are hashed whole in the quick fingerprint
 ENTRY_FILE = "entry.json"
 
 CompileFn = Callable[[Path, Path], object]  # (package, destination .mlmodelc) -> anything
-
-
-def cache_root(environ: Mapping[str, str] | None = None, system: str | None = None, home: Path | None = None) -> Path:
-    """Where compiled models are cached: $COREML_SD_CACHE, else the platform's user cache folder."""
-    environ = os.environ if environ is None else environ
-    system = sys.platform if system is None else system
-    home = Path.home() if home is None else Path(home)
-    if environ.get(ENV_VAR):
-        return Path(environ[ENV_VAR]).expanduser()
-    if system == "darwin":
-        return home / "Library" / "Caches" / APP
-    if environ.get("XDG_CACHE_HOME"):
-        return Path(environ["XDG_CACHE_HOME"]).expanduser() / APP
-    return home / ".cache" / APP
 
 
 def current_os_version() -> str:

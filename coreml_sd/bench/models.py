@@ -34,11 +34,10 @@ RANDOM_MODEL_VERSION = 1
 
 
 def default_cache_dir() -> Path:
-    """$COREML_SD_CACHE, else $XDG_CACHE_HOME/coreml-sd, else ~/.cache/coreml-sd; plus /bench."""
-    root = os.environ.get("COREML_SD_CACHE")
-    if not root:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "coreml-sd"
-    return Path(root) / "bench"
+    """The cache root (see `coreml_sd.cachedir`) + /bench."""
+    from coreml_sd.cachedir import cache_root
+
+    return cache_root() / "bench"
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import _compat_pickle
 import io
 import json
+import logging
 import math
 import os
 import pickletools
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from coreml_sd.errors import ModelError, UnsafeFileError
+
+log = logging.getLogger(__name__)
 
 SAFETENSORS = "safetensors"
 TORCH_ZIP = "torch-zip"
@@ -353,14 +356,61 @@ def torch_dtype_name(dtype) -> str:
     return _TORCH_TO_ST.get(str(dtype).replace("torch.", ""), str(dtype))
 
 
+# Hashing a 2-7 GB checkpoint takes seconds at every `generate --model FILE`; as AUTOMATIC1111 does,
+# the digest of a large file is kept in the cache folder, keyed by its resolved path and the byte
+# offset hashed from, and trusted while the file's size and mtime are unchanged.
+HASH_CACHE_MIN_BYTES = 64 << 20
+HASH_CACHE_FILE = "hashes.json"
+
+
+def _hash_cache_path() -> Path:
+    from coreml_sd.cachedir import cache_root
+
+    return cache_root() / HASH_CACHE_FILE
+
+
+def _read_hash_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # absent, unreadable or corrupt: hash again
+
+
+def _remember_hash(key: str, entry: dict[str, Any]) -> None:
+    cache = _hash_cache_path()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        data = _read_hash_cache(cache)
+        data[key] = entry
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=0, sort_keys=True))
+        os.replace(tmp, cache)
+    except OSError as exc:  # a read-only home must not stop generation
+        log.debug("file hash not cached (%s)", exc)
+
+
 def sha256_file(path: str | Path, *, chunk: int = 1 << 20, offset: int = 0) -> str:
+    """sha256 of the file's bytes from `offset`; remembered for large files (see HASH_CACHE_MIN_BYTES)."""
     import hashlib
 
+    path = Path(path)
+    st = path.stat()
+    cached = st.st_size >= HASH_CACHE_MIN_BYTES
+    key = f"{path.resolve()}@{offset}"
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if cached:
+        entry = _read_hash_cache(_hash_cache_path()).get(key)
+        if isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items()) \
+                and isinstance(entry.get("sha256"), str):
+            return entry["sha256"]
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         fh.seek(offset)
         for block in iter(lambda: fh.read(chunk), b""):
             digest.update(block)
+    if cached:
+        _remember_hash(key, {**stamp, "sha256": digest.hexdigest()})
     return digest.hexdigest()
 
 
