@@ -58,6 +58,8 @@ def _side(ctx, param, value):
 @click.option("-s", "--seed", type=click.IntRange(0, 2**64 - 1), default=None,
               help="Seed of image 1 (image i uses seed+i). Default: random, printed.")
 @click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Images sampled together in one UNet batch (faster on GPUs; needs memory for each).")
 @click.option("--sampler", type=click.Choice(tuple(SAMPLERS)), default="euler_a", show_default=True)
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="default", show_default=True,
               help="Sigma schedule: the model's own, or Karras et al.'s.")
@@ -77,7 +79,7 @@ def _side(ctx, param, value):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @model_source_options
-def generate(prompt, model, negative_prompt, seed, num_images, sampler, schedule, steps, guidance_scale, width,
+def generate(prompt, model, negative_prompt, seed, num_images, batch_size, sampler, schedule, steps, guidance_scale, width,
              height, fmt, quality, output, backend, device, precision, compute_units, reduce_memory, as_json, quiet,
              **source_options):
     """Generate images from PROMPT."""
@@ -92,7 +94,7 @@ def generate(prompt, model, negative_prompt, seed, num_images, sampler, schedule
         click.echo(f"seed {seed}", err=True)
     bar, written = None, []
     for event in pipe.generate(prompt, negative_prompt=negative_prompt, seed=seed, num_images=num_images,
-                               sampler=sampler, schedule=schedule, steps=steps, guidance_scale=guidance_scale,
+                               batch_size=batch_size, sampler=sampler, schedule=schedule, steps=steps, guidance_scale=guidance_scale,
                                width=width, height=height):
         if isinstance(event, GeneratedImage):
             if bar:
@@ -105,7 +107,9 @@ def generate(prompt, model, negative_prompt, seed, num_images, sampler, schedule
                 click.echo(str(path))
         elif not quiet:
             if bar is None:
-                bar = tqdm(total=event.steps, desc=f"image {event.image_index + 1}/{event.num_images}",
+                first, last = event.image_index + 1, event.image_index + event.batch
+                which = f"image {first}" if first == last else f"images {first}-{last}"
+                bar = tqdm(total=event.steps, desc=f"{which}/{event.num_images}",
                            unit="step", file=sys.stderr, leave=False)
             bar.update(1)
     if as_json:

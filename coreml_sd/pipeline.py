@@ -3,13 +3,16 @@
 `Pipeline.generate` is a generator: it yields a `Progress` after every sampler step and a
 `GeneratedImage` when each image is done, so the caller owns progress display; the list of images
 is also its return value. Image i of a request uses seed + i, so any image can be redone alone.
+`batch_size` images go through the UNet together (each with its own noise source, so the same
+images as one at a time, to the floating-point rounding a larger batch may change); a list of
+prompts gives each image its own.
 """
 
 from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, replace
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -26,11 +29,12 @@ MAX_SEED = 2**64 - 1
 
 @dataclass(frozen=True)
 class Progress:
-    image_index: int
+    image_index: int  # the first image of the batch being sampled
     num_images: int
     step: int  # 1-based steps completed
     steps: int
-    seed: int
+    seed: int  # of image `image_index`
+    batch: int = 1  # images sampled together in this step: image_index .. image_index + batch - 1
 
 
 @dataclass(frozen=True)
@@ -114,10 +118,13 @@ class Pipeline:
         ids = np.asarray([self.tokenizer(text)], dtype=np.int64)
         return self.components.text_encoder.encode(ids)
 
-    def generate(self, prompt: str, *, negative_prompt: str = "", seed: int | None = None, num_images: int = 1,
+    def generate(self, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[str] = "",
+                 seed: int | None = None, num_images: int | None = None, batch_size: int = 1,
                  sampler: str = "euler_a", schedule: str = "default", steps: int = 25,
                  guidance_scale: float = 7.5, width: int | None = None,
                  height: int | None = None) -> Iterator[Progress | GeneratedImage]:
+        """`prompt`/`negative_prompt`: one text for every image, or a list with one per image.
+        `num_images` defaults to the length of such a list, else 1."""
         from coreml_sd.denoiser import Denoiser
         from coreml_sd.samplers import SAMPLERS
         from coreml_sd.schedules import SCHEDULES, make_plan
@@ -128,35 +135,47 @@ class Pipeline:
             raise InputError(f"unknown schedule {schedule!r}; valid schedules: {choices_text(SCHEDULES)}")
         width, height = self._size(width, height)
         check_positive(steps, "steps")
+        lists = [len(p) for p in (prompt, negative_prompt) if not isinstance(p, str)]
+        num_images = num_images if num_images is not None else (lists[0] if lists else 1)
         check_positive(num_images, "num_images")
+        check_positive(batch_size, "batch_size")
+        prompts = per_image(prompt, num_images, "prompt")
+        negatives = per_image(negative_prompt, num_images, "negative_prompt")
         seed = random_seed() if seed is None else int(seed)
         if not 0 <= seed <= MAX_SEED - (num_images - 1):
             raise InputError(f"seed must be between 0 and {MAX_SEED - num_images + 1}; got {seed}")
 
         plan = make_plan(self.info.scheduler, sampler, steps, schedule)
-        cond, uncond = self.encode_prompt(prompt), self.encode_prompt(negative_prompt)
+        embedded: dict[str, Any] = {}
+        for text in dict.fromkeys(prompts + negatives):  # each distinct text once, in order
+            embedded[text] = self.encode_prompt(text)
         self.components.release("text_encoder")
-        denoiser = Denoiser(self.components.unet, plan, prediction_type=self.info.prediction_type,
-                            cond=cond, uncond=uncond, guidance_scale=guidance_scale)
         f = self.info.vae_scale_factor
-        shape = (1, self.info.latent_channels, height // f, width // f)
-        params = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps,
-                      sampler=SAMPLERS[sampler].display_name, schedule=schedule, guidance_scale=guidance_scale,
-                      width=width, height=height, model=self.info.name, model_hash=self.info.hash)
-        # Each image is sampled and decoded in turn; with reduce_memory all are sampled first, so
+        params = dict(steps=steps, sampler=SAMPLERS[sampler].display_name, schedule=schedule,
+                      guidance_scale=guidance_scale, width=width, height=height, model=self.info.name,
+                      model_hash=self.info.hash)
+        batches = [list(range(i, min(i + batch_size, num_images))) for i in range(0, num_images, batch_size)]
+        # Each batch is sampled and decoded in turn; with reduce_memory all are sampled first, so
         # the UNet is released before the VAE decoder loads.
-        groups = [list(range(num_images))] if self.reduce_memory else [[i] for i in range(num_images)]
+        groups = [batches] if self.reduce_memory else [[b] for b in batches]
         results = []
         for group in groups:
             latents = []
-            for i in group:
-                x = yield from self._sample(sampler, denoiser, plan, shape, Progress(i, num_images, 0, steps, seed + i))
-                latents.append(x)
+            for batch in group:
+                denoiser = Denoiser(self.components.unet, plan, prediction_type=self.info.prediction_type,
+                                    cond=arrays.concat([embedded[prompts[i]] for i in batch]),
+                                    uncond=arrays.concat([embedded[negatives[i]] for i in batch]),
+                                    guidance_scale=guidance_scale)
+                shape = (len(batch), self.info.latent_channels, height // f, width // f)
+                start = Progress(batch[0], num_images, 0, steps, seed + batch[0], len(batch))
+                x = yield from self._sample(sampler, denoiser, plan, shape, start)
+                latents += [(i, x[k:k + 1]) for k, i in enumerate(batch)]
             if self.reduce_memory:
                 self.components.release("unet")
-            for i, x in zip(group, latents):
+            for i, x in latents:
                 image = to_pil(self.components.vae_decoder.decode(x / self.info.scaling_factor))
-                meta = GenerationParams(seed=seed + i, extras=self.generation_extras(), **params)
+                meta = GenerationParams(seed=seed + i, prompt=prompts[i], negative_prompt=negatives[i],
+                                        extras=self.generation_extras(), **params)
                 results.append(GeneratedImage(image, i, seed + i, meta, arrays.to_numpy(x)))
                 yield results[-1]
         self.components.release("unet")
@@ -164,10 +183,12 @@ class Pipeline:
         return results
 
     def _sample(self, sampler: str, denoiser, plan, shape, start: Progress):
-        """Yields a Progress per step and returns the final latents of image `start.image_index`."""
+        """Yields a Progress per step and returns the final latents of images start.image_index ..
+        + shape[0] - 1 (image i's noise from its own source, seed + i)."""
         from coreml_sd.samplers import noise_from_sources, sample
 
-        noise = noise_from_sources([NoiseSource(start.seed)], self.components.asarray)
+        sources = [NoiseSource(start.seed + k) for k in range(shape[0])]
+        noise = noise_from_sources(sources, self.components.asarray)
         x = noise(shape) * plan.init_noise_sigma
         for step, x in enumerate(sample(sampler, denoiser, x, plan, noise), start=1):
             yield replace(start, step=step)
@@ -181,6 +202,16 @@ class Pipeline:
     def __call__(self, prompt: str, **kwargs) -> list[GeneratedImage]:
         """Generate and return the images (no progress)."""
         return [r for r in self.generate(prompt, **kwargs) if isinstance(r, GeneratedImage)]
+
+
+def per_image(text: str | Sequence[str], num_images: int, name: str) -> list[str]:
+    if isinstance(text, str):
+        return [text] * num_images
+    texts = list(text)
+    if len(texts) != num_images or not all(isinstance(t, str) for t in texts):
+        raise InputError(f"{name} must be one text or a list of {num_images} texts (one per image); "
+                         f"got {len(texts)} items")
+    return texts
 
 
 def describe_runs_on(runs_on: dict[str, str]) -> str:

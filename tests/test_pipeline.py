@@ -27,8 +27,9 @@ def reference(tiny_diffusers_dir):
         tiny_diffusers_dir, safety_checker=None, requires_safety_checker=False, local_files_only=True)
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
 @pytest.mark.parametrize("sampler", list(SCHEDULERS))
-def test_images_equal_diffusers_pipeline(pipe, reference, sampler):
+def test_images_equal_diffusers_pipeline(pipe, reference, sampler, batch_size):
     name, extra = SCHEDULERS[sampler]
     reference.scheduler = getattr(diffusers, name).from_config(reference.scheduler.config, **extra)
     kwargs = dict(negative_prompt="blurry", num_inference_steps=6, guidance_scale=5.0)
@@ -36,7 +37,7 @@ def test_images_equal_diffusers_pipeline(pipe, reference, sampler):
     expected = reference(["a red cat"] * 2, generator=gens, output_type="latent",
                          **{**kwargs, "negative_prompt": ["blurry"] * 2}).images.numpy()
     ours = pipe("a red cat", seed=11, num_images=2, sampler=sampler, steps=6, guidance_scale=5.0,
-                negative_prompt="blurry")
+                negative_prompt="blurry", batch_size=batch_size)
     got = np.concatenate([r.latents for r in ours])
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
     # Decoded images too (diffusers' image processor rounding is the same as ours).
@@ -71,7 +72,28 @@ def test_generate_yields_progress_then_images(pipe):
     assert image.params.sampler == "Euler a" and image.params.extras["Backend"] == "torch cpu fp32"
 
 
+def test_a_prompt_per_image_in_one_batch_equals_each_alone(pipe):
+    prompts, negatives = ["a dog", "a cat", "a dog"], ["", "blurry", "blurry"]
+    events = list(pipe.generate(prompts, negative_prompt=negatives, seed=40, batch_size=3, steps=4,
+                                sampler="euler_a"))
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert [(e.image_index, e.batch, e.step) for e in progress] == [(0, 3, 1), (0, 3, 2), (0, 3, 3), (0, 3, 4)]
+    batched = [e for e in events if isinstance(e, GeneratedImage)]
+    assert [(r.index, r.seed, r.params.prompt, r.params.negative_prompt) for r in batched] == [
+        (0, 40, "a dog", ""), (1, 41, "a cat", "blurry"), (2, 42, "a dog", "blurry")]
+    for r in batched:
+        (alone,) = pipe(r.params.prompt, negative_prompt=r.params.negative_prompt, seed=r.seed, steps=4,
+                        sampler="euler_a")
+        # Equal to the rounding a batch of 3 may change in the UNet's kernels.
+        np.testing.assert_allclose(r.latents, alone.latents, atol=1e-4, rtol=0)
+    assert not np.allclose(batched[0].latents, batched[2].latents)  # same prompt, other seed and negative
+
+
 @pytest.mark.parametrize("kwargs, needle", [
+    ({"batch_size": 0}, "batch_size"),
+    ({"prompt": ["a", "b"], "num_images": 3}, "list of 3 texts"),
+    ({"negative_prompt": ["a", "b"], "num_images": 3}, "negative_prompt must be one text or a list of 3"),
+    ({"prompt": ["a", "b"], "negative_prompt": ["a", "b", "c"]}, "negative_prompt must be one text or a list of 2"),
     ({"sampler": "plms"}, "valid samplers"),
     ({"schedule": "cosine"}, "valid schedules"),
     ({"width": 20}, "multiple of 8"),
@@ -80,5 +102,6 @@ def test_generate_yields_progress_then_images(pipe):
     ({"seed": -1}, "seed"),
 ])
 def test_bad_requests_raise_input_error(pipe, kwargs, needle):
+    kwargs = {"prompt": "x", **kwargs}
     with pytest.raises(InputError, match=needle):
-        next(iter(pipe.generate("x", **kwargs)))
+        next(iter(pipe.generate(kwargs.pop("prompt"), **kwargs)))
