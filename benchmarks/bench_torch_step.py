@@ -5,11 +5,16 @@ alike and the ratios stay meaningful:
 
   diffusers-fp32   StableDiffusionPipeline's default on a CPU: the UNet in fp32
   diffusers-bf16   the same UNet cast to bf16 by hand
-  ours-auto        coreml_sd's torch backend with --precision auto (bf16 on CPUs with native bf16)
+  ours-auto        coreml_sd's torch backend with --precision auto (bf16 on CPUs with native bf16),
+                   its weights prepared as the backend's loader prepares them (prepack_for_cpu)
+
+With --prepack-study, also the UNet step and the VAE decoder (one 64x64 latent) with and without
+oneDNN-prepacked weights, fp32 and bf16, interleaved: the evidence for which components the
+backend packs (torch_backend.PREPACKED).
 
 Then a short sampling loop in fp32 and in our auto precision from the same seed, to report the
 final-latent PSNR that the faster precision costs. Random weights (latency does not depend on
-them). Usage: python -m benchmarks.bench_torch_step [--rounds 3] [--quality-steps 8]
+them). Usage: python -m benchmarks.bench_torch_step [--rounds 3] [--quality-steps 8] [--prepack-study]
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import machine_info, peak_rss_gib, sd15_unet, summarize, write_result
-from coreml_sd.backends.torch_backend import TorchUNet
+from benchmarks.common import machine_info, peak_rss_gib, sd15_unet, sd15_vae, summarize, write_result
+from coreml_sd.backends.cpu_prepack import prepack
+from coreml_sd.backends.torch_backend import PREPACKED, TorchUNet, prepack_for_cpu
+from coreml_sd.sources import TorchModules
 from coreml_sd.devices import resolve_precision, torch_dtype
 
 
@@ -57,18 +64,52 @@ def final_latents(unet, steps: int, seed: int = 0) -> np.ndarray:
     return x.numpy()
 
 
+def prepack_study(unet_fp32, rounds: int) -> dict:
+    """Packed/plain time ratio per (component, dtype), each pair interleaved in one process."""
+    vae_fp32 = sd15_vae()
+    gen = torch.Generator().manual_seed(2)
+    x, h, z = torch.randn(2, 4, 64, 64, generator=gen), torch.randn(2, 77, 768, generator=gen), \
+        torch.randn(1, 4, 64, 64, generator=gen)
+    t = torch.full((2,), 500.0)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, module, run in (("unet", unet_fp32, lambda m: m(x.to(dtype), t, encoder_hidden_states=h.to(dtype))),
+                                  ("vae_decoder", vae_fp32, lambda m: m.decode(z.to(dtype)))):
+            plain = copy.deepcopy(module).to(dtype)
+            packed = copy.deepcopy(plain)
+            prepack(packed)
+            times = {"plain": [], "packed": []}
+            with torch.inference_mode():
+                run(plain), run(packed)  # warm-up
+                for r in range(rounds):
+                    for variant, m in (("plain", plain), ("packed", packed)):
+                        times[variant].append(timed(lambda: run(m)))
+                        print(f"prepack study {name} {dtype} round {r + 1} {variant}: {times[variant][-1]:.2f} s",
+                              flush=True)
+            key = f"{name} {str(dtype).removeprefix('torch.')}"
+            out[key] = {v: summarize(ts) for v, ts in times.items()}
+            out[key]["packed/plain"] = out[key]["packed"]["median_s"] / out[key]["plain"]["median_s"]
+            print(key, "packed/plain", round(out[key]["packed/plain"], 3), flush=True)
+            del plain, packed
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quality-steps", type=int, default=8)
     ap.add_argument("--name", default="torch_step_cpu")
+    ap.add_argument("--prepack-study", action="store_true",
+                    help="also time UNet and VAE decoder with/without prepacked weights, fp32 and bf16")
     args = ap.parse_args()
 
     precision = resolve_precision("auto", "cpu")
     fp32 = sd15_unet()
     params = sum(p.numel() for p in fp32.parameters())
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    ours = TorchUNet(copy.deepcopy(fp32).to(torch_dtype(precision)), torch_dtype(precision))
+    mods = TorchModules(text_encoder=None, unet=copy.deepcopy(fp32).to(torch_dtype(precision)), vae=None)
+    prepack_for_cpu(mods, "unet", device="cpu", precision=precision)
+    ours = TorchUNet(mods.unet, torch_dtype(precision))
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 64, 64, generator=gen)
@@ -102,6 +143,8 @@ def main() -> None:
                    "final_latent_psnr_db_vs_fp32": round(psnr(got, ref), 2)}
         print("quality:", quality)
 
+    study = prepack_study(fp32, args.rounds) if args.prepack_study else {}
+
     result = {
         "benchmark": "unet_step_torch_cpu",
         "model": f"SD1.5 UNet architecture, random weights, {params / 1e6:.1f} M parameters",
@@ -111,6 +154,8 @@ def main() -> None:
         "ratios": ratios,
         "targets": {"ours/diffusers-fp32": "<= 0.6", "ours/diffusers-bf16": "<= 1.0"},
         "quality": quality,
+        "ours_prepacked": {"unet": "unet" in PREPACKED.get(precision, ())},
+        "prepack_study": study,
         "peak_rss_gib": round(peak_rss_gib(), 2),
     }
     print("wrote", write_result(args.name, result))

@@ -53,3 +53,23 @@ def test_wrong_input_dtype_is_a_clear_error(modules):
     cpu_prepack.prepack(packed)
     with pytest.raises(TypeError, match="conv_in: packed for torch.float32"):
         packed.conv_in(torch.zeros(1, 4, 8, 8, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("precision, packed", [
+    ("bf16", {"text_encoder", "unet"}),  # the VAE decoder measured slower packed
+    ("fp32", set()),                     # packing measured no faster in fp32
+])
+def test_loader_packs_only_where_it_measured_faster(modules, precision, packed):
+    from coreml_sd.backends.torch_backend import prepack_for_cpu
+    from coreml_sd.devices import torch_dtype
+    from coreml_sd.sources import TorchModules
+
+    text_encoder, unet, vae = (copy.deepcopy(m).to(torch_dtype(precision)) for m in modules)
+    mods = TorchModules(text_encoder=text_encoder, unet=unet, vae=vae)
+    for component in ("text_encoder", "unet", "vae_decoder"):
+        prepack_for_cpu(mods, component, device="cpu", precision=precision)
+        prepack_for_cpu(mods, component, device="cpu", precision=precision)  # a second call changes nothing
+    layers = {"text_encoder": text_encoder, "unet": unet, "vae_decoder": vae}
+    for name, module in layers.items():
+        dense = [m for m in module.modules() if type(m) in (torch.nn.Conv2d, torch.nn.Linear)]
+        assert dense and all(hasattr(m, "_packed_weight") == (name in packed) for m in dense), name
