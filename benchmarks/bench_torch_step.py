@@ -6,15 +6,14 @@ alike and the ratios stay meaningful:
   diffusers-fp32   StableDiffusionPipeline's default on a CPU: the UNet in fp32
   diffusers-bf16   the same UNet cast to bf16 by hand
   ours-auto        coreml_sd's torch backend with --precision auto (bf16 on CPUs with native bf16),
-                   its weights prepared as the backend's loader prepares them (prepack_for_cpu)
+                   loaded as the backend loads it (a fresh copy of the weights in that precision)
 
-With --prepack-study, also the UNet step and the VAE decoder (one 64x64 latent) with and without
-oneDNN-prepacked weights, fp32 and bf16, interleaved: the evidence for which components the
-backend packs (torch_backend.PREPACKED).
+(An earlier version pre-packed oneDNN weights on CPUs; results/prepack_study_cpu.json recorded it
+slower in every case, and it was removed.)
 
 Then a short sampling loop in fp32 and in our auto precision from the same seed, to report the
 final-latent PSNR that the faster precision costs. Random weights (latency does not depend on
-them). Usage: python -m benchmarks.bench_torch_step [--rounds 3] [--quality-steps 8] [--prepack-study]
+them). Usage: python -m benchmarks.bench_torch_step [--rounds 3] [--quality-steps 8]
 """
 
 from __future__ import annotations
@@ -27,10 +26,8 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import machine_info, peak_rss_gib, sd15_unet, sd15_vae, summarize, write_result
-from coreml_sd.backends.cpu_prepack import prepack
-from coreml_sd.backends.torch_backend import PREPACKED, TorchUNet, prepack_for_cpu
-from coreml_sd.sources import TorchModules
+from benchmarks.common import machine_info, peak_rss_gib, sd15_unet, summarize, write_result
+from coreml_sd.backends.torch_backend import TorchUNet
 from coreml_sd.devices import resolve_precision, torch_dtype
 
 
@@ -64,52 +61,18 @@ def final_latents(unet, steps: int, seed: int = 0) -> np.ndarray:
     return x.numpy()
 
 
-def prepack_study(unet_fp32, rounds: int) -> dict:
-    """Packed/plain time ratio per (component, dtype), each pair interleaved in one process."""
-    vae_fp32 = sd15_vae()
-    gen = torch.Generator().manual_seed(2)
-    x, h, z = torch.randn(2, 4, 64, 64, generator=gen), torch.randn(2, 77, 768, generator=gen), \
-        torch.randn(1, 4, 64, 64, generator=gen)
-    t = torch.full((2,), 500.0)
-    out = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        for name, module, run in (("unet", unet_fp32, lambda m: m(x.to(dtype), t, encoder_hidden_states=h.to(dtype))),
-                                  ("vae_decoder", vae_fp32, lambda m: m.decode(z.to(dtype)))):
-            plain = copy.deepcopy(module).to(dtype)
-            packed = copy.deepcopy(plain)
-            prepack(packed)
-            times = {"plain": [], "packed": []}
-            with torch.inference_mode():
-                run(plain), run(packed)  # warm-up
-                for r in range(rounds):
-                    for variant, m in (("plain", plain), ("packed", packed)):
-                        times[variant].append(timed(lambda: run(m)))
-                        print(f"prepack study {name} {dtype} round {r + 1} {variant}: {times[variant][-1]:.2f} s",
-                              flush=True)
-            key = f"{name} {str(dtype).removeprefix('torch.')}"
-            out[key] = {v: summarize(ts) for v, ts in times.items()}
-            out[key]["packed/plain"] = out[key]["packed"]["median_s"] / out[key]["plain"]["median_s"]
-            print(key, "packed/plain", round(out[key]["packed/plain"], 3), flush=True)
-            del plain, packed
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quality-steps", type=int, default=8)
     ap.add_argument("--name", default="torch_step_cpu")
-    ap.add_argument("--prepack-study", action="store_true",
-                    help="also time UNet and VAE decoder with/without prepacked weights, fp32 and bf16")
     args = ap.parse_args()
 
     precision = resolve_precision("auto", "cpu")
     fp32 = sd15_unet()
     params = sum(p.numel() for p in fp32.parameters())
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    mods = TorchModules(text_encoder=None, unet=copy.deepcopy(fp32).to(torch_dtype(precision)), vae=None)
-    prepack_for_cpu(mods, "unet", device="cpu", precision=precision)
-    ours = TorchUNet(mods.unet, torch_dtype(precision))
+    ours = TorchUNet(copy.deepcopy(fp32).to(torch_dtype(precision)), torch_dtype(precision))
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 64, 64, generator=gen)
@@ -124,16 +87,19 @@ def main() -> None:
     with torch.inference_mode():
         for fn in variants.values():  # warm-up
             fn()
+        names = list(variants)
         for r in range(args.rounds):
-            for name, fn in variants.items():
-                times[name].append(timed(fn))
+            # The order rotates every round, so no variant always runs after the same neighbour.
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                times[name].append(timed(variants[name]))
                 print(f"round {r + 1} {name}: {times[name][-1]:.2f} s", flush=True)
 
-    med = {k: summarize(v)["median_s"] for k, v in times.items()}
+    # On a shared machine the speed drifts over minutes: a ratio is taken within each round (its
+    # runs are seconds apart), then the median over rounds.
     ours_key = f"ours-auto ({precision})"
-    ratios = {"ours/diffusers-fp32": med[ours_key] / med["diffusers-fp32"],
-              "ours/diffusers-bf16": med[ours_key] / med["diffusers-bf16"]}
-    print("ratios:", {k: round(v, 3) for k, v in ratios.items()})
+    ratios = {f"ours/{base}": float(np.median([o / b for o, b in zip(times[ours_key], times[base])]))
+              for base in ("diffusers-fp32", "diffusers-bf16")}
+    print("ratios (median of per-round ratios):", {k: round(v, 3) for k, v in ratios.items()})
 
     quality = {}
     if args.quality_steps:
@@ -143,8 +109,6 @@ def main() -> None:
                    "final_latent_psnr_db_vs_fp32": round(psnr(got, ref), 2)}
         print("quality:", quality)
 
-    study = prepack_study(fp32, args.rounds) if args.prepack_study else {}
-
     result = {
         "benchmark": "unet_step_torch_cpu",
         "model": f"SD1.5 UNet architecture, random weights, {params / 1e6:.1f} M parameters",
@@ -152,10 +116,9 @@ def main() -> None:
         "machine": machine_info(),
         "step_seconds": {k: summarize(v) for k, v in times.items()},
         "ratios": ratios,
+        "ratio_method": "median over rounds of the ratio within each round (variant order rotated per round)",
         "targets": {"ours/diffusers-fp32": "<= 0.6", "ours/diffusers-bf16": "<= 1.0"},
         "quality": quality,
-        "ours_prepacked": {"unet": "unet" in PREPACKED.get(precision, ())},
-        "prepack_study": study,
         "peak_rss_gib": round(peak_rss_gib(), 2),
     }
     print("wrote", write_result(args.name, result))

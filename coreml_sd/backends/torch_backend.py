@@ -75,8 +75,7 @@ def components_from_modules(mods: TorchModules, *, device: str, precision: str,
 
 def load_components(source: ModelSource, *, device: str = "auto", precision: str = "auto",
                     compile: str | None = None) -> Components:
-    """`compile`: torch.compile the UNet in this mode (see `torch_compile.py`; for GPUs). None: eager,
-    with weights pre-packed for oneDNN on a CPU."""
+    """`compile`: torch.compile the UNet in this mode (see `torch_compile.py`; for GPUs). None: eager."""
     if compile:
         from coreml_sd.backends.torch_compile import check_mode
 
@@ -85,34 +84,7 @@ def load_components(source: ModelSource, *, device: str = "auto", precision: str
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
     mods = source.torch_modules(device=device, dtype=torch_dtype(precision))
-    for component in _MODULE_OF:
-        # Inductor cannot trace oneDNN's opaque packed weights: a compiled UNet stays unpacked.
-        if not (compile and component == "unet"):
-            prepack_for_cpu(mods, component, device=device, precision=precision)
     return components_from_modules(mods, device=device, precision=precision, compile=compile)
-
-
-# Which components are given oneDNN-prepacked weights on a CPU, from measurements side by side on
-# the SD 1.5 architecture (`python -m benchmarks.bench_torch_step --prepack-study`, recorded in
-# benchmarks/results/torch_step_cpu.json): the UNet and text encoder in bf16, where re-laying out
-# each weight on every call is a share of the cost of their small-activation GEMMs; nothing in
-# fp32, and never the VAE decoder, where packing measured slower (its large activations make the
-# weight reorder negligible and the packed path's activation reorders a cost).
-PREPACKED = {"bf16": ("text_encoder", "unet")}
-
-
-def prepack_for_cpu(mods: TorchModules, component: str, *, device: str, precision: str) -> None:
-    if device != "cpu" or component not in PREPACKED.get(precision, ()):
-        return
-    from coreml_sd.backends.cpu_prepack import prepack
-
-    module = getattr(mods, _MODULE_OF[component])
-    if not getattr(module, "_coreml_sd_prepacked", False):
-        prepack(module)
-        module._coreml_sd_prepacked = True
-
-
-_MODULE_OF = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae"}
 
 
 def load_component(source: ModelSource, component: str, *, device: str = "auto", precision: str = "auto",
@@ -128,7 +100,5 @@ def load_component(source: ModelSource, component: str, *, device: str = "auto",
     precision = resolve_precision(precision, device)
     mods = modules or source.torch_modules(device=device, dtype=torch_dtype(precision))
     compile = compile if component == "unet" else None
-    if not compile:
-        prepack_for_cpu(mods, component, device=device, precision=precision)
     built = components_from_modules(mods, device=device, precision=precision, compile=compile)
     return getattr(built, component), built.runs_on[component], device

@@ -16,8 +16,8 @@ op (~1,000 launches). What closes that gap, in order of effect:
    shortcut convolutions then use the autotuned GEMM templates.
 
 Compilation happens at the first call (a minute or more; `max-autotune` several): benchmarks
-warm up before timing. On a CPU the torch backend pre-packs weights for oneDNN instead (see
-`cpu_prepack.py`); compiling is allowed there too but is not the default. The mode names are
+warm up before timing. On a CPU the torch backend stays eager (bf16 where the CPU has native
+bf16); compiling is allowed there too but is not the default. The mode names are
 importable without torch (the CLI lists them).
 """
 
