@@ -1,7 +1,9 @@
 """Op-group fusions for `fast` mode: patterns coremltools decomposes, run as one torch kernel.
 
 coremltools lowers torch's attention to matmul -> softmax -> matmul and GroupNorm to ten
-reductions and elementwise ops. Run op by op in bf16 they cost far more than the fused kernels
+reductions and elementwise ops; `coreml-sd convert` writes attention as per-head einsum pairs
+(Neural Engine) or heads-as-batch matmuls (GPU), and GroupNorm / channel LayerNorm as mean, sub,
+mul, mean, rsqrt, mul. Run op by op in bf16 they cost far more than the fused kernels
 torch eager uses (`F.scaled_dot_product_attention`, `F.group_norm`), and round every
 intermediate. A fusion replaces exactly such a chain when every intermediate value has no other
 reader; anything that does not match runs op by op. `exact` mode never fuses: it must round
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from coreml_sd.mil.registry import Kernel
 
 
-FUSION_KINDS = ("fused_attention", "fused_group_norm")
+FUSION_KINDS = ("fused_attention", "fused_group_norm", "fused_layer_norm")
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,46 +51,125 @@ def _scalar(var):
 
 
 def match_attention(softmax_op, keep: set[int]) -> Fusion | None:
-    """matmul(q, k^T) [* s | / s] [+ mask] -> softmax(-1) -> matmul(., v)  =>  SDPA."""
+    """scores [* s | / s] [+ mask] -> softmax over the keys -> (. v)  =>  SDPA, in two families:
+
+    * matmul: `matmul(q, k)` with any transpose flags and softmax over the last axis, then
+      `matmul(p, v)` or `matmul(v, p, transpose_y=True)` (heads-as-batch layouts: coremltools'
+      torch frontend, and `coreml-sd convert --attention original`, which keeps (B, h, d, S));
+    * einsum: MIL's `nchw,nwhu->nchu` pair over (B, S, H, ..) slices (Apple's and coreml-sd's
+      split-einsum attention for the Neural Engine): `einsum(k, q)` with softmax over axis 1, then
+      `einsum(v, p)`.
+    """
     x = softmax_op.inputs["x"]
     rank = len(x.shape)
     axis = _scalar(softmax_op.inputs.get("axis"))
-    if rank not in (3, 4) or (axis is not None and int(axis) not in (-1, rank - 1)):
+    axis = -1 if axis is None else int(axis) % rank if rank else None
+    if rank not in (3, 4):
         return None
     scores = _scores_chain(softmax_op, keep)
     if scores is None:
         return None
     first, ops, scale, mask = scores
-    if _const(first.inputs.get("transpose_x")):
-        return None
-    k_transposed = bool(_const(first.inputs.get("transpose_y")))
     second = _only_reader(softmax_op.outputs[0], keep)
-    if second is None or second.op_type != "matmul" or second.inputs["x"] is not softmax_op.outputs[0]:
+    if second is None:
         return None
-    if _const(second.inputs.get("transpose_x")) or _const(second.inputs.get("transpose_y")):
+    if first.op_type == "matmul" and axis in (-1, rank - 1):
+        layout = _matmul_layout(first, second, softmax_op.outputs[0])
+    elif first.op_type == "einsum" and rank == 4 and axis == 1:
+        layout = _einsum_layout(first, second, softmax_op.outputs[0])
+    else:
         return None
-    q, k, v = first.inputs["x"], first.inputs["y"], second.inputs["y"]
-    if not (len(q.shape) == len(k.shape) == len(v.shape) == rank):
+    if layout is None:
+        return None
+    (q, k, v), prepare, finish, mask_layout = layout
+    if mask is not None and mask_layout is None:
         return None
 
     def run(q, k, v, *maybe_mask):
-        k = k if k_transposed else k.transpose(-1, -2)
-        m = maybe_mask[0].to(q.dtype) if maybe_mask else None
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale)
+        q, k, v = prepare(q, k, v)
+        m = mask_layout(maybe_mask[0]).to(q.dtype) if maybe_mask else None
+        return finish(F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale))
 
     args = (q, k, v) + ((mask,) if mask is not None else ())
     return Fusion("fused_attention", tuple([first] + ops + [second]), Kernel(run, args))
 
 
+def _t(x):
+    return x.transpose(-1, -2)
+
+
+def _same(x):
+    return x
+
+
+def _matmul_layout(first, second, probs):
+    """(q, k, v vars), prepare(q, k, v) -> SDPA operands, finish(out), mask layout; or None."""
+    if second.op_type != "matmul":
+        return None
+    q, k = first.inputs["x"], first.inputs["y"]
+    tq, tk = bool(_const(first.inputs.get("transpose_x"))), bool(_const(first.inputs.get("transpose_y")))
+    tx, ty = bool(_const(second.inputs.get("transpose_x"))), bool(_const(second.inputs.get("transpose_y")))
+    rank = len(probs.shape)
+    if second.inputs["x"] is probs and second.inputs["y"] is not probs and not tx:
+        v, tv, out_t = second.inputs["y"], ty, False  # out = p @ v
+    elif second.inputs["y"] is probs and second.inputs["x"] is not probs and ty:
+        v, tv, out_t = second.inputs["x"], not tx, True  # out = v @ p^T = (p @ v^T)^T
+    else:
+        return None
+    if not all(len(t.shape) == rank for t in (q, k, v)):
+        return None
+
+    def prepare(q, k, v):
+        # scores = op(q) @ op(k): SDPA takes q and k with the feature axis last
+        return (_t(q) if tq else q), (k if tk else _t(k)), (_t(v) if tv else v)
+
+    return (q, k, v), prepare, (_t if out_t else _same), _same
+
+
+def _einsum_layout(first, second, probs):
+    """MIL einsum nchw,nwhu->nchu (rank 4): per (n, h), out[:, :] = a @ b over axes (1, 3)."""
+    from coreml_sd.mil.ops.linear import _EINSUM_RANK4, einsum_pattern
+
+    if second.op_type != "einsum":
+        return None
+    for op in (first, second):
+        equation = _const(op.inputs.get("equation"))
+        if not isinstance(equation, str) and equation is not None:
+            equation = str(np.asarray(equation).reshape(-1)[0]) if np.asarray(equation).size == 1 else None
+        if equation is None or einsum_pattern(equation) != _EINSUM_RANK4 or len(op.inputs["values"]) != 2:
+            return None
+    k, q = first.inputs["values"]  # scores (n, Sk, h, Sq) = k (n, Sk, h, d) @ q (n, d, h, Sq)
+    v, p = second.inputs["values"]  # out (n, d, h, Sq) = v (n, d, h, Sk) @ p (n, Sk, h, Sq)
+    if p is not probs or v is probs:
+        return None
+    shapes = [tuple(t.shape) for t in (q, k, v)]
+    if not all(len(sh) == 4 and _static(sh) for sh in shapes) or len({(sh[0], sh[2]) for sh in shapes}) != 1:
+        return None  # SDPA needs one batch and head layout; MIL's size-1 broadcasting is left op by op
+
+    def heads_first(x):  # (n, a, h, b) -> (n, h, a, b)
+        return x.permute(0, 2, 1, 3)
+
+    def prepare(q, k, v):
+        return _t(heads_first(q)), heads_first(k), _t(heads_first(v))
+
+    def finish(out):  # (n, h, Sq, d) -> (n, d, h, Sq)
+        return _t(out).permute(0, 2, 1, 3)
+
+    def mask_layout(m):  # additive, broadcast against scores (n, Sk, h, Sq) -> (n, h, Sq, Sk)
+        return m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)).permute(0, 2, 3, 1)
+
+    return (q, k, v), prepare, finish, mask_layout
+
+
 def _scores_chain(softmax_op, keep):
-    """Walk back from softmax over an optional additive mask and scalar scale to the q.k matmul:
-    (matmul op, ops between it and the softmax inclusive, scale, mask var or None)."""
+    """Walk back from softmax over an optional additive mask and scalar scale to the q.k product
+    (matmul or einsum): (its op, ops between it and the softmax inclusive, scale, mask var or None)."""
     ops, scale, mask = [softmax_op], 1.0, None
     x = softmax_op.inputs["x"]
     producer = x.op
     if producer is not None and producer.op_type == "add" and _only_reader(x, keep) is softmax_op:
         a, b = producer.inputs["x"], producer.inputs["y"]
-        x, mask = (a, b) if a.op is not None and a.op.op_type in ("matmul", "mul", "real_div") else (b, a)
+        x, mask = (a, b) if a.op is not None and a.op.op_type in ("matmul", "einsum", "mul", "real_div") else (b, a)
         ops.insert(0, producer)
         producer = x.op
     if producer is not None and producer.op_type in ("mul", "real_div"):
@@ -98,14 +179,15 @@ def _scores_chain(softmax_op, keep):
         scale = factor if producer.op_type == "mul" else 1.0 / factor
         ops.insert(0, producer)
         x, producer = producer.inputs["x"], producer.inputs["x"].op
-    if producer is None or producer.op_type != "matmul" or _only_reader(x, keep) is not ops[0]:
+    if producer is None or producer.op_type not in ("matmul", "einsum") or _only_reader(x, keep) is not ops[0]:
         return None
     return producer, ops, scale, mask
 
 
 def match_group_norm(reduce_op, keep: set[int]) -> Fusion | None:
-    """coremltools' GroupNorm lowering (reshape, mean, sub, square, mean, add eps, sqrt, div,
-    reshape [, mul gamma [, add beta]])  =>  F.group_norm."""
+    """GroupNorm lowered as reshape to (N, G, C/G, ..), mean, sub, square, mean, add eps, sqrt, div
+    (coremltools) or mean, sub, mul, mean, rsqrt, mul (coreml-sd convert), reshape back
+    [, mul gamma [, add beta]]  =>  F.group_norm."""
     grouped = reduce_op.inputs["x"]
     head = grouped.op
     if head is None or head.op_type != "reshape" or not _keep_dims_over_tail(reduce_op, len(grouped.shape)):
@@ -161,38 +243,92 @@ def _keep_dims_over_tail(op, rank: int) -> bool:
     return sorted(int(a) % rank for a in np.asarray(axes).reshape(-1)) == list(range(2, rank))
 
 
-def _group_norm_chain(mean_op, grouped, keep):
-    """mean -> sub -> square -> mean -> add eps -> sqrt -> real_div; returns (ops, eps, output)."""
-    readers = grouped.child_ops
-    if len(readers) != 2 or id(grouped) in keep:
+def _group_norm_chain(mean_op, grouped, keep, *, shared_input: bool = False):
+    """mean -> sub -> square -> mean -> (add eps -> sqrt -> real_div | rsqrt(eps) -> mul), over the
+    axes of `mean_op`; `square` may be mul(c, c) (coremltools' lowering and coreml-sd's own).
+    `shared_input`: `grouped` is the fusion's input and may have other readers (a residual).
+    Returns (ops, eps, output)."""
+    axes = _const(mean_op.inputs.get("axes"))
+    readers = _distinct(grouped.child_ops)
+    if not shared_input and (len(readers) != 2 or id(grouped) in keep):
         return None
-    sub = next((r for r in readers if r is not mean_op), None)
+    sub = next((r for r in readers if r is not mean_op and r.op_type == "sub" and r.inputs["x"] is grouped
+                and r.inputs["y"] is mean_op.outputs[0]), None)
     if sub is None or sub.op_type != "sub" or sub.inputs["x"] is not grouped or sub.inputs["y"] is not mean_op.outputs[0]:
         return None
     if _only_reader(mean_op.outputs[0], keep) is not sub:
         return None
     centered = sub.outputs[0]
-    users = centered.child_ops
+    users = _distinct(centered.child_ops)
     if len(users) != 2 or id(centered) in keep:
         return None
-    square = next((u for u in users if u.op_type == "square"), None)
-    div = next((u for u in users if u.op_type == "real_div"), None)
-    if square is None or div is None or div.inputs["x"] is not centered:
+    square = next((u for u in users if u.op_type == "square" or
+                   u.op_type == "mul" and u.inputs["x"] is centered and u.inputs["y"] is centered), None)
+    if square is None:
         return None
+    normalize = next(u for u in users if u is not square)
     mean2 = _only_reader(square.outputs[0], keep)
-    if mean2 is None or mean2.op_type != "reduce_mean" or not _keep_dims_over_tail(mean2, len(grouped.shape)):
+    if mean2 is None or mean2.op_type != "reduce_mean" or not bool(_const(mean2.inputs.get("keep_dims"))) \
+            or not np.array_equal(np.asarray(_const(mean2.inputs.get("axes"))), np.asarray(axes)):
         return None
-    add = _only_reader(mean2.outputs[0], keep)
-    if add is None or add.op_type != "add":
+    step = _only_reader(mean2.outputs[0], keep)
+    if step is None:
         return None
-    other = add.inputs["y"] if add.inputs["x"] is mean2.outputs[0] else add.inputs["x"]
-    eps = _scalar(other)
+    if step.op_type == "rsqrt":  # 1 / sqrt(var + epsilon), then centered * that
+        eps = _scalar(step.inputs.get("epsilon")) if step.inputs.get("epsilon") is not None else 1e-12
+        if eps is None or normalize.op_type != "mul" or _only_reader(step.outputs[0], keep) is not normalize \
+                or _other_operand(normalize, centered) is not step.outputs[0]:
+            return None
+        return [mean_op, sub, square, mean2, step, normalize], eps, normalize.outputs[0]
+    if step.op_type != "add":
+        return None
+    add = step
+    eps = _scalar(add.inputs["y"] if add.inputs["x"] is mean2.outputs[0] else add.inputs["x"])
     sqrt = _only_reader(add.outputs[0], keep)
-    if eps is None or sqrt is None or sqrt.op_type != "sqrt" or _only_reader(sqrt.outputs[0], keep) is not div:
+    if eps is None or sqrt is None or sqrt.op_type != "sqrt" or _only_reader(sqrt.outputs[0], keep) is not normalize:
         return None
-    if div.inputs["y"] is not sqrt.outputs[0]:
+    if normalize.op_type != "real_div" or normalize.inputs["x"] is not centered or normalize.inputs["y"] is not sqrt.outputs[0]:
         return None
-    return [mean_op, sub, square, mean2, add, sqrt, div], eps, div.outputs[0]
+    return [mean_op, sub, square, mean2, add, sqrt, normalize], eps, normalize.outputs[0]
+
+
+def _distinct(ops) -> list:
+    """Ops in order, each once (an op reading a value twice, as mul(c, c), may be listed twice)."""
+    seen: dict[int, object] = {}
+    for op in ops:
+        seen.setdefault(id(op), op)
+    return list(seen.values())
+
+
+def match_channel_layer_norm(reduce_op, keep: set[int]) -> Fusion | None:
+    """LayerNorm over the channel axis of a (B, C, 1, S) tensor, as `coreml-sd convert` emits it for
+    the Neural Engine (mean over axis 1, sub, mul, mean, rsqrt, mul [, mul gamma [, add beta]])
+    =>  F.layer_norm over the channels."""
+    x = reduce_op.inputs["x"]
+    axes = _const(reduce_op.inputs.get("axes"))
+    if len(x.shape) != 4 or not _static(x.shape) or axes is None or not bool(_const(reduce_op.inputs.get("keep_dims"))):
+        return None
+    if sorted(int(a) % 4 for a in np.asarray(axes).reshape(-1)) != [1]:
+        return None
+    chain = _group_norm_chain(reduce_op, x, keep, shared_input=True)
+    if chain is None:
+        return None
+    ops, eps, normalized = chain
+    channels = x.shape[1]
+    gamma, beta, ops = _affine_after(normalized, ops, channels, keep)
+    has_gamma, has_beta = gamma is not None, beta is not None
+
+    def run(x, *params):
+        weight = params[0].reshape(-1) if has_gamma else None
+        bias = params[-1].reshape(-1) if has_beta else None
+        y = F.layer_norm(x.permute(0, 2, 3, 1), (channels,), weight, bias, eps)
+        return y.permute(0, 3, 1, 2)
+
+    return Fusion("fused_layer_norm", tuple(ops), Kernel(run, (x, *[v for v in (gamma, beta) if v is not None])))
+
+
+def match_norm(reduce_op, keep: set[int]) -> Fusion | None:
+    return match_group_norm(reduce_op, keep) or match_channel_layer_norm(reduce_op, keep)
 
 
 def _affine_after(var, ops, channels: int, keep):
@@ -229,7 +365,7 @@ def _per_channel(var, channels: int, rank: int) -> bool:
     return len(padded) == rank and padded[1] == channels and all(d == 1 for i, d in enumerate(padded) if i != 1)
 
 
-_ANCHORS: dict[str, Callable] = {"softmax": match_attention, "reduce_mean": match_group_norm}
+_ANCHORS: dict[str, Callable] = {"softmax": match_attention, "reduce_mean": match_norm}
 
 
 def find_fusions(function) -> dict[int, Fusion]:
