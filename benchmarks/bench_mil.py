@@ -78,7 +78,7 @@ def _rss_gib() -> float:
 
 def phase_convert(args) -> dict:
     from conversion import coremltools_fixes
-    from coreml_sd.mil.package import import_coremltools
+    from coreml_sd.quiet_imports import import_coremltools
 
     ct = import_coremltools()
     coremltools_fixes.apply()

@@ -22,20 +22,7 @@ SD2_TEXT_CONFIG = dict(TEXT_CONFIG, hidden_act="gelu", num_hidden_layers=2)
 
 def build_tiny_sd2_modules(seed: int = 0):
     """(text_encoder, unet, vae) shaped like SD 2.x at tiny size, seeded, fp32, eval mode."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**SD2_UNET_CONFIG)
-    vae = AutoencoderKL(**VAE_CONFIG)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**SD2_TEXT_CONFIG))
-    with torch.no_grad():
-        for module in (unet, vae, text_encoder):
-            for name, p in module.named_parameters():
-                if "norm" in name:
-                    p.add_(0.05 * torch.randn_like(p))
-    return tuple(m.eval().requires_grad_(False) for m in (text_encoder, unet, vae))
+    return build_tiny_modules(seed, unet_config=SD2_UNET_CONFIG, text_config=SD2_TEXT_CONFIG)
 
 
 def write_tiny_checkpoint(path: Path, *, seed: int = 0, dtype: str = "fp32", fmt: str = "safetensors",

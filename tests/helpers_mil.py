@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coreml_sd.mil.package import import_coremltools
+from coreml_sd.quiet_imports import import_coremltools
 
 ct = import_coremltools()
 from coremltools.converters.mil import Builder as mb  # noqa: E402

@@ -63,16 +63,17 @@ SD15_SCHEDULER = {
 CLIP_FILES = Path(__file__).resolve().parents[1] / "coreml_sd" / "data" / "clip"
 
 
-def build_tiny_modules(seed: int = 0):
-    """(text_encoder, unet, vae) with seeded random weights, fp32, eval mode."""
+def build_tiny_modules(seed: int = 0, *, unet_config: dict | None = None, text_config: dict | None = None):
+    """(text_encoder, unet, vae) with seeded random weights, fp32, eval mode (SD 1.x-shaped unless
+    other UNet / text-encoder configs are given)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet = UNet2DConditionModel(**(unet_config or UNET_CONFIG))
     vae = AutoencoderKL(**VAE_CONFIG)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**(text_config or TEXT_CONFIG)))
     # Fresh GroupNorm/LayerNorm weights are exactly 1/0; randomise them a little so tests notice
     # when a norm's affine parameters are dropped or swapped.
     with torch.no_grad():

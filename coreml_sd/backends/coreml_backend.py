@@ -63,15 +63,10 @@ def runtime_unavailable_reason(platform: str | None = None) -> str | None:
 
 
 def _coremltools():
-    """coremltools, imported without its chatter about optional converters (log level raised meanwhile)."""
-    ct_log = logging.getLogger("coremltools")
-    level = ct_log.level
-    ct_log.setLevel(logging.ERROR)
-    try:
-        import coremltools
-    finally:
-        ct_log.setLevel(level)
-    return coremltools
+    """coremltools, imported without its chatter about optional converters."""
+    from coreml_sd.quiet_imports import import_coremltools
+
+    return import_coremltools()
 
 
 def read_specs(package: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:

@@ -8,12 +8,12 @@ is not an ML program, a weight file that is missing or unreadable.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from coreml_sd.errors import ModelError, choices_text
+from coreml_sd.quiet_imports import import_coremltools
 
 DATA_DIR = "Data"
 
@@ -43,16 +43,6 @@ class MilProgram:
     specification_version: int
 
 
-def import_coremltools():
-    """Import coremltools without its Linux import-time warnings (no Core ML runtime here: known)."""
-    log = logging.getLogger("coremltools")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        import coremltools
-    finally:
-        log.setLevel(level)
-    return coremltools
 
 
 def load_program(path, *, function_name: str | None = None) -> MilProgram:
