@@ -35,16 +35,25 @@ class Runs:
         self.cache: dict[tuple, object] = {}
 
     def images(self, prompts_and_seeds, *, sampler="euler_a", guidance=GUIDANCE, negatives=None):
-        out = []
-        for i, (prompt, seed) in enumerate(prompts_and_seeds):
-            negative = negatives[i] if negatives else ""
-            key = (prompt, seed, sampler, guidance, negative)
-            if key not in self.cache:
-                (self.cache[key],) = (r.image for r in self.pipe(prompt, negative_prompt=negative, seed=seed,
-                                                                  sampler=sampler, steps=STEPS,
-                                                                  guidance_scale=guidance))
-            out.append(self.cache[key])
-        return out
+        negatives = negatives or [""] * len(prompts_and_seeds)
+        keys = [(prompt, seed, sampler, guidance, negative)
+                for (prompt, seed), negative in zip(prompts_and_seeds, negatives)]
+        missing = [k for k in dict.fromkeys(keys) if k not in self.cache]
+        # Consecutive seeds go through the UNet as one batch (image i of a request uses seed + i,
+        # with its own prompt and negative prompt): the same images as one at a time, to rounding.
+        runs: list[list[tuple]] = []
+        for key in missing:
+            if runs and key[1] == runs[-1][-1][1] + 1:
+                runs[-1].append(key)
+            else:
+                runs.append([key])
+        for run in runs:
+            results = self.pipe([k[0] for k in run], negative_prompt=[k[4] for k in run], seed=run[0][1],
+                                batch_size=len(run), sampler=sampler, steps=STEPS, guidance_scale=guidance)
+            for key, result in zip(run, results):
+                assert result.seed == key[1]
+                self.cache[key] = result.image
+        return [self.cache[k] for k in keys]
 
     def user_prompts(self, **kwargs):
         pairs = [(user_prompt(s)[0], s) for s in SEEDS]
