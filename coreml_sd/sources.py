@@ -152,7 +152,8 @@ def open_model(path: str | Path | None = None, *, vae: str | Path | None = None,
 
     p = Path(path).expanduser()
     if not p.exists():
-        raise ModelError(f"model not found: {p} (expected a diffusers model folder or a .safetensors/.ckpt file)")
+        raise ModelError(f"model not found: {p} (expected a converted Core ML model folder, a diffusers model "
+                         f"folder or a .safetensors/.ckpt file; without --model the built-in model is used)")
     if p.is_dir() and (p / "manifest.json").is_file():
         return _converted_folder(p, vae=vae, loras=loras, embeddings=embeddings, hypernetworks=hypernetworks,
                                  prediction_type=prediction_type)
