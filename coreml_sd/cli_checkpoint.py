@@ -14,7 +14,8 @@ from pathlib import Path
 
 import click
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")  # coreml_sd.config.PREDICTION_TYPES, checked in tests
+from coreml_sd.config import PREDICTION_TYPES
+
 SOURCE_OPTION_NAMES = ("vae", "loras", "embeddings", "hypernetwork", "prediction_type")
 
 

@@ -18,10 +18,12 @@ import numpy as np
 
 from coreml_sd import arrays
 from coreml_sd.backends import Components, LoadOptions
+from coreml_sd.conditioning import Conditioning, TextEncoding
 from coreml_sd.errors import InputError, choices_text
 from coreml_sd.images import GenerationParams
+from coreml_sd.model_source import ModelSource
 from coreml_sd.rng import NoiseSource
-from coreml_sd.sources import ModelSource, open_model
+from coreml_sd.text_conditioning import SizeConditioning, conditioning, encode_text
 
 MAX_SIDE = 8192
 MAX_SEED = 2**64 - 1
@@ -77,46 +79,58 @@ class Pipeline:
     def __init__(self, source: ModelSource, components: Components, *, reduce_memory: bool = False):
         self.source = source
         self.info = source.info
+        self.family = source.info.spec
         self.components = components
-        self.tokenizer = source.tokenizer()
+        self.tokenizers = {t.component: source.tokenizer(t.component) for t in self.family.text_encoders}
+        self.tokenizer = self.tokenizers["text_encoder"] if "text_encoder" in self.tokenizers \
+            else next(iter(self.tokenizers.values()))
         # Components load when first used and are released after their phase: all latents are
         # sampled before the first is decoded, so each model is in memory once per request.
         self.reduce_memory = reduce_memory
 
     @classmethod
     def load(cls, model=None, *, backend: str = "auto", device: str = "auto", precision: str = "auto",
-             compute_units: str = "all", reduce_memory: bool = False, **source_options) -> "Pipeline":
+             compute_units: str = "all", reduce_memory: bool = False, compile: str | None = None,
+             **source_options) -> "Pipeline":
         """Open `model` (a path; None = the built-in model) and build its components.
 
         `backend`: auto, a backend name, a fallback order or per component (see
         `coreml_sd.backends.selection`). `device`/`precision`: torch and mil; `compute_units`
-        (ane, gpu, cpu, all): coreml. `reduce_memory`: load each component just in time and
-        release it after use (text encoder -> UNet -> VAE decoder), for 8 GB Macs.
+        (ane, gpu, cpu, all): coreml; `compile`: a torch.compile mode for a torch UNet.
+        `reduce_memory`: load each component just in time and release it after use (text
+        encoder -> UNet -> VAE decoder), for 8 GB Macs.
         """
         from coreml_sd.backends.coreml_backend import compute_units_name
         from coreml_sd.backends.selection import load_components, parse_backend
+        from coreml_sd.sources import open_model
 
         request = parse_backend(backend)
         compute_units_name(compute_units)  # a wrong name fails before anything loads
+        if compile:
+            from coreml_sd.backends.torch_compile import check_mode
+
+            check_mode(compile)
         source = open_model(model, **source_options)
-        options = LoadOptions(device=device, precision=precision, compute_units=compute_units)
+        options = LoadOptions(device=device, precision=precision, compute_units=compute_units, compile=compile)
         components = load_components(source, request, options, reduce_memory=reduce_memory)
         return cls(source, components, reduce_memory=reduce_memory)
 
     def _size(self, width: int | None, height: int | None) -> tuple[int, int]:
-        # Converted Core ML packages take exactly the size they were converted for.
-        fixed = getattr(self.source, "size", None)
-        default_w, default_h = fixed or (self.info.sample_size, self.info.sample_size)
+        # Converted Core ML packages take exactly the sizes they were converted for.
+        sizes = self.info.sizes
+        default_w, default_h = sizes[0] if sizes else (self.info.sample_size, self.info.sample_size)
         width = check_side(width or default_w, "width")
         height = check_side(height or default_h, "height")
-        if fixed and (width, height) != tuple(fixed):
-            raise InputError(f"{self.info.name} was converted for {fixed[0]}x{fixed[1]}; got {width}x{height} "
+        if sizes and (width, height) not in sizes:
+            listed = ", ".join(f"{w}x{h}" for w, h in sizes)
+            raise InputError(f"{self.info.name} was converted for {listed}; got {width}x{height} "
                              f"(convert again with --width/--height, or use the torch backend)")
         return width, height
 
-    def encode_prompt(self, text: str):
-        ids = np.asarray([self.tokenizer(text)], dtype=np.int64)
-        return self.components.text_encoder.encode(ids)
+    def encode_prompt(self, text: str, *, negative: bool = False) -> TextEncoding:
+        """One prompt through the family's text encoders: context (1, 77, C) and pooled output."""
+        encoders = {t.component: self.components[t.component] for t in self.family.text_encoders}
+        return encode_text(self.family, encoders, self.tokenizers, text, negative=negative)
 
     def generate(self, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[str] = "",
                  seed: int | None = None, num_images: int | None = None, batch_size: int = 1,
@@ -146,10 +160,8 @@ class Pipeline:
             raise InputError(f"seed must be between 0 and {MAX_SEED - num_images + 1}; got {seed}")
 
         plan = make_plan(self.info.scheduler, sampler, steps, schedule)
-        embedded: dict[str, Any] = {}
-        for text in dict.fromkeys(prompts + negatives):  # each distinct text once, in order
-            embedded[text] = self.encode_prompt(text)
-        self.components.release("text_encoder")
+        size = SizeConditioning.for_size(width, height)
+        conds = self.conditionings(prompts, negatives, size)
         f = self.info.vae_scale_factor
         params = dict(steps=steps, sampler=SAMPLERS[sampler].display_name, schedule=schedule,
                       guidance_scale=guidance_scale, width=width, height=height, model=self.info.name,
@@ -162,9 +174,9 @@ class Pipeline:
         for group in groups:
             latents = []
             for batch in group:
-                denoiser = Denoiser(self.components.unet, plan, prediction_type=self.info.prediction_type,
-                                    cond=arrays.concat([embedded[prompts[i]] for i in batch]),
-                                    uncond=arrays.concat([embedded[negatives[i]] for i in batch]),
+                denoiser = Denoiser(self.components["unet"], plan, prediction_type=self.info.prediction_type,
+                                    cond=Conditioning.concat([conds[(prompts[i], False)] for i in batch]),
+                                    uncond=Conditioning.concat([conds[(negatives[i], True)] for i in batch]),
                                     guidance_scale=guidance_scale)
                 shape = (len(batch), self.info.latent_channels, height // f, width // f)
                 start = Progress(batch[0], num_images, 0, steps, seed + batch[0], len(batch))
@@ -173,7 +185,7 @@ class Pipeline:
             if self.reduce_memory:
                 self.components.release("unet")
             for i, x in latents:
-                image = to_pil(self.components.vae_decoder.decode(x / self.info.scaling_factor))
+                image = to_pil(self.components["vae_decoder"].decode(x / self.info.scaling_factor))
                 meta = GenerationParams(seed=seed + i, prompt=prompts[i], negative_prompt=negatives[i],
                                         extras=self.generation_extras(), **params)
                 results.append(GeneratedImage(image, i, seed + i, meta, arrays.to_numpy(x)))
@@ -181,6 +193,20 @@ class Pipeline:
         self.components.release("unet")
         self.components.release("vae_decoder")
         return results
+
+    def conditionings(self, prompts: list[str], negatives: list[str], size: SizeConditioning):
+        """Each distinct (text, negative?) encoded once, in order; the text encoders are released after."""
+        conds: dict[tuple[str, bool], Conditioning] = {}
+        encoded: dict[tuple[str, bool], TextEncoding] = {}
+        for key in dict.fromkeys([(p, False) for p in prompts] + [(n, True) for n in negatives]):
+            # An empty negative prompt may encode differently (zeros) from an empty prompt.
+            enc_key = key if (key[1] and key[0] == "" and self.family.zero_empty_negative) else (key[0], False)
+            if enc_key not in encoded:
+                encoded[enc_key] = self.encode_prompt(key[0], negative=enc_key[1])
+            conds[key] = conditioning(self.family, encoded[enc_key], size, negative=key[1])
+        for spec in self.family.text_encoders:
+            self.components.release(spec.component)
+        return conds
 
     def _sample(self, sampler: str, denoiser, plan, shape, start: Progress):
         """Yields a Progress per step and returns the final latents of images start.image_index ..
@@ -195,7 +221,7 @@ class Pipeline:
         return x
 
     def generation_extras(self) -> dict[str, str]:
-        extras = dict(getattr(self.source, "generation_extras", {}) or {})
+        extras = dict(self.source.generation_extras)
         extras["Backend"] = describe_runs_on(self.components.runs_on)
         return extras
 

@@ -36,8 +36,6 @@ from coreml_sd.errors import InputError, choices_text
 from coreml_sd.samplers import SAMPLERS
 
 SCHEDULES = ("default", "karras")
-# Which diffusers scheduler's choice of timesteps a sampler follows (see the module docstring).
-PLAN_STYLES = ("euler", "ddim", "dpm")
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
 # What each diffusers scheduler assumes for a key the model's scheduler_config.json leaves out
 # (a SchedulerConfig field of None): their class defaults differ. SD 1.5's published config has
@@ -66,8 +64,8 @@ class SamplingPlan:
     # where diffusers' DDIM steps back by num_train_timesteps // steps on a non-uniform spacing.
     # The next step then reads the landed (model-scale) latent as if it were at sigmas[i + 1].
     targets: tuple[float, ...] | None = None
-    # The training schedule, for the timestep of a sigma that is not in the plan (for samplers
-    # that evaluate between the plan's levels, such as DPM2 or DPM++ SDE).
+    # The training schedule, for the timestep of a sigma that is not in the plan (Heun evaluates
+    # at the next level, which the plan lists; samplers that evaluate between levels need this).
     config: SchedulerConfig | None = None
 
     @property

@@ -2,7 +2,7 @@
 
 The shipped single-file checkpoint goes through the same import path as a community checkpoint
 (original key layout + config), the runtime's samplers, the torch backend and the VAE; a digit
-classifier trained here on scikit-learn's digits (tests/helpers_digits.py) labels what comes out.
+classifier trained here on scikit-learn's digits (training/digits_classifier.py) labels what comes out.
 Everything is seeded, so the numbers are fixed on a given platform; the thresholds leave room for
 a few images to change with floating-point differences between machines.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers_digits import WORDS, accuracy, digit_classifier, look, user_prompt
+from training.digits_classifier import WORDS, accuracy, digit_classifier, look, user_prompt
 
 torch = pytest.importorskip("torch")
 
@@ -22,7 +22,7 @@ BUILTIN_DIR = Path(__file__).resolve().parents[1] / "coreml_sd" / "data" / "buil
 CHECKPOINT = BUILTIN_DIR / "digits.safetensors"
 CONFIG = BUILTIN_DIR / "digits.coreml-sd.json"
 SAMPLERS = ("euler_a", "euler", "ddim", "dpmpp_2m")
-SEEDS = range(50)  # seed s prompts digit s % 10, in one of five prompt forms (helpers_digits.USER_FORMS)
+SEEDS = range(50)  # seed s prompts digit s % 10, in one of five prompt forms (digits_classifier.USER_FORMS)
 STEPS = 25
 GUIDANCE = 7.5
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from coreml_sd import arrays
 from coreml_sd.backends.compiled_cache import CompiledModelCache, cache_root
-from coreml_sd.backends.packages import PackageChain, TensorSpec, adapt, check_kind, fixed_batch
+from coreml_sd.backends.packages import PackageChain, adapt, check_role, fixed_batch
+from coreml_sd.components import TensorSpec
 from coreml_sd.errors import BackendUnavailable, InputError, ModelError, choices_text
 
 log = logging.getLogger(__name__)
@@ -180,15 +181,10 @@ def load_coreml_runner(package_path, *, compute_units: str = "all", opener: Any 
     return PackageChain(runners)
 
 
-def load_coreml_component(package_path, kind: str, *, compute_units: str = "all", opener: Any = None,
+def load_coreml_component(package_path, role: str, *, compute_units: str = "all", opener: Any = None,
                           compiled: Sequence[Path | None] | None = None):
     """A backend component running the package(s) at `package_path` in Core ML (see load_coreml_runner)."""
-    check_kind(kind)
+    check_role(role)
     return adapt(load_coreml_runner(package_path, compute_units=compute_units, opener=opener, compiled=compiled),
-                 kind)
-
-
-def numpy_asarray(a) -> np.ndarray:
-    """The sampling loop's arrays when the UNet runs in Core ML: numpy float32."""
-    return np.ascontiguousarray(arrays.to_numpy(a))
+                 role)
 

@@ -139,7 +139,9 @@ class ConvertOptions:
 
 
 def is_converted(path: Path | None) -> bool:
-    return path is not None and Path(path).is_dir() and (Path(path) / "manifest.json").is_file()
+    from coreml_sd.model_folder import is_converted_folder
+
+    return is_converted_folder(path)
 
 
 def _source_identity(path: Path | None) -> str:

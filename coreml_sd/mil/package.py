@@ -12,23 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coreml_sd.components import TensorSpec
 from coreml_sd.errors import ModelError, choices_text
 from coreml_sd.quiet_imports import import_coremltools
 
 DATA_DIR = "Data"
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input or output of a program function: MIL element type and static shape."""
-
-    name: str
-    shape: tuple  # ints; None where the program leaves a dimension flexible
-    dtype: str  # MIL element type: "fp32", "fp16", "int32", "bool" ...
-
-    def describe(self) -> str:
-        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
-        return f"{self.name} ({dims}) {self.dtype}"
 
 
 @dataclass
