@@ -46,11 +46,12 @@ def _seeds(entropy: int, spawn_key: tuple[int, ...], count: int) -> list[int]:
 class BrownianTree:
     """W(tb) - W(ta) for one seed on [t0, t1], equal to torchsde.BrownianTree(t0, zeros(shape), t1, entropy=seed)."""
 
-    def __init__(self, t0: float, t1: float, shape: Sequence[int], seed: int):
+    def __init__(self, t0: float, t1: float, shape: Sequence[int], seed: int, *, engine: str = "auto"):
         if not t0 < t1:
             raise ValueError(f"a Brownian tree needs t0 < t1; got t0={t0}, t1={t1}")
         self.shape = tuple(int(s) for s in shape)
         self.seed = int(seed)
+        self.engine = engine  # NoiseSource's: "auto" uses torch's generator only where torch is loaded
         self.t0, self.t1 = self._round(t0), self._round(t1)
         root_w_seed = _seeds(self.seed, (), 3)[0]
         self._root = (self.t0, self.t1, 0, 0)  # (start, end, spawn key, depth)
@@ -62,7 +63,7 @@ class BrownianTree:
         return round(float(t), TOL_DIGITS)
 
     def _randn(self, seed: int) -> np.ndarray:
-        return NoiseSource(seed).randn(self.shape)
+        return NoiseSource(seed, engine=self.engine).randn(self.shape)
 
     def __call__(self, ta: float, tb: float) -> np.ndarray:
         """The increment over [ta, tb] (ta <= tb), float32; points outside [t0, t1] are clamped, as torchsde does."""

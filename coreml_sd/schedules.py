@@ -184,9 +184,12 @@ def spaced_timesteps(config: SchedulerConfig, steps: int, style: str) -> np.ndar
 
 
 def make_plan(config: SchedulerConfig, sampler: str, steps: int, schedule: str = "default", *,
-              family: str | None = None) -> SamplingPlan:
+              family: str | None = None, a1111: bool = False) -> SamplingPlan:
     """The sigmas and timesteps `sampler` walks in `steps` steps with `schedule` (see SCHEDULES).
 
+    `a1111`: AUTOMATIC1111's plan whatever the sampler ("default" = "automatic", "karras" = its
+    Karras), for recipes made there: the seven diffusers samplers otherwise keep diffusers' plans
+    for "default" and "karras" (and DPM++ 2M SDE then diffusers' noise, not A1111's Brownian tree).
     `family` ("sd1", "sdxl", ...) picks Align Your Steps' table; it changes nothing else.
     """
     if sampler not in SAMPLERS:
@@ -196,7 +199,7 @@ def make_plan(config: SchedulerConfig, sampler: str, steps: int, schedule: str =
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= config.num_train_timesteps:
         raise InputError(f"steps must be an integer from 1 to {config.num_train_timesteps}; got {steps!r}")
     style = SAMPLERS[sampler].plan_style
-    if style is None or schedule not in DIFFUSERS_SCHEDULES:
+    if a1111 or style is None or schedule not in DIFFUSERS_SCHEDULES:
         from coreml_sd.plans_a1111 import a1111_plan
 
         return a1111_plan(config, sampler, int(steps), "automatic" if schedule == "default" else schedule,

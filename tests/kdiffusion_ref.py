@@ -5,8 +5,8 @@ clip...), none of which is installed here. The sampling functions need only torc
 torchsde, torchdiffeq and `k_diffusion.utils`; `utils` imports `torchvision.transforms.functional`
 at module level for its image helpers, which the sampling functions never call. So: register an
 empty `k_diffusion` package pointing at the installed folder, and a stub
-`torchvision.transforms.functional` (only if torchvision is absent), then import
-`k_diffusion.sampling` (and `external`, the model wrappers) normally.
+`torchvision.transforms.functional` (only if torchvision is absent, and only while k-diffusion
+imports), then import `k_diffusion.sampling` (and `external`, the model wrappers) normally.
 """
 
 from __future__ import annotations
@@ -19,14 +19,19 @@ import types
 import pytest
 
 
-def _stub_torchvision() -> None:
-    if importlib.util.find_spec("torchvision") is not None:
-        return
+_TORCHVISION_STUB = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
+
+
+def _stub_torchvision() -> list[str]:
+    """Empty torchvision modules for k_diffusion.utils' import; returns the names added."""
+    if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is not None:
+        return []
     # Never called by the sampling functions: k_diffusion.utils uses it for PIL conversions only.
-    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
-        sys.modules.setdefault(name, types.ModuleType(name))
+    for name in _TORCHVISION_STUB:
+        sys.modules[name] = types.ModuleType(name)
     sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
     sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
+    return list(_TORCHVISION_STUB)
 
 
 def load():
@@ -42,5 +47,10 @@ def load():
         package.__path__ = list(spec.submodule_search_locations)  # submodules load from the real folder
         package.__spec__ = spec
         sys.modules["k_diffusion"] = package
-    _stub_torchvision()
-    return importlib.import_module("k_diffusion.sampling"), importlib.import_module("k_diffusion.external")
+    added = _stub_torchvision()
+    try:
+        return importlib.import_module("k_diffusion.sampling"), importlib.import_module("k_diffusion.external")
+    finally:
+        # Only k_diffusion.utils keeps the stub: other libraries (diffusers) must still see no torchvision.
+        for name in added:
+            sys.modules.pop(name, None)
