@@ -79,6 +79,9 @@ class LCMSigmas(DiscreteSigmas):
     skip: int = 20
 
     def sigma_to_t(self, sigma) -> np.ndarray:
+        # get_sigmas puts some sigmas exactly halfway (in log) between two LCM timesteps; A1111
+        # breaks such ties by its float32 rounding (torch's log/exp differ from numpy's in the
+        # last bit), here by float64's, so at those steps the two may take neighbouring timesteps.
         log_sigma = np.log(np.asarray(sigma, dtype=np.float64))
         nearest = np.abs(log_sigma[..., None] - self.log_sigmas.astype(np.float64)).argmin(axis=-1)
         return (nearest * self.skip + (self.skip - 1)).astype(np.float64)
@@ -201,6 +204,8 @@ def beta_ppf(q: float, a: float, b: float) -> float:
     x = 0.5 * (lo + hi)
     log_norm = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
     for _ in range(8):  # Newton on the smooth interior converges to float64 precision
+        if not 0.0 < x < 1.0:
+            break
         density = math.exp(log_norm + (a - 1.0) * math.log(x) + (b - 1.0) * math.log1p(-x))
         step = (betainc(a, b, x) - q) / density
         x_new = min(max(x - step, lo), hi)
