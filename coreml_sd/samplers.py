@@ -312,6 +312,17 @@ def _in_plan_form(function, denoiser, x, sigmas, noise_sampler, options, *, to_m
         yield latent * factor if to_model else latent / factor
 
 
+def sampling_extras(name: str, *, eta: float | None = None, ensd: int = 0) -> dict[str, str]:
+    """What A1111 writes into an image's parameters for these options ("Eta", "ENSD"), when not its defaults."""
+    info = SAMPLERS[name]
+    extras = {}
+    if eta is not None and info.eta is not None and float(eta) != info.eta:
+        extras["Eta DDIM" if info.a1111_kind == "timesteps" else "Eta"] = f"{float(eta):g}"
+    if ensd and (info.ancestral or (info.eta is not None and eta)) and not info.brownian:
+        extras["ENSD"] = str(int(ensd))
+    return extras
+
+
 def noise_from_sources(sources: Sequence, asarray: Callable[[Any], Any]) -> ImageNoise:
     """noise(shape) for a batch: row i drawn from sources[i] (e.g. NoiseSource(seed + i)), as
     diffusers draws from a list of generators, so any image can be reproduced alone."""
