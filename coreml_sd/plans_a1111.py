@@ -16,6 +16,9 @@ A1111 (v1.10, `modules/sd_samplers_*.py`) samples in four ways, and `a1111_plan`
   runs its time-uniform continuous schedule from timestep 999 to 0 in that many steps.
 
 The plans are `SamplingPlan`s with convention "a1111" (A1111's Brownian noise for SDE samplers).
+One known difference: for v-prediction models A1111's timesteps samplers turn v into eps with
+the alphas of the timestep truncated to an integer (UniPC's timesteps are fractional); our
+denoiser uses the noise level's own alpha.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ The rest of AUTOMATIC1111's list lives beside this module (`samplers_kdiffusion`
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -269,7 +270,11 @@ def sample(name: str, denoiser, x, plan, noise: NoiseFn | None = None, *, eta: f
         if info.plan_style != "ddim":
             raise InputError(f"this plan was made for DDIM (it has landing targets), not for {name!r}")
         options["targets"] = plan.targets
-    options.update(plan.extras)
+    accepted = inspect.signature(info.function).parameters
+    for key, value in plan.extras:
+        if key not in accepted:
+            raise InputError(f"this plan was made for another sampler (it sets {key!r}), not for {name!r}")
+        options[key] = value
     draws = info.ancestral if info.eta is None else options["eta"] > 0
     if noise_sampler is None:
         noise_sampler = _step_noise(name, info, plan, noise, int(ensd), tuple(x.shape)) if draws else zero_noise

@@ -145,6 +145,8 @@ def test_bad_eta_and_samplers_without_eta():
             sample("euler_a", denoiser, x, plan, _noise(0), eta=bad)
     with pytest.raises(InputError, match="ENSD"):
         sample("euler_a", denoiser, x, plan, lambda shape: np.zeros(shape, np.float32), ensd=3)
+    with pytest.raises(InputError, match=r"made for another sampler \(it sets 'nfe'\), not for 'euler'"):
+        sample("euler", denoiser, x, make_plan(SD15, "dpm_fast", 6))
 
 
 @pytest.mark.parametrize("sampler", [s for s, v in SAMPLERS.items() if v.ancestral and s != "dpm_adaptive"])
