@@ -38,6 +38,25 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _sampler_name(ctx, param, value):
+    from coreml_sd.sampler_names import resolve_sampler
+
+    try:
+        resolve_sampler(value)  # checked here (exit 2); the pipeline resolves it again with --schedule
+    except InputError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def _schedule_name(ctx, param, value):
+    from coreml_sd.sampler_names import resolve_schedule
+
+    try:
+        return resolve_schedule(value)
+    except InputError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _side(ctx, param, value):
     if value is None:
         return None
@@ -60,9 +79,17 @@ def _side(ctx, param, value):
 @click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Images sampled together in one UNet batch (faster on GPUs; needs memory for each).")
-@click.option("--sampler", type=click.Choice(tuple(SAMPLERS)), default="euler_a", show_default=True)
-@click.option("--schedule", type=click.Choice(SCHEDULES), default="default", show_default=True,
-              help="Sigma schedule: the model's own, or Karras et al.'s.")
+@click.option("--sampler", default="euler_a", show_default=True, callback=_sampler_name,
+              help=f"{', '.join(SAMPLERS)}; or A1111's names, e.g. 'Euler a', 'DPM++ 2M Karras'.")
+@click.option("--schedule", default="default", show_default=True, callback=_schedule_name,
+              help=f"{', '.join(SCHEDULES)} (A1111's schedule types; 'default': diffusers' for the samplers "
+                   "diffusers has, else 'automatic', A1111's choice per sampler).")
+@click.option("--eta", type=click.FloatRange(min=0), default=None,
+              help="A1111's eta for ancestral/SDE samplers (default 1) and DDIM (default 0).")
+@click.option("--ensd", type=int, default=0, show_default=True,
+              help="A1111's 'Eta noise seed delta': step noise from seed + ENSD.")
+@click.option("--a1111", is_flag=True,
+              help="A1111's sigmas and noise for every sampler (e.g. 'DPM++ 2M SDE Karras' with its Brownian noise).")
 @click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True)
 @click.option("-g", "--guidance-scale", "--cfg-scale", type=click.FloatRange(min=0), default=7.5, show_default=True)
 @click.option("-W", "--width", type=int, default=None, callback=_side,
@@ -79,9 +106,9 @@ def _side(ctx, param, value):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @model_source_options
-def generate(prompt, model, negative_prompt, seed, num_images, batch_size, sampler, schedule, steps, guidance_scale, width,
-             height, fmt, quality, output, backend, device, precision, compute_units, reduce_memory, as_json, quiet,
-             **source_options):
+def generate(prompt, model, negative_prompt, seed, num_images, batch_size, sampler, schedule, eta, ensd, a1111, steps,
+             guidance_scale, width, height, fmt, quality, output, backend, device, precision, compute_units,
+             reduce_memory, as_json, quiet, **source_options):
     """Generate images from PROMPT."""
     from tqdm import tqdm
 
@@ -95,7 +122,7 @@ def generate(prompt, model, negative_prompt, seed, num_images, batch_size, sampl
     bar, written = None, []
     for event in pipe.generate(prompt, negative_prompt=negative_prompt, seed=seed, num_images=num_images,
                                batch_size=batch_size, sampler=sampler, schedule=schedule, steps=steps, guidance_scale=guidance_scale,
-                               width=width, height=height):
+                               width=width, height=height, eta=eta, ensd=ensd, a1111=a1111):
         if isinstance(event, GeneratedImage):
             if bar:
                 bar.close()

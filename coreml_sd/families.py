@@ -89,6 +89,7 @@ class Family:
     # An empty negative prompt is all zeros, not the encoding of "" (diffusers' SDXL
     # force_zeros_for_empty_prompt).
     zero_empty_negative: bool = False
+    align_your_steps: str = "sd1"  # which of NVIDIA's Align Your Steps tables fits: "sd1" or "sdxl"
     variant_of: str | None = None  # same layout as that family, other defaults (sd2-v of sd2)
     unet_prefix: str = "model.diffusion_model."
     vae_prefix: str = "first_stage_model."
@@ -226,3 +227,24 @@ SD2 = register_family(Family(
 SD2_V = register_family(Family(
     "sd2-v", "Stable Diffusion 2.x 768-v (v-prediction, 768x768)", SD2.text_encoders, context_dim=1024,
     default_size=768, prediction_type="v_prediction", config="sd2-v", variant_of="sd2"))
+# SDXL: CLIP ViT-L and OpenCLIP ViT-bigG side by side (768 + 1280 = 2048), both at their
+# penultimate layer without the final norm; bigG's projected pooled output and the size
+# micro-conditioning enter through the UNet's text_time embedding.
+SDXL = register_family(Family(
+    "sdxl", "Stable Diffusion XL base (CLIP ViT-L + OpenCLIP ViT-bigG, 1024x1024)",
+    (TextEncoderSpec("text_encoder", "clip", 768, prefix="conditioner.embedders.0.transformer.",
+                     hidden_layer=-2, final_norm=False),
+     TextEncoderSpec("text_encoder_2", "openclip", 1280, prefix="conditioner.embedders.1.model.", pad_token="!",
+                     hidden_layer=-2, final_norm=False, pooled=True)),
+    context_dim=2048, extra_inputs=(ExtraInput("text_embeds", "pooled"), ExtraInput("time_ids", "time_ids")),
+    unet_config={"addition_embed_type": "text_time"}, scaling_factor=0.13025, default_size=1024, config="sdxl",
+    zero_empty_negative=True, align_your_steps="sdxl"))
+# The refiner: bigG alone (diffusers and Apple name it the second text encoder), and an
+# aesthetic score in place of the target size.
+SDXL_REFINER = register_family(Family(
+    "sdxl-refiner", "Stable Diffusion XL refiner (OpenCLIP ViT-bigG, aesthetic-score conditioning)",
+    (TextEncoderSpec("text_encoder_2", "openclip", 1280, prefix="conditioner.embedders.0.model.", pad_token="!",
+                     hidden_layer=-2, final_norm=False, pooled=True),),
+    context_dim=1280, extra_inputs=(ExtraInput("text_embeds", "pooled"), ExtraInput("time_ids", "aesthetic_time_ids")),
+    unet_config={"addition_embed_type": "text_time"}, scaling_factor=0.13025, default_size=1024,
+    config="sdxl-refiner", align_your_steps="sdxl"))

@@ -19,7 +19,7 @@ import numpy as np
 from coreml_sd import arrays
 from coreml_sd.backends import Components, LoadOptions
 from coreml_sd.conditioning import Conditioning, TextEncoding
-from coreml_sd.errors import InputError, choices_text
+from coreml_sd.errors import InputError
 from coreml_sd.images import GenerationParams
 from coreml_sd.model_source import ModelSource
 from coreml_sd.rng import NoiseSource
@@ -136,17 +136,21 @@ class Pipeline:
                  seed: int | None = None, num_images: int | None = None, batch_size: int = 1,
                  sampler: str = "euler_a", schedule: str = "default", steps: int = 25,
                  guidance_scale: float = 7.5, width: int | None = None,
-                 height: int | None = None) -> Iterator[Progress | GeneratedImage]:
+                 height: int | None = None, eta: float | None = None, ensd: int = 0,
+                 a1111: bool = False) -> Iterator[Progress | GeneratedImage]:
         """`prompt`/`negative_prompt`: one text for every image, or a list with one per image.
-        `num_images` defaults to the length of such a list, else 1."""
+        `num_images` defaults to the length of such a list, else 1. `sampler`/`schedule`: our keys
+        or A1111's names ("DPM++ 2M Karras"); `eta`, `ensd` (A1111's "Eta noise seed delta") and
+        `a1111` (A1111's plans throughout): see `coreml_sd.samplers.sample` and `schedules.make_plan`."""
         from coreml_sd.denoiser import Denoiser
-        from coreml_sd.samplers import SAMPLERS
-        from coreml_sd.schedules import SCHEDULES, make_plan
+        from coreml_sd.samplers import SAMPLERS, sampling_extras
+        from coreml_sd.sampler_names import resolve_sampler_and_schedule
+        from coreml_sd.schedules import make_plan
 
-        if sampler not in SAMPLERS:
-            raise InputError(f"unknown sampler {sampler!r}; valid samplers: {choices_text(SAMPLERS)}")
-        if schedule not in SCHEDULES:
-            raise InputError(f"unknown schedule {schedule!r}; valid schedules: {choices_text(SCHEDULES)}")
+        # --- sampler wiring (issue #14): names, eta/ENSD, A1111 plans ---
+        sampler, schedule = resolve_sampler_and_schedule(sampler, schedule)
+        sampling = dict(eta=eta, ensd=ensd)
+        # --- end sampler wiring ---
         width, height = self._size(width, height)
         check_positive(steps, "steps")
         lists = [len(p) for p in (prompt, negative_prompt) if not isinstance(p, str)]
@@ -159,7 +163,7 @@ class Pipeline:
         if not 0 <= seed <= MAX_SEED - (num_images - 1):
             raise InputError(f"seed must be between 0 and {MAX_SEED - num_images + 1}; got {seed}")
 
-        plan = make_plan(self.info.scheduler, sampler, steps, schedule)
+        plan = make_plan(self.info.scheduler, sampler, steps, schedule, family=self.info.family, a1111=a1111)
         size = SizeConditioning.for_size(width, height)
         conds = self.conditionings(prompts, negatives, size)
         f = self.info.vae_scale_factor
@@ -180,14 +184,15 @@ class Pipeline:
                                     guidance_scale=guidance_scale)
                 shape = (len(batch), self.info.latent_channels, height // f, width // f)
                 start = Progress(batch[0], num_images, 0, steps, seed + batch[0], len(batch))
-                x = yield from self._sample(sampler, denoiser, plan, shape, start)
+                x = yield from self._sample(sampler, denoiser, plan, shape, start, **sampling)
                 latents += [(i, x[k:k + 1]) for k, i in enumerate(batch)]
             if self.reduce_memory:
                 self.components.release("unet")
             for i, x in latents:
                 image = to_pil(self.components["vae_decoder"].decode(x / self.info.scaling_factor))
                 meta = GenerationParams(seed=seed + i, prompt=prompts[i], negative_prompt=negatives[i],
-                                        extras=self.generation_extras(), **params)
+                                        extras={**sampling_extras(sampler, **sampling), **self.generation_extras()},
+                                        **params)
                 results.append(GeneratedImage(image, i, seed + i, meta, arrays.to_numpy(x)))
                 yield results[-1]
         self.components.release("unet")
@@ -208,7 +213,7 @@ class Pipeline:
             self.components.release(spec.component)
         return conds
 
-    def _sample(self, sampler: str, denoiser, plan, shape, start: Progress):
+    def _sample(self, sampler: str, denoiser, plan, shape, start: Progress, *, eta=None, ensd: int = 0):
         """Yields a Progress per step and returns the final latents of images start.image_index ..
         + shape[0] - 1 (image i's noise from its own source, seed + i)."""
         from coreml_sd.samplers import noise_from_sources, sample
@@ -216,7 +221,7 @@ class Pipeline:
         sources = [NoiseSource(start.seed + k) for k in range(shape[0])]
         noise = noise_from_sources(sources, self.components.asarray)
         x = noise(shape) * plan.init_noise_sigma
-        for step, x in enumerate(sample(sampler, denoiser, x, plan, noise), start=1):
+        for step, x in enumerate(sample(sampler, denoiser, x, plan, noise, eta=eta, ensd=ensd), start=1):
             yield replace(start, step=step)
         return x
 

@@ -29,7 +29,7 @@ from coreml_sd.denoiser import Denoiser
 from coreml_sd.errors import InputError
 from coreml_sd.rng import NoiseSource
 from coreml_sd.samplers import SAMPLERS, noise_from_sources, sample
-from coreml_sd.schedules import SCHEDULES, make_plan, spaced_timesteps
+from coreml_sd.schedules import DIFFUSERS_SCHEDULES, SCHEDULES, make_plan, spaced_timesteps
 
 EPS32 = 2.0**-23  # float32 machine epsilon (relative spacing of floats)
 TOL_ULPS = 40
@@ -41,9 +41,11 @@ EXTRA = ("heun", "lms", "dpmpp_2m_sde")
 # DPM++ 2M SDE's diffusers coefficients (1 - exp(-2h) in float32) lose precision in proportion to
 # 1/h; with this model's latents of up to ~70 that alone reaches 8.4e-5 (torch's own noise too).
 EXTRA_ULPS = {"heun": TOL_ULPS, "lms": TOL_ULPS, "dpmpp_2m_sde": 2 * TOL_ULPS}
-# Every (sampler, schedule) diffusers can run. DDIMScheduler has no Karras option: DDIM with
-# Karras sigmas is checked against a direct computation instead (test_ddim_karras_*).
-WITH_DIFFUSERS = [(s, k) for s in REQUIRED for k in SCHEDULES if (s, k) != ("ddim", "karras")]
+# Every (sampler, schedule) diffusers can run: "default" and "karras" keep diffusers' meaning for
+# these samplers (the other schedules are A1111's: tests/test_samplers_kdiffusion.py). DDIMScheduler
+# has no Karras option: DDIM with Karras sigmas is checked against a direct computation instead
+# (test_ddim_karras_*).
+WITH_DIFFUSERS = [(s, k) for s in REQUIRED for k in DIFFUSERS_SCHEDULES if (s, k) != ("ddim", "karras")]
 
 
 # --- plans: sigmas, timesteps and initial noise scale equal diffusers' set_timesteps -------------
@@ -213,7 +215,7 @@ def test_parity_other_timestep_spacings(sd, sampler, schedule, spacing):
 
 
 @pytest.mark.parametrize("sampler,schedule,spacing,steps", [
-    (sampler, schedule, spacing, 7) for sampler in EXTRA for schedule in SCHEDULES for spacing in ("leading", "trailing")
+    (sampler, schedule, spacing, 7) for sampler in EXTRA for schedule in DIFFUSERS_SCHEDULES for spacing in ("leading", "trailing")
 ] + [(sampler, "default", "leading", 25) for sampler in EXTRA])
 def test_parity_extra_samplers(sd, sampler, schedule, spacing, steps):
     from helpers_samplers import diffusers_scheduler, run_diffusers, run_ours
@@ -452,17 +454,19 @@ def test_registry_names_and_display_names():
     assert set(REQUIRED) <= set(SAMPLERS)
     assert {n: SAMPLERS[n].display_name for n in REQUIRED} == {
         "euler_a": "Euler a", "euler": "Euler", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M"}
-    assert set(SAMPLERS) == set(REQUIRED + EXTRA)
-    assert [n for n in SAMPLERS if SAMPLERS[n].ancestral] == ["euler_a", "dpmpp_2m_sde"]
-    assert SCHEDULES == ("default", "karras")
+    # The seven with a diffusers scheduler come first; AUTOMATIC1111's others after them.
+    assert list(SAMPLERS)[:7] == list(REQUIRED + EXTRA)
+    assert [n for n in SAMPLERS if SAMPLERS[n].plan_style] == list(REQUIRED + EXTRA)
+    assert [n for n in REQUIRED + EXTRA if SAMPLERS[n].ancestral] == ["euler_a", "dpmpp_2m_sde"]
+    assert DIFFUSERS_SCHEDULES == ("default", "karras") == SCHEDULES[:1] + SCHEDULES[3:4]
 
 
 def test_bad_inputs_raise_errors_that_name_the_choices():
     cfg = SchedulerConfig(**LEADING)
-    with pytest.raises(InputError, match="valid samplers: euler_a, euler, ddim, dpmpp_2m, heun, lms, dpmpp_2m_sde"):
-        make_plan(cfg, "plms", 10)
-    with pytest.raises(InputError, match="valid schedules: default, karras"):
-        make_plan(cfg, "euler", 10, "exponential")
+    with pytest.raises(InputError, match="valid samplers: euler_a, euler, ddim, dpmpp_2m, heun, lms, dpmpp_2m_sde, "):
+        make_plan(cfg, "k_lms", 10)
+    with pytest.raises(InputError, match="valid schedules: default, automatic, uniform, karras, exponential"):
+        make_plan(cfg, "euler", 10, "Exponential")
     for steps in (0, 1001, 2.5, True):
         with pytest.raises(InputError, match="steps must be an integer from 1 to 1000"):
             make_plan(cfg, "euler", steps)
