@@ -35,7 +35,7 @@ _RESIZE_NAMES = {
     "fill": "fill", "resize and fill": "fill", "2": "fill",
 }
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
 
 
 def name_key(name: str | int) -> str:
@@ -72,8 +72,9 @@ def open_image(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise InputError(f"expected an image file at {path}, found a directory or special file")
     try:
-        image = Image.open(path)
-        image.load()  # decode now: a truncated file fails here, not later inside the pipeline
+        with Image.open(path) as opened:
+            opened.load()  # decode now: a truncated file fails here, not later inside the pipeline
+            image = opened.copy()  # the first frame, with its info (EXIF), and the file closed
     except UnidentifiedImageError:
         raise InputError(f"{path} is not an image Pillow can read; found {describe_file(path)}. "
                          f"Expected PNG, JPEG, WebP, BMP, TIFF or GIF") from None

@@ -130,7 +130,8 @@ def test_la_grayscale_with_alpha(tmp_path):
 def test_sixteen_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
     x = np.array([[0, 257, 32896, 65535]], np.uint16)
     path = _saved(tmp_path, Image.fromarray(x), "g16.png")
-    assert Image.open(path).mode == "I;16"
+    with Image.open(path) as stored:
+        assert stored.mode == "I;16"
     out = np.asarray(load_image(path))
     assert out[0, :, 0].tolist() == [0, 1, 128, 255] and (out[..., 0] == out[..., 2]).all()
 
