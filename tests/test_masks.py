@@ -91,7 +91,7 @@ def test_mask_that_is_not_an_image(tmp_path):
 
 # --- blur -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("px", [1, 4, 7])
+@pytest.mark.parametrize("px", [1, 2, 4])  # tails of >= 1 level at the radius: no rounding luck
 def test_blur_kernel_reaches_exactly_a1111s_radius(px):
     """A1111's kernel is 2 * int(2.5 * px + 0.5) + 1 wide: a step edge spreads exactly that radius."""
     cv2 = pytest.importorskip("cv2")
