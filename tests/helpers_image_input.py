@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
-import pytest
 from PIL import Image
 
 _NO_MODELS = dict(vae=None, text_encoder=None, tokenizer=None, unet=None, scheduler=None,
                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-@pytest.fixture(scope="session")
+@lru_cache(maxsize=None)
 def diffusers_img2img():
     from diffusers import StableDiffusionImg2ImgPipeline
 
     return StableDiffusionImg2ImgPipeline(**_NO_MODELS)
 
 
-@pytest.fixture(scope="session")
+@lru_cache(maxsize=None)
 def diffusers_inpaint():
     from diffusers import StableDiffusionInpaintPipeline
 
     return StableDiffusionInpaintPipeline(**_NO_MODELS)
 
 
-@pytest.fixture(scope="session")
+@lru_cache(maxsize=None)
 def diffusers_controlnet():
     from diffusers import StableDiffusionControlNetPipeline
 

@@ -13,8 +13,7 @@ from PIL import Image
 from coreml_sd.cli import main
 from coreml_sd.control_preprocess import get_preprocessor, prepare_control_image, preprocess
 from coreml_sd.errors import CoreMLSDError, InputError
-from coreml_sd.image_input import resize_image
-from helpers_image_input import diffusers_controlnet, noise_image, smooth_image  # noqa: F401 (fixture)
+from helpers_image_input import diffusers_controlnet, smooth_image
 
 
 def step_image(size=64, low=100, high=140):
@@ -90,9 +89,9 @@ def test_missing_opencv_names_the_package(monkeypatch):
 # --- the control image the ControlNet sees ------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["L", "RGB"])
-def test_prepare_control_image_equals_diffusers_prepare_image(diffusers_controlnet, mode):
+def test_prepare_control_image_equals_diffusers_prepare_image(mode):
     image = smooth_image(40, 24).convert(mode)
-    theirs = diffusers_controlnet.prepare_image(image, width=32, height=16, batch_size=1, num_images_per_prompt=1,
+    theirs = diffusers_controlnet().prepare_image(image, width=32, height=16, batch_size=1, num_images_per_prompt=1,
                                                 device="cpu", dtype=None).numpy()
     ours = prepare_control_image(image, 32, 16)
     assert ours.dtype == np.float32 and ours.shape == (1, 3, 16, 32) and 0 <= ours.min() <= ours.max() <= 1
@@ -100,9 +99,9 @@ def test_prepare_control_image_equals_diffusers_prepare_image(diffusers_controln
 
 
 @pytest.mark.parametrize("mode,theirs_mode", [("crop", "crop"), ("fill", "fill")])
-def test_prepare_control_image_resize_modes_equal_diffusers(diffusers_controlnet, mode, theirs_mode):
+def test_prepare_control_image_resize_modes_equal_diffusers(mode, theirs_mode):
     image = smooth_image(24, 40)
-    theirs = diffusers_controlnet.control_image_processor.preprocess(image, height=16, width=32,
+    theirs = diffusers_controlnet().control_image_processor.preprocess(image, height=16, width=32,
                                                                      resize_mode=theirs_mode).numpy()
     np.testing.assert_array_equal(prepare_control_image(image, 32, 16, mode), theirs)
 

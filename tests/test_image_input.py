@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from coreml_sd.errors import InputError
 from coreml_sd.image_input import image_to_array, load_image, parse_resize_mode, resize_image
-from helpers_image_input import diffusers_img2img, noise_image, smooth_image  # noqa: F401 (fixture)
+from helpers_image_input import diffusers_img2img, noise_image, smooth_image
 
 # diffusers' VaeImageProcessor.resize names for A1111's modes 0, 1, 2 (its code is A1111's).
 DIFFUSERS_MODE = {"stretch": "default", "crop": "crop", "fill": "fill"}
@@ -20,11 +18,11 @@ SIZES = [((40, 24), (32, 32)), ((24, 40), (32, 32)), ((30, 30), (48, 24)), ((17,
 @pytest.mark.parametrize("mode", ["stretch", "crop", "fill"])
 @pytest.mark.parametrize("src,dst", SIZES)
 @pytest.mark.parametrize("pil_mode", ["RGB", "L"])
-def test_resize_equals_diffusers(diffusers_img2img, mode, src, dst, pil_mode):
+def test_resize_equals_diffusers(mode, src, dst, pil_mode):
     """Same Pillow calls on uint8 pixels, so the pixels are identical."""
     image = smooth_image(*src).convert(pil_mode)
     ours = resize_image(image, *dst, mode)
-    theirs = diffusers_img2img.image_processor.resize(image, height=dst[1], width=dst[0],
+    theirs = diffusers_img2img().image_processor.resize(image, height=dst[1], width=dst[0],
                                                       resize_mode=DIFFUSERS_MODE[mode])
     assert ours.size == dst
     np.testing.assert_array_equal(np.asarray(ours.convert(theirs.mode)), np.asarray(theirs))
@@ -67,11 +65,11 @@ def test_unknown_resize_mode_names_choices(name):
 
 
 @pytest.mark.parametrize("mode", ["stretch", "crop", "fill"])
-def test_image_to_array_equals_diffusers_preprocess(diffusers_img2img, mode):
+def test_image_to_array_equals_diffusers_preprocess(mode):
     """Same float32 operations (/255, *2, -1) in the same order, so equal to the bit."""
     image = smooth_image(40, 24)
     ours = image_to_array(resize_image(image, 32, 16, mode))
-    theirs = diffusers_img2img.image_processor.preprocess(image, height=16, width=32,
+    theirs = diffusers_img2img().image_processor.preprocess(image, height=16, width=32,
                                                           resize_mode=DIFFUSERS_MODE[mode]).numpy()
     assert ours.dtype == np.float32 and ours.shape == (1, 3, 16, 32)
     np.testing.assert_array_equal(ours, theirs)

@@ -11,7 +11,7 @@ from PIL import Image
 from coreml_sd.errors import InputError
 from coreml_sd.inpaint_inputs import InpaintSettings, finish_inpaint, img2img_input, prepare_inpaint
 from coreml_sd.masks import blur_mask
-from helpers_image_input import diffusers_img2img, diffusers_inpaint, noise_image, smooth_image  # noqa: F401
+from helpers_image_input import diffusers_img2img, diffusers_inpaint, noise_image, smooth_image
 
 
 def rect_mask(size, box):
@@ -20,8 +20,9 @@ def rect_mask(size, box):
     return mask
 
 
-def diffusers_inputs(pipe, image, mask, width, height, padding_mask_crop=None):
+def diffusers_inputs(image, mask, width, height, padding_mask_crop=None):
     """The tensors StableDiffusionInpaintPipeline.__call__ builds (steps 5 and 7), by its own processors."""
+    pipe = diffusers_inpaint()
     crops = None
     resize_mode = "default"
     if padding_mask_crop is not None:
@@ -36,21 +37,21 @@ def diffusers_inputs(pipe, image, mask, width, height, padding_mask_crop=None):
 
 
 @pytest.mark.parametrize("blur", [0, 4])
-def test_whole_picture_equals_diffusers(diffusers_inpaint, blur):
+def test_whole_picture_equals_diffusers(blur):
     """A diffusers user blurs the mask first (mask_processor.blur); we blur with A1111's kernel."""
     image, mask = smooth_image(56, 40), rect_mask((56, 40), (12, 8, 40, 30))
     ours = prepare_inpaint(image, mask, 32, 24, InpaintSettings(mask_blur=blur))
-    expected = diffusers_inputs(diffusers_inpaint, image, blur_mask(mask, blur), 32, 24)
+    expected = diffusers_inputs(image, blur_mask(mask, blur), 32, 24)
     for got, want in zip((ours.image, ours.mask, ours.masked_image, ours.latent_mask), expected):
         np.testing.assert_array_equal(got, want)
     assert ours.box is None and ours.original.size == (32, 24)
 
 
 @pytest.mark.parametrize("padding", [0, 6])
-def test_only_masked_equals_diffusers_padding_mask_crop(diffusers_inpaint, padding):
+def test_only_masked_equals_diffusers_padding_mask_crop(padding):
     image, mask = smooth_image(96, 64, seed=2), rect_mask((96, 64), (50, 10, 70, 20))
     ours = prepare_inpaint(image, mask, 32, 32, InpaintSettings(mask_blur=0, only_masked=True, padding=padding))
-    *expected, crops = diffusers_inputs(diffusers_inpaint, image, mask, 32, 32, padding_mask_crop=padding)
+    *expected, crops = diffusers_inputs(image, mask, 32, 32, padding_mask_crop=padding)
     assert ours.box == tuple(crops)
     for got, want in zip((ours.image, ours.mask, ours.masked_image, ours.latent_mask), expected):
         np.testing.assert_array_equal(got, want)
@@ -95,7 +96,7 @@ def test_bad_requests():
 
 
 @pytest.mark.parametrize("mode,theirs", [("stretch", "default"), ("crop", "crop"), ("fill", "fill")])
-def test_img2img_input_equals_diffusers(diffusers_img2img, mode, theirs):
+def test_img2img_input_equals_diffusers(mode, theirs):
     image = smooth_image(40, 24).convert("RGBA")  # loading flattens the alpha first
-    want = diffusers_img2img.image_processor.preprocess(image.convert("RGB"), height=16, width=32, resize_mode=theirs)
+    want = diffusers_img2img().image_processor.preprocess(image.convert("RGB"), height=16, width=32, resize_mode=theirs)
     np.testing.assert_array_equal(img2img_input(image, 32, 16, mode), want.numpy())

@@ -14,7 +14,7 @@ from coreml_sd.image_input import image_to_array, resize_image
 from coreml_sd.masks import (blur_mask, crop_region, crop_to_region, fill_masked, latent_noise, latent_nothing,
                              load_mask, mask_to_array, mask_to_latent, masked_image, overlay_alpha,
                              parse_masked_content, paste_back)
-from helpers_image_input import diffusers_inpaint, noise_image, smooth_image  # noqa: F401 (fixture)
+from helpers_image_input import diffusers_inpaint, noise_image, smooth_image
 
 DIFFUSERS_MODE = {"stretch": "default", "crop": "crop", "fill": "fill"}
 
@@ -121,10 +121,10 @@ def test_blur_rejects_negative():
 
 @pytest.mark.parametrize("mode", ["stretch", "crop", "fill"])
 @pytest.mark.parametrize("size", [(40, 24), (32, 32)])
-def test_mask_to_array_equals_diffusers_mask_processor(diffusers_inpaint, mode, size):
+def test_mask_to_array_equals_diffusers_mask_processor(mode, size):
     mask = blob_mask(*size)
     ours = mask_to_array(mask, 32, 16, mode)
-    theirs = diffusers_inpaint.mask_processor.preprocess(mask, height=16, width=32,
+    theirs = diffusers_inpaint().mask_processor.preprocess(mask, height=16, width=32,
                                                          resize_mode=DIFFUSERS_MODE[mode]).numpy()
     assert ours.shape == (1, 1, 16, 32) and set(np.unique(ours)) <= {0.0, 1.0}
     np.testing.assert_array_equal(ours, theirs)
@@ -146,11 +146,11 @@ def test_mask_to_latent_takes_an_image():
     np.testing.assert_array_equal(mask_to_latent(mask, (2, 4)), mask_to_latent(mask_to_array(mask), (2, 4)))
 
 
-def test_masked_image_equals_diffusers(diffusers_inpaint):
+def test_masked_image_equals_diffusers():
     """diffusers: masked_image = init_image * (mask_condition < 0.5), from its own preprocessors."""
     image, mask = smooth_image(40, 24), blob_mask(40, 24)
-    init = diffusers_inpaint.image_processor.preprocess(image, height=16, width=32)
-    condition = diffusers_inpaint.mask_processor.preprocess(mask, height=16, width=32)
+    init = diffusers_inpaint().image_processor.preprocess(image, height=16, width=32)
+    condition = diffusers_inpaint().mask_processor.preprocess(mask, height=16, width=32)
     theirs = (init * (condition < 0.5)).numpy()
     ours = masked_image(image_to_array(resize_image(image, 32, 16)), mask_to_array(mask, 32, 16))
     np.testing.assert_array_equal(ours, theirs)
@@ -173,21 +173,21 @@ def test_crop_region_a1111_documented_examples():
     ((70, 50, 80, 60), 6, (32, 64)),   # near the bottom-right corner
     ((0, 0, 80, 64), 0, (64, 64)),     # everything
 ])
-def test_crop_region_equals_diffusers(diffusers_inpaint, box, pad, target):
+def test_crop_region_equals_diffusers(box, pad, target):
     """diffusers' get_crop_region is A1111's get_crop_region + expand_crop_region in one function."""
     mask = rect_mask((80, 64), box)
-    theirs = diffusers_inpaint.mask_processor.get_crop_region(mask, target[0], target[1], pad=pad)
+    theirs = diffusers_inpaint().mask_processor.get_crop_region(mask, target[0], target[1], pad=pad)
     assert crop_region(mask, pad, *target) == tuple(theirs)
 
 
-def test_crop_region_equals_diffusers_on_random_boxes(diffusers_inpaint):
+def test_crop_region_equals_diffusers_on_random_boxes():
     rng = np.random.default_rng(7)
     for _ in range(60):
         x1, y1 = rng.integers(0, 70), rng.integers(0, 50)
         box = (x1, y1, x1 + rng.integers(1, 81 - x1), y1 + rng.integers(1, 65 - y1))
         target, pad = tuple(int(v) for v in rng.choice([24, 32, 48, 64], 2)), int(rng.integers(0, 12))
         mask = rect_mask((80, 64), box)
-        theirs = diffusers_inpaint.mask_processor.get_crop_region(mask, *target, pad=pad)
+        theirs = diffusers_inpaint().mask_processor.get_crop_region(mask, *target, pad=pad)
         assert crop_region(mask, pad, *target) == tuple(theirs), (box, target, pad)
 
 
