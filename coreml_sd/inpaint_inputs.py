@@ -69,16 +69,17 @@ def prepare_inpaint(image: Any, mask: Any, width: int, height: int,
     init = load_image(image)
     user_mask = load_mask(mask, init.size, invert=settings.invert)
     blurred = blur_mask(user_mask, settings.mask_blur)
+    feather = settings.mask_blur > 0  # without blur the paste-back alpha is the mask itself
     if settings.only_masked:
         box = crop_region(blurred, settings.padding, width, height)
         model_image, model_mask = crop_to_region(init, box, width, height), crop_to_region(blurred, box, width, height)
-        original, alpha = init, overlay_alpha(user_mask, blurred)
+        original, alpha = init, overlay_alpha(user_mask, blurred if feather else None)
     else:
         mode = parse_resize_mode(settings.resize_mode)
         box = None
         model_image, model_mask = resize_image(init, width, height, mode), resize_image(blurred, width, height, mode)
         original = model_image
-        alpha = overlay_alpha(resize_image(user_mask, width, height, mode), model_mask)
+        alpha = overlay_alpha(resize_image(user_mask, width, height, mode), model_mask if feather else None)
     if content == "fill":
         model_image = fill_masked(model_image, model_mask)
     pixels, mask_array = image_to_array(model_image), mask_to_array(model_mask)

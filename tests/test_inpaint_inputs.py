@@ -100,3 +100,9 @@ def test_img2img_input_equals_diffusers(mode, theirs):
     image = smooth_image(40, 24).convert("RGBA")  # loading flattens the alpha first
     want = diffusers_img2img().image_processor.preprocess(image.convert("RGB"), height=16, width=32, resize_mode=theirs)
     np.testing.assert_array_equal(img2img_input(image, 32, 16, mode), want.numpy())
+
+
+def test_without_blur_the_paste_back_alpha_is_the_mask():
+    mask = Image.fromarray(np.tile(np.linspace(0, 255, 32).astype(np.uint8), (16, 1)))  # a soft ramp
+    inputs = prepare_inpaint(smooth_image(32, 16), mask, 32, 16, InpaintSettings(mask_blur=0))
+    np.testing.assert_array_equal(np.asarray(inputs.alpha), np.asarray(mask))
