@@ -197,6 +197,7 @@ class Pipeline:
     def generation_extras(self) -> dict[str, str]:
         extras = dict(getattr(self.source, "generation_extras", {}) or {})
         extras["Backend"] = describe_runs_on(self.components.runs_on)
+        extras["RNG"] = "CPU"  # the initial noise is torch's CPU generator's, AUTOMATIC1111's "RNG: CPU"
         return extras
 
     def __call__(self, prompt: str, **kwargs) -> list[GeneratedImage]:
