@@ -157,6 +157,19 @@ def encode_weighted(encode_chunk: EncodeChunk, tokenizer, text: str, *, emphasis
     return encode_texts(encode_chunk, tokenizer, [text], emphasis=emphasis, comma_backtrack=comma_backtrack)
 
 
+def encode_prompt_pair(encode_chunk: EncodeChunk, tokenizer, prompt: str, negative_prompt: str, *,
+                       emphasis: str = "Original", comma_backtrack: int = COMMA_BACKTRACK):
+    """(cond, uncond), each (1, 77·k, C) with the same k: the shorter padded with the empty prompt's
+    conditioning, so one UNet batch takes both (prompts without editing or alternation)."""
+    def encode(text: str):
+        return encode_weighted(encode_chunk, tokenizer, text, emphasis=emphasis, comma_backtrack=comma_backtrack)
+
+    cond, uncond = encode(prompt), encode(negative_prompt)
+    if cond.shape[1] == uncond.shape[1]:
+        return cond, uncond
+    return pad_to_same_length(cond, uncond, encode(""))
+
+
 def encode_prompt_schedule(encode_chunk: EncodeChunk, tokenizer, prompt: str, steps: int, *,
                            emphasis: str = "Original", comma_backtrack: int = COMMA_BACKTRACK,
                            old_timelines: bool = False) -> list[tuple[int, object]]:

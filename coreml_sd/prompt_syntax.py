@@ -149,8 +149,11 @@ _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 
 
 class _Parser:
+    MAX_DEPTH = 150  # brackets nested deeper are read as text (Python's stack, not the grammar, is the limit)
+
     def __init__(self, text: str):
         self.text = text
+        self.depth = 0
 
     def start(self) -> tuple:
         nodes, pos = [], 0
@@ -184,6 +187,15 @@ class _Parser:
         return items, pos
 
     def bracket(self, pos: int):
+        if self.depth >= self.MAX_DEPTH:
+            raise _NoParse
+        self.depth += 1
+        try:
+            return self._bracket(pos)
+        finally:
+            self.depth -= 1
+
+    def _bracket(self, pos: int):
         if self.text[pos] == "(":
             first, pos = self.prompt(pos + 1)
             if self.peek(pos) == ")":
