@@ -72,7 +72,8 @@ def read_metadata(path: str | Path) -> tuple[str, Any]:
     if not path.is_file():
         raise InputError(f"no such file: {path}; expected an image (PNG, JPEG, WebP) or a .txt/.json recipe")
     if path.suffix.lower() in (".txt", ".json"):
-        return _from_text(path.read_text(encoding="utf-8", errors="replace"), str(path))
+        text = path.read_text(encoding="utf-8", errors="replace")
+        return _from_text(text, str(path), json_only=path.suffix.lower() == ".json")
     text_chunks, comment = _image_metadata(path)
     if "parameters" in text_chunks:
         return "infotext", text_chunks["parameters"]
@@ -124,9 +125,9 @@ def decode_user_comment(raw: bytes | str) -> str:
     return text.rstrip("\x00")
 
 
-def _from_text(text: str, where: str) -> tuple[str, Any]:
+def _from_text(text: str, where: str, json_only: bool = False) -> tuple[str, Any]:
     stripped = text.strip()
-    if stripped.startswith("{"):
+    if stripped.startswith("{") or json_only:
         try:
             data = json.loads(stripped)
         except json.JSONDecodeError as exc:
