@@ -186,6 +186,9 @@ def recipe_from_infotext(text: str, *, model_hash: str | None = None, model_name
     _infotext_sampler(fields, options)
     _infotext_compat(fields, options, warnings)
     warnings += _network_warnings(nets + neg_nets, fields)
+    if re.search(r"\bAND\b", prompt):
+        warnings.append("the prompt joins sub-prompts with AND (AUTOMATIC1111's composable diffusion), which "
+                        "coreml-sd does not do: it is read as the word \"and\"")
     warnings += _model_warnings(fields.get("Model"), fields.get("Model hash"), model_name, model_hash)
     warnings += _unhonoured(fields)
     return Recipe(options, tuple(warnings), "infotext", fields, fields.get("Model"), fields.get("Model hash"),
@@ -302,21 +305,22 @@ def _network_warnings(networks: list, fields: dict) -> list[str]:
 
 
 def _model_warnings(recipe_name, recipe_hash, model_name, model_hash) -> list[str]:
-    """Whether the recipe's model is the one in use: by AUTOMATIC1111's short hash (sha256[:10]), else by name."""
-    if recipe_hash:
-        recipe_hash = recipe_hash.strip().lower()
-        if len(recipe_hash) != 10:
-            return [f"Model hash {recipe_hash} is AUTOMATIC1111's old 8-digit hash, which cannot be checked; "
-                    f"the recipe asks for model {recipe_name or recipe_hash!r}"]
-        if not model_hash:
-            return [f"the recipe was made with model {recipe_name or '?'} [{recipe_hash}]; the current model's hash "
-                    "is not known, so it cannot be checked"]
-        if model_hash.strip().lower()[:10] != recipe_hash:
-            return [f"the recipe was made with model {recipe_name or '?'} [{recipe_hash}], not the current model "
-                    f"[{model_hash[:10]}]: the image will differ"]
+    """Whether the recipe's model is the current one: by AUTOMATIC1111's short hash (sha256[:10]) where
+    both are known, else by name. Nothing to say when no current model is given."""
+    if model_name is None and model_hash is None:
         return []
+    wanted = (recipe_hash or "").strip().lower()
+    if len(wanted) == 10 and model_hash:
+        if model_hash.strip().lower()[:10] == wanted:
+            return []
+        return [f"the recipe was made with model {recipe_name or '?'} [{wanted}], not the current model "
+                f"{model_name or '?'} [{model_hash[:10]}]: the image will differ"]
     if recipe_name and model_name and recipe_name != model_name:
         return [f"the recipe was made with model {recipe_name!r}, not the current model {model_name!r}"]
+    if wanted:
+        why = ("it is AUTOMATIC1111's old 8-digit hash" if len(wanted) != 10
+               else "the current model's hash is not known")
+        return [f"the recipe's model {recipe_name or '?'} [{wanted}] cannot be checked against the current model: {why}"]
     return []
 
 

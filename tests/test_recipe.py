@@ -101,7 +101,7 @@ def test_our_default_schedule_is_not_set(tmp_path, pixels):
 def test_another_model_hash_is_a_warning(tmp_path, pixels):
     path = save_image(pixels, tmp_path, "x", "png", OURS)
     warnings = read_recipe(path, model_hash="ffffffffff").warnings
-    assert len(warnings) == 1 and "[0123456789], not the current model [ffffffffff]" in warnings[0]
+    assert len(warnings) == 1 and "[0123456789], not the current model ? [ffffffffff]" in warnings[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,10 +129,12 @@ def test_a1111_png(tmp_path, pixels):
 def test_a1111_jpeg_and_webp_user_comment(tmp_path, pixels):
     for fmt, name in (("JPEG", "a.jpg"), ("WEBP", "a.webp")):
         path = write_with_user_comment(tmp_path / name, pixels, A1111_TEXT, fmt)
-        recipe = read_recipe(path)
+        recipe = read_recipe(path, model_name="cyberrealistic_v32")  # a model without a known hash
         assert recipe.fields == parse_infotext(A1111_TEXT)
         assert recipe.options["seed"] == 3547911287 and recipe.options["schedule"] == "karras"
-        assert any("cannot be checked" in w or "not known" in w for w in recipe.warnings)
+        assert any("cannot be checked against the current model: the current model's hash is not known" in w
+                   for w in recipe.warnings)
+        assert not any("cannot be checked" in w for w in read_recipe(path).warnings)  # no model: no check
 
 
 def test_forge_infotext(tmp_path, pixels):
@@ -190,8 +192,17 @@ def test_malformed_fields_are_warnings_not_errors():
                                "Size: 'big' is not WIDTHxHEIGHT; the size is not taken")
 
 
+def test_composable_and_is_a_warning():
+    warnings = read_recipe_text("a cat AND a dog:0.5\nSteps: 5, Seed: 1, RNG: CPU").warnings
+    assert len(warnings) == 1 and "AND" in warnings[0]
+    assert read_recipe_text("cats and dogs\nSteps: 5, Seed: 1, RNG: CPU").warnings == ()
+
+
 def test_old_eight_digit_hash_cannot_be_checked():
-    warnings = read_recipe_text("x\nSteps: 1, Seed: 1, Model hash: 45dee52b, RNG: CPU").warnings
+    from coreml_sd.recipe import recipe_from_infotext
+
+    text = "x\nSteps: 1, Seed: 1, Model hash: 45dee52b, RNG: CPU"
+    warnings = recipe_from_infotext(text, model_hash="0123456789").warnings
     assert len(warnings) == 1 and "old 8-digit hash" in warnings[0]
 
 
