@@ -14,8 +14,8 @@ torch tensor), so this works on every backend; clip skip is the encoder's busine
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 

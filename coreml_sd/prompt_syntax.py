@@ -41,9 +41,9 @@ _ATTENTION_TOKEN = re.compile(
     | [^\\()\[\]:]+          # plain text
     | :                      # a colon that does not start a weight
     """,
-    re.X,
+    re.VERBOSE,
 )
-_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
 
 
 def parse_attention(text: str) -> list[tuple[str, float]]:

@@ -313,8 +313,8 @@ def _model_warnings(recipe_name, recipe_hash, model_name, model_hash) -> list[st
     if len(wanted) == 10 and model_hash:
         if model_hash.strip().lower()[:10] == wanted:
             return []
-        return [f"the recipe was made with model {recipe_name or '?'} [{wanted}], not the current model "
-                f"{model_name or '?'} [{model_hash[:10]}]: the image will differ"]
+        return [(f"the recipe was made with model {recipe_name or '?'} [{wanted}], not the current model "
+                 f"{model_name or '?'} [{model_hash[:10]}]: the image will differ")]
     if recipe_name and model_name and recipe_name != model_name:
         return [f"the recipe was made with model {recipe_name!r}, not the current model {model_name!r}"]
     if wanted:

@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 
 from coreml_sd.errors import InputError
-from coreml_sd.prompt_chunks import (apply_emphasis, encode_prompt_pair, encode_prompt_schedule, encode_texts,
-                                     encode_weighted, pad_to_same_length, tokenize_weighted)
+from coreml_sd.prompt_chunks import (
+    apply_emphasis,
+    encode_prompt_pair,
+    encode_prompt_schedule,
+    encode_texts,
+    encode_weighted,
+    pad_to_same_length,
+    tokenize_weighted,
+)
 from coreml_sd.tokenizer import CLIPTokenizer
 
 BOS, EOS = 49406, 49407
@@ -141,9 +148,8 @@ def test_apply_emphasis_restores_the_mean_numpy_and_torch():
 @pytest.fixture(scope="module")
 def text_model():
     torch = pytest.importorskip("torch")
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     from tiny_models import TEXT_CONFIG
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(3)
     text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).eval()
@@ -219,7 +225,7 @@ def test_prompt_editing_texts_share_one_emphasis_mean(text_model, tok):
 def test_shorter_texts_get_empty_chunks_and_pairs_pad_to_one_length(text_model, tok):
     import torch
 
-    text_encoder, encode_chunk = text_model
+    _, encode_chunk = text_model
     long_prompt = "dog " * 80
     empty = encode_weighted(encode_chunk, tok, "")
     batch = encode_texts(encode_chunk, tok, [long_prompt, "a cat"])

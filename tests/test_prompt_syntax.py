@@ -4,9 +4,7 @@ wiki's "Features" page) reproduced by coreml_sd.prompt_syntax."""
 import pytest
 
 from coreml_sd.errors import InputError
-from coreml_sd.prompt_syntax import (parse_attention, prompt_schedule, schedule_index, text_at_step,
-                                     uses_emphasis)
-
+from coreml_sd.prompt_syntax import parse_attention, prompt_schedule, schedule_index, text_at_step, uses_emphasis
 
 # ---------------------------------------------------------------------------------------------
 # Emphasis: AUTOMATIC1111's parse_prompt_attention doctests

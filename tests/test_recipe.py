@@ -13,11 +13,17 @@ from PIL import Image, PngImagePlugin
 from coreml_sd.cli import main
 from coreml_sd.errors import InputError
 from coreml_sd.images import FORMATS, GenerationParams, save_image
-from coreml_sd.recipe import (decode_user_comment, merge_options, parse_infotext, read_recipe, recipe_options,
-                              split_sampler)
+from coreml_sd.recipe import (
+    decode_user_comment,
+    merge_options,
+    parse_infotext,
+    read_recipe,
+    recipe_options,
+    split_sampler,
+)
 
 piexif = pytest.importorskip("piexif")
-import piexif.helper  # noqa: E402
+piexif_helper = pytest.importorskip("piexif.helper")
 
 A1111_TEXT = (
     "masterpiece, best quality, (ultra detailed:1.2), 1girl, <lora:add_detail:0.8>, [blurry]\n"
@@ -62,7 +68,7 @@ def write_png(path, pixels, chunks: dict):
 
 def write_with_user_comment(path, pixels, text, fmt="JPEG"):
     """As AUTOMATIC1111 (and sdkit) do: piexif's UserComment in its "unicode" encoding."""
-    comment = piexif.helper.UserComment.dump(text, encoding="unicode")
+    comment = piexif_helper.UserComment.dump(text, encoding="unicode")
     pixels.save(path, format=fmt, exif=piexif.dump({"Exif": {piexif.ExifIFD.UserComment: comment}}))
     return path
 
@@ -143,8 +149,8 @@ def test_forge_infotext(tmp_path, pixels):
     assert recipe.options["sampler"] == "Euler a" and recipe.options["schedule"] == "automatic"
     assert recipe.options["guidance_scale"] == 1.0 and (recipe.options["width"], recipe.options["height"]) == (896, 1152)
     assert "old_timelines" not in recipe.options  # Forge on 1.10.1: the new timelines
-    assert recipe.warnings == ("ignored (an extension's or a setting coreml-sd does not have): "
-                               "Distilled CFG Scale: 3.5; Module 1: ae",)
+    assert recipe.warnings == (("ignored (an extension's or a setting coreml-sd does not have): "
+                                "Distilled CFG Scale: 3.5; Module 1: ae"),)
 
 
 def test_quoted_values_with_commas_and_quotes():
