@@ -37,7 +37,11 @@ def load_compiled_program(path, *, function_name: str | None = None):
     from coreml_sd.mil.package import milproto_load, program_from_function
 
     path = Path(path)
-    parsed = _parse(path)
+    import_coremltools()
+    from coremltools.proto import Model_pb2
+
+    spec = Model_pb2.Model()
+    parsed = _parse(path, spec.mlProgram)
     names = list(parsed.program.functions)
     name = function_name or ("main" if "main" in names or len(names) != 1 else names[0])
     if name not in names:
@@ -45,16 +49,12 @@ def load_compiled_program(path, *, function_name: str | None = None):
     _check_op_types(path, parsed)
     check_blobs(_blob_refs(path, parsed), model=path)
     version = _specification_version(path, parsed, name)
-    import_coremltools()
-    from coremltools.proto import Model_pb2
-
-    spec = Model_pb2.Model(specificationVersion=version)
-    spec.mlProgram.CopyFrom(parsed.program)
+    spec.specificationVersion = version
     program = milproto_load(path, spec, path / WEIGHTS_DIR)
     return program_from_function(program.functions[name], name=name, path=path, specification_version=version)
 
 
-def _parse(path: Path) -> ParsedText:
+def _parse(path: Path, into) -> ParsedText:
     if not is_compiled_model(path):
         raise ModelError(f"expected a compiled Core ML model (.mlmodelc folder) at {path}, found "
                          + ("a package" if (path / "Manifest.json").is_file() else
@@ -67,7 +67,7 @@ def _parse(path: Path) -> ParsedText:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ModelError(f"{file} is not text (expected the compiled MIL program): {exc}") from None
-    return parse_program_text(text, file=str(file))
+    return parse_program_text(text, file=str(file), into=into)
 
 
 def _check_op_types(path: Path, parsed: ParsedText) -> None:

@@ -83,13 +83,16 @@ class ParsedText:
     blobs: list[TextBlob] = field(default_factory=list)
 
 
-def parse_program_text(text: str, *, file: str = "model.mil") -> ParsedText:
-    """Parse compiled MIL text; ModelError `file:line:col: expected ..., found ...` on bad input."""
-    return _Parser(text, file).program()
+def parse_program_text(text: str, *, file: str = "model.mil", into=None) -> ParsedText:
+    """Parse compiled MIL text; ModelError `file:line:col: expected ..., found ...` on bad input.
+
+    `into`: an empty MIL_pb2.Program to fill (e.g. a Model spec's `mlProgram`: no copy).
+    """
+    return _Parser(text, file, into).program()
 
 
 class _Parser:
-    def __init__(self, text: str, file: str):
+    def __init__(self, text: str, file: str, into=None):
         from coremltools.proto import MIL_pb2
 
         self.pb = MIL_pb2
@@ -99,7 +102,7 @@ class _Parser:
         self.tokens = self._scan()
         self.tok = next(self.tokens, _EOF)
         self.ahead = next(self.tokens, _EOF)
-        self.result = ParsedText(MIL_pb2.Program(), "", 0)
+        self.result = ParsedText(MIL_pb2.Program() if into is None else into, "", 0)
 
     # -- tokens ---------------------------------------------------------------------------
     def _scan(self):
