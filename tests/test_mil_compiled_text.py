@@ -165,6 +165,7 @@ def _replace(needle: str, old: str, new: str):
 
 @pytest.mark.parametrize("needle, old, new, at, message", [
     ("= mul(", ");", ")", "bool f = const", "expected ';' ending the op, found 'bool'"),
+    ("= mul(", "y = k)", "y = k) $", "$", "unexpected character '$'"),
     ("= mul(", "x = b", "x = zz", "zz", "'zz' is not defined here (expected a function input or an earlier op's output)"),
     ('"st"', "([1, 1])", "([1, 1, 1])", "[1, 1, 1]", "expected 2 value(s) for a int32 tensor of shape [2], found 3"),
     ('"st"', "tensor<int32, [2]> st", "tensor<int12, [2]> st", "int12",
@@ -175,8 +176,8 @@ def _replace(needle: str, old: str, new: str):
     ('"gr"', "int32(1)", "int32(3000000000)", "3000000000", "3000000000 does not fit in int32"),
     ("= split(", "split(axis = ax", "split(axis = ax, axis = ax", "axis = ax, axis", "input 'axis' is given twice"),
     ("= cast(dtype = to32", "> out =", "> m =", "cast(dtype = to32", "'m' is defined twice"),
-], ids=["missing_semicolon", "undefined_var", "value_count", "element_type", "opset", "float", "int_range",
-        "duplicate_input", "duplicate_output"])
+], ids=["missing_semicolon", "bad_character", "undefined_var", "value_count", "element_type", "opset", "float",
+        "int_range", "duplicate_input", "duplicate_output"])
 def test_syntax_errors_name_file_line_and_what_was_expected(tmp_path, needle, old, new, at, message):
     path, lines = _broken(tmp_path, _replace(needle, old, new))
     with pytest.raises(ModelError, match=rf"Bad\.mlmodelc/model\.mil:{_line_of(lines, at)}:\d+: {re.escape(message)}"):
@@ -193,7 +194,8 @@ def test_unknown_op_names_the_line_and_the_supported_ops(tmp_path):
 
 def test_nested_blocks_are_refused_clearly(tmp_path):
     path, lines = _broken(tmp_path, _replace("= mul(", "(x = b, y = k);", "(x = b, y = k) { };"))
-    with pytest.raises(ModelError, match=r"nested blocks of control-flow ops are not supported"):
+    with pytest.raises(ModelError, match=rf"model\.mil:{_line_of(lines, '{ }')}:\d+: expected ';' \(nested blocks of "
+                                         r"control-flow ops are not supported\)"):
         load_program(path)
 
 
@@ -225,8 +227,8 @@ def test_missing_files(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (_replace("BLOBFILE", "uint64(64)", "uint64(72)"), r"reads a weight at offset 72 of .*weight\.bin, but no blob "
-                                                       r"starts there \(expected the marker 0xDEADBEEF"),
+    (_replace("BLOBFILE", "uint64(64)", "uint64(72)"),
+     r"reads a weight at offset 72 of .*weight\.bin, but no blob starts there \(expected the marker 0xDEADBEEF"),
     (_replace("BLOBFILE", "tensor<fp16, [6, 4, 1, 1]>(", "tensor<fp32, [6, 4, 1, 1]>("),
      r"reads fp32 values at offset 64 of .*weight\.bin, which holds fp16 values"),
     (_replace("BLOBFILE", "@model_path/weights/weight.bin", "/etc/weight.bin"),
