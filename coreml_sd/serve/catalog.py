@@ -49,16 +49,13 @@ def scan(models_dir: Path | None) -> list[ModelEntry]:
     if not root.is_dir():
         raise InputError(f"--models-dir {root} is not a folder")
     found = []
-    for folder, dirs, files in os.walk(root):
+    for folder, dirs, files in os.walk(root):  # symlinked folders are listed when they are models, not walked
         here = Path(folder)
         depth = len(here.relative_to(root).parts)
-        kind = folder_kind(here) if here != root else None
-        if kind:
-            found.append(_entry(root, here, kind))
-            dirs[:] = []
-            continue
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.endswith(".mlpackage")
-                         and depth < MAX_DEPTH)
+        models = [d for d in dirs if folder_kind(here / d)]
+        found += [_entry(root, here / d, folder_kind(here / d)) for d in models]
+        dirs[:] = sorted(d for d in dirs if d not in models and not d.startswith(".")
+                         and not d.endswith(".mlpackage") and depth < MAX_DEPTH)
         found += [_entry(root, here / f, "checkpoint") for f in files
                   if Path(f).suffix.lower() in CHECKPOINT_SUFFIXES and not f.startswith(".")]
     return entries + sorted(found, key=lambda e: e.title.lower())

@@ -192,17 +192,18 @@ class Worker:
                 self.control.reset()
                 self.live = Live(task_id=task.id, job=task.kind, started=time.monotonic(),
                                  timestamp=datetime.now().strftime("%Y%m%d%H%M%S"))
+            result, error = None, None
             try:
-                task.future.set_result(self._run(task))
+                result = self._run(task)
             except BaseException as exc:  # the handler answers it; this thread keeps serving
                 if not isinstance(exc, (ApiError, InputError)):
                     log.exception("task %s failed", task.id)
-                task.future.set_exception(exc)
-            finally:
-                with self._cv:
-                    self._running = None
-                    self._finished.append(task.id)
-                    self.live = Live()
+                error = exc
+            with self._cv:  # idle before the client hears back, so its next /progress says so
+                self._running = None
+                self._finished.append(task.id)
+                self.live = Live()
+            task.future.set_exception(error) if error is not None else task.future.set_result(result)
 
     def _run(self, task: Task):
         if task.kind == "switch":
