@@ -37,4 +37,8 @@ def serve(config: ServeConfig, *, log_level: str = "info", on_ready=None) -> Non
 
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
                                timeout_graceful_shutdown=60, server_header=False)
-    Server(uv_config).run()
+    try:
+        Server(uv_config).run()
+    except KeyboardInterrupt:
+        pass  # uvicorn raises the Ctrl-C it handled again after its clean shutdown; the exit is clean
+    log.info("stopped")
