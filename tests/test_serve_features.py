@@ -177,3 +177,11 @@ def test_ctrl_c_cancels_the_current_image_and_writes_nothing_partial(tmp_path):
     assert files == info["images_saved"] and len(files) == 1  # no .partial- file, no third image
     with Image.open(out / files[0]) as image:
         assert "Seed: 5" in image.info["parameters"]
+
+
+def test_the_cli_does_not_import_the_server_stack():
+    code = ("import sys, coreml_sd, coreml_sd.cli; "
+            "print([m for m in ('torch', 'fastapi', 'uvicorn', 'starlette', 'pydantic') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert out.stdout.strip() == "[]"

@@ -141,6 +141,7 @@ async function generate(event) {
 function showResults(result) {
   const info = JSON.parse(result.info);
   const saved = info.images_saved.length === result.images.length ? info.images_saved : [];
+  const figures = document.createDocumentFragment();  // newest request first, its images in order
   result.images.forEach((b64, i) => {
     const dataUrl = `data:image/png;base64,${b64}`;
     const figure = document.createElement("figure");
@@ -166,8 +167,9 @@ function showResults(result) {
     actions.append(link, use);
     caption.append(text, actions);
     figure.append(img, caption);
-    $("gallery").prepend(figure);
+    figures.append(figure);
   });
+  $("gallery").prepend(figures);
   if (info.all_seeds.length) lastSeed = info.all_seeds[0];
   return info;
 }
