@@ -42,8 +42,11 @@ from coreml_sd.cli_backends import backend_options
               help="POST requests per minute per client address (0: no limit); more get 429.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True,
               help="Requests that may wait for the device; more get 503.")
+@click.option("--log-level", type=click.Choice(("debug", "info", "warning", "error")), default="info",
+              show_default=True, help="Server log level (info logs every request).")
 def serve(model, models_dir, host, port, listen, api_key, insecure_no_auth, backend, device, precision,
-          compute_units, reduce_memory, output, no_save, fmt, max_body_mb, max_image_pixels, rate_limit, max_queue):
+          compute_units, reduce_memory, output, no_save, fmt, max_body_mb, max_image_pixels, rate_limit, max_queue,
+          log_level):
     """Serve a web page and an AUTOMATIC1111-compatible API (/sdapi/v1/...) on a warm model.
 
     One generation runs at a time; the others wait in a first-in, first-out queue. Ctrl-C stops
@@ -68,7 +71,7 @@ def serve(model, models_dir, host, port, listen, api_key, insecure_no_auth, back
         raise click.ClickException("coreml-sd serve needs FastAPI and uvicorn: pip install 'coreml-sd[serve]'") from None
     from coreml_sd.serve.server import serve as run
 
-    run(config, on_ready=lambda server: click.echo(f"coreml-sd serving on http://{_url_host(config.host)}:"
+    run(config, log_level=log_level, on_ready=lambda server: click.echo(f"coreml-sd serving on http://{_url_host(config.host)}:"
                                                     f"{_bound_port(server, port)}/", err=True))
 
 
