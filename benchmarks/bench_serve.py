@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_info, summarize, write_result  # noqa: E402
+from benchmarks.common import machine_info, summarize, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a handwritten digit seven"

@@ -15,9 +15,9 @@ import pytest
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
-from coreml_sd.serve.app import create_app  # noqa: E402
-from coreml_sd.serve.config import ServeConfig  # noqa: E402
-from coreml_sd.serve.worker import Worker  # noqa: E402
+from coreml_sd.serve.app import create_app
+from coreml_sd.serve.config import ServeConfig
+from coreml_sd.serve.worker import Worker
 
 
 class Running:

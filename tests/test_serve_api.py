@@ -16,18 +16,17 @@ import numpy as np
 import pytest
 import requests
 from click.testing import CliRunner
-from PIL import Image
-
 from helpers_serve import running_server, wait_until
+from PIL import Image
 
 webuiapi = pytest.importorskip("webuiapi")
 
-from coreml_sd.cli import main  # noqa: E402
-from coreml_sd.images import GenerationParams, read_parameters  # noqa: E402
-from coreml_sd.serve.config import ServeConfig  # noqa: E402
+from coreml_sd.cli import main
+from coreml_sd.images import GenerationParams, read_parameters
+from coreml_sd.serve.config import ServeConfig
 
 PROMPT = "a handwritten digit seven"
-SMALL = dict(width=32, height=32, steps=4, cfg_scale=7.5)
+SMALL = {"width": 32, "height": 32, "steps": 4, "cfg_scale": 7.5}
 
 
 @pytest.fixture(scope="module")

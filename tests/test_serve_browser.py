@@ -8,10 +8,9 @@ import base64
 import os
 
 import pytest
-
 from helpers_serve import running_server
 
-from coreml_sd.serve.config import ServeConfig  # noqa: E402
+from coreml_sd.serve.config import ServeConfig
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
@@ -94,5 +93,5 @@ def test_page_generates_shows_progress_and_recalls_parameters(browser, server, t
     page.click("#reuse-seed")
     assert page.input_value("#seed") == "11"
     # everything the page loaded came from this server: it works offline
-    assert requested and all(u.startswith(server.url) or u.startswith("data:") for u in requested)
+    assert requested and all(u.startswith((server.url, "data:")) for u in requested)
     page.close()

@@ -24,14 +24,13 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
+from helpers_serve import running_server, wait_until
 from PIL import Image
 
-from helpers_serve import running_server, wait_until
-
-from coreml_sd.pipeline import Progress  # noqa: E402
-from coreml_sd.serve.config import ServeConfig  # noqa: E402
-from coreml_sd.serve.preview import SD_LATENT_RGB  # noqa: E402
-from coreml_sd.serve.worker import Worker, load_pipeline  # noqa: E402
+from coreml_sd.pipeline import Progress
+from coreml_sd.serve.config import ServeConfig
+from coreml_sd.serve.preview import SD_LATENT_RGB
+from coreml_sd.serve.worker import Worker, load_pipeline
 
 TINY = {"prompt": "a handwritten digit four", "steps": 3, "width": 32, "height": 32}
 

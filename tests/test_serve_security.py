@@ -12,19 +12,16 @@ import base64
 import concurrent.futures
 import io
 import json
-import os
 import threading
 
-import numpy as np
 import pytest
 import requests
 from click.testing import CliRunner
+from helpers_serve import running_server, wait_until
 from PIL import Image
 
-from helpers_serve import running_server, wait_until
-
-from coreml_sd.cli import main  # noqa: E402
-from coreml_sd.serve.config import ServeConfig  # noqa: E402
+from coreml_sd.cli import main
+from coreml_sd.serve.config import ServeConfig
 
 TINY = {"prompt": "a handwritten digit one", "steps": 1, "width": 32, "height": 32}
 
@@ -217,7 +214,7 @@ def test_queue_is_first_in_first_out_and_reports_positions(server):
     for seed in (2, 3):
         threads.append(threading.Thread(target=go, args=(seed, 1)))
         threads[-1].start()
-        wait_until(lambda: server.worker.position(f"fifo-{seed}") is not None)
+        wait_until(lambda task=f"fifo-{seed}": server.worker.position(task) is not None)
     assert [server.worker.position(f"fifo-{s}") for s in (1, 2, 3)] == [0, 1, 2]
     events = requests.get(f"{server.url}/coreml-sd/v1/events", params={"task": "fifo-3"}, stream=True)
     first = next(line for line in events.iter_lines() if line.startswith(b"data:"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -25,7 +26,14 @@ from coreml_sd.errors import InputError, ModelError
 from coreml_sd.serve import catalog, codec, runner, translate
 from coreml_sd.serve.config import ServeConfig
 from coreml_sd.serve.errors import ApiError, field_error
-from coreml_sd.serve.schemas import Img2ImgBody, PNGInfoBody, PNGInfoResponse, ProgressResponse, Txt2ImgBody
+from coreml_sd.serve.preview import preview_png
+from coreml_sd.serve.schemas import (
+    Img2ImgBody,
+    PNGInfoBody,
+    PNGInfoResponse,
+    ProgressResponse,
+    Txt2ImgBody,
+)
 from coreml_sd.serve.security import BodyLimit, Guard
 from coreml_sd.serve.worker import JobResult, Task, Worker
 
@@ -48,6 +56,7 @@ def create_app(config: ServeConfig, worker: Worker | None = None, *, preload: bo
     add_error_handlers(app)
     add_generation_routes(app, config, worker)
     add_state_routes(app, config, worker)
+    add_model_routes(app, config, worker)
     add_page_routes(app, config, worker)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(Guard, config=config)  # added last: runs first
@@ -93,12 +102,13 @@ def pipeline_class():
     return Pipeline
 
 
-def check_model(worker: Worker, title: str | None) -> None:
+def check_model(worker: Worker, title: str | None, field=("override_settings", "sd_model_checkpoint")) -> None:
+    """422 for a model name the catalog does not list (before the request waits in the queue)."""
     if title is not None:
         try:
             catalog.resolve(worker.entries, title)
         except InputError as exc:
-            raise field_error(("override_settings", "sd_model_checkpoint"), str(exc)) from None
+            raise field_error(field, str(exc)) from None
 
 
 async def generate(worker: Worker, config: ServeConfig, request: translate.GenerationRequest) -> dict:
@@ -141,7 +151,7 @@ def info_dict(request: translate.GenerationRequest, result: JobResult, config: S
     }
 
 
-# -- state: progress, interrupt, models, options ---------------------------------------------------
+# -- state: progress, interrupt and skip; models, options ---------------------------------------------------
 def add_state_routes(app: FastAPI, config: ServeConfig, worker: Worker) -> None:
     @app.get("/sdapi/v1/progress", response_model=ProgressResponse)
     async def progress(skip_current_image: bool = False):
@@ -157,6 +167,8 @@ def add_state_routes(app: FastAPI, config: ServeConfig, worker: Worker) -> None:
         worker.skip()
         return {}
 
+
+def add_model_routes(app: FastAPI, config: ServeConfig, worker: Worker) -> None:
     @app.get("/sdapi/v1/sd-models")
     async def sd_models():
         return [model_item(worker, entry) for entry in worker.entries]
@@ -196,10 +208,6 @@ def add_state_routes(app: FastAPI, config: ServeConfig, worker: Worker) -> None:
 def progress_response(worker: Worker, skip_image: bool) -> dict:
     """A1111's ProgressResponse; `current_image` from the last step's latents when the pipeline
     reports them (and the model's latents have a cheap preview)."""
-    import time
-
-    from coreml_sd.serve.preview import preview_png
-
     live, waiting = worker.snapshot()
     generating = live.task_id is not None and live.job != "switch"
     state = {"skipped": live.skipped, "interrupted": live.interrupted, "job": live.task_id or "",
@@ -215,7 +223,7 @@ def progress_response(worker: Worker, skip_image: bool) -> dict:
     if live.latents is not None and not skip_image:
         png = preview_png(live.latents)
         image = base64.b64encode(png).decode() if png else None
-    text = f"image {live.first + 1}/{live.num_images}, step {live.step}/{live.steps}"
+    text = f"image {live.first + 1}/{live.num_images}, step {live.step}/{live.steps}" if live.step else "starting"
     return {"progress": fraction, "eta_relative": eta, "state": state, "current_image": image, "textinfo": text}
 
 
@@ -257,16 +265,9 @@ async def set_options_dict(worker: Worker, config: ServeConfig, body: dict) -> d
     if title is not None:
         if not isinstance(title, str):
             raise field_error("sd_model_checkpoint", "expected a model title (a string)")
-        check_model_option(worker, title)
+        check_model(worker, title, "sd_model_checkpoint")
         await asyncio.wrap_future(worker.submit(Task(f"switch-{uuid.uuid4().hex[:12]}", "switch", title)))
     return {"warnings": warnings}
-
-
-def check_model_option(worker: Worker, title: str) -> None:
-    try:
-        catalog.resolve(worker.entries, title)
-    except InputError as exc:
-        raise field_error("sd_model_checkpoint", str(exc)) from None
 
 
 # -- the page and its helpers -----------------------------------------------------------------------
@@ -293,15 +294,9 @@ def add_page_routes(app: FastAPI, config: ServeConfig, worker: Worker) -> None:
 
 def info_for_page(worker: Worker, config: ServeConfig) -> dict:
     pipe = worker.pipe
-    img2img_missing = None
-    try:
-        probe = translate.GenerationRequest("probe", "img2img", "", "", 0, 1, 1, "euler_a", "default", 1, 1.0,
-                                            None, None)
-        runner.check_supported(pipe or pipeline_class(), probe)
-    except ApiError as exc:
-        img2img_missing = exc.detail
+    reason = runner.img2img_unavailable(pipe or pipeline_class())
     size = getattr(getattr(pipe, "info", None), "sample_size", None)
-    return {"version": __version__, "img2img": img2img_missing is None, "img2img_reason": img2img_missing,
+    return {"version": __version__, "img2img": reason is None, "img2img_reason": reason,
             "model": worker.option_title, "models": [e.title for e in worker.entries],
             "samplers": [names[0] for names in translate.sampler_names().values()],
             "schedulers": [item["name"] for item in scheduler_items()],
@@ -311,8 +306,6 @@ def info_for_page(worker: Worker, config: ServeConfig) -> dict:
 async def task_events(worker: Worker, task: str, request: Request):
     """Server-sent events for one task: its queue position, then progress (with a preview when
     the pipeline gives latents), then "done". Ends if the task is unknown for 30 s."""
-    from coreml_sd.serve.preview import preview_png
-
     last, unknown_for, idle = None, 0.0, 0.0
     while not await request.is_disconnected():
         status = worker.status(task)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import inspect
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from coreml_sd.serve.errors import ApiError
 from coreml_sd.serve.translate import GenerationRequest
@@ -67,17 +68,27 @@ def generate_parameters(pipe) -> set[str] | None:
     return set(params)
 
 
+def missing_arguments(pipe, names) -> list[str]:
+    """Those of `names` that `pipe.generate` does not take."""
+    known = generate_parameters(pipe)
+    return [] if known is None else [name for name in names if name not in known]
+
+
+def img2img_unavailable(pipe, options=("strength",)) -> str | None:
+    """Why `pipe` cannot run img2img with these options, or None when it can."""
+    missing = missing_arguments(pipe, [IMG2IMG_REQUIRED, *options])
+    if not missing:
+        return None
+    return (f"img2img is not available yet: this coreml-sd pipeline's generate() takes no {', '.join(missing)} "
+            f"(the request was valid; text-to-image works)")
+
+
 def check_supported(pipe, request: GenerationRequest) -> None:
     """501 when the pipeline lacks a keyword argument the request needs (img2img before the
     pipeline has init images)."""
-    if request.kind != "img2img":
-        return
-    known = generate_parameters(pipe)
-    wanted = [IMG2IMG_REQUIRED, *request.image_options]
-    missing = [] if known is None else [name for name in wanted if name not in known]
-    if missing:
-        raise ApiError(501, f"img2img is not available yet: this coreml-sd pipeline's generate() takes no "
-                            f"{', '.join(missing)} (the request was valid; text-to-image works)")
+    reason = img2img_unavailable(pipe, request.image_options) if request.kind == "img2img" else None
+    if reason:
+        raise ApiError(501, reason)
 
 
 def run_request(pipe, request: GenerationRequest, control: Control,

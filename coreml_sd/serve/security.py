@@ -102,17 +102,16 @@ class Guard:
         if self.config.loopback and host_name(host) not in LOOPBACK_NAMES:
             return 421, f"this server answers to localhost only; the request was for host {host!r}"
         if self.config.api_key and not key_matches(scope, self.config.api_key):
-            return 401, "an API key is required (Authorization: Bearer KEY, or HTTP Basic with KEY as the " \
-                        "password)", {"WWW-Authenticate": 'Basic realm="coreml-sd"'}
+            return (401, "an API key is required (Authorization: Bearer KEY, or HTTP Basic with KEY as the password)",
+                    {"WWW-Authenticate": 'Basic realm="coreml-sd"'})
         if scope["method"] not in ("GET", "HEAD", "OPTIONS"):
             origin = header(scope, b"origin")
             if origin is not None and urlsplit(origin).netloc != host:
                 return 403, f"cross-site request refused: origin {origin!r} is not this server ({host!r})"
-            if self.limiter:
-                wait = self.limiter.take(scope.get("client", ("?",))[0] if scope.get("client") else "?")
-                if wait:
-                    return 429, f"rate limit: at most {self.config.rate_limit} requests a minute " \
-                                f"(--rate-limit); retry in {wait:.0f} s", {"Retry-After": str(int(wait) + 1)}
+            wait = self.limiter.take((scope.get("client") or ("?",))[0]) if self.limiter else 0.0
+            if wait:
+                message = f"rate limit: at most {self.config.rate_limit} requests a minute (--rate-limit); retry in {wait:.0f} s"
+                return 429, message, {"Retry-After": str(int(wait) + 1)}
         return None
 
 

@@ -51,9 +51,9 @@ class GenerationRequest:
     parameters: dict[str, Any] = field(default_factory=dict)  # the request as the response echoes it
 
     def generate_kwargs(self) -> dict[str, Any]:
-        return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, batch_size=self.batch_size,
-                    sampler=self.sampler, schedule=self.schedule, steps=self.steps,
-                    guidance_scale=self.guidance_scale, width=self.width, height=self.height)
+        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "batch_size": self.batch_size,
+                "sampler": self.sampler, "schedule": self.schedule, "steps": self.steps,
+                "guidance_scale": self.guidance_scale, "width": self.width, "height": self.height}
 
 
 def _norm(name: str) -> str:

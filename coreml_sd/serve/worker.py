@@ -14,11 +14,12 @@ import gc
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from coreml_sd.errors import InputError
 from coreml_sd.serve import catalog
@@ -211,10 +212,10 @@ class Worker:
             self.option_title = entry.title
             return entry
         request: GenerationRequest = task.payload
-        pipe, entry = self._pipeline_for(request.model or self.option_title)
         with self._cv:
             self.live.num_images, self.live.steps = request.num_images, request.steps
             self.live.job = request.kind
+        pipe, entry = self._pipeline_for(request.model or self.option_title)
         saved: dict[int, Path] = {}
 
         def on_image(index: int, image) -> None:
