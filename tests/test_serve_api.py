@@ -174,19 +174,6 @@ def test_progress_and_interrupt_between_steps(api, server):
     assert api.get_progress()["progress"] == 0
 
 
-def test_skip_drops_the_current_image_and_the_rest_are_what_they_would_have_been(api, server):
-    results: list = []
-    thread = long_request(api, results, seed=40, steps=150, n_iter=2, cfg_scale=7.5)
-    progress_when(api, results, lambda p: p["state"]["sampling_step"] > 2 and p["state"]["job_no"] == 0)
-    api.skip()
-    thread.join(120)
-    (result,) = results
-    assert result.info["skipped_images"] == [0] and result.info["all_seeds"] == [41]
-    assert result.info["image_indices"] == [1] and not result.info["interrupted"]
-    alone = api.txt2img(prompt=PROMPT, seed=41, steps=150, width=32, height=32, cfg_scale=7.5)
-    assert np.array_equal(pixels(result.image), pixels(alone.image))
-
-
 def test_models_and_switching_frees_the_previous(api, server):
     titles = [m["title"] for m in api.get_sd_models()]
     assert titles == ["builtin", "tiny"]

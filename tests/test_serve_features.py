@@ -60,6 +60,20 @@ class InitImagePipeline:
         return self.pipe.generate(prompt, **kwargs)
 
 
+class GatedPipeline:
+    """The built-in pipeline, pausing after step 2 of its first image until `go` is set, so a test
+    can act at a known step whatever the machine's speed."""
+
+    def __init__(self, pipe):
+        self.pipe, self.info, self.go = pipe, pipe.info, threading.Event()
+
+    def generate(self, prompt, **kwargs):
+        for event in self.pipe.generate(prompt, **kwargs):
+            yield event
+            if isinstance(event, Progress) and event.step == 2 and event.image_index == 0:
+                self.go.wait(60)
+
+
 class LatentsPipeline:
     """The built-in pipeline whose steps report latents: channel (step % 4) is 1, the others 0.
     After step 2 it waits for `go`, so a test can read /progress at a known step."""
@@ -105,6 +119,27 @@ def test_img2img_fields_reach_a_pipeline_that_takes_init_images(tmp_path):
         assert inverted[0, 0] == 255 and inverted[16, 16] == 0  # inpainting_mask_invert applied
 
 
+def test_skip_drops_the_current_image_and_the_rest_are_what_they_would_have_been():
+    config = ServeConfig(port=0, output=None, device="cpu", precision="fp32")
+    worker = Worker(config, loader=lambda entry: GatedPipeline(load_pipeline(entry, config)))
+    with running_server(config, worker) as running:
+        done = []
+        body = {**TINY, "seed": 40, "n_iter": 3, "steps": 20}
+        thread = threading.Thread(target=lambda: done.append(requests.post(running.url + "/sdapi/v1/txt2img", json=body)))
+        thread.start()
+        wait_until(lambda: requests.get(running.url + "/sdapi/v1/progress").json()["state"]["sampling_step"] == 2)
+        assert requests.post(running.url + "/sdapi/v1/skip").ok
+        running.worker.pipe.go.set()
+        thread.join(60)
+        skipped = done[0].json()
+        info = json.loads(skipped["info"])
+        assert info["skipped_images"] == [0] and info["all_seeds"] == [41, 42] and info["image_indices"] == [1, 2]
+        assert not info["interrupted"]
+        # the rest were made by a new generate() from seed 41: the images asking for them gives
+        alone = requests.post(running.url + "/sdapi/v1/txt2img", json={**body, "seed": 41, "n_iter": 2}).json()
+        assert skipped["images"] == alone["images"]  # the same PNG bytes: the same pixels and parameters
+
+
 def test_progress_preview_comes_from_the_steps_latents():
     config = ServeConfig(port=0, output=None, device="cpu", precision="fp32")
     worker = Worker(config, loader=lambda entry: LatentsPipeline(load_pipeline(entry, config)))
@@ -144,7 +179,7 @@ def test_without_latents_the_preview_is_omitted():
 
 @pytest.mark.slow
 def test_ctrl_c_cancels_the_current_image_and_writes_nothing_partial(tmp_path):
-    """The real `coreml-sd serve` process: Ctrl-C while image 2 of 3 is sampled."""
+    """The real `coreml-sd serve` process: Ctrl-C while image 2 of 2 is sampled."""
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "coreml_sd", "serve", "--port", "0", "-o", str(out),
@@ -159,7 +194,7 @@ def test_ctrl_c_cancels_the_current_image_and_writes_nothing_partial(tmp_path):
         threading.Thread(target=lambda: [_ for _ in proc.stderr], daemon=True).start()  # keep the pipe drained
         wait_until(lambda: requests.get(url + "/coreml-sd/v1/info").json()["default_size"])
         answer = []
-        body = {**TINY, "seed": 5, "n_iter": 3, "steps": 300}
+        body = {**TINY, "seed": 5, "n_iter": 2, "steps": 1000}
         thread = threading.Thread(target=lambda: answer.append(requests.post(url + "/sdapi/v1/txt2img", json=body)))
         thread.start()
         wait_until(lambda: (s := requests.get(url + "/sdapi/v1/progress").json()["state"])["job_no"] == 1
@@ -173,7 +208,7 @@ def test_ctrl_c_cancels_the_current_image_and_writes_nothing_partial(tmp_path):
     info = json.loads(answer[0].json()["info"])
     assert info["interrupted"] and info["all_seeds"] == [5]  # image 1 finished; image 2 was dropped mid-way
     files = sorted(p.name for p in out.iterdir())
-    assert files == info["images_saved"] and len(files) == 1  # no .partial- file, no third image
+    assert files == info["images_saved"] and len(files) == 1  # no .partial- file, no second image
     with Image.open(out / files[0]) as image:
         assert "Seed: 5" in image.info["parameters"]
 

@@ -208,7 +208,7 @@ def test_queue_is_first_in_first_out_and_reports_positions(server):
         requests.post(server.url + "/sdapi/v1/txt2img", json=body, timeout=600)
         order.append(seed)
 
-    threads.append(threading.Thread(target=go, args=(1, 400)))
+    threads.append(threading.Thread(target=go, args=(1, 1000)))  # interrupted below
     threads[0].start()
     wait_until(lambda: server.worker.position("fifo-1") == 0)
     for seed in (2, 3):
