@@ -137,12 +137,34 @@ def test_model_names_only_select_listed_models(tmp_path):
     models = tmp_path / "models"
     (models / "sub").mkdir(parents=True)
     (models / "sub" / "a.safetensors").write_bytes(b"x")
+    (models / "converted").mkdir()
+    (models / "converted" / "manifest.json").write_text("{}")
+    (models / "converted" / "Unet.mlpackage").mkdir()
+    (models / "sub" / "deep" / "diffusers-model" / "unet").mkdir(parents=True)
+    (models / "sub" / "deep" / "diffusers-model" / "model_index.json").write_text("{}")
+    (models / "sub" / "deep" / "diffusers-model" / "unet" / "x.safetensors").write_bytes(b"x")  # part of a model
+    (models / "sub" / "notes.txt").write_text("not a model")
     entries = catalog.scan(models)
-    assert [e.title for e in entries] == ["builtin", "sub/a.safetensors"]
+    assert [(e.title, e.kind) for e in entries] == [
+        ("builtin", "builtin"), ("converted", "coreml"), ("sub/a.safetensors", "checkpoint"),
+        ("sub/deep/diffusers-model", "diffusers")]
     assert catalog.resolve(entries, "sub/a.safetensors [0123456789]").path == models / "sub" / "a.safetensors"
     for name in ("../outside.safetensors", str(outside), "sub/../../outside.safetensors", "/etc/passwd"):
         with pytest.raises(Exception, match="unknown model"):
             catalog.resolve(entries, name)
+
+
+def test_a_model_that_is_not_there_stops_the_server_before_it_starts(tmp_path):
+    result = CliRunner().invoke(main, ["serve", "--model", str(tmp_path / "missing.safetensors"), "--port", "0"])
+    assert result.exit_code == 1 and "no such file" in result.output
+
+
+def test_reduce_memory_is_honoured(tmp_path):
+    config = ServeConfig(port=0, output=None, reduce_memory=True, device="cpu", precision="fp32")
+    with running_server(config) as running:
+        assert running.worker.pipe.reduce_memory is True
+        response = requests.post(running.url + "/sdapi/v1/txt2img", json={**TINY, "seed": 3})
+        assert response.ok and len(response.json()["images"]) == 1
 
 
 # -- how much ------------------------------------------------------------------------------------

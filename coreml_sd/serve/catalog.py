@@ -70,6 +70,8 @@ def _entry(root: Path, path: Path, kind: str) -> ModelEntry:
 def entry_for_path(path: str) -> ModelEntry:
     """The operator's --model given as a path outside the models folder."""
     p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"--model {path}: no such file or folder, and no model of that name under --models-dir")
     kind = folder_kind(p) if p.is_dir() else "checkpoint"
     return ModelEntry(p.name, p.stem if kind == "checkpoint" else p.name, kind or "diffusers", p)
 
