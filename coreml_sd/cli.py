@@ -15,6 +15,7 @@ from coreml_sd.cli_bench import bench
 from coreml_sd.cli_checkpoint import checkpoint, model_source_options, pop_source_kwargs
 from coreml_sd.cli_control import control
 from coreml_sd.cli_recipe import recipe
+from coreml_sd.cli_serve import serve
 from coreml_sd.images import FORMATS, save_image, slugify
 from coreml_sd.samplers import SAMPLERS
 from coreml_sd.schedules import SCHEDULES
@@ -182,6 +183,7 @@ main.add_command(info)
 main.add_command(bench)
 main.add_command(control)
 main.add_command(recipe)
+main.add_command(serve)
 _load_plugin_commands()
 
 
