@@ -54,3 +54,9 @@ def full_like(ref, fill: float, shape):
 
         return torch.full(shape, float(fill), device=ref.device, dtype=torch.float32)
     return np.full(shape, fill, dtype=np.float32)
+
+
+def landed(x, sent):
+    """The latent a sampler continues from after `sent = yield x`: the caller's replacement if it sent
+    one (inpainting blends the unmasked area between steps, as diffusers' pipeline does), else x."""
+    return x if sent is None else sent
