@@ -39,6 +39,7 @@ class ImageRequest:
     resize_mode: str = "stretch"
     mask: Any = None  # path or PIL (white = repaint); None: img2img
     inpaint: InpaintSettings = InpaintSettings()
+    outpaint: str | None = None  # the sides grown ("left=128,..."), for the metadata
 
     def __post_init__(self):
         s = self.strength
@@ -53,6 +54,8 @@ class ImageRequest:
 
     def a1111_params(self) -> dict[str, str]:
         params = {"Denoising strength": f"{self.strength:g}"}
+        if self.outpaint:
+            params["Outpaint"] = self.outpaint
         if self.inpainting:
             params.update(self.inpaint.a1111_params())
         elif self.resize_mode != "stretch":
@@ -62,11 +65,13 @@ class ImageRequest:
 
 @dataclass(frozen=True)
 class Prepared:
-    """One request's pixel inputs at the generation size."""
+    """One request's inputs at the generation size: pixels for the VAE encoder, or latents already
+    (hires fix's latent upscaler: one row per image, scaled as the UNet's)."""
 
     request: ImageRequest
-    pixels: np.ndarray  # (1, 3, H, W) in [-1, 1]: the VAE encoder's input
+    pixels: np.ndarray | None  # (1, 3, H, W) in [-1, 1]: the VAE encoder's input
     inpaint: InpaintInputs | None = None
+    latents: Any = None  # (B, C, h, w) init latents, instead of encoding pixels
 
 
 def prepare(request: ImageRequest, width: int, height: int, vae_factor: int = 8) -> Prepared:
@@ -75,6 +80,48 @@ def prepare(request: ImageRequest, width: int, height: int, vae_factor: int = 8)
                                  replace(request.inpaint, resize_mode=request.resize_mode), latent_factor=vae_factor)
         return Prepared(request, inputs.image, inputs)
     return Prepared(request, img2img_input(request.init_image, width, height, request.resize_mode))
+
+
+UPSCALERS = ("latent", "lanczos")
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """A1111's "Hires. fix": target size, second-pass steps and denoising, and the upscaler."""
+
+    scale: float
+    steps: int
+    denoise: float
+    upscaler: str
+    width: int
+    height: int
+
+    @classmethod
+    def checked(cls, scale, steps, denoise, upscaler, width: int, height: int, sizes=None) -> "HiresFix":
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 1:
+            raise InputError(f"hires scale must be a number above 1; got {scale!r}")
+        if not isinstance(steps, int) or steps < 1:
+            raise InputError(f"hires steps must be an integer >= 1; got {steps!r}")
+        ImageRequest(init_image=True, strength=denoise)  # the same (0, 1] rule as img2img's strength
+        key = str(upscaler).lower().replace(" ", "-")
+        key = {"latent": "latent", "lanczos": "lanczos", "latent-(bilinear)": "latent"}.get(key)
+        if key is None:
+            raise InputError(f"unknown hires upscaler {upscaler!r}; valid: {', '.join(UPSCALERS)}")
+        w, h = int(width * scale) // 8 * 8, int(height * scale) // 8 * 8  # A1111's size, on the latent grid
+        if sizes and (w, h) not in sizes:
+            listed = ", ".join(f"{a}x{b}" for a, b in sizes)
+            raise InputError(f"hires fix to {w}x{h} needs the UNet at that size; this converted model takes {listed} "
+                             f"(convert it with both sizes, or use the torch backend)")
+        return cls(float(scale), steps, float(denoise), key, w, h)
+
+    def upscale_latents(self, x, factor: int):
+        """A1111's "Latent" upscaler: bilinear, no antialiasing, to the target's latent size."""
+        return arrays.resize_bilinear(x, (self.height // factor, self.width // factor))
+
+    def a1111_params(self) -> dict[str, str]:
+        return {"Hires upscale": f"{self.scale:g}", "Hires steps": str(self.steps),
+                "Hires upscaler": {"latent": "Latent", "lanczos": "Lanczos"}[self.upscaler],
+                "Denoising strength": f"{self.denoise:g}"}
 
 
 def truncate(plan, strength: float):
@@ -111,15 +158,18 @@ class ImageStart:
                  latent_channels: int, scaling_factor: float, vae_factor: int, batch: int):
         self.prepared, self.plan, self.model_scale = prepared, plan, model_scale
         asarray = noise.asarray
-        pixels = asarray(np.repeat(prepared.pixels, batch, axis=0))
         inpaint = prepared.inpaint
         nine = unet_channels == latent_channels + 1 + latent_channels
         strength_max = prepared.request.strength >= 1.0
         self.image_latents = None
-        if not (inpaint is not None and nine and strength_max):  # diffusers skips the encode only then
-            self.image_latents = sample_latents(encode(pixels), noise(_latent_shape(pixels, latent_channels, vae_factor)),
-                                                scaling_factor)
-        shape = _latent_shape(pixels, latent_channels, vae_factor)
+        if prepared.latents is not None:
+            self.image_latents = asarray(prepared.latents)
+            shape = tuple(self.image_latents.shape)
+        else:
+            pixels = asarray(np.repeat(prepared.pixels, batch, axis=0))
+            shape = _latent_shape(pixels, latent_channels, vae_factor)
+            if not (inpaint is not None and nine and strength_max):  # diffusers skips the encode only then
+                self.image_latents = sample_latents(encode(pixels), noise(shape), scaling_factor)
         self.noise = noise(shape)
         self.mask = None if inpaint is None else asarray(np.repeat(inpaint.latent_mask, batch, axis=0))
         self.latent_extra = None

@@ -173,3 +173,29 @@ def test_the_digits_model_turns_a_three_into_an_eight():
             for i, three in enumerate(threes)]
     assert (classify(eights) == 8).mean() >= 0.6
     assert (classify(kept) == 3).mean() >= 0.8
+
+
+def test_hires_fix_is_generation_then_img2img_at_the_larger_size(pipe):
+    base = pipe(PROMPT, seed=9, steps=6)[0]
+    hires = pipe(PROMPT, seed=9, steps=6, hires_scale=2, hires_steps=5, hires_denoise=0.6, hires_upscaler="lanczos")
+    assert hires[0].image.size == (32, 32)
+    # The same as A1111's two passes done by hand: the base image, Lanczos-upscaled, through img2img.
+    upscaled = base.image.resize((32, 32), Image.LANCZOS)
+    by_hand = pipe(PROMPT, seed=9, steps=5, init_image=upscaled, strength=0.6)[0]
+    _close(hires[0].latents, by_hand.latents)
+    extras = hires[0].params.extras
+    assert (extras["Hires upscale"], extras["Hires steps"], extras["Hires upscaler"]) == ("2", "5", "Lanczos")
+    latent = pipe(PROMPT, seed=9, steps=6, hires_scale=1.5, hires_denoise=0.5)[0]
+    assert latent.image.size == (24, 24) and latent.params.extras["Hires upscaler"] == "Latent"
+    with pytest.raises(InputError, match="hires scale must be a number above 1"):
+        pipe(PROMPT, steps=2, hires_scale=0.5)
+
+
+def test_outpainting_grows_the_canvas_and_keeps_the_picture(pipe):
+    init = _init_image(16, seed=3)
+    out = pipe(PROMPT, seed=2, steps=4, init_image=init, outpaint="left=8,down=8", mask_blur=0)[0]
+    assert out.image.size == (24, 24)
+    assert np.array_equal(np.asarray(out.image)[:16, 8:], np.asarray(init))
+    assert out.params.extras["Outpaint"] == "left=8,down=8"
+    with pytest.raises(InputError, match="multiple of 8"):
+        pipe(PROMPT, steps=2, init_image=init, outpaint="left=4")
