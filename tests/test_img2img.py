@@ -199,3 +199,28 @@ def test_outpainting_grows_the_canvas_and_keeps_the_picture(pipe):
     assert out.params.extras["Outpaint"] == "left=8,down=8"
     with pytest.raises(InputError, match="multiple of 8"):
         pipe(PROMPT, steps=2, init_image=init, outpaint="left=4")
+
+
+@pytest.mark.parametrize("model", ["plain", "inpainting"])
+def test_converted_models_start_from_pictures_on_mil(model, tiny_diffusers_dir, inpainting_dir, tmp_path):
+    """Converted with --img2img (the VAE encoder too; an inpainting UNet with its 9 channels), the
+    packages on mil give the torch backend's images (fp16 packages: >= 30 dB)."""
+    from click.testing import CliRunner
+
+    from coreml_sd.cli import main
+    from coreml_sd.metrics import image_psnr
+
+    source = tiny_diffusers_dir if model == "plain" else inpainting_dir
+    out = tmp_path / "converted"
+    result = CliRunner().invoke(main, ["convert", str(source), "-o", str(out), "--img2img", "-q"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "vae_encoder" in manifest["components"]
+    sample = next(s for s in manifest["components"]["unet"]["inputs"] if s["name"] == "sample")
+    assert sample["shape"][1] == (4 if model == "plain" else 9)
+    kwargs = dict(seed=4, steps=6, sampler="euler", init_image=_init_image(seed=5), strength=0.7)
+    if model == "inpainting":
+        kwargs["mask"] = _mask()
+    torch_image = Pipeline.load(source, backend="torch", device="cpu", precision="fp32")(PROMPT, **kwargs)[0].image
+    mil_image = Pipeline.load(out, backend="mil", device="cpu")(PROMPT, **kwargs)[0].image
+    assert image_psnr(mil_image, torch_image) >= 30
