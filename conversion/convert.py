@@ -460,7 +460,10 @@ def _copy_tokenizer(source: ModelSource, folder: Path) -> None:
 
 def _manifest(conv: Converter, shapes: Shapes, source: dict) -> Manifest:
     info, opts = conv.source.info, conv.options
-    packages = {k: replace(v, psnr_db=round(conv.parity[_parity_key(k)].min_psnr_db, 2))
+    from coreml_sd.model_folder import package_hash
+
+    packages = {k: replace(v, psnr_db=round(conv.parity[_parity_key(k)].min_psnr_db, 2),
+                           sha256=package_hash(conv.folder / v.package))
                 for k, v in conv.packages.items()}
     parity = {"threshold_db": opts.threshold_db, "executor": conv.runner.name,
               "reference": "upstream torch modules (diffusers/transformers) computing in fp32 with the weights "

@@ -175,8 +175,10 @@ def _package_components(folder: ConvertedModel, options: VerifyOptions):
     from coreml_sd.backends.selection import load_components, parse_backend
 
     if _coreml_here():
-        return load_components(folder, parse_backend("coreml"), LoadOptions(compute_units=options.compute_units))
-    return load_components(folder, parse_backend("mil"), LoadOptions(device="cpu", mil_mode="exact"))
+        return load_components(folder, parse_backend("coreml"), LoadOptions(compute_units=options.compute_units,
+                                                                            check_hashes=False))
+    return load_components(folder, parse_backend("mil"), LoadOptions(device="cpu", mil_mode="exact",
+                                                                     check_hashes=False))
 
 
 def verify_model(folder: str | Path, *, against: str | Path | None = None,
