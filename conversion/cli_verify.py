@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import click
 
+from coreml_sd.cli_paths import InputPath
 from conversion.cli import _quiet_libraries
 
 COMPUTE_UNITS = ("cpu", "gpu", "ane", "all")  # coreml_sd.backends.coreml_backend.COMPUTE_UNITS
@@ -29,8 +29,8 @@ def _table(report) -> str:
 
 
 @click.command("verify")
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--against", type=click.Path(exists=True, path_type=Path), default=None,
+@click.argument("model_dir", type=InputPath(file_okay=False))
+@click.option("--against", type=InputPath(), default=None,
               help="Source model to compare with (a checkpoint or diffusers folder). Default: the manifest's source.")
 @click.option("--threshold", type=float, default=35.0, show_default=True,
               help="Minimum PSNR in dB for each package and for the end-to-end image.")

@@ -125,17 +125,18 @@ def generate(prompt, model, negative_prompt, seed, num_images, batch_size, sampl
 def models(as_json):
     """List the built-in models (used when --model is not given)."""
     from coreml_sd.checkpoint.config import CheckpointConfig, sidecar_path
-    from coreml_sd.sources import BUILTIN, builtin_checkpoint
+    from coreml_sd.sources import BUILTIN, BUILTIN_NAMES, builtin_checkpoint
 
     path = builtin_checkpoint()
     config = CheckpointConfig.from_json(sidecar_path(path))
-    entry = {"name": BUILTIN, "default": True, "path": str(path), "size_bytes": path.stat().st_size,
+    entry = {"name": BUILTIN, "aliases": [n for n in BUILTIN_NAMES if n != BUILTIN], "default": True,
+             "path": str(path), "size_bytes": path.stat().st_size,
              "family": config.family, "native_size": f"{config.sample_size}x{config.sample_size}",
              "prediction_type": config.scheduler.prediction_type, "description": config.description}
     if as_json:
         click.echo(json.dumps([entry], indent=2))
         return
-    click.echo(f"{entry['name']} (default)  {entry['native_size']}  {entry['size_bytes'] / 1e6:.1f} MB  {path}")
+    click.echo(f"{entry['name']} (default; also: {', '.join(entry['aliases'])})  {entry['native_size']}  {entry['size_bytes'] / 1e6:.1f} MB  {path}")
     click.echo(f"  {entry['description']}")
 
 

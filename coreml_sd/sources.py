@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from coreml_sd.config import SchedulerConfig, read_json
 from coreml_sd.errors import BackendUnavailable, ModelError
+from coreml_sd.paths import describe_input
 from coreml_sd.tokenizer import EOS, CLIPTokenizer, TokenizerFiles, bundled_files
 
 
@@ -105,6 +106,10 @@ class DiffusersFolder:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 
+        from coreml_sd.checkpoint.safeload import check_folder_weights
+
+        check_folder_weights(self.path)  # a hostile .bin is refused with our message, before transformers sees it
+
         kw = dict(torch_dtype=dtype, local_files_only=True)
         try:
             text_encoder = CLIPTextModel.from_pretrained(self.path / "text_encoder", **kw)
@@ -125,6 +130,7 @@ def _token_text(token, default: str) -> str:
 
 
 BUILTIN = "builtin"
+BUILTIN_NAMES = (BUILTIN, "digits")  # `models` lists it as builtin; the model itself is called digits
 
 
 def builtin_checkpoint() -> Path:
@@ -143,16 +149,17 @@ def open_model(path: str | Path | None = None, *, vae: str | Path | None = None,
     work on both: `vae` a replacement VAE file, `loras` paths or (path, strength) pairs, `embeddings`
     textual-inversion files, `hypernetworks` (path, strength) pairs, `prediction_type` to override
     the model's. `config` (single files only): the architecture of a non-standard file, see
-    `coreml_sd.checkpoint.config`; `ema`: use a checkpoint's EMA weights. None or "builtin": the
+    `coreml_sd.checkpoint.config`; `ema`: use a checkpoint's EMA weights. None, "builtin" or "digits": the
     built-in model, which loads through the same single-file path as a community checkpoint.
     """
-    if path is None or str(path) == BUILTIN:
+    if path is None or (str(path) in BUILTIN_NAMES and not Path(path).exists()):  # a local folder "digits" wins
         path = builtin_checkpoint()
     from coreml_sd.checkpoint.source import CHECKPOINT_SUFFIXES, SingleFileCheckpoint, with_modifiers
 
     p = Path(path).expanduser()
-    if not p.exists():
-        raise ModelError(f"model not found: {p} (expected a converted Core ML model folder, a diffusers model "
+    problem = describe_input(p)  # a missing path, a symlink loop, a FIFO, ... each said as what it is
+    if problem:
+        raise ModelError(f"model not found: {problem} (expected a converted Core ML model folder, a diffusers model "
                          f"folder or a .safetensors/.ckpt file; without --model the built-in model is used)")
     if p.is_dir() and (p / "manifest.json").is_file():
         return _converted_folder(p, vae=vae, loras=loras, embeddings=embeddings, hypernetworks=hypernetworks,
