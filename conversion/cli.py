@@ -34,9 +34,17 @@ def _components(ctx, param, value: str) -> tuple[str, ...]:
 
 
 def _side(ctx, param, value):
-    if value is not None and (value < 8 or value % 8):
-        raise click.BadParameter(f"must be a positive multiple of 8 (of 64 for SD 1.x/2.x); got {value}")
-    return value
+    """The same rule and message as `generate` (a multiple of 8 up to 8192): the UNet's own, stricter
+    rule (a multiple of 64 for SD 1.x/2.x) is checked once the model is known."""
+    if value is None:
+        return None
+    from coreml_sd.errors import InputError
+    from coreml_sd.pipeline import check_side
+
+    try:
+        return check_side(value, param.name)
+    except InputError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @contextlib.contextmanager

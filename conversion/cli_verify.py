@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from coreml_sd.cli_checks import finite_float
 from coreml_sd.cli_paths import InputPath
 from conversion.cli import _quiet_libraries
 
@@ -32,7 +33,7 @@ def _table(report) -> str:
 @click.argument("model_dir", type=InputPath(file_okay=False))
 @click.option("--against", type=InputPath(), default=None,
               help="Source model to compare with (a checkpoint or diffusers folder). Default: the manifest's source.")
-@click.option("--threshold", type=float, default=35.0, show_default=True,
+@click.option("--threshold", type=float, default=35.0, show_default=True, callback=finite_float,
               help="Minimum PSNR in dB for each package and for the end-to-end image.")
 @click.option("--steps", type=click.IntRange(min=0), default=8, show_default=True,
               help="Sampler steps of the end-to-end image (0: check the packages only).")

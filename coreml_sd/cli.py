@@ -13,6 +13,8 @@ from coreml_sd.errors import CoreMLSDError, InputError
 from coreml_sd.cli_backends import backend_options, info
 from coreml_sd.cli_bench import bench
 from coreml_sd.cli_checkpoint import checkpoint, model_source_options, pop_source_kwargs
+from coreml_sd.cli_checks import (MAX_BATCH_SIZE, MAX_NUM_IMAGES, MAX_STEPS, check_seed_range, finite_float,
+                                  seed_value, threads_option)
 from coreml_sd.images import FORMATS, save_image, slugify
 from coreml_sd.samplers import SAMPLERS
 from coreml_sd.schedules import SCHEDULES
@@ -55,16 +57,19 @@ def _side(ctx, param, value):
               help="Model: a converted Core ML folder, a diffusers folder or a .safetensors/.ckpt file. "
                    "Default: the built-in model.")
 @click.option("-n", "--negative-prompt", default="", help="What the image should not show.")
-@click.option("-s", "--seed", type=click.IntRange(0, 2**64 - 1), default=None,
-              help="Seed of image 1 (image i uses seed+i). Default: random, printed.")
-@click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("-s", "--seed", type=int, default=None, callback=seed_value,
+              help="Seed of image 1 (image i uses seed+i). Default or -1: random, printed.")
+@click.option("--num-images", "--batch-count", type=click.IntRange(1, MAX_NUM_IMAGES), default=1, show_default=True,
+              help=f"Images to make (at most {MAX_NUM_IMAGES}, as AUTOMATIC1111's batch count).")
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=1, show_default=True,
               help="Images sampled together in one UNet batch (faster on GPUs; needs memory for each).")
 @click.option("--sampler", type=click.Choice(tuple(SAMPLERS)), default="euler_a", show_default=True)
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="default", show_default=True,
               help="Sigma schedule: the model's own, or Karras et al.'s.")
-@click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True)
-@click.option("-g", "--guidance-scale", "--cfg-scale", type=click.FloatRange(min=0), default=7.5, show_default=True)
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=25, show_default=True,
+              help=f"Sampler steps (at most {MAX_STEPS}: the noise schedule has {MAX_STEPS} timesteps).")
+@click.option("-g", "--guidance-scale", "--cfg-scale", type=click.FloatRange(min=0), default=7.5, show_default=True,
+              callback=finite_float)
 @click.option("-W", "--width", type=int, default=None, callback=_side,
               help="Multiple of 8. Default: the model's native size.")
 @click.option("-H", "--height", type=int, default=None, callback=_side,
@@ -78,17 +83,23 @@ def _side(ctx, param, value):
                    "for 8 GB Macs; slower per request.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@threads_option
 @model_source_options
 def generate(prompt, model, negative_prompt, seed, num_images, batch_size, sampler, schedule, steps, guidance_scale, width,
              height, fmt, quality, output, backend, device, precision, compute_units, reduce_memory, as_json, quiet,
-             **source_options):
+             threads, **source_options):
     """Generate images from PROMPT."""
     from tqdm import tqdm
 
+    from coreml_sd.outputs import check_output_dir
     from coreml_sd.pipeline import GeneratedImage, Pipeline, random_seed
+    from coreml_sd.threads import apply_threads, estimate_params
 
+    check_seed_range(seed, num_images)
+    check_output_dir(output)  # -o somefile/sub or a read-only folder fails now, not after sampling
     pipe = Pipeline.load(model, backend=backend, device=device, precision=precision, compute_units=compute_units,
                          reduce_memory=reduce_memory, **pop_source_kwargs(source_options))
+    apply_threads(threads, estimate_params(pipe.info.path))
     seed = random_seed() if seed is None else seed
     if not as_json:
         click.echo(f"seed {seed}", err=True)
