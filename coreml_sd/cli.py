@@ -12,6 +12,7 @@ from coreml_sd import __version__
 from coreml_sd.errors import CoreMLSDError, InputError
 from coreml_sd.cli_backends import backend_options, info
 from coreml_sd.cli_bench import bench
+from coreml_sd.cli_doctor import register as register_doctor
 from coreml_sd.cli_checkpoint import checkpoint, model_source_options, pop_source_kwargs
 from coreml_sd.cli_checks import (MAX_BATCH_SIZE, MAX_NUM_IMAGES, MAX_STEPS, check_seed_range, finite_float,
                                   seed_value, threads_option)
@@ -163,6 +164,7 @@ def _load_plugin_commands() -> None:
 main.add_command(checkpoint)
 main.add_command(info)
 main.add_command(bench)
+register_doctor(main)
 _load_plugin_commands()
 
 
