@@ -40,17 +40,19 @@ def _table(report) -> str:
 @click.option("--compute-units", type=click.Choice(COMPUTE_UNITS), default="cpu", show_default=True,
               help="Core ML compute units (macOS); elsewhere the mil executor runs the packages (exact mode).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def verify(model_dir, against, threshold, steps, compute_units, as_json):
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+def verify(model_dir, against, threshold, steps, compute_units, as_json, quiet):
     """Check a converted MODEL_DIR against its source: PSNR per package and for one image.
 
     Exit status 1 when any check is under its threshold (compressed packages: what the conversion
     measured against the source, less 1 dB).
     """
+    from coreml_sd.status import StatusLine
     from conversion.verify_model import VerifyOptions, verify_model
 
     verbose = click.get_current_context().find_root().params.get("verbose", 0)
-    with _quiet_libraries(not verbose):
-        report = verify_model(model_dir, against=against,
+    with _quiet_libraries(not verbose), StatusLine.for_terminal(quiet=quiet, as_json=as_json) as status:
+        report = verify_model(model_dir, against=against, progress=status,
                               options=VerifyOptions(threshold_db=threshold, steps=steps, compute_units=compute_units))
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

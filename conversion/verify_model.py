@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -31,6 +31,12 @@ from conversion.verify import (MIN_PSNR_DB, VERIFY_PROMPT, ParityResult, compare
                                unet_case, vae_decoder_case, vae_encoder_case)
 
 COMPRESSED_MARGIN_DB = 1.0
+
+
+def _silent(text: str) -> None:
+    pass
+
+
 IMAGE = "image"
 
 
@@ -143,15 +149,18 @@ def manifest_packages(folder: Path, manifest: Manifest) -> dict[str, list[Path]]
     return out
 
 
-def check_components(folder: Path, manifest: Manifest, source, options: VerifyOptions, report: VerifyReport) -> None:
+def check_components(folder: Path, manifest: Manifest, source, options: VerifyOptions, report: VerifyReport,
+                     progress: Callable[[str], None] = _silent) -> None:
     """Each package against the upstream module on the conversion gate's seeded inputs."""
     import torch
 
     dtype = torch.float16 if manifest.precision == "fp16" else torch.float32
     # Loaded in the package precision, then computed in fp32: the weights the package stores.
+    progress(f"loading the source model's weights ({source.info.path})")
     mods = source.torch_modules(device="cpu", dtype=dtype)
     with torch.inference_mode():
         for component, paths in manifest_packages(folder, manifest).items():
+            progress(f"{component}: computing the torch reference and running {', '.join(p.name for p in paths)}")
             module = getattr(mods, _MODULE[component]).float()
             inputs, refs = _case(component, mods, source, manifest)
             module.to(dtype)
@@ -164,7 +173,8 @@ def check_components(folder: Path, manifest: Manifest, source, options: VerifyOp
                                                 threshold_db=_expected(manifest, component, options.threshold_db))
 
 
-def check_image(folder: ConvertedModel, source, options: VerifyOptions, report: VerifyReport) -> None:
+def check_image(folder: ConvertedModel, source, options: VerifyOptions, report: VerifyReport,
+                progress: Callable[[str], None] = _silent) -> None:
     """One image from the same seed through the packages and through the source in torch (fp32)."""
     from coreml_sd.backends import LoadOptions
     from coreml_sd.backends.selection import load_components, parse_backend
@@ -172,10 +182,12 @@ def check_image(folder: ConvertedModel, source, options: VerifyOptions, report: 
 
     kwargs = dict(seed=options.seed, steps=options.steps, sampler="euler", guidance_scale=options.guidance_scale,
                   width=folder.manifest.width, height=folder.manifest.height)
+    progress(f"end-to-end image: {options.steps} euler steps through the source model in torch")
     reference = Pipeline(source, load_components(source, parse_backend("torch"),
                                                  LoadOptions(device="cpu", precision="fp32")))
     expected = np.asarray(reference(VERIFY_PROMPT, **kwargs)[0].image, dtype=np.float64)
     del reference
+    progress(f"end-to-end image: {options.steps} euler steps through the packages")
     image = np.asarray(Pipeline(folder, _package_components(folder, options))(VERIFY_PROMPT, **kwargs)[0].image,
                        dtype=np.float64)
     result = ParityResult(IMAGE, {IMAGE: psnr(expected, image)}, options.threshold_db, report.executor)
@@ -197,8 +209,10 @@ def _package_components(folder: ConvertedModel, options: VerifyOptions):
 
 
 def verify_model(folder: str | Path, *, against: str | Path | None = None,
-                 options: VerifyOptions = VerifyOptions()) -> VerifyReport:
-    """Check every package of a converted folder, and an end-to-end image, against the torch source."""
+                 options: VerifyOptions = VerifyOptions(), progress: Callable[[str], None] = _silent) -> VerifyReport:
+    """Check every package of a converted folder, and an end-to-end image, against the torch source.
+
+    `progress(text)` is told what each phase is doing as it starts (the CLI shows it on a terminal)."""
     if not math.isfinite(options.threshold_db):
         raise ModelError(f"threshold must be a finite number of dB; got {options.threshold_db}")
     folder = Path(folder)
@@ -206,14 +220,15 @@ def verify_model(folder: str | Path, *, against: str | Path | None = None,
     missing = [p.package for p in manifest.components.values() if not (folder / p.package).is_dir()]
     if missing:
         raise ModelError(f"{folder}: the manifest lists {', '.join(missing)}, which is not in the folder")
+    progress("opening the source model")
     source = open_source(manifest, against)
     report = VerifyReport(folder, str(source.info.path), executor="")
-    check_components(folder, manifest, source, options, report)
+    check_components(folder, manifest, source, options, report, progress)
     lacking = manifest.missing_for_generation()
     if options.steps <= 0:
         report.skipped[IMAGE] = "--steps 0"
     elif lacking:
         report.skipped[IMAGE] = f"a partial conversion (no {', '.join(lacking)} package) cannot generate"
     else:
-        check_image(ConvertedModel(folder), source, options, report)
+        check_image(ConvertedModel(folder), source, options, report, progress)
     return report

@@ -17,6 +17,7 @@ from coreml_sd.cli_checkpoint import checkpoint, model_source_options, pop_sourc
 from coreml_sd.cli_checks import (MAX_BATCH_SIZE, MAX_NUM_IMAGES, MAX_STEPS, check_seed_range, finite_float,
                                   seed_value, threads_option)
 from coreml_sd.images import FORMATS, save_image, slugify
+from coreml_sd.quiet_imports import quiet_third_party
 from coreml_sd.samplers import SAMPLERS
 from coreml_sd.schedules import SCHEDULES
 
@@ -39,6 +40,7 @@ def main(verbose: int) -> None:
     """Convert Stable Diffusion checkpoints to Core ML once, then generate images anywhere."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    quiet_third_party(verbose)
 
 
 def _side(ctx, param, value):
