@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from coreml_sd.errors import CoreMLSDError
-from coreml_sd.outputs import check_output_dir, embedded_os_error
+from coreml_sd.outputs import check_output_dir, write_failure
 from coreml_sd.outputs import remove_stale_partials as remove_stale_in
 from coreml_sd.outputs import temporary_name
 
@@ -83,21 +83,21 @@ def atomic_folder(target: Path, *, force: bool) -> Iterator[Path]:
     try:
         with _signals_as_exceptions():
             yield tmp
-            _replace(tmp, target)
+            _replace(tmp, target, force)
     except BaseException as exc:
+        inner = write_failure(exc, tmp)  # before the partial folder goes: a full disk is still full now
         shutil.rmtree(tmp, ignore_errors=True)
-        inner = exc if isinstance(exc, OSError) else embedded_os_error(exc) if isinstance(exc, Exception) else None
-        if inner is not None and _about_output(inner, tmp, target):
+        if inner is not None and _about_output(inner, tmp, target, exc):
             raise _output_error(inner, target) from None
         raise
 
 
-def _about_output(exc: OSError, tmp: Path, target: Path) -> bool:
+def _about_output(inner: OSError, tmp: Path, target: Path, raised: BaseException) -> bool:
     """Whether an OS error concerns the folder being written (not, say, the source being read)."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
-        return True
-    name = str(exc.filename or "")
-    return bool(name) and (name.startswith(str(tmp)) or name.startswith(str(target)))
+    if inner.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+        return True  # only writing runs into these
+    where = str(inner.filename or "") if inner is raised else str(raised)
+    return str(tmp) in where or str(target) in where
 
 
 def _output_error(exc: OSError, target: Path) -> CoreMLSDError:
@@ -106,10 +106,18 @@ def _output_error(exc: OSError, target: Path) -> CoreMLSDError:
     return describe_os_error(exc, "the model folder", target)
 
 
-def _replace(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(tmp, target)
+def _replace(tmp: Path, target: Path, force: bool) -> None:
+    """Rename the finished folder into place. Without `force` a folder that appeared meanwhile (another
+    conversion to the same -o) is never replaced: this one fails and the other's stays whole."""
+    try:
+        os.rename(tmp, target)  # refused if target is a non-empty folder
         return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    if not force:
+        raise OutputExists(f"{target} appeared while converting (another conversion to the same folder?); it was "
+                           f"left as it is: pass --force to replace it, or choose another -o folder")
     old = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(3)}"
     os.rename(target, old)
     try:

@@ -101,7 +101,9 @@ def convert(source, output, attention, width, height, batch, weights, precision,
 
     Every package is checked against the torch model before the folder appears (PSNR >= 35 dB).
     """
+    from coreml_sd.outputs import check_output_dir
     from coreml_sd.sources import open_model
+    from conversion.atomic import check_target
     from conversion.convert import ConvertOptions, convert_model
     from conversion.progress import StageRecord
 
@@ -117,6 +119,8 @@ def convert(source, output, attention, width, height, batch, weights, precision,
             click.echo(f"  {r.component:<13} {r.stage:<10} {r.seconds:7.1f} s   peak {r.peak_rss_gib:5.2f} GiB{detail}",
                        err=True)
 
+    check_target(output, force=force)  # an existing or unwritable -o fails before the model is opened
+    check_output_dir(output.expanduser().absolute().parent)
     verbose = click.get_current_context().find_root().params.get("verbose", 0)
     with _quiet_libraries(not verbose):
         model = open_model(source, **source_kwargs(vae=vae, loras=loras, embeddings=embeddings,

@@ -23,7 +23,8 @@ from coreml_sd.schedules import SCHEDULES
 
 
 class Group(click.Group):
-    """Prints a CoreMLSDError as one line and exits 1, instead of a traceback."""
+    """Prints a CoreMLSDError as one line and exits 1, instead of a traceback; Ctrl-C exits 130 (the
+    shell's code for SIGINT) with one line."""
 
     def invoke(self, ctx):
         try:
@@ -31,6 +32,10 @@ class Group(click.Group):
         except CoreMLSDError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP during a conversion
+            why = str(exc) or "interrupted (Ctrl-C)"
+            click.echo(f"Stopped: {why}; outputs are written whole or not at all, nothing partial was left", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

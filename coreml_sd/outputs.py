@@ -107,6 +107,44 @@ def embedded_os_error(exc: BaseException) -> OSError | None:
     return None
 
 
+LOW_SPACE_BYTES = 64 << 20
+
+
+def diagnose_write_failure(folder: Path) -> OSError | None:
+    """The likely cause when a library's writer fails without saying why (coremltools' weight writer
+    raises "[MIL FileWriter]: Unknown error occurred while writing data to the file"): a file-size
+    limit, a (nearly) full disk or an unwritable folder; None when none of them holds."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if soft != resource.RLIM_INFINITY:
+            return OSError(errno.EFBIG, f"file too large for the file-size limit (ulimit -f: {soft} bytes)")
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        if shutil.disk_usage(folder).free < LOW_SPACE_BYTES:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:
+        pass
+    if not os.access(folder, os.W_OK):
+        return OSError(errno.EACCES, os.strerror(errno.EACCES))
+    return None
+
+
+def write_failure(exc: BaseException, folder: Path) -> OSError | None:
+    """The OS error behind `exc` raised while writing into `folder`: its own, one quoted in its message,
+    or (for a library writer that failed without a reason) the diagnosed cause."""
+    if isinstance(exc, OSError):
+        return exc
+    if not isinstance(exc, Exception):
+        return None  # Ctrl-C, SystemExit
+    inner = embedded_os_error(exc)
+    if inner is None and "writ" in str(exc).lower():
+        inner = diagnose_write_failure(folder)
+    return inner
+
+
 @contextlib.contextmanager
 def output_errors(what: str, path: Path, *, library_errors: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     """Turn an OSError raised while writing `what` at `path` into an OutputError; `library_errors`:

@@ -225,3 +225,18 @@ def test_check_folder_weights_passes_plain_weights(tiny_diffusers_dir, tmp_path)
     shutil.copytree(tiny_diffusers_dir, folder)
     torch.save({"w": torch.ones(2)}, folder / "unet" / "diffusion_pytorch_model.bin")
     assert check_folder_weights(folder) == [folder / "unet" / "diffusion_pytorch_model.bin"]
+
+
+@pytest.mark.parametrize("entry", ["inspect", "model", "vae", "lora", "embedding", "convert", "info"])
+def test_every_entry_point_refuses_a_malformed_file_in_one_line(tmp_path, entry):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(CASES["partly overlapping"][0])
+    out = tmp_path / "out"
+    args = {"inspect": ["checkpoint", "inspect", bad], "model": ["generate", "x", "--model", bad, "-o", out],
+            "vae": ["generate", "x", "--vae", bad, "-o", out], "lora": ["generate", "x", "--lora", bad, "-o", out],
+            "embedding": ["generate", "x", "--embedding", bad, "-o", out],
+            "convert": ["convert", bad, "-o", out], "info": ["info", bad]}[entry]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 1, result.output
+    assert "overlap" in result.output and result.output.count("\n") == 1 and "Traceback" not in result.output
+    assert not out.exists()
