@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from coreml_sd.cli_checkpoint import model_source_options, source_kwargs
+from coreml_sd.cli_checks import threads_option
 
 # Kept in step with conversion.convert / conversion.export (checked by a test); listed here so
 # `--help` needs no torch or coremltools import.
@@ -95,13 +96,15 @@ def _quiet_libraries(enabled: bool):
 @model_source_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+@threads_option
 def convert(source, output, attention, width, height, batch, weights, precision, chunk_unet, min_target, compile_,
-            components, force, vae, loras, embeddings, hypernetwork, prediction_type, as_json, quiet):
+            components, force, vae, loras, embeddings, hypernetwork, prediction_type, as_json, quiet, threads):
     """Convert SOURCE (a .safetensors/.ckpt checkpoint or a diffusers folder) into Core ML packages.
 
     Every package is checked against the torch model before the folder appears (PSNR >= 35 dB).
     """
     from coreml_sd.outputs import check_output_dir
+    from coreml_sd.threads import apply_threads, estimate_params
     from coreml_sd.sources import open_model
     from conversion.atomic import check_target
     from conversion.convert import ConvertOptions, convert_model
@@ -125,6 +128,7 @@ def convert(source, output, attention, width, height, batch, weights, precision,
     with _quiet_libraries(not verbose):
         model = open_model(source, **source_kwargs(vae=vae, loras=loras, embeddings=embeddings,
                                                    hypernetwork=hypernetwork, prediction_type=prediction_type))
+        apply_threads(threads, estimate_params(model.info.path))
         if not quiet:
             click.echo(f"converting {model.info.name} -> {output} ({', '.join(components)}; {attention}, {weights}, "
                        f"batch {batch})", err=True)
