@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import SD15_TEXT, machine_info, write_result  # noqa: E402
+from benchmarks.common import machine_info, sd15_config, write_result  # noqa: E402
 
 WORK = Path(os.environ.get("TMPDIR", "/tmp")) / "coreml-sd-bench"
 TARGET_PEAK_GIB = 6.0
@@ -44,31 +44,17 @@ def make_source(kind: str, work: Path) -> Path:
 
 
 def _build(kind: str, path: str) -> None:
-    import torch
-
-    from benchmarks.common import sd15_text_encoder, sd15_unet, sd15_vae
-
-    te, unet, vae = sd15_text_encoder(0), sd15_unet(1), sd15_vae(2)
     target = Path(path)
     tmp = target.with_name(target.name + ".partial")
     if kind == "file":
+        from benchmarks.common import sd15_text_encoder, sd15_unet, sd15_vae
         from coreml_sd.checkpoint.writer import write_original_checkpoint
 
-        write_original_checkpoint(te, unet, vae, tmp, dtype="fp16")
+        write_original_checkpoint(sd15_text_encoder(0), sd15_unet(1), sd15_vae(2), tmp, dtype="fp16")
     else:
-        from diffusers import PNDMScheduler, StableDiffusionPipeline
-        from transformers import CLIPTokenizer
+        from coreml_sd.bench.models import write_random_model
 
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from tiny_models import CLIP_FILES, SD15_SCHEDULER  # SD 1.5's scheduler config, as published
-
-        sched = dict(SD15_SCHEDULER)
-        sched.pop("_class_name")
-        pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=te, unet=unet, scheduler=PNDMScheduler.from_config(sched),
-            tokenizer=CLIPTokenizer(str(CLIP_FILES / "vocab.json"), str(CLIP_FILES / "merges.txt")),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        write_random_model(tmp, "sd1", seed=0)
     os.replace(tmp, target)
 
 
@@ -120,7 +106,7 @@ def main() -> None:
         "package_bytes": {k: v["size_bytes"] for k, v in summary["components"].items()},
         "targets": {"peak_rss_gib": TARGET_PEAK_GIB, "unet_trace_convert_s": TARGET_UNET_S,
                     "met": peak <= TARGET_PEAK_GIB and unet_tc <= TARGET_UNET_S},
-        "text_hidden_size": SD15_TEXT["hidden_size"],
+        "text_hidden_size": sd15_config().text_encoder["hidden_size"],
         "load_average_before_after": [list(load_before), list(os.getloadavg())],
         "machine": machine_info(),
     }

@@ -77,7 +77,7 @@ def _rss_gib() -> float:
 
 
 def phase_convert(args) -> dict:
-    from conversion import coremltools_fixes
+    from benchmarks import coremltools_fixes
     from coreml_sd.quiet_imports import import_coremltools
 
     ct = import_coremltools()
@@ -102,9 +102,9 @@ def phase_convert(args) -> dict:
 
 
 def phase_mil(args) -> dict:
-    import numpy as np
 
-    from coreml_sd.mil.executor import Executor, release_freed_memory
+    from coreml_sd.memory import release_memory
+    from coreml_sd.mil.executor import Executor
     from coreml_sd.mil.package import load_program
 
     feeds = _inputs(args.batch, args.latent)
@@ -113,7 +113,7 @@ def phase_mil(args) -> dict:
     loaded = time.perf_counter()
     executor = Executor(program, device=args.device, precision_mode="fast", fast_dtype=args.fast_dtype)
     del program
-    release_freed_memory()  # as load_mil_component does: the fp16 numpy weights go back to the OS
+    release_memory()  # as load_mil_component does: the fp16 numpy weights go back to the OS
     compiled = time.perf_counter()
     first = executor(feeds)["noise_pred"]  # warm-up
     warm = time.perf_counter()
@@ -138,8 +138,9 @@ def phase_mil(args) -> dict:
                 fn()
                 _sync(args.device)
                 times[name].append(time.perf_counter() - t0)
-    diff = (first - reference).double()
-    result["psnr_mil_vs_torch_db"] = float(20 * np.log10(reference.abs().max().item() / diff.pow(2).mean().sqrt().item()))
+    from coreml_sd.metrics import psnr
+
+    result["psnr_mil_vs_torch_db"] = psnr(reference.float(), first.float())
     result["mil"] = summarize(times["mil"])
     result["torch"] = summarize(times["torch"])
     result["ratio_median"] = result["mil"]["median_s"] / result["torch"]["median_s"]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import machine_info, peak_rss_gib, summarize, write_result
+from coreml_sd.metrics import psnr
 from coreml_sd.mil.executor import Executor
 from coreml_sd.mil.package import load_program
 
@@ -88,8 +89,7 @@ def main() -> None:
     ref = out(outs[torch_key])
     agreement = {}
     for k in ("mil fused", "mil op by op"):
-        mse = float(np.mean((out(outs[k]) - ref) ** 2))
-        agreement[k] = round(10 * np.log10(float(np.abs(ref).max()) ** 2 / mse), 2) if mse else float("inf")
+        agreement[k] = round(psnr(ref, out(outs[k])), 2)
     print("PSNR against torch (dB):", agreement)
 
     result = {

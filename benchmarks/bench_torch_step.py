@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import time
 
 import numpy as np
@@ -42,9 +41,9 @@ def timed(fn) -> float:
 
 
 def psnr(a: np.ndarray, ref: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - ref) ** 2))
-    peak = float(np.abs(ref).max())
-    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+    from coreml_sd.metrics import psnr as _psnr
+
+    return _psnr(ref, a)
 
 
 def final_latents(unet, steps: int, seed: int = 0) -> np.ndarray:

@@ -15,13 +15,13 @@ import click
 
 from coreml_sd.cli_checkpoint import model_source_options, source_kwargs
 from coreml_sd.cli_checks import threads_option
+from coreml_sd.components import KINDS
+# The choices' one (light) owner, so `--help` needs no torch or coremltools import.
+from coreml_sd.conversion_names import ATTENTION_IMPLEMENTATIONS as ATTENTIONS
+from coreml_sd.conversion_names import MIN_TARGETS
+from coreml_sd.conversion_names import WEIGHT_MODES as WEIGHTS
 
-# Kept in step with conversion.convert / conversion.export (checked by a test); listed here so
-# `--help` needs no torch or coremltools import.
-ATTENTIONS = ("split_einsum_v2", "split_einsum", "original")
-WEIGHTS = ("fp16", "palettize-8", "palettize-6", "palettize-4", "int8")
-MIN_TARGETS = ("macOS13", "macOS14", "macOS15", "iOS16", "iOS17", "iOS18")
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = tuple(KINDS)
 DEFAULT_COMPONENTS = "text_encoder,unet,vae_decoder"
 
 
@@ -104,8 +104,8 @@ def convert(source, output, attention, width, height, batch, weights, precision,
     Every package is checked against the torch model before the folder appears (PSNR >= 35 dB).
     """
     from coreml_sd.outputs import check_output_dir
-    from coreml_sd.threads import apply_threads, estimate_params
     from coreml_sd.sources import open_model
+    from coreml_sd.threads import apply_threads, estimate_params
     from conversion.atomic import check_target
     from conversion.convert import ConvertOptions, convert_model
     from conversion.progress import StageRecord

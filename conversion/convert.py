@@ -24,20 +24,22 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from coreml_sd.components import KINDS, PACKAGE_NAMES, TensorSpec, entry_component
 from coreml_sd.errors import choices_text
-from coreml_sd.model_folder import PACKAGE_NAMES, Manifest, PackageInfo, TensorSpec
-from coreml_sd.sources import ModelSource
+from coreml_sd.families import PROVIDER_WIDTHS
+from coreml_sd.model_folder import Manifest, PackageInfo
+from coreml_sd.model_source import ModelSource
 from conversion.ane.attention import ATTENTION_IMPLEMENTATIONS
 from conversion.atomic import atomic_folder, check_target
 from conversion.export import (MIN_TARGETS, WEIGHT_MODES, ConversionError, TensorIO, build_program,
                                compile_package, compress, to_mlmodel)
 from conversion.progress import StageRecord, StageTimer, release_memory
-from conversion.verify import MIN_PSNR_DB, PackageRunner, ParityResult, compare
+from conversion.verify import MIN_PSNR_DB, ExtraIO, PackageRunner, ParityResult, compare
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-DEFAULT_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+COMPONENTS = tuple(KINDS)  # convertible components, in conversion order
+DEFAULT_COMPONENTS = ("text_encoder", "unet", "vae_decoder")  # a model's own list: its family's component_names
 # --weights compresses these; the VAE stays fp16 (small, and its errors show directly in pixels).
 COMPRESSIBLE = ("text_encoder", "unet")
 TEXT_LENGTH = 77
@@ -119,7 +121,7 @@ def _shapes(source: ModelSource, options: ConvertOptions, unet_downscale: int) -
 
 
 def _check_source(source: ModelSource) -> None:
-    if getattr(source, "hypernetworks", None):
+    if source.origin.modifiers.get("hypernetworks"):
         raise ConversionError("hypernetworks change the UNet's attention at run time and cannot be baked into "
                               "Core ML packages; convert without --hypernetwork (use it with the torch backend)")
 
@@ -277,8 +279,7 @@ def convert_text_encoder(conv: Converter, mods, shapes: Shapes) -> None:
 
     module, mods.text_encoder = mods.text_encoder, None
     with conv.timer("text_encoder", "reference"), in_fp32(module, conv.options):
-        triggers = getattr(conv.source, "trigger_ids", None)
-        inputs, refs = text_encoder_case(module, conv.source.tokenizer(), extra_words=list(triggers() if triggers else []))
+        inputs, refs = text_encoder_case(module, conv.source.tokenizer(), extra_words=list(conv.source.trigger_ids()))
     rewrite = text_encoder_from_transformers(module, attention=conv.options.attention)
     del module
     c = shapes.text_hidden
@@ -296,25 +297,52 @@ def convert_unet(conv: Converter, mods, shapes: Shapes) -> None:
     from conversion.verify import unet_case
 
     module, mods.unet = mods.unet, None
+    extras = unet_extra_inputs(conv.source, module.config, shapes.batch)
     with conv.timer("unet", "reference"), in_fp32(module, conv.options):
         inputs, refs = unet_case(module, batch=shapes.batch, latent_shape=shapes.latent,
-                                 context_dim=shapes.text_hidden)
+                                 context_dim=shapes.text_hidden, extra=extras)
     rewrite = unet_from_diffusers(module, attention=conv.options.attention)
     del module
     release_memory()
     b, latent, p = shapes.batch, shapes.latent, conv.options.precision
     ins = [TensorIO("sample", (b, *latent), p), TensorIO("timestep", (b,), p),
-           TensorIO("encoder_hidden_states", (b, shapes.text_hidden, 1, TEXT_LENGTH), p)]
+           TensorIO("encoder_hidden_states", (b, shapes.text_hidden, 1, TEXT_LENGTH), p),
+           *(TensorIO(e.name, e.shape, p) for e in extras)]
     out = TensorIO("noise_pred", (b, *latent), "fp32")
     if conv.options.chunk_unet:
         chain, dense = _export_unet_chunks(conv, rewrite, ins, out)
     else:
         chain = ["unet"]
-        _, dense = conv.export("unet", rewrite, lambda ops, s, t, c: [rewrite(s, t, c, ops)], ins, [out])
+        _, dense = conv.export("unet", rewrite, lambda ops, s, t, c, *x: [rewrite(s, t, c, *x, ops=ops)], ins, [out])
     deq = _dequantized_reference(conv, "unet", rewrite, dense, inputs, list(refs))
     del rewrite
     release_memory()
     _verify(conv, "unet", chain, inputs, refs, deq)
+
+
+def unet_extra_inputs(source: ModelSource, unet_config, batch: int) -> list[ExtraIO]:
+    """The family's extra UNet inputs with their widths from the UNet's config; they must be the
+    inputs the rewritten UNet computes with (conversion.ane.config.UNetConfig.extra_inputs)."""
+    from conversion.ane.config import UNetConfig
+
+    family = source.info.spec
+    wanted = tuple(e.name for e in family.extra_inputs)
+    rewrite_inputs = UNetConfig.from_diffusers(unet_config).extra_inputs
+    if tuple(sorted(wanted)) != tuple(sorted(rewrite_inputs)):
+        raise ConversionError(f"family {family.name} declares UNet inputs {choices_text(wanted) or 'none'} beyond "
+                              f"the text, but this UNet's config computes with {choices_text(rewrite_inputs) or 'none'}")
+    cfg = dict(unet_config)
+    time_widths = sum(PROVIDER_WIDTHS[e.provider] for e in family.extra_inputs if e.provider != "pooled")
+    out = []
+    for name in rewrite_inputs:  # the rewrite's call order
+        item = next(e for e in family.extra_inputs if e.name == name)
+        if item.provider == "pooled":
+            add = time_widths * int(cfg.get("addition_time_embed_dim") or 0)
+            out.append(ExtraIO(name, (batch, int(cfg["projection_class_embeddings_input_dim"]) - add),
+                               item.diffusers_arg))
+        else:
+            out.append(ExtraIO(name, (batch, PROVIDER_WIDTHS[item.provider]), item.diffusers_arg))
+    return out
 
 
 def _export_unet_chunks(conv: Converter, rewrite, ins: list[TensorIO], out: TensorIO):
@@ -327,8 +355,8 @@ def _export_unet_chunks(conv: Converter, rewrite, ins: list[TensorIO], out: Tens
     # After a down stage the features are also the newest skip: send them once.
     h_is_skip = stages[k - 1].kind in ("down", "downsample")
 
-    def first(ops, sample, timestep, context):
-        state = rewrite.run(rewrite.begin(sample, timestep, ops), context, stages[1:k], ops)
+    def first(ops, sample, timestep, context, *extra):
+        state = rewrite.run(rewrite.begin(sample, timestep, extra, ops), context, stages[1:k], ops)
         return ([] if h_is_skip else [state.h]) + [state.emb, *state.skips]
 
     names = ([] if h_is_skip else ["hidden_states"]) + ["time_embedding"] + [f"skip_{i}" for i in range(open_skips)]
@@ -432,7 +460,6 @@ def _manifest(conv: Converter, shapes: Shapes, source: dict) -> Manifest:
     info, opts = conv.source.info, conv.options
     packages = {k: replace(v, psnr_db=round(conv.parity[_parity_key(k)].min_psnr_db, 2))
                 for k, v in conv.packages.items()}
-    trigger_ids = getattr(conv.source, "trigger_ids", None)
     parity = {"threshold_db": opts.threshold_db, "executor": conv.runner.name,
               "reference": "upstream torch modules (diffusers/transformers) computing in fp32 with the weights "
                            "the package stores (fp16/fp32), seeded inputs; compressed packages: the rewritten "
@@ -443,13 +470,13 @@ def _manifest(conv: Converter, shapes: Shapes, source: dict) -> Manifest:
         batch=shapes.batch, latent_channels=info.latent_channels, vae_scale_factor=info.vae_scale_factor,
         scaling_factor=info.scaling_factor, text_hidden_size=info.text_hidden_size, attention=opts.attention,
         weights=opts.weights, precision=opts.precision, min_target=opts.min_target, components=packages, pad_token=info.pad_token,
-        max_length=TEXT_LENGTH, trigger_words=dict(trigger_ids()) if trigger_ids else {}, source=source,
+        max_length=TEXT_LENGTH, trigger_words=conv.source.trigger_ids(), source=source,
         tools=tool_versions(), parity=parity, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
 
 def _parity_key(component: str) -> str:
-    return component.split("_chunk")[0]
+    return entry_component(component)
 
 
 def tool_versions() -> dict[str, str]:
@@ -468,23 +495,11 @@ def tool_versions() -> dict[str, str]:
 
 def source_record(source: ModelSource) -> dict[str, Any]:
     """Where the model came from: path, kind, sha256 and the modifiers baked in (to reopen it)."""
-    base = getattr(source, "base", source)
-    info = base.info
-    record: dict[str, Any] = {"path": str(Path(info.path).absolute()), "kind": info.kind,
-                              "sha256": source_sha256(Path(info.path)), "hash": info.hash}
-    modifiers: dict[str, Any] = {}
-    vae = getattr(source, "vae", None)
-    if vae is not None:
-        modifiers["vae"] = str(Path(vae.path).absolute())
-    if getattr(source, "loras", None):
-        modifiers["loras"] = [[str(Path(w.path).absolute()), w.strength] for w in source.loras]
-    if getattr(source, "embeddings", None):
-        modifiers["embeddings"] = [str(Path(e.path).absolute()) for e in source.embeddings]
-    if base is not source and source.info.prediction_type != info.prediction_type:
-        modifiers["prediction_type"] = source.info.prediction_type
-    record["modifiers"] = modifiers
-    record["generation_extras"] = dict(getattr(source, "generation_extras", {}) or {})
-    return record
+    origin = source.origin
+    return {"path": str(Path(origin.path).absolute()), "kind": origin.kind,
+            "sha256": source_sha256(Path(origin.path)), "hash": origin.hash,
+            "modifiers": {k: v for k, v in origin.modifiers.items() if k != "hypernetworks"},
+            "generation_extras": dict(source.generation_extras)}
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json", ".txt")

@@ -21,8 +21,7 @@ from coreml_sd.errors import CoreMLSDError, choices_text
 
 log = logging.getLogger(__name__)
 
-WEIGHT_MODES = ("fp16", "palettize-8", "palettize-6", "palettize-4", "int8")
-MIN_TARGETS = ("macOS13", "macOS14", "macOS15", "iOS16", "iOS17", "iOS18")
+from coreml_sd.conversion_names import MIN_TARGETS, WEIGHT_MODES  # noqa: E402  (re-exported)
 # The passes run on the emitted program. coremltools' default pipeline (~90 passes) is written for
 # fp32 programs from its frontends (some fusions insert fp32 constants next to fp16 values and
 # fail), re-validates the whole program after each pass, and mostly looks for patterns an emitted

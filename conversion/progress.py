@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import resource
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
+
+from coreml_sd.memory import peak_rss_bytes, release_memory
+
+__all__ = ["StageRecord", "StageTimer", "current_rss_bytes", "peak_rss_bytes", "release_memory"]
 
 
 def current_rss_bytes() -> int | None:
@@ -20,30 +22,6 @@ def current_rss_bytes() -> int | None:
     import os
 
     return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap memory back to the OS.
-
-    glibc keeps freed blocks below its (adaptive, up to 32 MiB) mmap threshold in the heap, so a
-    component's freed weights would still count in RSS while the next component converts;
-    malloc_trim returns them. Elsewhere (macOS) the allocator returns large blocks by itself.
-    """
-    import ctypes
-    import gc
-
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
-            pass
 
 
 @dataclass(frozen=True)

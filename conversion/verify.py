@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from coreml_sd import metrics
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +28,8 @@ VERIFY_TIMESTEP = 501.0
 
 
 def psnr(reference: np.ndarray, test: np.ndarray) -> float:
-    """20 log10(max|reference| / RMSE(reference - test)) in dB (capped at 200)."""
-    reference = np.asarray(reference, dtype=np.float64)
-    test = np.asarray(test, dtype=np.float64)
-    if reference.shape != test.shape:
-        raise ValueError(f"psnr: shapes differ: reference {reference.shape}, test {test.shape}")
-    if not np.all(np.isfinite(test)):
-        return -math.inf
-    rmse = math.sqrt(float(np.mean((reference - test) ** 2)))
-    peak = float(np.max(np.abs(reference)))
-    if rmse == 0.0:
-        return PSNR_CAP_DB
-    return min(PSNR_CAP_DB, 20.0 * math.log10(max(peak, 1e-12) / rmse))
+    """20 log10(max|reference| / RMSE(reference - test)) in dB, capped at 200 (coreml_sd.metrics)."""
+    return metrics.psnr(reference, test, cap=PSNR_CAP_DB)
 
 
 @dataclass(frozen=True)
@@ -65,33 +56,33 @@ def _finite(v: float) -> float | None:
     return round(v, 2) if math.isfinite(v) else None
 
 
-class PackageRunner:
-    """Runs packages: Core ML on macOS when its runtime loads, else the `mil` executor (exact)."""
+def package_runner(paths: Sequence[Path], compute_units: str = "cpu"):
+    """The package(s) at `paths` as one runner: Core ML where its runtime is present (on the chosen
+    compute units), else the mil executor in exact mode (Core ML's fp16 rounding)."""
+    from coreml_sd.backends.coreml_backend import runtime_unavailable_reason
 
-    def __init__(self, *, prefer_coreml: bool = True):
-        self.use_coreml = prefer_coreml and sys.platform == "darwin" and _coreml_runtime_present()
-        self.name = "coreml (cpu)" if self.use_coreml else "mil exact (cpu)"
+    if runtime_unavailable_reason() is None:
+        from coreml_sd.backends.coreml_backend import load_coreml_runner
+
+        return load_coreml_runner(list(paths), compute_units=compute_units)
+    from coreml_sd.backends.mil_backend import load_mil_runner
+
+    return load_mil_runner(list(paths), device="cpu", precision_mode="exact")
+
+
+class PackageRunner:
+    """Runs one package at a time for the parity gate (see `package_runner`), on the CPU."""
+
+    def __init__(self):
+        from coreml_sd.backends.coreml_backend import runtime_unavailable_reason
+
+        self.name = "coreml (cpu)" if runtime_unavailable_reason() is None else "mil exact (cpu)"
 
     def run(self, package: Path, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.use_coreml:
-            import coremltools as ct
+        from coreml_sd import arrays
 
-            model = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.CPU_ONLY)
-            return {k: np.asarray(v, dtype=np.float32) for k, v in model.predict(dict(inputs)).items()}
-        from coreml_sd.mil.executor import Executor
-        from coreml_sd.mil.package import load_program
-
-        executor = Executor(load_program(package), device="cpu", precision_mode="exact")
-        outputs = executor({k: np.ascontiguousarray(v) for k, v in inputs.items()})
-        return {k: v.float().numpy() for k, v in outputs.items()}
-
-
-def _coreml_runtime_present() -> bool:
-    try:
-        import coremltools.libcoremlpython  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        outputs = package_runner([package]).run({k: np.ascontiguousarray(v) for k, v in inputs.items()})
+        return {k: arrays.to_numpy(v).astype(np.float32) for k, v in outputs.items()}
 
 
 def compare(component: str, outputs: Mapping[str, np.ndarray], references: Mapping[str, np.ndarray], *,
@@ -120,19 +111,49 @@ def text_encoder_case(module, tokenizer, *, extra_words: Sequence[str] = ()):
     return {"input_ids": ids.astype(np.float32)}, refs
 
 
+# Representative extra UNet inputs: a size micro-conditioning (SDXL: 1024 px, no crop; the
+# refiner's: aesthetic score 6) and pooled embeddings of unit scale.
+TIME_IDS = {6: (1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0), 5: (1024.0, 1024.0, 0.0, 0.0, 6.0)}
+
+
+@dataclass(frozen=True)
+class ExtraIO:
+    """An extra UNet input of a package: name, shape, and where diffusers' UNet takes it."""
+
+    name: str
+    shape: tuple[int, int]
+    diffusers_arg: str = "added_cond_kwargs"
+
+
+def extra_case(name: str, shape: tuple[int, int], seed: int) -> np.ndarray:
+    if name == "time_ids":
+        return np.tile(np.asarray(TIME_IDS[shape[1]], np.float32), (shape[0], 1))
+    return _randn(shape, seed)
+
+
 def unet_case(module, *, batch: int, latent_shape: tuple[int, int, int], context_dim: int, seq_len: int = 77,
-              seed: int = 0):
-    """(package inputs, references): seeded latents and text embedding, a mid-schedule timestep."""
+              seed: int = 0, extra: Sequence[ExtraIO] = ()):
+    """(package inputs, references): seeded latents and text embedding, a mid-schedule timestep, and the
+    extra inputs, given to diffusers where its UNet takes them."""
     import torch
 
     sample = _randn((batch, *latent_shape), seed)
     context = _randn((batch, seq_len, context_dim), seed + 1)
     timestep = np.full((batch,), VERIFY_TIMESTEP, dtype=np.float32)
+    extras = {e.name: extra_case(e.name, e.shape, seed + 10 + i) for i, e in enumerate(extra)}
+    kwargs: dict = {}
+    for e in extra:
+        value = torch.from_numpy(extras[e.name])
+        if e.diffusers_arg == "added_cond_kwargs":
+            kwargs.setdefault("added_cond_kwargs", {})[e.name] = value
+        else:
+            kwargs[e.diffusers_arg] = value
     with torch.inference_mode():
         out = module(torch.from_numpy(sample), torch.from_numpy(timestep),
-                     encoder_hidden_states=torch.from_numpy(context)).sample
+                     encoder_hidden_states=torch.from_numpy(context), **kwargs).sample
     inputs = {"sample": sample.astype(np.float16), "timestep": timestep.astype(np.float16),
-              "encoder_hidden_states": context.transpose(0, 2, 1)[:, :, None, :].astype(np.float16)}
+              "encoder_hidden_states": context.transpose(0, 2, 1)[:, :, None, :].astype(np.float16),
+              **{k: v.astype(np.float16) for k, v in extras.items()}}
     return inputs, {"noise_pred": out.float().numpy()}
 
 

@@ -25,10 +25,11 @@ from typing import Any, Callable
 import numpy as np
 
 from coreml_sd import arrays
+from coreml_sd.components import KINDS, role
 from coreml_sd.errors import ModelError
 from coreml_sd.model_folder import ConvertedModel, Manifest
-from conversion.verify import (MIN_PSNR_DB, VERIFY_PROMPT, ParityResult, compare, psnr, text_encoder_case,
-                               unet_case, vae_decoder_case, vae_encoder_case)
+from conversion.verify import (MIN_PSNR_DB, VERIFY_PROMPT, ParityResult, compare, package_runner, psnr,
+                               text_encoder_case, unet_case, vae_decoder_case, vae_encoder_case)
 
 COMPRESSED_MARGIN_DB = 1.0
 
@@ -79,17 +80,6 @@ def _coreml_here() -> bool:
     return runtime_unavailable_reason() is None
 
 
-def package_runner(paths: list[Path], compute_units: str):
-    """Core ML where it runs (the chosen compute units), else the mil executor in exact mode."""
-    if _coreml_here():
-        from coreml_sd.backends.coreml_backend import load_coreml_runner
-
-        return load_coreml_runner(paths, compute_units=compute_units)
-    from coreml_sd.backends.mil_backend import load_mil_runner
-
-    return load_mil_runner(paths, device="cpu", precision_mode="exact")
-
-
 def _run(runner, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     from coreml_sd.backends.packages import call_package
 
@@ -123,45 +113,41 @@ def _expected(manifest: Manifest, component: str, threshold: float) -> float:
 
 # -- the checks -----------------------------------------------------------------------------------
 def _case(component: str, mods, source, manifest: Manifest):
+    from conversion.convert import unet_extra_inputs
+
     latent = (manifest.latent_channels, manifest.height // manifest.vae_scale_factor,
               manifest.width // manifest.vae_scale_factor)
-    if component == "text_encoder":
-        triggers = getattr(source, "trigger_ids", None)
-        words = list(triggers() if triggers else [])  # textual-inversion words baked in: checked too
-        return text_encoder_case(mods.text_encoder, source.tokenizer(), extra_words=words)
-    if component == "unet":
-        return unet_case(mods.unet, batch=manifest.batch, latent_shape=latent, context_dim=manifest.text_hidden_size)
-    if component == "vae_decoder":
+    kind = role(component)
+    if kind == "text_encoder":  # textual-inversion words baked in: checked too
+        return text_encoder_case(mods.module(component), source.tokenizer(component),
+                                 extra_words=list(source.trigger_ids()))
+    if kind == "unet":
+        return unet_case(mods.unet, batch=manifest.batch, latent_shape=latent, context_dim=manifest.text_hidden_size,
+                         extra=unet_extra_inputs(source, mods.unet.config, manifest.batch))
+    if kind == "vae_decoder":
         return vae_decoder_case(mods.vae, latent_shape=latent)
     return vae_encoder_case(mods.vae, image_shape=(3, manifest.height, manifest.width))
 
 
-_MODULE = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
-
-
-def manifest_packages(folder: Path, manifest: Manifest) -> dict[str, list[Path]]:
+def manifest_packages(folder: ConvertedModel) -> dict[str, list[Path]]:
     """component -> its package path(s) (a chunked UNet: both chunks, in order), as converted."""
-    out = {}
-    for component in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
-        names = ["unet_chunk1", "unet_chunk2"] if component == "unet" and manifest.chunked else [component]
-        if all(n in manifest.components for n in names):
-            out[component] = [folder / manifest.components[n].package for n in names]
-    return out
+    return {c: folder.package_paths(c) for c in KINDS if folder.has(c)}
 
 
-def check_components(folder: Path, manifest: Manifest, source, options: VerifyOptions, report: VerifyReport,
+def check_components(folder: ConvertedModel, source, options: VerifyOptions, report: VerifyReport,
                      progress: Callable[[str], None] = _silent) -> None:
     """Each package against the upstream module on the conversion gate's seeded inputs."""
     import torch
 
+    manifest = folder.manifest
     dtype = torch.float16 if manifest.precision == "fp16" else torch.float32
     # Loaded in the package precision, then computed in fp32: the weights the package stores.
     progress(f"loading the source model's weights ({source.info.path})")
     mods = source.torch_modules(device="cpu", dtype=dtype)
     with torch.inference_mode():
-        for component, paths in manifest_packages(folder, manifest).items():
+        for component, paths in manifest_packages(folder).items():
             progress(f"{component}: computing the torch reference and running {', '.join(p.name for p in paths)}")
-            module = getattr(mods, _MODULE[component]).float()
+            module = mods.module(component).float()
             inputs, refs = _case(component, mods, source, manifest)
             module.to(dtype)
             runner = package_runner(paths, options.compute_units)
@@ -196,16 +182,12 @@ def check_image(folder: ConvertedModel, source, options: VerifyOptions, report: 
 
 
 def _package_components(folder: ConvertedModel, options: VerifyOptions):
+    from coreml_sd.backends import LoadOptions
+    from coreml_sd.backends.selection import load_components, parse_backend
+
     if _coreml_here():
-        from coreml_sd.backends import LoadOptions
-        from coreml_sd.backends.selection import load_components, parse_backend
-
         return load_components(folder, parse_backend("coreml"), LoadOptions(compute_units=options.compute_units))
-    from coreml_sd.backends.mil_backend import components_from_packages
-
-    paths = manifest_packages(folder.path, folder.manifest)
-    return components_from_packages(*(paths[c] for c in ("text_encoder", "unet", "vae_decoder")),
-                                    device="cpu", precision_mode="exact")
+    return load_components(folder, parse_backend("mil"), LoadOptions(device="cpu", mil_mode="exact"))
 
 
 def verify_model(folder: str | Path, *, against: str | Path | None = None,
@@ -220,15 +202,16 @@ def verify_model(folder: str | Path, *, against: str | Path | None = None,
     missing = [p.package for p in manifest.components.values() if not (folder / p.package).is_dir()]
     if missing:
         raise ModelError(f"{folder}: the manifest lists {', '.join(missing)}, which is not in the folder")
+    lacking = manifest.missing_for_generation()
+    converted = ConvertedModel(folder, partial=True)
     progress("opening the source model")
     source = open_source(manifest, against)
     report = VerifyReport(folder, str(source.info.path), executor="")
-    check_components(folder, manifest, source, options, report, progress)
-    lacking = manifest.missing_for_generation()
+    check_components(converted, source, options, report, progress)
     if options.steps <= 0:
         report.skipped[IMAGE] = "--steps 0"
     elif lacking:
         report.skipped[IMAGE] = f"a partial conversion (no {', '.join(lacking)} package) cannot generate"
     else:
-        check_image(ConvertedModel(folder), source, options, report, progress)
+        check_image(converted, source, options, report, progress)
     return report

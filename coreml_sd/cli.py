@@ -16,6 +16,9 @@ from coreml_sd.cli_doctor import register as register_doctor
 from coreml_sd.cli_checkpoint import checkpoint, model_source_options, pop_source_kwargs
 from coreml_sd.cli_checks import (MAX_BATCH_SIZE, MAX_NUM_IMAGES, MAX_STEPS, check_seed_range, finite_float,
                                   seed_value, threads_option)
+from coreml_sd.cli_control import control
+from coreml_sd.cli_recipe import recipe
+from coreml_sd.cli_serve import serve
 from coreml_sd.images import FORMATS, save_image, slugify
 from coreml_sd.quiet_imports import quiet_third_party
 from coreml_sd.samplers import SAMPLERS
@@ -48,6 +51,25 @@ def main(verbose: int) -> None:
     quiet_third_party(verbose)
 
 
+def _sampler_name(ctx, param, value):
+    from coreml_sd.sampler_names import resolve_sampler
+
+    try:
+        resolve_sampler(value)  # checked here (exit 2); the pipeline resolves it again with --schedule
+    except InputError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def _schedule_name(ctx, param, value):
+    from coreml_sd.sampler_names import resolve_schedule
+
+    try:
+        return resolve_schedule(value)
+    except InputError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _side(ctx, param, value):
     if value is None:
         return None
@@ -71,9 +93,17 @@ def _side(ctx, param, value):
               help=f"Images to make (at most {MAX_NUM_IMAGES}, as AUTOMATIC1111's batch count).")
 @click.option("--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=1, show_default=True,
               help="Images sampled together in one UNet batch (faster on GPUs; needs memory for each).")
-@click.option("--sampler", type=click.Choice(tuple(SAMPLERS)), default="euler_a", show_default=True)
-@click.option("--schedule", type=click.Choice(SCHEDULES), default="default", show_default=True,
-              help="Sigma schedule: the model's own, or Karras et al.'s.")
+@click.option("--sampler", default="euler_a", show_default=True, callback=_sampler_name,
+              help=f"{', '.join(SAMPLERS)}; or A1111's names, e.g. 'Euler a', 'DPM++ 2M Karras'.")
+@click.option("--schedule", default="default", show_default=True, callback=_schedule_name,
+              help=f"{', '.join(SCHEDULES)} (A1111's schedule types; 'default': diffusers' for the samplers "
+                   "diffusers has, else 'automatic', A1111's choice per sampler).")
+@click.option("--eta", type=click.FloatRange(min=0), default=None, callback=finite_float,
+              help="A1111's eta for ancestral/SDE samplers (default 1) and DDIM (default 0).")
+@click.option("--ensd", type=int, default=0, show_default=True,
+              help="A1111's 'Eta noise seed delta': step noise from seed + ENSD.")
+@click.option("--a1111", is_flag=True,
+              help="A1111's sigmas and noise for every sampler (e.g. 'DPM++ 2M SDE Karras' with its Brownian noise).")
 @click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=25, show_default=True,
               help=f"Sampler steps (at most {MAX_STEPS}: the noise schedule has {MAX_STEPS} timesteps).")
 @click.option("-g", "--guidance-scale", "--cfg-scale", type=click.FloatRange(min=0), default=7.5, show_default=True,
@@ -93,9 +123,9 @@ def _side(ctx, param, value):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @threads_option
 @model_source_options
-def generate(prompt, model, negative_prompt, seed, num_images, batch_size, sampler, schedule, steps, guidance_scale, width,
-             height, fmt, quality, output, backend, device, precision, compute_units, reduce_memory, as_json, quiet,
-             threads, **source_options):
+def generate(prompt, model, negative_prompt, seed, num_images, batch_size, sampler, schedule, eta, ensd, a1111, steps,
+             guidance_scale, width, height, fmt, quality, output, backend, device, precision, compute_units,
+             reduce_memory, as_json, quiet, threads, **source_options):
     """Generate images from PROMPT."""
     from tqdm import tqdm
 
@@ -114,7 +144,7 @@ def generate(prompt, model, negative_prompt, seed, num_images, batch_size, sampl
     bar, written = None, []
     for event in pipe.generate(prompt, negative_prompt=negative_prompt, seed=seed, num_images=num_images,
                                batch_size=batch_size, sampler=sampler, schedule=schedule, steps=steps, guidance_scale=guidance_scale,
-                               width=width, height=height):
+                               width=width, height=height, eta=eta, ensd=ensd, a1111=a1111):
         if isinstance(event, GeneratedImage):
             if bar:
                 bar.close()
@@ -155,7 +185,9 @@ def models(as_json):
     if as_json:
         click.echo(json.dumps([entry], indent=2))
         return
-    click.echo(f"{entry['name']} (default; also: {', '.join(entry['aliases'])})  {entry['native_size']}  {entry['size_bytes'] / 1e6:.1f} MB  {path}")
+    also = ", ".join(entry["aliases"])
+    click.echo(f"{entry['name']} (default; also: {also})  {entry['native_size']}  {entry['size_bytes'] / 1e6:.1f} MB  "
+               f"{path}")
     click.echo(f"  {entry['description']}")
 
 
@@ -172,6 +204,9 @@ main.add_command(checkpoint)
 main.add_command(info)
 main.add_command(bench)
 register_doctor(main)
+main.add_command(control)
+main.add_command(recipe)
+main.add_command(serve)
 _load_plugin_commands()
 
 

@@ -17,11 +17,9 @@ from coreml_sd.backends.torch_compile import COMPILE_MODES
 from coreml_sd.bench.models import DEFAULT_MODEL
 from coreml_sd.bench.runner import ATTENTIONS, ISOLATIONS
 from coreml_sd.bench.targets import BACKENDS, PRECISIONS, parse_precisions, parse_runs
+from coreml_sd.conversion_names import WEIGHT_MODES as WEIGHTS
 from coreml_sd.errors import InputError
 
-# Kept in step with conversion.export.WEIGHT_MODES (checked by a test); listed here because the
-# runtime never imports the conversion package.
-WEIGHTS = ("fp16", "palettize-8", "palettize-6", "palettize-4", "int8")
 ALL_BACKENDS = ",".join(BACKENDS)
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import click
 
 from coreml_sd.cli_paths import InputPath
+from coreml_sd.config import PREDICTION_TYPES
 from coreml_sd.paths import describe_missing
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")  # coreml_sd.config.PREDICTION_TYPES, checked in tests
 SOURCE_OPTION_NAMES = ("vae", "loras", "embeddings", "hypernetwork", "prediction_type")
 
 

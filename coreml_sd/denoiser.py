@@ -2,8 +2,8 @@
 
 The UNet was trained on model-scale ("VP") latents `(x0 + sigma * eps) / sqrt(sigma**2 + 1)` at
 an integer-or-fractional timestep. This adapter asks the plan for the timestep, runs the
-unconditional and conditional passes (one batch, or several when a compiled UNet takes a fixed
-batch), mixes them with the guidance scale and turns the model output (epsilon or v) into an
+unconditional and conditional passes as one batch (a package of fixed batch splits it at its own
+boundary), mixes them with the guidance scale and turns the model output (epsilon or v) into an
 estimate of x0 (k-diffusion's `DiscreteEpsDDPMDenoiser` / `DiscreteVDDPMDenoiser`). It takes the
 latent in sigma space (`D(x, sigma)`, Euler-style samplers) or in model scale
 (`D.scaled(x, sigma)`, DDIM and DPM-Solver), each with the arithmetic of the diffusers scheduler
@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 from coreml_sd import arrays
+from coreml_sd.conditioning import Conditioning
 from coreml_sd.config import PREDICTION_TYPES
 from coreml_sd.errors import InputError, choices_text
 
@@ -22,7 +23,8 @@ from coreml_sd.errors import InputError, choices_text
 class Denoiser:
     """D(x, sigma) -> x0 estimate, with classifier-free guidance; epsilon or v-prediction models."""
 
-    def __init__(self, unet, plan, *, prediction_type: str, cond, uncond=None, guidance_scale: float = 7.5):
+    def __init__(self, unet, plan, *, prediction_type: str, cond: Conditioning, uncond: Conditioning | None = None,
+                 guidance_scale: float = 7.5):
         if prediction_type not in PREDICTION_TYPES:
             raise InputError(
                 f"prediction_type is {prediction_type!r}; supported: {choices_text(PREDICTION_TYPES)}"
@@ -36,9 +38,11 @@ class Denoiser:
         self.guided = self.guidance_scale > 1.0
         if self.guided and uncond is None:
             raise InputError(f"guidance scale {guidance_scale} needs the unconditional (negative prompt) embeddings")
-        self.cond = cond
-        self.uncond = uncond
-        self.calls = 0  # guided model evaluations, for progress and benchmarks
+        # A Conditioning, a schedule of them over the calls (prompt editing: `.at(calls_done)`), or
+        # a bare array: the text context alone (the conditioning of SD 1.x/2.x models).
+        self.cond = _as_conditioning(cond)
+        self.uncond = None if uncond is None else _as_conditioning(uncond)
+        self.calls = 0  # guided model evaluations so far: where prompt editing stands
 
     def __call__(self, x, sigma: float):
         """x0 from a sigma-space latent x = x0 + sigma * eps."""
@@ -58,38 +62,29 @@ class Denoiser:
 
     def model_output(self, model_input, t: float):
         """The guided model output (epsilon or v) at timestep t for VP latents `model_input`."""
-        self.calls += 1
         batch = model_input.shape[0]
-        cond = _repeat_rows(self.cond, batch)
+        cond = self.cond(self.calls).repeat(batch)
+        uncond = self.uncond(self.calls).repeat(batch) if self.guided else None
+        self.calls += 1
         if not self.guided:
             return self._predict(model_input, t, cond)
-        uncond = _repeat_rows(self.uncond, batch)
         # Unconditional first: the order of Apple's Core ML UNet packages and of diffusers.
-        both = self._predict(arrays.concat([model_input, model_input]), t, arrays.concat([uncond, cond]))
+        both = self._predict(arrays.concat([model_input, model_input]), t, Conditioning.concat([uncond, cond]))
         out_uncond, out_cond = arrays.split(both, 2)
         return out_uncond + (out_cond - out_uncond) * self.guidance_scale
 
-    def _predict(self, sample, t: float, embeddings):
-        """UNet over all rows, in calls of the UNet's fixed batch size if it has one."""
-        rows = sample.shape[0]
-        size = getattr(self.unet, "batch_size", None) or rows
-        if rows % size:
-            raise InputError(f"the UNet takes batches of {size}; {rows} rows cannot be split into such batches")
-        outs = []
-        for s, e in zip(arrays.split(sample, rows // size), arrays.split(embeddings, rows // size)):
-            timestep = arrays.full_like(s, t, (size,))
-            outs.append(_float32(self.unet.predict(s, timestep, e)))
-        return outs[0] if len(outs) == 1 else arrays.concat(outs)
+    def _predict(self, sample, t: float, cond: Conditioning):
+        timestep = arrays.full_like(sample, t, (sample.shape[0],))
+        return _float32(self.unet.predict(sample, timestep, cond))
 
 
-def _repeat_rows(embeddings, batch: int):
-    """Text embeddings for `batch` latents: as given, or one prompt's (1, 77, C) repeated."""
-    rows = embeddings.shape[0]
-    if rows == batch:
-        return embeddings
-    if rows != 1:
-        raise InputError(f"text embeddings have {rows} rows for a batch of {batch} latents; expected {batch} or 1")
-    return arrays.concat([embeddings] * batch)
+def _as_conditioning(value):
+    """A function of the calls done -> Conditioning."""
+    if isinstance(value, Conditioning):
+        return lambda calls: value
+    if hasattr(value, "at"):  # text_conditioning.Scheduled
+        return value.at
+    return lambda calls, c=Conditioning(value): c
 
 
 def _float32(out):

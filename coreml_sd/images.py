@@ -148,7 +148,7 @@ def exif_with_user_comment(comment: bytes) -> bytes:
 
 def encode_image(image, fmt: str, params: GenerationParams, quality: int = 95) -> bytes:
     """The image file's bytes in `fmt` with `params` embedded."""
-    from PIL import Image, PngImagePlugin
+    from PIL import PngImagePlugin
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown image format {fmt!r}; valid formats: {', '.join(FORMATS)}")

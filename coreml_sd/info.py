@@ -12,7 +12,7 @@ def model_report(source, request: BackendRequest, options: LoadOptions) -> dict[
     """A JSON-ready description: facts, the manifest of a converted folder, and per component the
     backend that would run it, where, and what it would fall back from (and why)."""
     info = source.info
-    width, height = getattr(source, "size", None) or (info.sample_size, info.sample_size)
+    width, height = info.sizes[0] if info.sizes else (info.sample_size, info.sample_size)
     f = info.vae_scale_factor
     report: dict[str, Any] = {
         "name": info.name, "kind": info.kind, "path": str(info.path), "family": info.family,
@@ -21,9 +21,8 @@ def model_report(source, request: BackendRequest, options: LoadOptions) -> dict[
         "scaling_factor": info.scaling_factor, "text_hidden_size": info.text_hidden_size, "hash": info.hash,
         "scheduler": info.scheduler.to_dict(),
     }
-    manifest = getattr(source, "manifest", None)
-    if manifest is not None:
-        report["manifest"] = manifest.to_dict()
+    if source.packages is not None:
+        report["manifest"] = source.packages.manifest.to_dict()
     elif info.path.is_file():
         report["size_bytes"] = info.path.stat().st_size
     report["backend"] = request.text

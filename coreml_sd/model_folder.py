@@ -16,48 +16,21 @@ from __future__ import annotations
 import json
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+from coreml_sd.components import CHUNK_ENTRIES, PACKAGE_NAMES, TensorSpec, entry_component
 from coreml_sd.config import SchedulerConfig, read_json
 from coreml_sd.errors import BackendUnavailable, ModelError, choices_text
-from coreml_sd.sources import ModelInfo, TorchModules
+from coreml_sd.families import family_names, get_family
+from coreml_sd.model_source import ModelInfo, Origin, SourceBase, TorchModules
 from coreml_sd.tokenizer import EOS, CLIPTokenizer, TokenizerFiles
 
 MANIFEST = "manifest.json"
 FORMAT = "coreml-sd.model"
 FORMAT_VERSION = 1
 
-# component -> package stem (Apple's Swift resource names).
-PACKAGE_NAMES = {
-    "text_encoder": "TextEncoder",
-    "unet": "Unet",
-    "unet_chunk1": "UnetChunk1",
-    "unet_chunk2": "UnetChunk2",
-    "vae_decoder": "VAEDecoder",
-    "vae_encoder": "VAEEncoder",
-}
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
-FAMILIES = ("sd1", "sd2")
 DTYPES = ("fp16", "fp32")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input or output of a package: name, fixed shape, element type."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str) -> "TensorSpec":
-        _require(d, ("name", "shape", "dtype"), where)
-        if d["dtype"] not in DTYPES:
-            raise ModelError(f"{where}: dtype {d['dtype']!r} is not one of {choices_text(DTYPES)}")
-        return cls(str(d["name"]), tuple(int(s) for s in d["shape"]), str(d["dtype"]))
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
 
 @dataclass(frozen=True)
@@ -77,8 +50,8 @@ class PackageInfo:
         _require(d, ("package", "inputs", "outputs", "weights", "size_bytes"), where)
         return cls(
             package=str(d["package"]),
-            inputs=tuple(TensorSpec.from_dict(t, f"{where} input") for t in d["inputs"]),
-            outputs=tuple(TensorSpec.from_dict(t, f"{where} output") for t in d["outputs"]),
+            inputs=tuple(TensorSpec.from_dict(t, f"{where} input", DTYPES) for t in d["inputs"]),
+            outputs=tuple(TensorSpec.from_dict(t, f"{where} output", DTYPES) for t in d["outputs"]),
             weights=str(d["weights"]),
             size_bytes=int(d["size_bytes"]),
             psnr_db=None if d.get("psnr_db") is None else float(d["psnr_db"]),
@@ -124,7 +97,7 @@ class Manifest:
 
     @property
     def chunked(self) -> bool:
-        return "unet_chunk1" in self.components
+        return set(CHUNK_ENTRIES) <= set(self.components)
 
     def to_dict(self) -> dict:
         out = {"format": FORMAT, "format_version": FORMAT_VERSION}
@@ -162,22 +135,24 @@ class Manifest:
         return manifest
 
     def validate(self, where: str = MANIFEST) -> None:
-        if self.family not in FAMILIES:
-            raise ModelError(f"{where}: family {self.family!r} is not one of {choices_text(FAMILIES)}")
+        if self.family not in family_names():
+            raise ModelError(f"{where}: family {self.family!r} is not one of {choices_text(family_names())}")
         if self.batch not in (1, 2):
             raise ModelError(f"{where}: batch must be 1 or 2; found {self.batch}")
         unknown = sorted(set(self.components) - set(PACKAGE_NAMES))
         if unknown:
             raise ModelError(f"{where}: unknown component(s) {', '.join(unknown)}; "
                              f"valid: {choices_text(PACKAGE_NAMES)}")
-        if ("unet_chunk1" in self.components) != ("unet_chunk2" in self.components):
-            raise ModelError(f"{where}: a chunked UNet needs both unet_chunk1 and unet_chunk2")
+        chunks = set(CHUNK_ENTRIES) & set(self.components)
+        if chunks and chunks != set(CHUNK_ENTRIES):
+            raise ModelError(f"{where}: a chunked UNet needs both {' and '.join(CHUNK_ENTRIES)}")
+
+    def has(self, component: str) -> bool:
+        return any(entry_component(e) == component for e in self.components)
 
     def missing_for_generation(self) -> list[str]:
         """Components a text-to-image pipeline needs that this folder lacks (a partial conversion)."""
-        has_unet = "unet" in self.components or "unet_chunk1" in self.components
-        return [name for name, ok in (("text_encoder", "text_encoder" in self.components), ("unet", has_unet),
-                                      ("vae_decoder", "vae_decoder" in self.components)) if not ok]
+        return [c for c in get_family(self.family).component_names if not self.has(c)]
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest":
@@ -197,62 +172,103 @@ def _require(d: Mapping[str, Any], keys, where: str) -> None:
         raise ModelError(f"{where}: missing key(s) {', '.join(missing)}")
 
 
-def is_model_folder(path: Path) -> bool:
-    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+def is_converted_folder(path: Path | None) -> bool:
+    """Whether `path` is a converted model folder (the one test every caller uses)."""
+    return path is not None and Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
 
 
-class ConvertedModel:
-    """A converted model folder as a model source (Core ML packages; torch only via its source)."""
+def _check_inside(folder: Path, names: list[str]) -> None:
+    """A manifest names packages inside its own folder; a path that leaves it is refused, not followed."""
+    root = folder.resolve()
+    for name in names:
+        target = (folder / name).resolve()
+        if Path(name).is_absolute() or (target != root and root not in target.parents) or target == root:
+            raise ModelError(f"{folder / MANIFEST}: package path {name!r} leaves the model folder; expected a "
+                             f"package name inside {folder}")
 
-    def __init__(self, path: Path):
+
+class ConvertedModel(SourceBase):
+    """A converted model folder as a model source: its Core ML packages (it is its own `PackageSet`),
+    and torch weights only through its recorded source, opened again with `reopen` (open_model)."""
+
+    def __init__(self, path: Path, *, reopen: Callable[..., Any] | None = None, partial: bool = False):
         self.path = Path(path)
         self.manifest = Manifest.read(self.path)
+        self._reopen = reopen
+        _check_inside(self.path, [p.package for p in self.manifest.components.values()]
+                      + [p.compiled for p in self.manifest.components.values() if p.compiled])
         missing = [f for f in TOKENIZER_FILES if not (self.path / f).is_file()]
         missing += [p.package for p in self.manifest.components.values() if not (self.path / p.package).is_dir()]
-        missing += [f"a {c} package (converted with --components)" for c in self.manifest.missing_for_generation()]
+        if not partial:  # a partial conversion (--components) can be verified, not generated from
+            missing += [f"a {c} package (converted with --components)" for c in self.manifest.missing_for_generation()]
         if missing:
             raise ModelError(f"{self.path}: incomplete converted model, missing {', '.join(missing)}")
         m = self.manifest
         self.info = ModelInfo(
-            name=m.name, kind="coreml", path=self.path, scheduler=m.scheduler,
+            name=m.name, kind="coreml", path=self.path, scheduler=m.scheduler, family=m.family,
             sample_size=m.width, vae_scale_factor=m.vae_scale_factor, latent_channels=m.latent_channels,
-            scaling_factor=m.scaling_factor, text_hidden_size=m.text_hidden_size, family=m.family,
+            scaling_factor=m.scaling_factor, text_hidden_size=m.text_hidden_size,
             tokenizer_files=TokenizerFiles(self.path / "vocab.json", self.path / "merges.txt"),
-            pad_token=m.pad_token, hash=m.source.get("hash"),
+            pad_token=m.pad_token, hash=m.source.get("hash"), sizes=((m.width, m.height),),
+            max_prompt_tokens=m.max_length,
         )
         self.generation_extras = dict(m.source.get("generation_extras") or {})
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(width, height) in pixels: the packages take exactly this size."""
-        return self.manifest.width, self.manifest.height
+        self.packages = self
 
     @property
     def batch(self) -> int:
         return self.manifest.batch
 
-    def package_path(self, component: str) -> Path:
-        """Path of `component`'s package (`unet` of a chunked model: use unet_chunk1/2)."""
-        info = self.manifest.components.get(component)
-        if info is None:
+    @property
+    def origin(self) -> Origin:
+        src = self.manifest.source
+        return Origin(Path(src.get("path") or self.path), src.get("kind", "coreml"), src.get("hash"),
+                      dict(src.get("modifiers") or {}))
+
+    def has(self, component: str) -> bool:
+        return self.manifest.has(component)
+
+    def _entries(self, component: str) -> list[str]:
+        if component == "unet" and self.manifest.chunked:
+            return list(CHUNK_ENTRIES)
+        if component not in self.manifest.components:
             raise BackendUnavailable(f"{self.path.name} has no {component} package; it has "
                                      f"{choices_text(self.manifest.components)}")
-        return self.path / info.package
+        return [component]
 
-    def tokenizer(self) -> CLIPTokenizer:
-        tok = CLIPTokenizer(self.info.tokenizer_files, pad_token=self.info.pad_token,
-                            max_length=self.manifest.max_length)
+    def package_paths(self, component: str) -> list[Path]:
+        """The package(s) of `component` (a chunked UNet: both chunks, in order)."""
+        return [self.path / self.manifest.components[e].package for e in self._entries(component)]
+
+    def compiled_paths(self, component: str) -> list[Path | None]:
+        """Per package, its `.mlmodelc` compiled at conversion, where it exists."""
+        out = []
+        for e in self._entries(component):
+            compiled = self.manifest.components[e].compiled
+            out.append(self.path / compiled if compiled and (self.path / compiled).is_dir() else None)
+        return out
+
+    def tokenizer(self, component: str = "text_encoder") -> CLIPTokenizer:
+        pad = self.info.pad_token if component == "text_encoder" else self.info.spec.text_encoder(component).pad_token
+        tok = CLIPTokenizer(self.info.tokenizer_files, pad_token=pad, max_length=self.manifest.max_length)
         for word, ids in self.manifest.trigger_words.items():
             tok.add_trigger(word, ids)
         return tok
 
+    def trigger_ids(self) -> dict[str, list[int]]:
+        return dict(self.manifest.trigger_words)
+
+    def torch_unavailable(self) -> str | None:
+        path = self.manifest.source.get("path")
+        if self._reopen is None or not path or not Path(path).exists():
+            return (f"torch needs the source model, and the manifest's source {path or '(none recorded)'} "
+                    f"is not there")
+        return None
+
     def torch_modules(self, *, device: str, dtype: Any) -> TorchModules:
         """The source model's torch modules, where the manifest's source (and modifiers) still exist."""
-        from coreml_sd.sources import open_model
-
-        src = self.manifest.source
-        path = src.get("path")
-        if not path or not Path(path).exists():
-            raise BackendUnavailable(f"{self.path.name}: torch weights need the source model, and "
-                                     f"{path or 'no source path'} is not there")
-        return open_model(path, **(src.get("modifiers") or {})).torch_modules(device=device, dtype=dtype)
+        reason = self.torch_unavailable()
+        if reason is not None:
+            raise BackendUnavailable(f"{self.path.name}: {reason}")
+        origin = self.origin
+        return self._reopen(origin.path, **origin.modifiers).torch_modules(device=device, dtype=dtype)

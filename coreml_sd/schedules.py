@@ -21,6 +21,11 @@ detail, because "the same seed gives the same image as diffusers" is a promise:
 
 Arithmetic mirrors diffusers' dtypes (float32 tables, float64 interpolation) so the plans agree
 to float32 rounding; only numpy is used, so plans are made where torch is not installed.
+
+Those are the "default" plans of the seven samplers diffusers has ("karras": diffusers'
+use_karras_sigmas). Every other plan is AUTOMATIC1111's (`coreml_sd.plans_a1111`): the schedule
+types of `coreml_sd.sigma_schedules` ("automatic" = the sampler's own A1111 default), and
+"default" for the samplers diffusers lacks.
 """
 
 from __future__ import annotations
@@ -34,11 +39,13 @@ import numpy as np
 from coreml_sd.config import SchedulerConfig
 from coreml_sd.errors import InputError, choices_text
 from coreml_sd.samplers import SAMPLERS
+from coreml_sd.sigma_schedules import KARRAS_RHO, SCHEDULE_TYPES, karras_sigmas  # noqa: F401 (re-exported)
 
-SCHEDULES = ("default", "karras")
-# Which diffusers scheduler's choice of timesteps a sampler follows (see the module docstring).
-PLAN_STYLES = ("euler", "ddim", "dpm")
-KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
+# "default": diffusers' plan for the samplers it has, A1111's automatic one for the others; then
+# AUTOMATIC1111's schedule types (coreml_sd.sigma_schedules), "automatic" being its per-sampler default.
+SCHEDULES = ("default",) + tuple(SCHEDULE_TYPES)
+# Schedules that keep diffusers' meaning for the samplers diffusers has (SamplerInfo.plan_style).
+DIFFUSERS_SCHEDULES = ("default", "karras")
 # What each diffusers scheduler assumes for a key the model's scheduler_config.json leaves out
 # (a SchedulerConfig field of None): their class defaults differ. SD 1.5's published config has
 # no timestep_spacing, so diffusers runs Euler and DPM-Solver "linspace" but DDIM "leading".
@@ -69,6 +76,15 @@ class SamplingPlan:
     # The training schedule, for the timestep of a sigma that is not in the plan (for samplers
     # that evaluate between the plan's levels, such as DPM2 or DPM++ SDE).
     config: SchedulerConfig | None = None
+    # Whose plan: "diffusers" (the latents diffusers' pipeline holds) or "a1111" (AUTOMATIC1111's;
+    # its SDE samplers then draw Brownian-tree noise, `coreml_sd.sampler_noise`).
+    convention: str = "diffusers"
+    # The form of the latents `sample` takes and yields: True model scale, False sigma space,
+    # None the sampler's own (`SamplerInfo.model_scale`).
+    model_scale: bool | None = None
+    # Sampler options the plan fixes, as (keyword, value) pairs (DPM fast's evaluation budget,
+    # LCM's quantized timesteps).
+    extras: tuple[tuple[str, object], ...] = ()
 
     @property
     def steps(self) -> int:
@@ -145,13 +161,6 @@ def sigmas_to_timesteps(log_sigmas: np.ndarray, sigma) -> np.ndarray:
     return (1.0 - w) * low + w * (low + 1)
 
 
-def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = KARRAS_RHO) -> np.ndarray:
-    """Karras et al. 2022 (EDM) noise levels: evenly spaced in sigma**(1/rho), from sigma_max down to sigma_min."""
-    ramp = np.linspace(0.0, 1.0, steps)
-    max_inv_rho, min_inv_rho = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
-    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
-
-
 def spaced_timesteps(config: SchedulerConfig, steps: int, style: str) -> np.ndarray:
     """The `steps` training timesteps a diffusers scheduler of `style` picks, highest first.
 
@@ -172,8 +181,22 @@ def spaced_timesteps(config: SchedulerConfig, steps: int, style: str) -> np.ndar
     return t.astype(np.float32 if style == "euler" else np.int64)
 
 
-def make_plan(config: SchedulerConfig, sampler: str, steps: int, schedule: str = "default") -> SamplingPlan:
-    """The sigmas and timesteps `sampler` walks in `steps` steps on the model's schedule or Karras'."""
+def _ays_table(family: str | None) -> str:
+    from coreml_sd.families import get_family
+
+    return get_family(family).align_your_steps if family else "sd1"
+
+
+def make_plan(config: SchedulerConfig, sampler: str, steps: int, schedule: str = "default", *,
+              family: str | None = None, a1111: bool = False) -> SamplingPlan:
+    """The sigmas and timesteps `sampler` walks in `steps` steps with `schedule` (see SCHEDULES).
+
+    `a1111`: AUTOMATIC1111's plan whatever the sampler ("default" = "automatic", "karras" = its
+    Karras), for recipes made there: the seven diffusers samplers otherwise keep diffusers' plans
+    for "default" and "karras" (and DPM++ 2M SDE then diffusers' noise, not A1111's Brownian tree).
+    `family` (a registered family's name) picks Align Your Steps' table (`Family.align_your_steps`);
+    it changes nothing else.
+    """
     if sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}; valid samplers: {choices_text(SAMPLERS)}")
     if schedule not in SCHEDULES:
@@ -181,6 +204,11 @@ def make_plan(config: SchedulerConfig, sampler: str, steps: int, schedule: str =
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= config.num_train_timesteps:
         raise InputError(f"steps must be an integer from 1 to {config.num_train_timesteps}; got {steps!r}")
     style = SAMPLERS[sampler].plan_style
+    if a1111 or style is None or schedule not in DIFFUSERS_SCHEDULES:
+        from coreml_sd.plans_a1111 import a1111_plan
+
+        return a1111_plan(config, sampler, int(steps), "automatic" if schedule == "default" else schedule,
+                          sdxl=_ays_table(family) == "sdxl")
     config = with_unset_defaults(config, style)
     if style == "dpm":
         return _dpm_plan(config, int(steps), schedule == "karras")

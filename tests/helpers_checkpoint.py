@@ -12,7 +12,7 @@ import os
 import pickle
 from pathlib import Path
 
-from tiny_models import TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG, build_tiny_modules
+from tiny_models import TEXT_CONFIG, UNET_CONFIG, build_tiny_modules
 
 # SD 2.x changes: OpenCLIP text encoder (GELU, penultimate layer), linear proj_in/proj_out,
 # per-level head counts. Sizes stay tiny.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -59,11 +58,9 @@ def _np(tensor):
 
 def psnr(actual, reference) -> float:
     """Peak signal-to-noise ratio in dB, peak = max |reference| (Apple's converter gate's convention)."""
-    actual = np.asarray(actual, dtype=np.float64)
-    reference = np.asarray(reference, dtype=np.float64)
-    mse = float(np.mean((actual - reference) ** 2))
-    peak = float(np.max(np.abs(reference)))
-    return math.inf if mse == 0 else 20 * math.log10(peak / math.sqrt(mse))
+    from coreml_sd.metrics import psnr as _psnr
+
+    return _psnr(reference, actual)
 
 
 def trace(module, example_inputs):
@@ -80,7 +77,7 @@ def convert_module(module, example_inputs, names, out_path: Path, *, precision: 
     package at `out_path`."""
     import torch
 
-    from conversion import coremltools_fixes
+    from benchmarks import coremltools_fixes
 
     coremltools_fixes.apply()
     traced = module if isinstance(module, torch.jit.ScriptModule) else trace(module, example_inputs)

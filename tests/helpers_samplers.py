@@ -31,26 +31,57 @@ class TorchUNet:
         self.batch_size = batch_size
         self.batches: list[int] = []
 
-    def predict(self, sample, timestep, encoder_hidden_states):
+    def predict(self, sample, timestep, cond):
         import torch
 
         if self.batch_size is not None and sample.shape[0] != self.batch_size:
             raise AssertionError(f"UNet of batch {self.batch_size} called with {sample.shape[0]} rows")
         self.batches.append(int(sample.shape[0]))
         with torch.no_grad():
-            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+            return self.unet(sample, timestep, encoder_hidden_states=cond.context).sample
 
 
 class NumpyUNet(TorchUNet):
     """The same UNet taking and returning numpy arrays, as the Core ML backend does."""
 
-    def predict(self, sample, timestep, encoder_hidden_states):
+    def predict(self, sample, timestep, cond):
         import torch
 
-        assert all(isinstance(a, np.ndarray) for a in (sample, timestep, encoder_hidden_states))
-        out = super().predict(*(torch.from_numpy(np.ascontiguousarray(a)) for a in
-                                (sample, timestep, encoder_hidden_states)))
+        assert all(isinstance(a, np.ndarray) for a in (sample, timestep, cond.context))
+        out = super().predict(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (sample, timestep)),
+                              cond.map(lambda a: torch.from_numpy(np.ascontiguousarray(a))))
         return out.numpy()
+
+
+class FixedBatchRunner:
+    """A package runner (coreml_sd.backends.packages) of fixed batch over a diffusers UNet, in the
+    plain (B, 77, C) text layout: what a Core ML UNet package of that batch is to the adapters."""
+
+    def __init__(self, unet, batch: int, latent_shape: tuple, context_shape: tuple):
+        from coreml_sd.components import TensorSpec
+
+        self.unet, self.name = unet, f"Unet-batch{batch}"
+        self.inputs = (TensorSpec("sample", (batch, *latent_shape), "fp32"), TensorSpec("timestep", (batch,), "fp32"),
+                       TensorSpec("encoder_hidden_states", (batch, *context_shape), "fp32"))
+        self.outputs = (TensorSpec("noise_pred", (batch, *latent_shape), "fp32"),)
+        self.batch_size = batch
+        self.batches: list[int] = []
+
+    def native(self, value, dtype: str):
+        import torch
+
+        return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+
+    def run(self, feeds):
+        import torch
+
+        self.batches.append(int(feeds["sample"].shape[0]))
+        with torch.no_grad():
+            return {"noise_pred": self.unet(feeds["sample"], feeds["timestep"],
+                                            encoder_hidden_states=feeds["encoder_hidden_states"]).sample}
+
+    def describe(self) -> str:
+        return "test runner"
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 The shipped single-file checkpoint goes through the same import path as a community checkpoint
 (original key layout + config), the runtime's samplers, the torch backend and the VAE; a digit
-classifier trained here on scikit-learn's digits (tests/helpers_digits.py) labels what comes out.
+classifier trained here on scikit-learn's digits (training/digits_classifier.py) labels what comes out.
 Everything is seeded, so the numbers are fixed on a given platform; the thresholds leave room for
 a few images to change with floating-point differences between machines.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers_digits import WORDS, accuracy, digit_classifier, look, user_prompt
+from training.digits_classifier import WORDS, accuracy, digit_classifier, look, user_prompt
 
 torch = pytest.importorskip("torch")
 
@@ -22,7 +22,12 @@ BUILTIN_DIR = Path(__file__).resolve().parents[1] / "coreml_sd" / "data" / "buil
 CHECKPOINT = BUILTIN_DIR / "digits.safetensors"
 CONFIG = BUILTIN_DIR / "digits.coreml-sd.json"
 SAMPLERS = ("euler_a", "euler", "ddim", "dpmpp_2m")
-SEEDS = range(50)  # seed s prompts digit s % 10, in one of five prompt forms (helpers_digits.USER_FORMS)
+SEEDS = range(50)  # seed s prompts digit s % 10, in one of five prompt forms (digits_classifier.USER_FORMS)
+# The rest of AUTOMATIC1111's list (coreml_sd.samplers.SAMPLERS), each with its "default" plan
+# (A1111's automatic one for the samplers diffusers lacks), on fewer seeds to keep the run short.
+OTHER_SAMPLERS = ("heun", "lms", "dpmpp_2m_sde", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde_heun",
+                  "dpmpp_3m_sde", "dpm_fast", "dpm_adaptive", "restart", "plms", "unipc", "lcm")
+OTHER_SEEDS = range(20)
 STEPS = 25
 GUIDANCE = 7.5
 
@@ -108,6 +113,20 @@ def test_each_sampler_draws_the_prompted_digit(runs, sampler):
     images, digits = runs.user_prompts(sampler=sampler)
     acc = accuracy(images, digits)
     print(f"{sampler}: {acc:.0%} of seeds 0-49 recognised as the prompted digit")
+    assert acc >= 0.9, f"{sampler}: {acc:.0%} recognised (need >= 90%)"
+
+
+def test_the_other_samplers_are_all_of_a1111s():
+    from coreml_sd.samplers import SAMPLERS as ALL
+
+    assert sorted(SAMPLERS + OTHER_SAMPLERS) == sorted(ALL)
+
+
+@pytest.mark.parametrize("sampler", OTHER_SAMPLERS)
+def test_every_other_sampler_draws_the_prompted_digit(runs, sampler):
+    pairs = [(user_prompt(s)[0], s) for s in OTHER_SEEDS]
+    acc = accuracy(runs.images(pairs, sampler=sampler), [user_prompt(s)[1] for s in OTHER_SEEDS])
+    print(f"{sampler}: {acc:.0%} of seeds 0-19 recognised as the prompted digit")
     assert acc >= 0.9, f"{sampler}: {acc:.0%} recognised (need >= 90%)"
 
 

@@ -21,9 +21,10 @@ def test_version_and_help():
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--sampler", "plms"], "euler_a"),
+    (["--sampler", "DPM++ 4M"], "euler_a"),
     (["--format", "gif"], "jpeg"),
-    (["--schedule", "exponential"], "karras"),
+    (["--schedule", "cosine"], "karras"),
+    (["--eta", "-1"], "x>=0"),
     (["--width", "500"], "multiple of 8"),
     (["--height", "4"], "multiple of 8"),
     (["--width", "100000"], "multiple of 8"),

@@ -84,20 +84,12 @@ def test_seed_minus_one_is_random_and_recorded(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["builtin", "digits"])
-def test_the_builtin_model_answers_to_both_names(name, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no local folder of that name
+def test_the_builtin_model_answers_to_both_names(name):
     info = run("info", name, "--json")
     assert info.exit_code == 0, info.output
     assert json.loads(info.stdout)["name"] == "digits"
     models = json.loads(run("models", "--json").stdout)
     assert {models[0]["name"], *models[0]["aliases"]} == {"builtin", "digits"}
-
-
-def test_a_local_folder_named_digits_wins(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "digits").mkdir()
-    result = run("info", "digits")
-    assert result.exit_code == 1 and "is not a model" in result.output
 
 
 @pytest.mark.parametrize("file, content, needle", [

@@ -112,7 +112,7 @@ def _unet_program(unet, *, impl="split_einsum_v2", weights="fp16", size=8):
     c = unet.config.cross_attention_dim
     ins = [TensorIO("sample", (2, 4, size, size), "fp16"), TensorIO("timestep", (2,), "fp16"),
            TensorIO("encoder_hidden_states", (2, c, 1, 77), "fp16")]
-    prog, _, _ = build_program(lambda ops, s, t, e: [rewrite(s, t, e, ops)], rewrite, ins,
+    prog, _, _ = build_program(lambda ops, s, t, e: [rewrite(s, t, e, ops=ops)], rewrite, ins,
                                [TensorIO("noise_pred", (2, 4, size, size), "fp32")], min_target="macOS13")
     compress(prog, weights)
     return prog

@@ -76,7 +76,7 @@ def test_torch_weights_need_the_recorded_source(tmp_path):
     for stem in ("TextEncoder", "Unet", "VAEDecoder"):
         (tmp_path / f"{stem}.mlpackage").mkdir()
     model = ConvertedModel(tmp_path)
-    assert model.size == (64, 48) and model.info.prediction_type == "v_prediction"
+    assert model.info.sizes == ((64, 48),) and model.info.prediction_type == "v_prediction"
     assert model.tokenizer()("a shiny cat")[1:4] == [320, 49408, 49409]  # the trigger word's vectors
     with pytest.raises(BackendUnavailable, match="/nowhere/model.safetensors is not there"):
         model.torch_modules(device="cpu", dtype=None)

@@ -8,8 +8,8 @@ import torch
 from helpers_mil import ct, convert_module, mb, psnr, types
 from tiny_models import build_tiny_modules
 
-from coreml_sd.backends import Components
-from coreml_sd.backends.mil_backend import components_from_packages, load_mil_component
+from coreml_sd.backends.mil_backend import load_mil_component
+from coreml_sd.conditioning import Conditioning
 from coreml_sd.errors import InputError, ModelError
 
 
@@ -86,9 +86,10 @@ def test_text_encoder_takes_int_ids_of_any_batch(tiny):
     ids = torch.randint(0, 49406, (2, 77), generator=torch.Generator().manual_seed(5))
     out = component.encode(ids.numpy())  # batch 2 through a batch-1 package, numpy int64 in
     with torch.no_grad():
-        ref = text_encoder(ids)[0]
-    assert out.shape == (2, 77, 32) and out.dtype == torch.float32
-    assert psnr(out.numpy(), ref.numpy()) >= 60
+        ref = text_encoder(ids)
+    assert out.hidden.shape == (2, 77, 32) and out.hidden.dtype == torch.float32
+    assert psnr(out.hidden.numpy(), ref[0].numpy()) >= 60
+    assert psnr(out.pooled.numpy(), ref[1].numpy()) >= 60
     with pytest.raises(InputError, match="expected integer token ids"):
         component.encode(ids.float())
 
@@ -100,26 +101,25 @@ def test_unet_adapts_diffusers_layout_and_batches(tiny):
     g = torch.Generator().manual_seed(6)
     sample, context = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 77, 32, generator=g)
     timestep = torch.tensor([999.0, 999.0, 10.0, 10.0])
-    out = component.predict(sample, timestep, context)  # two runs of the batch-2 package
+    out = component.predict(sample, timestep, Conditioning(context))  # two runs of the batch-2 package
     with torch.no_grad():
         ref = unet(sample, timestep, context)
     assert out.shape == (4, 4, 8, 8)
     assert psnr(out.numpy(), ref.numpy()) >= 60
     # a scalar timestep is broadcast over the batch
-    single = component.predict(sample[:2], torch.tensor(999.0), context[:2])
+    single = component.predict(sample[:2], torch.tensor(999.0), Conditioning(context[:2]))
     torch.testing.assert_close(single, out[:2])
     with pytest.raises(InputError, match="batch of 3 is not a multiple of the package's fixed batch 2"):
-        component.predict(sample[:3], timestep[:3], context[:3])
+        component.predict(sample[:3], timestep[:3], Conditioning(context[:3]))
 
 
-def test_vae_decoder_and_components(tiny):
+def test_vae_decoder_and_fast_components(tiny):
     (_, _, vae), paths = tiny
-    components = components_from_packages(paths["text_encoder"], paths["unet"], paths["vae_decoder"], device="cpu",
-                                          precision_mode="fast", fast_dtype="fp32")
-    assert isinstance(components, Components)
-    assert components.runs_on == {k: "mil cpu fast (fp32 for fp16 ops)" for k in ("text_encoder", "unet", "vae_decoder")}
-    z = components.asarray(np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32))
-    image = components.vae_decoder.decode(z)
+    parts = {k: load_mil_component(paths[k], k, device="cpu", precision_mode="fast", fast_dtype="fp32")
+             for k in ("text_encoder", "unet", "vae_decoder")}
+    assert {k: p.runs_on for k, p in parts.items()} == {k: "mil cpu fast (fp32 for fp16 ops)" for k in parts}
+    z = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32))
+    image = parts["vae_decoder"].decode(z)
     with torch.no_grad():
         ref = vae.decode(z).sample
     assert image.shape == (2, 3, 16, 16)
@@ -151,14 +151,14 @@ def test_chunked_unet_runs_chunks_in_sequence(tmp_path):
     g = torch.Generator().manual_seed(7)
     sample, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 6, generator=g)
     timestep = torch.tensor([3.0, 0.5])
-    out = component.predict(sample, timestep, context)
+    out = component.predict(sample, timestep, Conditioning(context))
     expected = sample * timestep.reshape(2, 1, 1, 1) + context.mean((1, 2)).reshape(2, 1, 1, 1) - sample
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_component_errors(tiny, tmp_path):
     _, paths = tiny
-    with pytest.raises(InputError, match="unknown component kind 'vae'; valid: text_encoder, unet, vae_decoder"):
+    with pytest.raises(InputError, match="unknown component role 'vae'; valid: text_encoder, unet, vae_decoder"):
         load_mil_component(paths["unet"], "vae", device="cpu")
     with pytest.raises(ModelError, match="a UNet package needs inputs sample, timestep, encoder_hidden_states"):
         load_mil_component(paths["vae_decoder"], "unet", device="cpu")

@@ -16,7 +16,7 @@ class FlattenSpatial(torch.nn.Module):
 
 
 def test_int_of_traced_shape_product_converts_and_runs(tmp_path):
-    from conversion import coremltools_fixes
+    from benchmarks import coremltools_fixes
 
     coremltools_fixes.apply()
     coremltools_fixes.apply()  # idempotent

@@ -94,7 +94,7 @@ def test_a_prompt_per_image_in_one_batch_equals_each_alone(pipe):
     ({"prompt": ["a", "b"], "num_images": 3}, "list of 3 texts"),
     ({"negative_prompt": ["a", "b"], "num_images": 3}, "negative_prompt must be one text or a list of 3"),
     ({"prompt": ["a", "b"], "negative_prompt": ["a", "b", "c"]}, "negative_prompt must be one text or a list of 2"),
-    ({"sampler": "plms"}, "valid samplers"),
+    ({"sampler": "DPM++ 4M"}, "valid samplers"),
     ({"schedule": "cosine"}, "valid schedules"),
     ({"width": 20}, "multiple of 8"),
     ({"steps": 0}, "steps"),

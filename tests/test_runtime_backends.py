@@ -12,7 +12,9 @@ import pytest
 from click.testing import CliRunner
 from helpers_runtime import MilCoreML, as_macos, copy_model, image_psnr, shared_tiny_model
 
-from coreml_sd.backends import COMPONENTS, LoadOptions
+from coreml_sd.backends import LoadOptions
+from coreml_sd.components import KINDS
+from coreml_sd.conditioning import Conditioning
 from coreml_sd.backends.selection import BACKEND_HELP, parse_backend, plan_components
 from coreml_sd.cli import main
 from coreml_sd.errors import BackendUnavailable, InputError
@@ -38,6 +40,9 @@ def orphan(tiny, tmp_path_factory):
     return folder
 
 
+SD1_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+
+
 def _fallbacks(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "coreml_sd" and r.levelno == logging.WARNING]
 
@@ -45,22 +50,25 @@ def _fallbacks(caplog) -> list[str]:
 # -- syntax ---------------------------------------------------------------------------------------
 def test_backend_syntax():
     auto = parse_backend("auto")
-    assert auto.chains == {c: ("auto",) for c in COMPONENTS} and not auto.strict("unet")
+    assert auto.chains == {c: ("auto",) for c in KINDS} and not auto.strict("unet")
     assert parse_backend("mil").strict("unet")
     assert parse_backend("coreml,mil,torch").chains["vae_decoder"] == ("coreml", "mil", "torch")
     mixed = parse_backend("mil,unet=coreml/mil,text_encoder=torch")
-    assert mixed.chains == {"text_encoder": ("torch",), "unet": ("coreml", "mil"), "vae_decoder": ("mil",)}
+    assert mixed.chains == {"text_encoder": ("torch",), "text_encoder_2": ("mil",), "unet": ("coreml", "mil"),
+                            "vae_decoder": ("mil",), "vae_encoder": ("mil",)}
     assert parse_backend("unet=coreml").chains["text_encoder"] == ("auto",)
     for text, needle in [("gpu", "unknown backend 'gpu'; valid: auto, coreml, mil, torch"),
-                         ("vae=mil", "unknown component 'vae'; valid: text_encoder, unet, vae_decoder"),
+                         ("vae=mil", "unknown component 'vae'; valid: text_encoder, text_encoder_2, unet, "
+                                     "vae_decoder, vae_encoder"),
                          ("unet=mil,unet=torch", "unet is given twice"), ("auto,mil", "auto stands alone"),
                          ("mil,,torch", "empty entry"), ("mil,mil", "named twice")]:
         with pytest.raises(InputError, match=re.escape(needle)):
             parse_backend(text)
     example = "unet=coreml/mil,text_encoder=torch"  # the help's example parses as it says
     assert example in BACKEND_HELP
-    assert parse_backend(example).chains == {"text_encoder": ("torch",), "unet": ("coreml", "mil"),
-                                             "vae_decoder": ("auto",)}
+    assert parse_backend(example).chains == {"text_encoder": ("torch",), "text_encoder_2": ("auto",),
+                                             "unet": ("coreml", "mil"), "vae_decoder": ("auto",),
+                                             "vae_encoder": ("auto",)}
 
 
 def test_cli_backend_errors_are_usage_errors(tiny):
@@ -102,7 +110,7 @@ def test_chain_ends_at_torch_only_where_the_source_exists(tiny, orphan, caplog, 
     monkeypatch.setattr(standard.MilBackend, "unavailable_reason", lambda self, *a: "simulated: no mil here")
     caplog.set_level(logging.WARNING, logger="coreml_sd")
     pipe = Pipeline.load(tiny[1], backend="mil,torch", device="cpu", precision="fp32")
-    assert pipe.components.runs_on == {c: "torch cpu fp32" for c in COMPONENTS}
+    assert pipe.components.runs_on == {c: "torch cpu fp32" for c in SD1_COMPONENTS}
     assert _fallbacks(caplog) == ["text_encoder, unet, vae_decoder fell back from mil to torch: simulated: no mil here"]
     with pytest.raises(BackendUnavailable, match="no backend can run the text_encoder: mil: simulated: no mil here; "
                                                  "torch: torch needs the source model, and the manifest's source"):
@@ -151,7 +159,7 @@ def test_numpy_unet_between_torch_components(tiny, mil_image, tmp_path, monkeypa
     assert pipe.components.runs_on["unet"] == "coreml gpu (CPU_AND_GPU)"
     assert type(pipe.components.asarray(np.zeros(2, np.float32))) is np.ndarray
     assert type(pipe.components.text_encoder).__name__ == "Boundary"
-    assert type(pipe.encode_prompt("x")) is np.ndarray  # torch output converted for the numpy loop
+    assert type(pipe.encode_prompt("x").hidden) is np.ndarray  # torch output converted for the numpy loop
     result = pipe(PROMPT, **GEN)[0]
     assert opener.loaded == [("Unet.mlmodelc", "CPU_AND_GPU")] and _fallbacks(caplog) == []
     unet_calls = opener_calls(pipe)
@@ -168,24 +176,23 @@ def opener_calls(pipe):
 def test_coreml_backend_on_numpy_equals_mil(tiny, tmp_path, monkeypatch):
     """Every component through the coreml backend's code path (Core ML's predict stood in for by the
     exact mil executor) gives the mil backend's exact-mode results: same adapters, numpy arrays."""
-    from coreml_sd.backends.mil_backend import components_from_packages
+    from coreml_sd.backends.selection import load_components
+    from coreml_sd.sources import open_model
 
     as_macos(monkeypatch, MilCoreML(tmp_path / "cache"))
     pipe = Pipeline.load(tiny[1], backend="coreml", compute_units="ane")
     assert set(pipe.components.runs_on.values()) == {"coreml ane (CPU_AND_NE)"}
-    folder = tiny[1]
-    exact = components_from_packages(folder / "TextEncoder.mlpackage", folder / "Unet.mlpackage",
-                                     folder / "VAEDecoder.mlpackage", device="cpu", precision_mode="exact")
+    exact = load_components(open_model(tiny[1]), parse_backend("mil"), LoadOptions(device="cpu", mil_mode="exact"))
     ids = np.asarray([pipe.tokenizer(PROMPT)] * 2, dtype=np.int64)
-    emb = pipe.components.text_encoder.encode(ids)
+    emb = pipe.components.text_encoder.encode(ids).hidden
     assert type(emb) is np.ndarray and emb.shape == (2, 77, 32) and emb.dtype == np.float32
-    np.testing.assert_array_equal(emb, exact.text_encoder.encode(ids).numpy())
+    np.testing.assert_array_equal(emb, exact.text_encoder.encode(ids).hidden.numpy())
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, 4, 8, 8)).astype(np.float32)
     ctx = rng.standard_normal((4, 77, 32)).astype(np.float32)
-    out = pipe.components.unet.predict(x, np.float32(500.0), ctx)  # 2 calls of the batch-2 package
+    out = pipe.components.unet.predict(x, np.float32(500.0), Conditioning(ctx))  # 2 calls of the batch-2 package
     assert type(out) is np.ndarray and out.shape == (4, 4, 8, 8)
-    np.testing.assert_array_equal(out, exact.unet.predict(x, np.float32(500.0), ctx).numpy())
+    np.testing.assert_array_equal(out, exact.unet.predict(x, np.float32(500.0), Conditioning(ctx)).numpy())
     z = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
     np.testing.assert_array_equal(pipe.components.vae_decoder.decode(z), exact.vae_decoder.decode(z).numpy())
 

@@ -63,9 +63,10 @@ def test_components_load_in_turn_and_are_released(folder, lifetimes):
         "a lighthouse at dusk", **GEN)
     assert [e[0] for e in events[eager_events:]] == ["text_encoder", "unet", "vae_decoder"]
     assert alive_now() == []  # the eager pipeline is gone too
+    # Separately loaded programs may take other kernels: equal to float32 rounding, images to one level.
     for a, b in zip(images, eager):
-        np.testing.assert_array_equal(a.latents, b.latents)
-        assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+        np.testing.assert_allclose(a.latents, b.latents, rtol=1e-5, atol=1e-5)
+        assert np.abs(np.asarray(a.image, np.int16) - np.asarray(b.image, np.int16)).max() <= 1
 
 
 def test_without_reduce_memory_everything_stays_loaded(folder, lifetimes):

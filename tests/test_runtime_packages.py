@@ -16,6 +16,7 @@ from helpers_runtime import MilCoreML, shared_tiny_model
 from coreml_sd.backends.coreml_backend import CoreMLOpener, load_coreml_component, read_specs
 from coreml_sd.backends.mil_backend import load_mil_component
 from coreml_sd.backends.packages import TensorSpec, check_feeds, fixed_batch
+from coreml_sd.conditioning import Conditioning
 from coreml_sd.errors import InputError, ModelError
 
 ENGINES = ["mil", "coreml"]
@@ -66,8 +67,8 @@ def test_unet_input_errors_name_the_input(engine, folder, cache_dir):
     ]
     for args, message in cases:
         with pytest.raises(InputError, match=re.escape(message)):
-            unet.predict(*args)
-    out = unet.predict(x, np.float32(10.0), ctx)
+            unet.predict(args[0], args[1], Conditioning(args[2]))
+    out = unet.predict(x, np.float32(10.0), Conditioning(ctx))
     assert tuple(out.shape) == (2, 4, 8, 8)
     assert (type(out) is np.ndarray) == (engine == "coreml")
 
@@ -76,7 +77,7 @@ def test_unet_input_errors_name_the_input(engine, folder, cache_dir):
 def test_text_encoder_takes_integer_ids_only(engine, folder, cache_dir):
     te = load(engine, folder, "TextEncoder", "text_encoder", cache_dir)
     ids = np.full((1, 77), 49407, dtype=np.int64)
-    assert tuple(te.encode(ids).shape) == (1, 77, 32)
+    assert tuple(te.encode(ids).hidden.shape) == (1, 77, 32)
     with pytest.raises(InputError, match="text encoder: expected integer token ids, found float32"):
         te.encode(ids.astype(np.float32))
     with pytest.raises(InputError, match=re.escape("TextEncoder.mlpackage: input 'input_ids' expects shape (1, 77), "

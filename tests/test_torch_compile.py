@@ -11,7 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from coreml_sd.backends import torch_compile  # noqa: E402
-from coreml_sd.backends.torch_backend import TorchUNet, load_components  # noqa: E402
+from coreml_sd.backends.torch_backend import TorchUNet  # noqa: E402
+from coreml_sd.conditioning import Conditioning  # noqa: E402
+from coreml_sd.families import SD1  # noqa: E402
 from coreml_sd.errors import InputError  # noqa: E402
 
 
@@ -19,11 +21,11 @@ def test_compiled_unet_equals_eager():
     from tiny_models import build_tiny_modules
 
     _, unet, _ = build_tiny_modules(seed=5)
-    plain = TorchUNet(copy.deepcopy(unet), torch.float32)
+    plain = TorchUNet(copy.deepcopy(unet), torch.float32, SD1)
     # "eager" runs the captured graph without inductor: the preparation is what is checked here
     # (inductor itself is torch's); device "mps" takes the GPU path (channels_last) on any machine.
     module = torch_compile.compile_unet(copy.deepcopy(unet), "max-autotune", device="mps", backend="eager")
-    compiled = TorchUNet(module, torch.float32)
+    compiled = TorchUNet(module, torch.float32, SD1)
     prepared = module._orig_mod
     assert prepared.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert any("Fused" in type(p).__name__ for p in prepared.attn_processors.values())
@@ -31,15 +33,16 @@ def test_compiled_unet_equals_eager():
     x, h = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 32, generator=gen)
     for t in (999.0, 10.0):
         ts = torch.full((2,), t)
-        assert (compiled.predict(x, ts, h) - plain.predict(x, ts, h)).abs().max().item() < 1e-5
+        c = Conditioning(h)
+        assert (compiled.predict(x, ts, c) - plain.predict(x, ts, c)).abs().max().item() < 1e-5
 
 
 def test_cuda_graph_outputs_are_copied_out():
     """A replayed graph writes its next output into the same buffer: fp32 results must be copies."""
     buffer = torch.zeros(2, 4, 8, 8)
     module = lambda sample, t, encoder_hidden_states: types.SimpleNamespace(sample=buffer)  # noqa: E731
-    out = TorchUNet(module, torch.float32, cuda_graphs=True).predict(torch.ones(2, 4, 8, 8), torch.ones(2),
-                                                                       torch.ones(2, 77, 32))
+    out = TorchUNet(module, torch.float32, SD1, cuda_graphs=True).predict(torch.ones(2, 4, 8, 8), torch.ones(2),
+                                                                            Conditioning(torch.ones(2, 77, 32)))
     buffer.fill_(1.0)
     assert out.abs().max().item() == 0.0
 
@@ -52,5 +55,7 @@ def test_modes_and_cuda_graphs():
 
 
 def test_unknown_mode_is_refused_before_loading(tmp_path):
+    from coreml_sd.pipeline import Pipeline
+
     with pytest.raises(InputError, match="valid modes: default, reduce-overhead, max-autotune"):
-        load_components(object(), device="cpu", compile="fastest")
+        Pipeline.load(tmp_path / "not-looked-at", device="cpu", compile="fastest")

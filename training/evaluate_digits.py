@@ -3,7 +3,7 @@
     python training/evaluate_digits.py MODEL [--config CONFIG.json] [--device cpu] [--json out.json]
 
 MODEL is a diffusers folder or a single-file checkpoint (with its config); prints, per sampler, the
-share of seeds 0-49 (prompt forms of tests/helpers_digits.py) recognised as the prompted digit at
+share of seeds 0-49 (prompt forms of training/digits_classifier.py) recognised as the prompted digit at
 guidance 7.5, then guidance 1.0, a negative prompt naming the digit, and the attribute prompts.
 """
 
@@ -18,9 +18,9 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO)]
 
-from helpers_digits import WORDS, accuracy, look, user_prompt  # noqa: E402
+from training.digits_classifier import WORDS, accuracy, look, user_prompt  # noqa: E402
 
 SAMPLERS = ("euler_a", "euler", "ddim", "dpmpp_2m")
 

@@ -18,10 +18,10 @@ import math
 import numpy as np
 from torch import nn
 
+from coreml_sd.conversion_names import ATTENTION_IMPLEMENTATIONS  # noqa: F401  (its home for the converter)
 from conversion.ane.layers import Conv2d
 from conversion.ane.ops import TORCH
 
-ATTENTION_IMPLEMENTATIONS = ("split_einsum_v2", "split_einsum", "original")
 QUERY_CHUNK = 512
 MASKED = -1e4  # additive mask value: exp(-1e4 - max) is 0 in fp16 and fp32, without inf arithmetic
 

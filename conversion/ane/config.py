@@ -20,12 +20,11 @@ UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 _UNET_DEFAULT_ONLY: dict[str, Any] = {
     "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
     "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu", "dual_cross_attention": False,
-    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "class_embed_type": None,
-    "addition_embed_type": None, "addition_time_embed_dim": None, "num_class_embeds": None,
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "num_class_embeds": None,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
     "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None, "attention_type": "default", "class_embeddings_concat": False,
+    "attention_type": "default", "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None, "cross_attention_norm": None,
     "reverse_transformer_layers_per_block": None,
 }
@@ -51,6 +50,34 @@ def _per_block(value, n: int, key: str) -> tuple[int, ...]:
     return values
 
 
+_CLASS_EMBEDS = (None, "projection")
+_ADDITION_EMBEDS = (None, "text_time")
+
+
+def _extra_embeddings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The supported extra embeddings (see UNetConfig) and their widths, checked."""
+    cls_type, add_type = config.get("class_embed_type"), config.get("addition_embed_type")
+    for key, value, valid in (("class_embed_type", cls_type, _CLASS_EMBEDS),
+                              ("addition_embed_type", add_type, _ADDITION_EMBEDS)):
+        if value not in valid:
+            raise ModelError(f"UNet config: {key}={value!r} is not supported by the converter; "
+                             f"supported: {choices_text(valid)}")
+    if cls_type and add_type:
+        raise ModelError("UNet config: class_embed_type and addition_embed_type together are not supported")
+    proj = config.get("projection_class_embeddings_input_dim")
+    if (cls_type or add_type) and not proj:
+        raise ModelError("UNet config: projection_class_embeddings_input_dim is needed with "
+                         f"{'class_embed_type' if cls_type else 'addition_embed_type'}")
+    time_dim = config.get("addition_time_embed_dim")
+    if add_type and not time_dim:
+        raise ModelError("UNet config: addition_embed_type text_time needs addition_time_embed_dim")
+    if not (cls_type or add_type) and (proj or time_dim):
+        raise ModelError("UNet config: projection_class_embeddings_input_dim/addition_time_embed_dim without an "
+                         "extra embedding type")
+    return {"class_embed_type": cls_type, "addition_embed_type": add_type,
+            "projection_dim": int(proj) if proj else None, "addition_time_embed_dim": int(time_dim) if time_dim else None}
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """What the rewritten UNet needs of diffusers' UNet2DConditionModel config."""
@@ -68,12 +95,27 @@ class UNetConfig:
     norm_eps: float
     flip_sin_to_cos: bool
     freq_shift: float
+    # Embeddings added to the time embedding from extra inputs (diffusers' names):
+    # class_embed_type "projection": class_labels (B, P) -> class_embedding;
+    # addition_embed_type "text_time" (SDXL): text_embeds (B, T) and sinusoidal features of
+    # time_ids (B, k) -> add_embedding, P = T + k * addition_time_embed_dim.
+    class_embed_type: str | None = None
+    addition_embed_type: str | None = None
+    projection_dim: int | None = None  # projection_class_embeddings_input_dim
+    addition_time_embed_dim: int | None = None
+
+    @property
+    def extra_inputs(self) -> tuple[str, ...]:
+        """The UNet's inputs beyond sample, timestep and encoder_hidden_states, in call order."""
+        return (("class_labels",) if self.class_embed_type else ()) + \
+            (("text_embeds", "time_ids") if self.addition_embed_type else ())
 
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> "UNetConfig":
         config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
         known = set(cls.__dataclass_fields__) | set(_UNET_DEFAULT_ONLY) | _UNET_IGNORED | {
-            "attention_head_dim", "num_attention_heads", "transformer_layers_per_block", "use_linear_projection"}
+            "attention_head_dim", "num_attention_heads", "transformer_layers_per_block", "use_linear_projection",
+            "projection_class_embeddings_input_dim"}
         unknown = sorted(set(config) - known)
         if unknown:
             raise ModelError(f"UNet config: unknown key(s) {', '.join(unknown)}; the converter knows "
@@ -89,6 +131,7 @@ class UNetConfig:
         if len(down) != n or len(up) != n:
             raise ModelError(f"UNet config: {len(down)} down and {len(up)} up blocks for {n} block_out_channels")
         heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+        extra = _extra_embeddings(config)
         return cls(
             in_channels=int(config.get("in_channels", 4)),
             out_channels=int(config.get("out_channels", 4)),
@@ -104,6 +147,7 @@ class UNetConfig:
             norm_eps=float(config.get("norm_eps", 1e-5)),
             flip_sin_to_cos=bool(config.get("flip_sin_to_cos", True)),
             freq_shift=float(config.get("freq_shift", 0)),
+            **extra,
         )
 
     @property

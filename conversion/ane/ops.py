@@ -15,7 +15,6 @@ The primitives mirror MIL ops one to one, so each has a single obvious lowering:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -336,6 +335,3 @@ def _np_dtype(mil_type):
 def _np_dtype_of(dtype: torch.dtype):
     return {torch.float16: np.float16, torch.float32: np.float32, torch.int32: np.int32}[dtype]
 
-
-def softmax_scale(dim_head: int) -> float:
-    return 1.0 / math.sqrt(dim_head)

@@ -86,6 +86,10 @@ class UNet(Rewrite):
         temb = ch0 * 4
         self.conv_in = Conv2d(c.in_channels, ch0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch0, temb)
+        if c.class_embed_type:
+            self.class_embedding = TimestepEmbedding(c.projection_dim, temb)
+        if c.addition_embed_type:
+            self.add_embedding = TimestepEmbedding(c.projection_dim, temb)
 
         def resnet(cin, cout):
             return ResnetBlock(cin, cout, temb_channels=temb, groups=c.norm_num_groups, eps=c.norm_eps)
@@ -138,7 +142,8 @@ class UNet(Rewrite):
 
     def stage_modules(self, stage: Stage) -> list[nn.Module]:
         if stage.kind == "in":
-            return [self.conv_in, self.time_embedding]
+            return [self.conv_in, self.time_embedding] + [getattr(self, n) for n in ("class_embedding", "add_embedding")
+                                                         if hasattr(self, n)]
         if stage.kind == "out":
             return [self.conv_norm_out, self.conv_out]
         if stage.kind == "mid":
@@ -174,24 +179,44 @@ class UNet(Rewrite):
             return UNetState(self.conv_out(ops.silu(self.conv_norm_out(h, ops)), ops), emb, skips)
         raise ValueError(f"unknown stage {stage}")
 
-    def begin(self, sample, timestep, ops=TORCH) -> UNetState:
-        """The "in" stage: conv_in and the time embedding."""
+    def begin(self, sample, timestep, extra=(), ops=TORCH) -> UNetState:
+        """The "in" stage: conv_in and the time embedding (plus the extra inputs' embeddings, in
+        `config.extra_inputs` order)."""
         dtype = self.compute_dtype
         h = self.conv_in(ops.cast(sample, dtype), ops)
         emb = self.time_embedding(ops.cast(self.time_features(timestep, ops), dtype), ops)
+        extra = dict(zip(self.config.extra_inputs, extra))
+        if self.config.class_embed_type:  # "projection": the class labels are the embedding's input
+            labels = ops.cast(extra["class_labels"], dtype)
+            emb = ops.add(emb, self.class_embedding(ops.reshape(labels, (*ops.shape(labels), 1, 1)), ops))
+        if self.config.addition_embed_type:  # "text_time" (SDXL): text_embeds and sinusoidal time_ids
+            emb = ops.add(emb, self.add_embedding(self._text_time(extra["text_embeds"], extra["time_ids"], ops), ops))
         return UNetState(h, emb, (h,))
+
+    def _text_time(self, text_embeds, time_ids, ops=TORCH):
+        """(B, T + k * d, 1, 1): the pooled text embedding beside d sinusoidal features of each time id."""
+        batch, k = ops.shape(time_ids)
+        feats = self.sinusoid(ops.reshape(time_ids, (-1,)), self.config.addition_time_embed_dim, ops)  # (B * k, d)
+        feats = ops.reshape(feats, (batch, k * self.config.addition_time_embed_dim))
+        both = ops.concat([ops.cast(text_embeds, torch.float32), feats], 1)
+        return ops.reshape(ops.cast(both, self.compute_dtype), (batch, ops.shape(both)[1], 1, 1))
 
     def time_features(self, timestep, ops=TORCH):
         """Sinusoidal timestep features (B, C, 1, 1) in fp32, as diffusers' get_timestep_embedding."""
+        dim = self.config.block_out_channels[0]
+        feats = self.sinusoid(timestep, dim, ops)
+        return ops.reshape(feats, (ops.shape(feats)[0], dim, 1, 1))
+
+    def sinusoid(self, values, dim: int, ops=TORCH):
+        """(N,) -> (N, dim) sinusoidal features in fp32 (diffusers' get_timestep_embedding, even dim)."""
         c = self.config
-        half = self.config.block_out_channels[0] // 2
+        half = dim // 2
         exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32) / (half - c.freq_shift)
         freqs = torch.exp(exponent).reshape(1, half).numpy()
-        t = ops.reshape(ops.cast(timestep, torch.float32), (-1, 1))
-        args = ops.mul(t, ops.const(freqs, torch.float32, like=t))  # (B, half)
+        t = ops.reshape(ops.cast(values, torch.float32), (-1, 1))
+        args = ops.mul(t, ops.const(freqs, torch.float32, like=t))  # (N, half)
         parts = [ops.cos(args), ops.sin(args)] if c.flip_sin_to_cos else [ops.sin(args), ops.cos(args)]
-        feats = ops.concat(parts, 1)
-        return ops.reshape(feats, (ops.shape(feats)[0], 2 * half, 1, 1))
+        return ops.concat(parts, 1)
 
     def run(self, state: UNetState, context, stages: list[Stage], ops=TORCH) -> UNetState:
         context = ops.cast(context, self.compute_dtype)
@@ -199,9 +224,10 @@ class UNet(Rewrite):
             state = self.run_stage(stage, state, context, ops)
         return state
 
-    def forward(self, sample, timestep, encoder_hidden_states, ops=TORCH):
-        """sample (B, 4, h, w), timestep (B,), encoder_hidden_states (B, C, 1, 77) -> (B, 4, h, w)."""
-        state = self.begin(sample, timestep, ops)
+    def forward(self, sample, timestep, encoder_hidden_states, *extra, ops=TORCH):
+        """sample (B, 4, h, w), timestep (B,), encoder_hidden_states (B, C, 1, 77), and the extra inputs
+        in `config.extra_inputs` order (class_labels, or text_embeds and time_ids) -> (B, 4, h, w)."""
+        state = self.begin(sample, timestep, extra, ops)
         return self.run(state, encoder_hidden_states, self.stages()[1:], ops).h
 
 

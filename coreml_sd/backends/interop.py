@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from coreml_sd import arrays
+from coreml_sd.conditioning import Conditioning, TextEncoding
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,15 @@ def convert(value, kind: ArrayKind):
     return kind.asarray(value)
 
 
+def _convert_any(value, kind: ArrayKind):
+    """An array, a Conditioning or a TextEncoding with every array converted to `kind`."""
+    if isinstance(value, Conditioning):
+        return value.map(lambda a: convert(a, kind))
+    if isinstance(value, TextEncoding):
+        return TextEncoding(convert(value.hidden, kind), convert(value.pooled, kind))
+    return convert(value, kind)
+
+
 class Boundary:
     """A component computing on `native` arrays inside a loop of `loop` arrays (see the module doc).
 
@@ -79,12 +89,14 @@ class Boundary:
         return getattr(self.inner, name)
 
     def _call(self, method: str, *args):
-        out = getattr(self.inner, method)(*[convert(a, self.native) for a in args])
-        return convert(out, self.loop)
+        out = getattr(self.inner, method)(*[_convert_any(a, self.native) for a in args])
+        return _convert_any(out, self.loop)
 
-    def encode(self, input_ids):
+    def encode(self, value, **kwargs):
         # Token ids stay numpy integers: every engine's text encoder takes them so (the contract).
-        return convert(self.inner.encode(input_ids), self.loop)
+        if not arrays.is_torch(value) and getattr(value, "dtype", None) is not None and value.dtype.kind in "iu":
+            return _convert_any(self.inner.encode(value, **kwargs), self.loop)
+        return _convert_any(self.inner.encode(_convert_any(value, self.native), **kwargs), self.loop)
 
     def predict(self, *args):
         return self._call("predict", *args)

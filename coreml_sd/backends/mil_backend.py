@@ -5,8 +5,7 @@ contract <-> diffusers conventions, fixed-batch splitting, UNet chunks, input ch
 `MilRunner`, the package runner whose call is the `mil` executor. Arrays come back as torch tensors
 on the executor's device.
 
-`load_mil_component(path, kind, device=..., precision_mode=...)` builds one component;
-`components_from_packages(...)` builds the three the pipeline needs.
+`load_mil_component(path, role, device=..., precision_mode=...)` builds one component.
 """
 
 from __future__ import annotations
@@ -18,12 +17,12 @@ import numpy as np
 import torch
 
 from coreml_sd import arrays
-from coreml_sd.backends import Components
-from coreml_sd.backends.packages import KINDS, PackageChain, adapt, check_kind, fixed_batch
-from coreml_sd.mil.executor import Executor, release_freed_memory
+from coreml_sd.backends.packages import PackageChain, adapt, check_role, fixed_batch
+from coreml_sd.memory import release_memory
+from coreml_sd.mil.executor import Executor
 from coreml_sd.mil.package import load_program
 
-__all__ = ["KINDS", "MilRunner", "components_from_packages", "load_mil_component", "load_mil_runner"]
+__all__ = ["MilRunner", "load_mil_component", "load_mil_runner"]
 
 
 class MilRunner:
@@ -69,39 +68,18 @@ def load_mil_runner(package_path, *, device: str = "auto", precision_mode: str =
         # The loaded program (coremltools graph + numpy weights) is dropped once compiled.
         runners.append(MilRunner(Executor(load_program(path), device=device, precision_mode=precision_mode,
                                           fast_dtype=fast_dtype)))
-        release_freed_memory()
+        release_memory()
     return PackageChain(runners)
 
 
-def load_mil_component(package_path, kind: str, *, device: str = "auto", precision_mode: str = "fast",
+def load_mil_component(package_path, role: str, *, device: str = "auto", precision_mode: str = "fast",
                        fast_dtype: str | None = None):
     """A backend component executing the Core ML package(s) at `package_path` with torch kernels.
 
-    `kind`: text_encoder | unet | vae_decoder | vae_encoder. For a chunked UNet pass the chunk
+    `role`: text_encoder | unet | vae_decoder | vae_encoder. For a chunked UNet pass the chunk
     packages in order. `precision_mode`: `exact` (Core ML's fp16 rounding, to verify) or `fast`
     (`fast_dtype` bf16/fp16/fp32, default chosen for the device).
     """
-    check_kind(kind)
+    check_role(role)
     return adapt(load_mil_runner(package_path, device=device, precision_mode=precision_mode, fast_dtype=fast_dtype),
-                 kind)
-
-
-def torch_asarray(device) -> Any:
-    """numpy -> a torch tensor on `device` (the sampling loop's arrays when the UNet runs on torch)."""
-    def asarray(a):
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
-
-    return asarray
-
-
-def components_from_packages(text_encoder, unet, vae_decoder, *, device: str = "auto", precision_mode: str = "fast",
-                             fast_dtype: str | None = None) -> Components:
-    """The pipeline's three components from package paths (`unet` may be a list of chunks)."""
-    kwargs = dict(device=device, precision_mode=precision_mode, fast_dtype=fast_dtype)
-    parts = {
-        "text_encoder": load_mil_component(text_encoder, "text_encoder", **kwargs),
-        "unet": load_mil_component(unet, "unet", **kwargs),
-        "vae_decoder": load_mil_component(vae_decoder, "vae_decoder", **kwargs),
-    }
-    target = parts["unet"].package.runners[0].device
-    return Components(asarray=torch_asarray(target), runs_on={k: v.runs_on for k, v in parts.items()}, **parts)
+                 role)

@@ -1,10 +1,12 @@
 """Core ML packages behind the backend contract, whichever engine executes them.
 
 A converted model's packages speak Apple's tensor contract (see DESIGN: `input_ids` float32
-(1, 77) -> `last_hidden_state`; `sample`, `timestep`, `encoder_hidden_states` (B, C, 1, 77) ->
-`noise_pred`; `z` -> `image`; `x` -> `latent`) at a fixed batch. The pipeline speaks diffusers'
-(integer token ids, (B, 77, C) text embeddings, any batch). The adapters here translate, once for
-every engine: they only need a *package runner*,
+(1, 77) -> `last_hidden_state` or `hidden_embeds` (SDXL) and `pooled_outputs`; `sample`,
+`timestep`, `encoder_hidden_states` (B, C, 1, 77) and the family's extra inputs by name
+(`text_embeds`, `time_ids` ...) -> `noise_pred`; `z` -> `image`; `x` -> `latent`) at a fixed
+batch. The pipeline speaks diffusers' (integer token ids, (B, 77, C) text embeddings, a
+`Conditioning`, any batch). The adapters here translate, once for every engine: they only need a
+*package runner*,
 
     name, inputs, outputs (TensorSpec), batch_size, run(feeds) -> outputs, describe(), native(value, dtype)
 
@@ -18,33 +20,25 @@ Nothing here imports torch or coremltools: torch tensors are recognised by `core
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from coreml_sd import arrays
+from coreml_sd.components import ROLES, TensorSpec, format_shape
+from coreml_sd.conditioning import Conditioning, TextEncoding
 from coreml_sd.errors import InputError, ModelError, choices_text
 
-KINDS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-# Tensor names of Apple's Swift StableDiffusion package contract.
-INPUT_NAMES = {"text_encoder": "input_ids", "vae_decoder": "z", "vae_encoder": "x"}
-OUTPUT_NAMES = {"text_encoder": "last_hidden_state", "unet": "noise_pred", "vae_decoder": "image",
-                "vae_encoder": "latent"}
+__all__ = ["TensorSpec", "format_shape", "adapt", "call_package", "check_feeds", "fixed_batch", "PackageChain"]
+
+# Tensor names of Apple's Swift StableDiffusion package contract (the first name is ours where
+# Apple's SDXL packages use another: "hidden_embeds").
+INPUT_NAMES = {"text_encoder": ("input_ids",), "vae_decoder": ("z",), "vae_encoder": ("x",)}
+OUTPUT_NAMES = {"text_encoder": ("last_hidden_state", "hidden_embeds"), "unet": ("noise_pred",),
+                "vae_decoder": ("image",), "vae_encoder": ("latent",)}
+POOLED_OUTPUT = "pooled_outputs"
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input or output of a package: name, shape (None: flexible), MIL element type."""
-
-    name: str
-    shape: tuple
-    dtype: str  # "fp32", "fp16", "int32", "bool" ...
-
-    def describe(self) -> str:
-        return f"{self.name} {format_shape(self.shape)} {self.dtype}"
-
+CONTROL_INPUT = "additional_residual_{}"  # ControlledUnet's residual inputs, numbered
 
 class PackageRunner(Protocol):
     """One engine's view of a package (or of a chain of packages run as one)."""
@@ -61,10 +55,6 @@ class PackageRunner(Protocol):
     def native(self, value, dtype: str) -> Any: ...
 
     def describe(self) -> str: ...
-
-
-def format_shape(shape) -> str:
-    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
 def fixed_batch(inputs: Sequence) -> int | None:
@@ -175,46 +165,54 @@ def call_package(runner: PackageRunner, feeds: Mapping[str, Any]) -> dict[str, A
     return {name: arrays.concat([p[name] for p in parts]) for name in parts[0]}
 
 
-def _pick(preferred: str, specs: Sequence, what: str, package: str) -> str:
+def _pick(preferred: tuple[str, ...], specs: Sequence, what: str, package: str) -> str:
     names = [s.name for s in specs]
-    if preferred in names:
-        return preferred
+    for name in preferred:
+        if name in names:
+            return name
     if len(names) == 1:
         return names[0]
-    raise ModelError(f"{package}: expected an {what} named {preferred!r}; the package has: {choices_text(names)}")
+    raise ModelError(f"{package}: expected an {what} named {' or '.join(map(repr, preferred))}; the package has: "
+                     f"{choices_text(names)}")
 
 
 # -- the components -----------------------------------------------------------------------------
 class _Adapter:
-    kind = ""
+    role = ""
 
     def __init__(self, package: PackageRunner):
         self.package = package
         self.runs_on = package.describe()
-        self.output = _pick(OUTPUT_NAMES[self.kind], package.outputs, "output", package.name)
-        if self.kind in INPUT_NAMES:
-            self.input = _pick(INPUT_NAMES[self.kind], package.inputs, "input", package.name)
+        self.output = _pick(OUTPUT_NAMES[self.role], package.outputs, "output", package.name)
+        if self.role in INPUT_NAMES:
+            self.input = _pick(INPUT_NAMES[self.role], package.inputs, "input", package.name)
 
     def _call_one(self, value):
         return call_package(self.package, {self.input: value})[self.output]
 
 
 class PackageTextEncoder(_Adapter):
-    kind = "text_encoder"
+    role = "text_encoder"
 
-    def encode(self, input_ids):
-        """int token ids (B, 77) -> last_hidden_state (B, 77, C) float32."""
+    def encode(self, input_ids, clip_skip: int = 1) -> TextEncoding:
+        """int token ids (B, 77) -> the hidden state (B, 77, C) float32, and the pooled output where the
+        package has one."""
+        if clip_skip != 1:
+            raise InputError(f"{self.package.name} gives its text encoder's last layer only, so clip skip "
+                             f"{clip_skip} cannot be applied to it; run the text encoder on torch "
+                             f"(--backend text_encoder=torch) where the source model is at hand")
         if _kind(input_ids) != "integer":
             dtype = input_ids.dtype if hasattr(input_ids, "dtype") else type(input_ids).__name__
             raise InputError(f"text encoder: expected integer token ids, found {dtype}")
         spec = next(s for s in self.package.inputs if s.name == self.input)
         # Apple's packages take the ids as float32 (exact for ids below 2**24).
         ids = self.package.native(input_ids, "fp32" if spec.dtype.startswith("fp") else spec.dtype)
-        return self._call_one(ids)
+        out = call_package(self.package, {self.input: ids})
+        return TextEncoding(out[self.output], out.get(POOLED_OUTPUT))
 
 
 class PackageUNet(_Adapter):
-    kind = "unet"
+    role = "unet"
 
     def __init__(self, package: PackageRunner):
         super().__init__(package)
@@ -223,26 +221,31 @@ class PackageUNet(_Adapter):
             raise ModelError(f"{package.name}: a UNet package needs inputs {', '.join(UNET_INPUTS)}; found "
                              f"{choices_text(names)}")
         self.batch_size = package.batch_size
+        self.input_names = tuple(names)
         # (B, C, 1, S) in Apple's Neural-Engine layout, (B, S, C) in a plain conversion
         self._channels_first = len(names["encoder_hidden_states"].shape) == 4
 
-    def predict(self, sample, timestep, encoder_hidden_states):
-        """diffusers' UNet call: sample (B, 4, h, w), timestep (B,) or scalar, text (B, 77, C) -> (B, 4, h, w)."""
+    def predict(self, sample, timestep, cond: Conditioning):
+        """diffusers' UNet call: sample (B, 4, h, w), timestep (B,) or scalar, conditioning -> (B, 4, h, w)."""
         batch = sample.shape[0]
         # A handful of numbers: numpy is the common ground, the runner moves them where they run.
         t = arrays.to_numpy(timestep).astype(np.float32).reshape(-1)
         if t.size not in (1, batch):
             raise InputError(f"{self.package.name}: expected one timestep or one per row ({batch}); found {t.size}")
-        context = encoder_hidden_states
+        if cond.latent_extra is not None:  # inpainting UNets take mask and masked-image latents as channels
+            sample = arrays.concat([sample, cond.latent_extra], axis=1)
+        context = cond.context
         if self._channels_first:
             context = context.swapaxes(1, 2)[:, :, None, :]  # (B, 77, C) -> (B, C, 1, 77), numpy or torch
         feeds = {"sample": sample, "timestep": t if t.size == batch else np.full(batch, t[0], np.float32),
-                 "encoder_hidden_states": context}
+                 "encoder_hidden_states": context, **cond.extra}
+        for i, residual in enumerate(cond.control or ()):
+            feeds[CONTROL_INPUT.format(i)] = residual
         return call_package(self.package, feeds)[self.output]
 
 
 class PackageVAEDecoder(_Adapter):
-    kind = "vae_decoder"
+    role = "vae_decoder"
 
     def decode(self, z):
         """latents already divided by the scaling factor (B, 4, h, w) -> image (B, 3, H, W) in [-1, 1]."""
@@ -250,22 +253,22 @@ class PackageVAEDecoder(_Adapter):
 
 
 class PackageVAEEncoder(_Adapter):
-    kind = "vae_encoder"
+    role = "vae_encoder"
 
     def encode(self, x):
         """image (B, 3, H, W) in [-1, 1] -> mean and log-variance (B, 8, h, w)."""
         return self._call_one(x)
 
 
-ADAPTERS = {a.kind: a for a in (PackageTextEncoder, PackageUNet, PackageVAEDecoder, PackageVAEEncoder)}
+ADAPTERS = {a.role: a for a in (PackageTextEncoder, PackageUNet, PackageVAEDecoder, PackageVAEEncoder)}
 
 
-def check_kind(kind: str) -> None:
-    if kind not in ADAPTERS:
-        raise InputError(f"unknown component kind {kind!r}; valid: {choices_text(KINDS)}")
+def check_role(role: str) -> None:
+    if role not in ADAPTERS:
+        raise InputError(f"unknown component role {role!r}; valid: {choices_text(ROLES)}")
 
 
-def adapt(runner: PackageRunner, kind: str):
-    """The backend component of `kind` over `runner` (a single package or a `PackageChain`)."""
-    check_kind(kind)
-    return ADAPTERS[kind](runner)
+def adapt(runner: PackageRunner, role: str):
+    """The backend component of `role` over `runner` (a single package or a `PackageChain`)."""
+    check_role(role)
+    return ADAPTERS[role](runner)

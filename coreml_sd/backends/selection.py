@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from coreml_sd.backends import COMPONENTS, Components, LoadOptions, Loaded, backend_names, get_backend
+from coreml_sd.backends import Components, Fallback, LoadOptions, Loaded, backend_names, get_backend
 from coreml_sd.backends.interop import ArrayKind, at_boundary
+from coreml_sd.components import KINDS
 from coreml_sd.errors import BackendUnavailable, CoreMLSDError, InputError, choices_text
+from coreml_sd.memory import release_memory
 
 log = logging.getLogger("coreml_sd")
 
@@ -40,8 +42,9 @@ AUTO = "auto"
 BACKEND_HELP = (
     "auto (default): a converted folder runs on coreml, else mil, else torch; any other model on torch. "
     "One name (coreml, mil, torch): every component there, or an error. A comma list (coreml,mil): a "
-    "fallback order. Per component (text_encoder, unet, vae_decoder): unet=coreml/mil,text_encoder=torch "
-    "('/' separates one component's fallbacks; components not named take the plain names given, or auto).")
+    "fallback order. Per component (text_encoder, text_encoder_2, unet, vae_decoder, vae_encoder): "
+    "unet=coreml/mil,text_encoder=torch ('/' separates one component's fallbacks; components not named take "
+    "the plain names given, or auto).")
 
 
 @dataclass(frozen=True)
@@ -81,42 +84,41 @@ def parse_backend(text: str) -> BackendRequest:
             default.append(part)
             continue
         component, _, value = (s.strip() for s in part.partition("="))
-        if component not in COMPONENTS:
-            raise InputError(f"--backend {part!r}: unknown component {component!r}; valid: {choices_text(COMPONENTS)}")
+        if component not in KINDS:
+            raise InputError(f"--backend {part!r}: unknown component {component!r}; valid: {choices_text(KINDS)}")
         if component in per:
             raise InputError(f"--backend {text!r}: {component} is given twice")
         per[component] = _chain(value, part, "/")
     base = _chain(",".join(default), text, ",") if default else (AUTO,)
-    return BackendRequest({c: per.get(c, base) for c in COMPONENTS}, text)
+    return BackendRequest({c: per.get(c, base) for c in KINDS}, text)
 
 
 def auto_chain(source) -> tuple[str, ...]:
-    """auto: coreml -> mil -> torch for a converted folder (torch where its source exists); else torch."""
-    from coreml_sd.model_folder import ConvertedModel
-
-    if isinstance(source, ConvertedModel):
-        chain = ["coreml", "mil"]
-        if get_backend("torch").unavailable_reason(source, "unet", LoadOptions()) is None:
-            chain.append("torch")
-        return tuple(b for b in chain if b in backend_names())
+    """auto: coreml -> mil -> torch for a model with packages (torch where its source exists); else torch."""
+    if source.packages is not None:
+        return ("coreml", "mil") + (("torch",) if source.torch_unavailable() is None else ())
     return ("torch",)
 
 
 # -- planning (no weights loaded) ---------------------------------------------------------------
 @dataclass
 class Resolution:
-    """How one component's chain resolves here, before loading."""
+    """How one component's chain resolves here, before loading: each backend's availability, asked once."""
 
     component: str
     chain: tuple[str, ...]  # what will be tried, in order (auto expanded)
     strict: bool
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (backend, reason) ruled out here
-    backend: str | None = None  # the first one that can run here
-    where: str = ""  # its description
+    skipped: list[Fallback] = field(default_factory=list)  # ruled out here, before the first runnable one
+    runnable: list[str] = field(default_factory=list)  # backends that can run it here, in order
+    where: str = ""  # the first runnable one's description (planning only)
+
+    @property
+    def backend(self) -> str | None:
+        return self.runnable[0] if self.runnable else None
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "runs_on": self.where, "chain": list(self.chain),
-                "fell_back": [{"backend": b, "reason": r} for b, r in self.skipped]}
+                "fell_back": [f.to_dict() for f in self.skipped]}
 
 
 def resolve(source, component: str, request: BackendRequest, options: LoadOptions, *,
@@ -126,20 +128,23 @@ def resolve(source, component: str, request: BackendRequest, options: LoadOption
     for name in res.chain:
         backend = get_backend(name)
         reason = backend.unavailable_reason(source, component, options)
-        if reason is None and describe:
+        if reason is None and describe and not res.runnable:
             try:
                 res.where = backend.describe(source, component, options)
             except CoreMLSDError as exc:  # e.g. a device torch does not see
                 reason = str(exc)
         if reason is None:
-            res.backend = name
-            res.where = res.where or name
-            return res
+            res.runnable.append(name)
+            continue
         if res.strict:
             raise BackendUnavailable(f"--backend {request.text}: {name} cannot run the {component} here: {reason}"
                                      + _alternatives(name))
-        res.skipped.append((name, reason))
-    raise BackendUnavailable(f"no backend can run the {component}: " + _reasons(res.skipped))
+        if not res.runnable:
+            res.skipped.append(Fallback(name, reason))
+    if not res.runnable:
+        raise BackendUnavailable(f"no backend can run the {component}: " + _reasons(res.skipped))
+    res.where = res.where or res.backend
+    return res
 
 
 def _alternatives(name: str) -> str:
@@ -147,75 +152,136 @@ def _alternatives(name: str) -> str:
     return f" (choose another with --backend: auto, {', '.join(others)}, or a fallback order like {name},{others[0]})"
 
 
-def _reasons(skipped: list[tuple[str, str]]) -> str:
-    return "; ".join(f"{b}: {r}" for b, r in skipped)
+def _reasons(skipped: Sequence[Fallback]) -> str:
+    return "; ".join(f"{f.backend}: {f.reason}" for f in skipped)
 
 
-def plan_components(source, request: BackendRequest, options: LoadOptions) -> dict[str, Resolution]:
+def plan_components(source, request: BackendRequest, options: LoadOptions,
+                    names: Sequence[str] | None = None) -> dict[str, Resolution]:
     """Per component, where it would run and what it would fall back from (loads no weights)."""
-    return {c: resolve(source, c, request, options, describe=True) for c in COMPONENTS}
+    names = names or source.info.spec.component_names
+    return {c: resolve(source, c, request, options, describe=True) for c in names}
 
 
-def fallback_line(components: list[str], skipped: list[tuple[str, str]], final: str) -> str:
-    why = skipped[0][1] if len(skipped) == 1 else _reasons(skipped)
-    return f"{', '.join(components)} fell back from {skipped[0][0]} to {final}: {why}"
+def fallback_line(components: list[str], skipped: Sequence[Fallback], final: str) -> str:
+    why = skipped[0].reason if len(skipped) == 1 else _reasons(skipped)
+    return f"{', '.join(components)} fell back from {skipped[0].backend} to {final}: {why}"
 
 
-def log_fallbacks(events: dict[str, tuple[list[tuple[str, str]], str]]) -> None:
+def log_fallbacks(events: dict[str, tuple[list[Fallback], str]]) -> None:
     """One WARNING line per distinct fallback, naming every component it applies to."""
     grouped: dict[tuple, list[str]] = {}
     for component, (skipped, final) in events.items():
         if skipped:
-            grouped.setdefault((tuple(skipped), final), []).append(component)
+            key = (tuple((f.backend, f.reason) for f in skipped), final)
+            grouped.setdefault(key, []).append(component)
     for (skipped, final), components in grouped.items():
-        log.warning(fallback_line(components, list(skipped), final))
+        log.warning(fallback_line(components, [Fallback(*f) for f in skipped], final))
 
 
-# -- loading ------------------------------------------------------------------------------------
-def _load_one(source, component: str, request: BackendRequest, options: LoadOptions,
-              shared: dict) -> tuple[Loaded, list[tuple[str, str]], str]:
-    """Load `component` down its chain: (loaded, what was skipped and why, the backend that ran)."""
-    res = resolve(source, component, request, options)
+# -- loading: the one route ---------------------------------------------------------------------
+def _load_one(source, res: Resolution, options: LoadOptions, shared: dict) -> tuple[Loaded, list[Fallback], str]:
+    """Load a resolved component down its runnable backends: (loaded, what it fell back from, backend)."""
     skipped = list(res.skipped)
-    start = res.chain.index(res.backend)
-    for name in res.chain[start:]:
-        backend = get_backend(name)
-        if name != res.backend:
-            reason = backend.unavailable_reason(source, component, options)
-            if reason is not None:
-                skipped.append((name, reason))
-                continue
+    for name in res.runnable:
         try:
-            return backend.load(source, component, options, shared), skipped, name
+            return get_backend(name).load(source, res.component, options, shared), skipped, name
         except CoreMLSDError as exc:
             if res.strict:
                 raise
-            skipped.append((name, f"loading failed: {exc}"))
-    raise BackendUnavailable(f"no backend could load the {component}: " + _reasons(skipped))
+            skipped.append(Fallback(name, f"loading failed: {exc}"))
+    raise BackendUnavailable(f"no backend could load the {res.component}: " + _reasons(skipped))
+
+
+class Loader:
+    """Loads components of one source on one request: eagerly, just in time, or later on demand."""
+
+    def __init__(self, source, request: BackendRequest, options: LoadOptions, *, reduce_memory: bool = False):
+        self.source, self.request, self.options, self.reduce_memory = source, request, options, reduce_memory
+        self.shared: dict = {}
+        self.components: Components | None = None
+
+    def load(self, names: Sequence[str]) -> Components:
+        plan = {c: resolve(self.source, c, self.request, self.options) for c in names}
+        loop = _array_kind(plan["unet"].backend, self.options) if "unet" in plan else None
+        comps = Components(parts={}, asarray=None, load_more=self.load_more)
+        self.components = comps
+        if self.reduce_memory:
+            log_fallbacks({c: (r.skipped, r.backend) for c, r in plan.items()})  # known now: said once, here
+            for c, r in plan.items():
+                comps.parts[c] = JustInTime(c, self._loader(r), loop, comps)
+                comps.runs_on[c], comps.backends[c] = f"{r.backend} (loaded when used)", r.backend
+                comps.fallbacks[c] = list(r.skipped)
+        else:
+            events = {}
+            loaded = {}
+            for c, r in plan.items():
+                loaded[c], skipped, final = _load_one(self.source, r, self.options, self.shared)
+                events[c] = (skipped, final)
+                comps.backends[c], comps.fallbacks[c], comps.runs_on[c] = final, skipped, loaded[c].runs_on
+            log_fallbacks(events)
+            loop = loop or next(iter(loaded.values())).array
+            comps.parts.update({c: at_boundary(l.component, native=l.array, loop=loop) for c, l in loaded.items()})
+            self._keep_torch_modules(comps)
+        comps.asarray = loop.asarray if loop is not None else (lambda a: a)
+        self.loop = loop
+        return comps
+
+    def _loader(self, res: Resolution) -> Callable[[], Loaded]:
+        def load() -> Loaded:
+            # Fresh shared state per load: nothing of another component is kept alive.
+            loaded, skipped, final = _load_one(self.source, res, self.options, {})
+            if final != res.backend:  # a load failed: a fallback not announced yet
+                log_fallbacks({res.component: (skipped, final)})
+                self.components.fallbacks[res.component] = skipped
+                self.components.backends[res.component] = final
+            return loaded
+
+        return load
+
+    def load_more(self, name: str):
+        """A component the first load did not include (e.g. the VAE encoder for an init image)."""
+        res = resolve(self.source, name, self.request, self.options)
+        comps = self.components
+        if self.reduce_memory:
+            comps.runs_on[name], comps.backends[name] = f"{res.backend} (loaded when used)", res.backend
+            comps.fallbacks[name] = list(res.skipped)
+            return JustInTime(name, self._loader(res), self.loop, comps)
+        loaded, skipped, final = _load_one(self.source, res, self.options, self.shared)
+        log_fallbacks({name: (skipped, final)})
+        comps.backends[name], comps.fallbacks[name], comps.runs_on[name] = final, skipped, loaded.runs_on
+        self._keep_torch_modules(comps)
+        return at_boundary(loaded.component, native=loaded.array, loop=self.loop or loaded.array)
+
+    def _keep_torch_modules(self, comps: Components) -> None:
+        """Keep only the torch modules that loaded components run on (the rest is freed now and
+        loaded again if a later component needs it)."""
+        mods = self.shared.get("torch_modules")
+        if mods is None:
+            return
+        used = {c for c, b in comps.backends.items() if b == "torch"}
+        if not used:
+            self.shared.pop("torch_modules")
+            return
+        for attr in ("text_encoder", "text_encoder_2", "unet"):
+            if attr not in used:
+                setattr(mods, attr, None)
+        if not used & {"vae_decoder", "vae_encoder"}:
+            mods.vae = None
 
 
 def load_components(source, request: BackendRequest, options: LoadOptions = LoadOptions(), *,
-                    reduce_memory: bool = False, shared: dict | None = None) -> Components:
-    """The pipeline's components for `request` (see the module docstring)."""
-    shared = {} if shared is None else shared
-    if reduce_memory:
-        return _just_in_time(source, request, options, shared)
-    loaded, events = {}, {}
-    for component in COMPONENTS:
-        loaded[component], skipped, final = _load_one(source, component, request, options, shared)
-        events[component] = (skipped, final)
-    shared.pop("torch_modules", None)  # modules no component kept are freed with it
-    log_fallbacks(events)
-    loop: ArrayKind = loaded["unet"].array
-    parts = {c: at_boundary(l.component, native=l.array, loop=loop) for c, l in loaded.items()}
-    return Components(asarray=loop.asarray, runs_on={c: l.runs_on for c, l in loaded.items()}, **parts)
+                    names: Sequence[str] | None = None, reduce_memory: bool = False) -> Components:
+    """The components `names` (default: what text-to-image needs of this model's family) for `request`."""
+    return Loader(source, request, options, reduce_memory=reduce_memory).load(
+        tuple(names or source.info.spec.component_names))
 
 
 class JustInTime:
     """A component loaded at its first use and freed by `release()` (--reduce-memory)."""
 
-    def __init__(self, component: str, load: Callable[[], Loaded], loop: ArrayKind, runs_on: dict[str, str]):
-        self.component, self._load, self.loop, self._runs_on = component, load, loop, runs_on
+    def __init__(self, component: str, load: Callable[[], Loaded], loop: ArrayKind, comps: Components):
+        self.component, self._load, self.loop, self._comps = component, load, loop, comps
         self._loaded: Any = None
 
     @property
@@ -223,8 +289,8 @@ class JustInTime:
         """The component (loading it now if it is not loaded)."""
         if self._loaded is None:
             got = self._load()
-            self._runs_on[self.component] = got.runs_on
-            self._loaded = at_boundary(got.component, native=got.array, loop=self.loop)
+            self._comps.runs_on[self.component] = got.runs_on
+            self._loaded = at_boundary(got.component, native=got.array, loop=self.loop or got.array)
         return self._loaded
 
     @property
@@ -234,53 +300,20 @@ class JustInTime:
     def release(self) -> None:
         if self._loaded is not None:
             self._loaded = None
-            _return_memory()
+            release_memory()
 
     @property
     def batch_size(self):
         return getattr(self.loaded, "batch_size", None)
 
-    def encode(self, *args):
-        return self.loaded.encode(*args)
+    def encode(self, *args, **kwargs):
+        return self.loaded.encode(*args, **kwargs)
 
     def predict(self, *args):
         return self.loaded.predict(*args)
 
     def decode(self, *args):
         return self.loaded.decode(*args)
-
-
-def _return_memory() -> None:
-    import gc
-    import sys
-
-    gc.collect()
-    if "torch" in sys.modules:
-        from coreml_sd.mil.executor import release_freed_memory
-
-        release_freed_memory()
-
-
-def _just_in_time(source, request: BackendRequest, options: LoadOptions, shared: dict) -> Components:
-    # The loop's array kind is the UNet's first runnable backend's; if that one then fails to load,
-    # the backend that replaces it sits behind a Boundary like any other foreign component.
-    plan = {c: resolve(source, c, request, options) for c in COMPONENTS}
-    log_fallbacks({c: (r.skipped, r.backend) for c, r in plan.items()})  # known now: said once, here
-    loop = _array_kind(plan["unet"].backend, options)
-    runs_on = {c: f"{r.backend} (loaded when used)" for c, r in plan.items()}
-
-    def loader(component: str) -> Callable[[], Loaded]:
-        def load() -> Loaded:
-            # Fresh shared state per load: nothing of another component is kept alive.
-            loaded, skipped, final = _load_one(source, component, request, options, dict(shared))
-            if final != plan[component].backend:  # a load failed: a fallback not announced yet
-                log_fallbacks({component: (skipped, final)})
-            return loaded
-
-        return load
-
-    parts = {c: JustInTime(c, loader(c), loop, runs_on) for c in COMPONENTS}
-    return Components(asarray=loop.asarray, runs_on=runs_on, **parts)
 
 
 def _array_kind(backend: str, options: LoadOptions) -> ArrayKind:

@@ -1,38 +1,82 @@
-"""The torch backend: diffusers/transformers modules on cpu, cuda or mps."""
+"""The torch backend: diffusers/transformers modules on cpu, cuda or mps, behind the component contract.
+
+`load_component(source, component, ...)` builds one component from the source's modules (loaded
+once per load and shared by its components). The text encoder returns the hidden state its family
+feeds the UNet (`TextEncoderSpec.hidden_layer`/`final_norm`) and its pooled output; the UNet takes
+the whole `Conditioning` and hands each field to diffusers where diffusers takes it.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from coreml_sd.backends import Components
+from coreml_sd.components import role
+from coreml_sd.conditioning import Conditioning, TextEncoding
 from coreml_sd.devices import resolve_device, resolve_precision, torch_dtype
-from coreml_sd.sources import ModelSource, TorchModules, require_torch_modules
+from coreml_sd.families import Family, TextEncoderSpec
+from coreml_sd.model_source import ModelSource, TorchModules, require_torch
 
 
 class TorchTextEncoder:
-    def __init__(self, module, device: str):
-        self.module, self.device = module, device
+    def __init__(self, module, spec: TextEncoderSpec, device: str):
+        self.module, self.spec, self.device = module, spec, device
 
     @torch.inference_mode()
-    def encode(self, input_ids):
+    def encode(self, input_ids, clip_skip: int = 1) -> TextEncoding:
+        """`clip_skip` N: the hidden state N - 1 layers before the family's (A1111's "Clip skip")."""
         ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long, device=self.device)
-        return self.module(ids)[0].float()  # (B, 77, C) last_hidden_state
+        spec = self.spec
+        layer = spec.hidden_layer - (clip_skip - 1)
+        hidden_states = layer != -1 or not spec.final_norm
+        out = self.module(ids, output_hidden_states=hidden_states)
+        if hidden_states:
+            hidden = out.hidden_states[layer]
+            if spec.final_norm:
+                hidden = final_layer_norm(self.module)(hidden)
+        else:
+            hidden = out.last_hidden_state
+        pooled = getattr(out, "text_embeds", None)  # CLIPTextModelWithProjection's projected pooled output
+        if pooled is None:
+            pooled = out.pooler_output
+        return TextEncoding(hidden.float(), pooled.float())
+
+
+def final_layer_norm(module):
+    """A CLIP text model's final layer norm (transformers 5 keeps it on CLIPTextModel itself, and
+    under `text_model` in CLIPTextModelWithProjection)."""
+    return getattr(module, "final_layer_norm", None) or module.text_model.final_layer_norm
 
 
 class TorchUNet:
     batch_size = None
 
-    def __init__(self, module, dtype, *, cuda_graphs: bool = False):
-        self.module, self.dtype, self.cuda_graphs = module, dtype, cuda_graphs
+    def __init__(self, module, dtype, family: Family, *, cuda_graphs: bool = False):
+        self.module, self.dtype, self.family, self.cuda_graphs = module, dtype, family, cuda_graphs
+
+    def _kwargs(self, cond: Conditioning) -> dict:
+        """diffusers' UNet arguments for everything of `cond` beside the sample and the timestep."""
+        cast = (lambda a: a.to(self.dtype))
+        kwargs = {"encoder_hidden_states": cast(cond.context)}
+        for extra in self.family.extra_inputs:
+            value = cast(cond.extra[extra.name])
+            if extra.diffusers_arg == "class_labels":
+                kwargs["class_labels"] = value
+            else:
+                kwargs.setdefault("added_cond_kwargs", {})[extra.name] = value
+        if cond.control is not None:
+            *down, mid = (cast(c) for c in cond.control)
+            kwargs["down_block_additional_residuals"] = tuple(down)
+            kwargs["mid_block_additional_residual"] = mid
+        return kwargs
 
     @torch.inference_mode()
-    def predict(self, sample, timestep, encoder_hidden_states):
+    def predict(self, sample, timestep, cond: Conditioning):
         if self.cuda_graphs:  # each call is a new replay of the recorded graph
             torch.compiler.cudagraph_mark_step_begin()
-        out = self.module(
-            sample.to(self.dtype), timestep, encoder_hidden_states=encoder_hidden_states.to(self.dtype)
-        ).sample
+        if cond.latent_extra is not None:  # inpainting UNets: latents, mask and masked-image latents
+            sample = torch.cat([sample, cond.latent_extra], dim=1)
+        out = self.module(sample.to(self.dtype), timestep, **self._kwargs(cond)).sample
         if self.cuda_graphs and out.dtype == torch.float32:
             return out.clone()  # the graph's output buffer is overwritten by the next replay
         return out.float()
@@ -47,58 +91,43 @@ class TorchVAEDecoder:
         return self.module.decode(z.to(self.dtype)).sample.float()
 
 
-def components_from_modules(mods: TorchModules, *, device: str, precision: str,
-                            compile: str | None = None) -> Components:
-    """`compile`: a `torch_compile.COMPILE_MODES` mode for the UNet (None: eager)."""
-    dtype = torch_dtype(precision)
-    where = f"torch {device} {precision}"
-    if compile:
-        from coreml_sd.backends.torch_compile import compile_unet, uses_cuda_graphs
+class TorchVAEEncoder:
+    def __init__(self, module, dtype):
+        self.module, self.dtype = module, dtype
 
-        unet = TorchUNet(compile_unet(mods.unet, compile, device=device), dtype,
-                         cuda_graphs=uses_cuda_graphs(compile, device))
-    else:
-        unet = TorchUNet(mods.unet, dtype)
-
-    def asarray(a):
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
-
-    return Components(
-        text_encoder=TorchTextEncoder(mods.text_encoder, device),
-        unet=unet,
-        vae_decoder=TorchVAEDecoder(mods.vae, dtype),
-        asarray=asarray,
-        runs_on={"text_encoder": where, "unet": where + (f" compiled ({compile})" if compile else ""),
-                 "vae_decoder": where},
-    )
-
-
-def load_components(source: ModelSource, *, device: str = "auto", precision: str = "auto",
-                    compile: str | None = None) -> Components:
-    """`compile`: torch.compile the UNet in this mode (see `torch_compile.py`; for GPUs). None: eager."""
-    if compile:
-        from coreml_sd.backends.torch_compile import check_mode
-
-        check_mode(compile)
-    require_torch_modules(source)
-    device = resolve_device(device)
-    precision = resolve_precision(precision, device)
-    mods = source.torch_modules(device=device, dtype=torch_dtype(precision))
-    return components_from_modules(mods, device=device, precision=precision, compile=compile)
+    @torch.inference_mode()
+    def encode(self, x):
+        """image (B, 3, H, W) in [-1, 1] -> mean and log-variance (B, 2C, h, w), as Core ML's VAEEncoder."""
+        return self.module.encode(x.to(self.dtype)).latent_dist.parameters.float()
 
 
 def load_component(source: ModelSource, component: str, *, device: str = "auto", precision: str = "auto",
                    compile: str | None = None, modules: TorchModules | None = None):
     """One component on torch: (component, runs_on, device). `modules`: the source's modules when
-    already loaded for another component of the same load (same device and precision)."""
+    already loaded for another component of the same load (same device and precision); `compile`:
+    torch.compile the UNet in this mode (see `torch_compile.py`)."""
     if compile and component == "unet":
         from coreml_sd.backends.torch_compile import check_mode
 
         check_mode(compile)
-    require_torch_modules(source)
+    require_torch(source)
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
-    mods = modules or source.torch_modules(device=device, dtype=torch_dtype(precision))
-    compile = compile if component == "unet" else None
-    built = components_from_modules(mods, device=device, precision=precision, compile=compile)
-    return getattr(built, component), built.runs_on[component], device
+    dtype = torch_dtype(precision)
+    mods = modules or source.torch_modules(device=device, dtype=dtype)
+    where = f"torch {device} {precision}"
+    module = mods.module(component)
+    kind = role(component)
+    if kind == "text_encoder":
+        return TorchTextEncoder(module, source.info.spec.text_encoder(component), device), where, device
+    if kind == "vae_decoder":
+        return TorchVAEDecoder(module, dtype), where, device
+    if kind == "vae_encoder":
+        return TorchVAEEncoder(module, dtype), where, device
+    if compile:
+        from coreml_sd.backends.torch_compile import compile_unet, uses_cuda_graphs
+
+        unet = TorchUNet(compile_unet(module, compile, device=device), dtype, source.info.spec,
+                         cuda_graphs=uses_cuda_graphs(compile, device))
+        return unet, f"{where} compiled ({compile})", device
+    return TorchUNet(module, dtype, source.info.spec), where, device

@@ -21,29 +21,20 @@ from coreml_sd.errors import BackendUnavailable
 if TYPE_CHECKING:
     from coreml_sd.bench.measure import Settings
 
-ENGINE_PREFIX = {"torch": "torch", "mil": "mil", "coreml": "coreml"}
-
-
 def load_ours(task):
-    """A coreml_sd Pipeline for the task's backend; never a silent fallback to another engine."""
+    """A coreml_sd Pipeline for the task's backend, through the same route as `generate`; never a
+    silent fallback to another engine (the backend is a demand, and the load says where each ran)."""
     from coreml_sd.pipeline import Pipeline
 
     spec, path = task.run.spec, task.model_path
-    if spec.engine == "torch":
-        from coreml_sd.backends.torch_backend import load_components
-        from coreml_sd.sources import open_model
-
-        source = open_model(path)
-        pipe = Pipeline(source, load_components(source, device=spec.device, precision=task.run.precision,
-                                                compile=task.settings.torch_compile))
-    elif spec.engine == "mil":
-        pipe = Pipeline.load(path, backend="mil", device=spec.device, precision=task.run.precision)
-    else:
-        pipe = Pipeline.load(path, backend="coreml", compute_units=spec.compute_units)
-    other = {k: v for k, v in pipe.components.runs_on.items() if not v.startswith(ENGINE_PREFIX[spec.engine])}
+    pipe = Pipeline.load(path, backend=spec.engine, device=spec.device if spec.engine != "coreml" else "auto",
+                         precision=task.run.precision if spec.engine != "coreml" else "auto",
+                         compute_units=spec.compute_units if spec.engine == "coreml" else "all",
+                         compile=task.settings.torch_compile if spec.engine == "torch" else None)
+    other = {k: b for k, b in pipe.components.backends.items() if b != spec.engine}
     if other:
         raise BackendUnavailable(f"{spec.name} did not run on {spec.engine}: the pipeline fell back to "
-                                 + "; ".join(f"{k} on {v}" for k, v in other.items()))
+                                 + "; ".join(f"{k} on {b}" for k, b in other.items()))
     return pipe
 
 
@@ -63,12 +54,13 @@ def load_diffusers(task):
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
     from coreml_sd.devices import resolve_device
-    from coreml_sd.sources import open_model, require_torch_modules
+    from coreml_sd.model_source import require_torch
+    from coreml_sd.sources import open_model
 
     device = resolve_device(task.run.spec.device)
     dtype = diffusers_dtype(device, task.run.precision)
     source = open_model(task.model_path)
-    require_torch_modules(source)
+    require_torch(source)
     if source.info.kind == "diffusers":
         from coreml_sd.checkpoint.safeload import check_folder_weights
 
@@ -147,7 +139,7 @@ def _mil_facts(pipe) -> tuple[str | None, str | None]:
 
 def describe_ours(pipe, task) -> dict:
     spec = task.run.spec
-    manifest = getattr(pipe.source, "manifest", None)
+    manifest = pipe.source.packages.manifest if pipe.source.packages is not None else None
     out = {"runs_on": dict(pipe.components.runs_on)}
     if spec.engine == "torch":
         module = pipe.components.unet.module
@@ -178,10 +170,11 @@ class OursWorkload:
     def __init__(self, pipe, settings: Settings):
         from coreml_sd.denoiser import Denoiser
         from coreml_sd.schedules import make_plan
+        from coreml_sd.text_conditioning import SizeConditioning
 
         self.pipe, self.s = pipe, settings
         info = pipe.info
-        fixed = getattr(pipe.source, "size", None)  # converted packages take one size
+        fixed = info.sizes[0] if info.sizes else None  # converted packages take their sizes
         self.width, self.height = fixed or (settings.width or info.sample_size, settings.height or info.sample_size)
         f = info.vae_scale_factor
         shape = (1, info.latent_channels, self.height // f, self.width // f)
@@ -191,8 +184,9 @@ class OursWorkload:
         self.z = asarray(rng.standard_normal(shape).astype(np.float32))
         plan = make_plan(info.scheduler, "euler", max(settings.steps + settings.warmup, 2))
         self.timesteps = plan.timesteps
+        conds = pipe.conditionings([settings.prompt], [""], SizeConditioning.for_size(self.width, self.height))
         self.denoiser = Denoiser(pipe.components.unet, plan, prediction_type=info.prediction_type,
-                                 cond=pipe.encode_prompt(settings.prompt), uncond=pipe.encode_prompt(""),
+                                 cond=conds[(settings.prompt, False)], uncond=conds[("", True)],
                                  guidance_scale=settings.guidance_scale)
 
     def text_encoder(self, i: int):

@@ -27,7 +27,6 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-import numpy as np
 
 from coreml_sd.bench.machine import RSSSampler, evict_page_cache, load_average
 from coreml_sd.bench.stats import summarize

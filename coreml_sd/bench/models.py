@@ -68,7 +68,7 @@ def resolve_model(model: str | None, cache_dir: Path, *,
             (make_random or (lambda f, c, s: write_random_model(f, c, seed=s)))(folder, config, seed)
         return BenchModel(model, folder, f"{config} architecture ({model}), random weights (seed {seed}), "
                                          f"fp16 diffusers folder", random_weights=True)
-    if model in BUILTIN_NAMES and not Path(model).exists():
+    if model in BUILTIN_NAMES:
         return BenchModel(BUILTIN, None, "the built-in model")
     path = Path(model).expanduser()
     if not path.exists():
@@ -140,7 +140,9 @@ class ConvertOptions:
 
 
 def is_converted(path: Path | None) -> bool:
-    return path is not None and Path(path).is_dir() and (Path(path) / "manifest.json").is_file()
+    from coreml_sd.model_folder import is_converted_folder
+
+    return is_converted_folder(path)
 
 
 def _source_identity(path: Path | None) -> str:

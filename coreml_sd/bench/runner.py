@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from coreml_sd.conversion_names import ATTENTION_IMPLEMENTATIONS
 from coreml_sd.bench.machine import busy_note, load_average, machine_info
 from coreml_sd.bench.measure import Settings, Task, measure_run, new_entry, skipped_entry
 from coreml_sd.bench.models import (BenchModel, ConversionFailed, ConvertOptions, converted_folder, is_converted,
@@ -28,7 +29,7 @@ from coreml_sd.errors import InputError, choices_text
 SCHEMA = "coreml-sd.bench"
 SCHEMA_VERSION = 1
 ISOLATIONS = ("process", "inline")
-ATTENTIONS = ("auto", "split_einsum_v2", "split_einsum", "original")
+ATTENTIONS = ("auto", *ATTENTION_IMPLEMENTATIONS)
 # `--attention auto`: Apple's advice, split einsum for the Neural Engine and the original layout
 # for the GPU and CPU. The mil executor runs on torch devices, where the original layout's batched
 # matmuls over all heads are fewer, larger ops (SD 1.5's UNet: 32 softmax vs 256 per-head ones).

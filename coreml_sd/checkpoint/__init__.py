@@ -3,7 +3,7 @@
 Nothing here imports torch at module load; the modules that need it import it inside functions,
 so `import coreml_sd` stays light.
 
-    open_checkpoint(path, config=None)          a model source (see checkpoint/source.py)
+    coreml_sd.sources.open_model(path)          a model source (see checkpoint/source.py)
     read_original(path, config)                 diffusers modules from an original-layout file
     write_original_checkpoint(te, unet, vae, path, dtype="fp16"|"fp32", ema=False, fmt="safetensors"|"ckpt")
     config_from_modules(te, unet, vae)          the config that reads such a file back (config.py format)
@@ -34,12 +34,6 @@ def write_original_checkpoint(*args, **kwargs) -> Path:
     kwargs.setdefault("fmt", "ckpt" if Path(kwargs["path"]).suffix.lower() in (".ckpt", ".pt") else "safetensors")
     return writer.write_original_checkpoint(kwargs.pop("text_encoder"), kwargs.pop("unet"), kwargs.pop("vae"),
                                             kwargs.pop("path"), **kwargs)
-
-
-def open_checkpoint(path, **kwargs):
-    from coreml_sd.checkpoint.source import open_checkpoint as _open
-
-    return _open(path, **kwargs)
 
 
 def read_original(path, config, **kwargs):

@@ -1,18 +1,19 @@
 """Checkpoint configs: the architecture a single-file checkpoint is loaded into.
 
 A single file holds weights only; the shapes of the modules come from a config. Real community
-files are detected (`detect.py`) and use a config shipped in `coreml_sd/data/configs/`
-(`sd1`, `sd2`, `sd2-v`); a file of any other size (the built-in tiny model) names its config
-explicitly. Both are the same JSON format, one object:
+files are detected (`detect.py`) and use the config their family ships in `coreml_sd/data/configs/`
+(see `coreml_sd.families`: sd1, sd2, sd2-v ...); a file of any other size (the built-in tiny
+model) names its config explicitly. Both are the same JSON format, one object:
 
     {
       "description": "free text (optional)",
-      "family": "sd1" | "sd2",          # text-encoder layout in the file: CLIP (sd1) or OpenCLIP (sd2)
+      "family": "sd1",                  # a registered family: how the file's keys are laid out
       "unet": {...},                    # diffusers UNet2DConditionModel config (constructor arguments)
       "vae": {...},                     # diffusers AutoencoderKL config (scaling_factor included)
       "text_encoder": {...},            # transformers CLIPTextConfig arguments
+      "text_encoder_2": {...},          # the second text encoder's, for two-encoder families
       "scheduler": {...},               # diffusers scheduler_config.json keys (see coreml_sd.config)
-      "tokenizer": {"pad_token": "<|endoftext|>"}   # optional; SD 2.x (OpenCLIP) pads with "!"
+      "tokenizer": {"pad_token": "<|endoftext|>"}   # optional; default: the family's (SD 2.x pads with "!")
     }
 
 Pass it as `open_model(path, config=...)` (a path to such a JSON file or a dict), or put it next to
@@ -24,6 +25,7 @@ the file: Stable Diffusion 2 uses the penultimate layer, so the last one is drop
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -32,12 +34,10 @@ from typing import Any, Mapping
 
 from coreml_sd.config import SchedulerConfig, read_json
 from coreml_sd.errors import ModelError, choices_text
-from coreml_sd.tokenizer import EOS
+from coreml_sd.families import Family, family_names, family_of_config, get_family, shipped_configs
 
-FAMILIES = ("sd1", "sd2")
-SHIPPED = ("sd1", "sd2", "sd2-v")
 SIDECAR_SUFFIX = ".coreml-sd.json"
-_TOP_KEYS = ("description", "family", "unet", "vae", "text_encoder", "scheduler", "tokenizer")
+_TOP_KEYS = ("description", "family", "unet", "vae", "text_encoder", "text_encoder_2", "scheduler", "tokenizer")
 _TOKENIZER_KEYS = ("pad_token",)
 
 
@@ -50,12 +50,18 @@ class CheckpointConfig:
     vae: Mapping[str, Any]
     text_encoder: Mapping[str, Any]
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    pad_token: str = EOS
+    pad_token: str | None = None  # None: the family's
     description: str = ""
+    text_encoder_2: Mapping[str, Any] | None = None
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ModelError(f"checkpoint config: family is {self.family!r}; supported: {choices_text(FAMILIES)}")
+        if self.family not in family_names():
+            raise ModelError(f"checkpoint config: family is {self.family!r}; supported: {choices_text(family_names())}")
+        if self.pad_token is None:
+            object.__setattr__(self, "pad_token", self.spec.text_encoders[0].pad_token)
+        for spec in self.spec.text_encoders:
+            if self.text_config(spec.component) is None:
+                raise ModelError(f"checkpoint config: family {self.family} needs a {spec.component!r} config")
         for name in ("unet", "vae", "text_encoder"):
             if not isinstance(getattr(self, name), Mapping):
                 raise ModelError(f"checkpoint config: {name!r} must be an object of constructor arguments")
@@ -84,8 +90,9 @@ class CheckpointConfig:
             vae=dict(data["vae"]),
             text_encoder=dict(data["text_encoder"]),
             scheduler=SchedulerConfig.from_dict(dict(data.get("scheduler") or {})),
-            pad_token=tok.get("pad_token", EOS),
+            pad_token=tok.get("pad_token"),
             description=str(data.get("description", "")),
+            text_encoder_2=dict(data["text_encoder_2"]) if data.get("text_encoder_2") else None,
         )
 
     @classmethod
@@ -93,7 +100,7 @@ class CheckpointConfig:
         return cls.from_dict(read_json(Path(path)))
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "description": self.description,
             "family": self.family,
             "unet": dict(self.unet),
@@ -102,6 +109,16 @@ class CheckpointConfig:
             "scheduler": self.scheduler.to_dict(),
             "tokenizer": {"pad_token": self.pad_token},
         }
+        if self.text_encoder_2 is not None:
+            out["text_encoder_2"] = dict(self.text_encoder_2)
+        return out
+
+    @property
+    def spec(self) -> Family:
+        return get_family(self.family)
+
+    def text_config(self, component: str) -> Mapping[str, Any] | None:
+        return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}.get(component)
 
     def write(self, path: str | Path) -> Path:
         path = Path(path)
@@ -119,18 +136,18 @@ class CheckpointConfig:
 
     @property
     def scaling_factor(self) -> float:
-        return float(self.vae.get("scaling_factor", 0.18215))
+        return float(self.vae.get("scaling_factor", self.spec.scaling_factor))
 
     def with_prediction_type(self, prediction_type: str) -> "CheckpointConfig":
         sched = SchedulerConfig.from_dict({**self.scheduler.to_dict(), "prediction_type": prediction_type})
-        return CheckpointConfig(self.family, self.unet, self.vae, self.text_encoder, sched, self.pad_token,
-                                self.description)
+        return dataclasses.replace(self, scheduler=sched)
 
 
 def shipped_config(name: str) -> CheckpointConfig:
-    """One of the configs shipped with the package: sd1, sd2 (512, epsilon), sd2-v (768, v-prediction)."""
-    if name not in SHIPPED:
-        raise ModelError(f"no shipped checkpoint config {name!r}; shipped: {choices_text(SHIPPED)}")
+    """The config a family ships (by config or family name: sd1, sd2 (512, epsilon), sd2-v (768, v) ...)."""
+    if name not in shipped_configs():
+        raise ModelError(f"no shipped checkpoint config {name!r}; shipped: {choices_text(shipped_configs())}")
+    family_of_config(name)
     text = (resources.files("coreml_sd") / "data" / "configs" / f"{name}.json").read_text(encoding="utf-8")
     return CheckpointConfig.from_dict(json.loads(text))
 
@@ -141,7 +158,7 @@ def as_config(config: "CheckpointConfig | Mapping | str | Path") -> CheckpointCo
         return config
     if isinstance(config, Mapping):
         return CheckpointConfig.from_dict(config)
-    if isinstance(config, str) and config in SHIPPED:
+    if isinstance(config, str) and config in shipped_configs():
         return shipped_config(config)
     return CheckpointConfig.from_json(Path(config).expanduser())
 

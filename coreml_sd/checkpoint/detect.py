@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from coreml_sd import families
 from coreml_sd.checkpoint import keymap
 from coreml_sd.checkpoint.safeload import TensorInfo
-from coreml_sd.errors import ModelError
+from coreml_sd.errors import ModelError, choices_text
 
-CONTEXT_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# UNet input channels of model kinds other than text-to-image, for messages about them.
+CHANNEL_KINDS = {9: "an inpainting model", 8: "an instruct-pix2pix model"}
 _ATTN2_K = re.compile(r"^model\.diffusion_model\..*attn2\.to_k\.weight$")
 _LORA = re.compile(r"(^lora_(unet|te\d?)_)|(\.lora_(down|up|A|B)\.)|(\.hada_w1_a$)|(\.lokr_w1$)")
 _DTYPE_NAMES = {"F16": "fp16", "F32": "fp32", "BF16": "bf16", "F64": "fp64"}
@@ -31,22 +33,18 @@ class Detection:
     """What a file holds. `kind`: model | vae | lora | embedding | unknown."""
 
     kind: str
-    family: str | None = None  # sd1 | sd2 | sdxl
-    text_encoder: str | None = None  # clip | openclip
+    family: str | None = None  # a coreml_sd.families name (variants such as sd2-v are told apart later)
+    text_encoder: str | None = None  # the text encoders' layouts: clip | openclip | clip+openclip
     has_unet: bool = False
     has_vae: bool = False
     has_text_encoder: bool = False
     has_ema: bool = False
     in_channels: int | None = None
     context_dim: int | None = None
-    standard: bool = False  # full-size SD 1.x/2.x widths: a shipped config fits
+    standard: bool = False  # the family's full-size widths: its shipped config fits
     dtype: str = "?"
     params: Mapping[str, int] = field(default_factory=dict)
     found: str = ""  # a short account of the keys, for messages about unknown files
-
-    @property
-    def config_name(self) -> str | None:
-        return {"sd1": "sd1", "sd2": "sd2"}.get(self.family or "")
 
 
 def _numel(shape) -> int:
@@ -63,7 +61,8 @@ def _account(shapes: Mapping[str, TensorInfo]) -> str:
 
 
 def _params(shapes: Mapping[str, TensorInfo]) -> dict[str, int]:
-    groups = {"unet": (keymap.UNET_PREFIX,), "vae": (keymap.VAE_PREFIX,), "text_encoder": ("cond_stage_model.",),
+    groups = {"unet": (keymap.UNET_PREFIX,), "vae": (keymap.VAE_PREFIX,),
+              "text_encoder": ("cond_stage_model.", "conditioner."),
               "ema": (keymap.EMA_PREFIX + "diffusion_model",)}
     out = {name: sum(_numel(i.shape) for k, i in shapes.items() if k.startswith(p)) for name, p in groups.items()}
     out["other"] = sum(_numel(i.shape) for i in shapes.values()) - sum(out.values())
@@ -84,19 +83,24 @@ def _context_dim(shapes: Mapping[str, TensorInfo]) -> int | None:
     return None
 
 
+def _text_prefixes(keys) -> list[str]:
+    """The registered families' text-encoder key prefixes that the file's keys use."""
+    known = {t.prefix for name in families.family_names() for t in families.get_family(name).text_encoders}
+    return sorted(p for p in known if any(k.startswith(p) for k in keys))
+
+
 def classify(shapes: Mapping[str, TensorInfo]) -> Detection:
     """Describe a file from its key -> (dtype, shape) table; never raises."""
     keys = list(shapes)
     common = dict(dtype=_dominant_dtype(shapes), params=_params(shapes), found=_account(shapes))
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        return Detection("model", family="sdxl", has_unet=True, context_dim=_context_dim(shapes), **common)
+    has_unet = any(k.startswith(keymap.UNET_PREFIX) for k in keys)
+    prefixes = _text_prefixes(keys)
+    if not has_unet and not prefixes and any(_LORA.search(k) for k in keys):
+        return Detection("lora", **common)
+    if has_unet or prefixes or any(k.startswith("conditioner.") for k in keys):
+        return _model(shapes, has_unet, prefixes, common)
     if any(_LORA.search(k) for k in keys):
         return Detection("lora", **common)
-    has_unet = any(k.startswith(keymap.UNET_PREFIX) for k in keys)
-    text = ("clip" if any(k.startswith("cond_stage_model.transformer.") for k in keys)
-            else "openclip" if any(k.startswith(keymap.OPENCLIP_PREFIX) for k in keys) else None)
-    if has_unet or text:
-        return _model(shapes, has_unet, text, common)
     if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks.")) for k in keys) \
             or keymap.vae_prefix(keys) == keymap.VAE_PREFIX:
         return Detection("vae", has_vae=True, **common)
@@ -105,23 +109,23 @@ def classify(shapes: Mapping[str, TensorInfo]) -> Detection:
     return Detection("unknown", **common)
 
 
-def _model(shapes, has_unet: bool, text: str | None, common: dict) -> Detection:
+def _model(shapes, has_unet: bool, prefixes: list[str], common: dict) -> Detection:
     ctx = _context_dim(shapes)
     conv_in = shapes.get(keymap.UNET_PREFIX + "input_blocks.0.0.weight")
-    text_family = {"clip": "sd1", "openclip": "sd2"}.get(text or "")
-    ctx_family = CONTEXT_DIMS.get(ctx or 0)
-    if ctx_family == "sdxl":
-        family = "sdxl"
-    elif text_family and ctx_family and text_family != ctx_family:
-        family = None  # a CLIP text encoder with a 1024-wide UNet context (or the reverse): not a known model
-    else:
-        family = text_family or ctx_family
+    in_channels = int(conv_in.shape[1]) if conv_in and len(conv_in.shape) == 4 else None
+    family, standard = families.match_single_file(prefixes, ctx, None)
+    layouts = None
+    if family is not None:
+        layouts = "+".join(t.layout for t in family.text_encoders)
+        # A text encoder of one family with the UNet context width of another is no known model.
+        if ctx is not None and not standard and any(ctx == f.context_dim for f in map(families.get_family,
+                                                                                       families.family_names())):
+            family = None
     return Detection(
-        "model", family=family, text_encoder=text, has_unet=has_unet,
+        "model", family=family.name if family else None, text_encoder=layouts, has_unet=has_unet,
         has_vae=any(k.startswith(keymap.VAE_PREFIX + "decoder.") for k in shapes),
-        has_text_encoder=text is not None, has_ema=keymap.has_ema(shapes),
-        in_channels=int(conv_in.shape[1]) if conv_in and len(conv_in.shape) == 4 else None,
-        context_dim=ctx, standard=ctx_family in ("sd1", "sd2"), **common)
+        has_text_encoder=bool(prefixes), has_ema=keymap.has_ema(shapes), in_channels=in_channels,
+        context_dim=ctx, standard=standard, **common)
 
 
 def _looks_like_embedding(shapes: Mapping[str, TensorInfo]) -> bool:
@@ -132,27 +136,34 @@ def _looks_like_embedding(shapes: Mapping[str, TensorInfo]) -> bool:
 
 
 def require_model(det: Detection, path: Path) -> None:
-    """Refuse anything that is not an SD 1.x / 2.x text-to-image checkpoint, saying what it is."""
+    """Refuse anything that is not a text-to-image checkpoint of a registered family, saying what it is."""
     what = {"vae": "a VAE", "lora": "a LoRA", "embedding": "a textual-inversion embedding"}.get(det.kind)
     if what:
         flag = {"vae": "--vae", "lora": "--lora", "embedding": "--embedding"}[det.kind]
         raise ModelError(f"{path} is {what}, not a Stable Diffusion model; pass it with {flag} next to a model")
     if det.kind != "model":
-        raise ModelError(f"{path} is not a Stable Diffusion checkpoint: expected SD 1.x/2.x keys "
-                         f"(model.diffusion_model.*, cond_stage_model.*), found {det.found}")
-    if det.family == "sdxl":
-        raise ModelError(f"{path} is an SDXL checkpoint (two text encoders, 2048-wide context); SDXL is not "
-                         f"supported yet: supported are SD 1.x and SD 2.x")
+        raise ModelError(f"{path} is not a Stable Diffusion checkpoint: expected a model's keys "
+                         f"(model.diffusion_model.*, cond_stage_model.* or conditioner.*), found {det.found}")
     if det.family is None:
-        raise ModelError(f"{path}: unknown Stable Diffusion variant (text encoder {det.text_encoder}, "
-                         f"cross-attention width {det.context_dim}); supported: SD 1.x (CLIP, 768), "
-                         f"SD 2.x (OpenCLIP, 1024)")
+        raise ModelError(f"{path}: unknown Stable Diffusion variant (text encoder keys {det.text_encoder or 'absent'}"
+                         f", cross-attention width {det.context_dim}); supported families: "
+                         f"{choices_text(_family_lines())}")
     if not det.has_unet:
         raise ModelError(f"{path} holds no UNet (model.diffusion_model.*): found {det.found}")
-    if det.in_channels not in (None, 4):
-        kind = {9: "an inpainting model", 8: "an instruct-pix2pix model"}.get(det.in_channels, "a UNet")
-        raise ModelError(f"{path} is {kind} ({det.in_channels} input channels); only text-to-image models "
-                         f"with 4 latent channels are supported")
+    family = families.get_family(det.family)
+    if det.in_channels not in (None, family.unet_in_channels):
+        kind = CHANNEL_KINDS.get(det.in_channels, "a UNet")
+        raise ModelError(f"{path} is {kind} ({det.in_channels} input channels); {family.name} models with "
+                         f"{family.unet_in_channels} input channels are supported")
+
+
+def _family_lines() -> list[str]:
+    out = []
+    for name in families.family_names():
+        f = families.get_family(name)
+        if f.variant_of is None:
+            out.append(f"{name} ({'+'.join(t.layout for t in f.text_encoders)}, {f.context_dim})")
+    return out
 
 
 def probe_v_prediction(unet) -> bool:

@@ -52,14 +52,17 @@ def inspect_file(path: str | Path, *, probe: bool = True) -> dict[str, Any]:
 
 
 def _prediction_type(path: Path, det: detect.Detection, probe: bool) -> str | None:
+    from coreml_sd.families import get_family, variants_of
+
     if sidecar_path(path).is_file():
         return as_config(sidecar_path(path)).scheduler.prediction_type
-    if det.family == "sd1":
-        return "epsilon"
-    if det.family != "sd2" or not det.standard or not det.has_unet:
+    if det.family is None or not det.standard or not det.has_unet:
         return None
+    kinds = {v.prediction_type for v in variants_of(get_family(det.family))}
+    if len(kinds) == 1:  # the family's files all predict the same (no variant to tell apart)
+        return kinds.pop()
     if not probe:
-        return "unknown (epsilon or v_prediction)"
+        return f"unknown ({' or '.join(sorted(kinds))})"
     from coreml_sd.checkpoint.source import SingleFileCheckpoint
 
     return SingleFileCheckpoint(path).info.prediction_type

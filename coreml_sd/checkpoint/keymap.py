@@ -21,14 +21,10 @@ from coreml_sd.errors import ModelError
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
 VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer.text_model."
-OPENCLIP_PREFIX = "cond_stage_model.model."
-# Keys of real files that carry no weights we load (noise schedule buffers, training state).
-IGNORED_KEYS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-                "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-                "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-                "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "lvlb_weights",
-                "model_ema.decay", "model_ema.num_updates")
+# Text encoders sit under a family's prefix (coreml_sd.families.TextEncoderSpec.prefix): CLIP files
+# as transformers' CLIPTextModel below it ("<prefix>text_model."), OpenCLIP files in their own
+# names with q/k/v fused. Keys of files that are not weights of a component (noise-schedule
+# buffers, EMA bookkeeping) are simply never read: every reader picks its component's prefix.
 IGNORED_PREFIXES = ("first_stage_model.loss.", "loss.")  # the VAE's training discriminator
 
 Mapper = Callable[[str, Any], list[tuple[str, Any]]]
@@ -49,7 +45,10 @@ def _unet_table(config: Mapping) -> dict[str, tuple[str, dict]]:
     table = {"conv_in": ("input_blocks.0.0", plain), "time_embedding.linear_1": ("time_embed.0", plain),
              "time_embedding.linear_2": ("time_embed.2", plain), "conv_norm_out": ("out.0", plain),
              "conv_out": ("out.2", plain), "mid_block.resnets.0": ("middle_block.0", res),
-             "mid_block.attentions.0": ("middle_block.1", plain), "mid_block.resnets.1": ("middle_block.2", res)}
+             "mid_block.attentions.0": ("middle_block.1", plain), "mid_block.resnets.1": ("middle_block.2", res),
+             # an embedding of extra inputs added to the time embedding (class labels; SDXL's text_time)
+             "class_embedding.linear_1": ("label_emb.0.0", plain), "class_embedding.linear_2": ("label_emb.0.2", plain),
+             "add_embedding.linear_1": ("label_emb.0.0", plain), "add_embedding.linear_2": ("label_emb.0.2", plain)}
     for i in range(n):
         for j in range(lpb):  # input_blocks: conv_in, then per level lpb layers and a downsampler
             k = 1 + i * (lpb + 1) + j
@@ -123,29 +122,45 @@ def vae_to_original(config: Mapping, prefix: str = VAE_PREFIX) -> Mapper:
     return mapper
 
 
-def clip_to_original(key: str, t) -> list[tuple[str, Any]]:
-    if key == "embeddings.position_ids":
-        return []
-    return [(CLIP_PREFIX + key, t)]
+def clip_to_original(prefix: str) -> Mapper:
+    """transformers' CLIPTextModel keys (without `text_model.`) -> a CLIP text encoder under `prefix`."""
+    def mapper(key: str, t) -> list[tuple[str, Any]]:
+        if key == "embeddings.position_ids":
+            return []
+        return [(prefix + "text_model." + key, t)]
+
+    return mapper
 
 
-def openclip_to_original(state: Mapping[str, Any]) -> dict[str, Any]:
-    """A diffusers CLIPTextModel state dict in OpenCLIP (SD 2.x) layout: q/k/v fused into in_proj."""
+def text_to_original(state: Mapping[str, Any], spec) -> dict[str, Any]:
+    """A text encoder's state dict (diffusers names) in the single-file layout of `spec` (TextEncoderSpec)."""
+    # transformers' CLIPTextModelWithProjection keeps its layers under `text_model.`, CLIPTextModel not.
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    if spec.layout == "clip":
+        return apply_mapper(clip_to_original(spec.prefix), state)
+    return openclip_to_original(state, spec.prefix)
+
+
+def openclip_to_original(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """A diffusers CLIPTextModel state dict in OpenCLIP layout under `prefix`: q/k/v fused into in_proj."""
     import torch
 
     out, qkv = {}, {}
     for key, t in state.items():
+        key = key.removeprefix("text_model.")
         if key == "embeddings.position_ids":
             continue
         if key == "embeddings.token_embedding.weight":
-            out[OPENCLIP_PREFIX + "token_embedding.weight"] = t
+            out[prefix + "token_embedding.weight"] = t
         elif key == "embeddings.position_embedding.weight":
-            out[OPENCLIP_PREFIX + "positional_embedding"] = t
+            out[prefix + "positional_embedding"] = t
         elif key.startswith("final_layer_norm."):
-            out[OPENCLIP_PREFIX + "ln_final." + key.split(".")[-1]] = t
+            out[prefix + "ln_final." + key.split(".")[-1]] = t
+        elif key == "text_projection.weight":  # CLIPTextModelWithProjection: OpenCLIP stores x @ P
+            out[prefix + "text_projection"] = t.T.contiguous()
         elif key.startswith("encoder.layers."):
             _, _, idx, rest = key.split(".", 3)
-            base = f"{OPENCLIP_PREFIX}transformer.resblocks.{idx}."
+            base = f"{prefix}transformer.resblocks.{idx}."
             if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
                 qkv.setdefault((base, rest.split(".")[-1]), {})[rest.split(".")[1]] = t
                 continue
@@ -227,52 +242,53 @@ def vae_from_original(sd: Mapping[str, Any], config: Mapping, prefix: str) -> di
     return converted
 
 
-def text_from_original(sd: Mapping[str, Any], config: Mapping, family: str) -> dict[str, Any]:
-    if family == "sd1":
-        return _clip_from_original(sd)
-    return _openclip_from_original(sd, config)
+def text_from_original(sd: Mapping[str, Any], config: Mapping, spec) -> dict[str, Any]:
+    """A text encoder's weights (diffusers names) from a single file, as `spec` (TextEncoderSpec) lays them out."""
+    if spec.layout == "clip":
+        return _clip_from_original(sd, spec.prefix)
+    return _openclip_from_original(sd, config, spec)
 
 
-def _clip_from_original(sd: Mapping[str, Any]) -> dict[str, Any]:
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
-
-    # Files written by transformers < 4.x lack the `text_model.` level; give it back.
+def _clip_from_original(sd: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    # transformers' CLIPTextModel keys below the prefix; files written by transformers < 4.x lack
+    # the `text_model.` level: give it back. (The keys are renamed only, so mmap stays mmap.)
+    full = prefix + "text_model."
     source = {}
     for k, v in sd.items():
-        if k.startswith("cond_stage_model.transformer.") and not k.endswith("position_ids"):
-            if not k.startswith(CLIP_PREFIX):
-                k = CLIP_PREFIX + k[len("cond_stage_model.transformer."):]
-            source[k] = v
-    converted = {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(source).items()}
-    _check_round_trip("text encoder", source, converted, clip_to_original)
+        if k.startswith(prefix) and not k.endswith("position_ids"):
+            source[k if k.startswith(full) else full + k[len(prefix):]] = v
+    converted = {k[len(full):]: v for k, v in source.items()}
+    _check_round_trip("text encoder", source, converted, clip_to_original(prefix))
     return converted
 
 
-def _openclip_from_original(sd: Mapping[str, Any], config: Mapping) -> dict[str, Any]:
+def _openclip_from_original(sd: Mapping[str, Any], config: Mapping, spec) -> dict[str, Any]:
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
-    layers = openclip_layers(sd)
+    prefix = spec.prefix
+    layers = openclip_layers(sd, prefix)
     wanted = int(config["num_hidden_layers"])
     if layers not in (wanted, wanted + 1):
         raise ModelError(f"the OpenCLIP text encoder in the file has {layers} layers; the config expects "
                          f"{wanted} (or {wanted + 1}, of which the last is unused)")
-    dropped = f"{OPENCLIP_PREFIX}transformer.resblocks.{layers - 1}." if layers == wanted + 1 else None
-    unused = (OPENCLIP_PREFIX + "text_projection", OPENCLIP_PREFIX + "logit_scale")
-    source = {k: v for k, v in sd.items() if k.startswith(OPENCLIP_PREFIX) and k not in unused
+    dropped = f"{prefix}transformer.resblocks.{layers - 1}." if layers == wanted + 1 else None
+    # The projection is read only by encoders whose pooled output is used (SDXL's second).
+    unused = ((prefix + "logit_scale",) if spec.pooled else (prefix + "text_projection", prefix + "logit_scale"))
+    source = {k: v for k, v in sd.items() if k.startswith(prefix) and k not in unused
               and not (dropped and k.startswith(dropped))}
     # diffusers reads the projection width from the model's config; only that is needed here.
     stub = SimpleNamespace(config=SimpleNamespace(hidden_size=int(config["hidden_size"])))
     converted = {k.removeprefix("text_model."): v
-                 for k, v in convert_open_clip_checkpoint(stub, source, prefix=OPENCLIP_PREFIX).items()}
-    back = openclip_to_original(converted)
+                 for k, v in convert_open_clip_checkpoint(stub, source, prefix=prefix).items()}
+    back = openclip_to_original(converted, prefix)
     stray = sorted(set(source) - set(back))
     if stray:
         raise ModelError(f"text encoder: {len(stray)} keys in the file were not understood, e.g. {stray[:3]}")
     return converted
 
 
-def openclip_layers(keys: Iterable[str]) -> int:
-    prefix = OPENCLIP_PREFIX + "transformer.resblocks."
+def openclip_layers(keys: Iterable[str], prefix: str) -> int:
+    prefix = prefix + "transformer.resblocks."
     found = {int(k[len(prefix):].split(".")[0]) for k in keys if k.startswith(prefix)}
     return max(found) + 1 if found else 0
 

@@ -32,16 +32,17 @@ def new_vae(config: Mapping):
         return _construct("vae", AutoencoderKL, config)
 
 
-def new_text_encoder(config: Mapping):
+def new_text_encoder(config: Mapping, *, projection: bool = False):
+    """A CLIP text model (with its pooled-output projection where the family uses it)."""
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     known = set(CLIPTextConfig().to_dict()) | set(TEXT_CONFIG_KEYS)
     unknown = sorted(set(config) - known)
     if unknown:
         raise ModelError(f"text_encoder config: unknown keys {choices_text(unknown)}")
     with torch.device("meta"):
-        return CLIPTextModel(CLIPTextConfig(**config))
+        return (CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig(**config))
 
 
 def _construct(what: str, cls, config: Mapping):
@@ -72,13 +73,17 @@ def fill(module, state: Mapping[str, Any], what: str, *, dtype=None, device: str
 def build_components(sd: Mapping[str, Any], config: CheckpointConfig, *, ema: bool = False, dtype=None,
                      device: str = "cpu", with_vae: bool = True) -> dict[str, Any]:
     """diffusers modules (by component name) from an original-layout state dict; the VAE only if asked."""
-    mods = {
-        "unet": fill(new_unet(config.unet), keymap.unet_from_original(sd, config.unet, ema=ema), "UNet",
-                     dtype=dtype, device=device),
-        "text_encoder": fill(new_text_encoder(config.text_encoder),
-                             keymap.text_from_original(sd, config.text_encoder, config.family), "text encoder",
-                             dtype=dtype, device=device),
-    }
+    mods = {"unet": fill(new_unet(config.unet), keymap.unet_from_original(sd, config.unet, ema=ema), "UNet",
+                         dtype=dtype, device=device)}
+    for spec in config.spec.text_encoders:
+        text_config = config.text_config(spec.component)
+        # Only OpenCLIP files store a projection of the pooled output (SDXL's second encoder);
+        # a CLIP encoder's pooled output is its pooler output.
+        module = new_text_encoder(text_config, projection=spec.pooled and spec.layout == "openclip")
+        state = keymap.text_from_original(sd, text_config, spec)
+        if any(k.startswith("text_model.") for k in module.state_dict()):
+            state = {k if k == "text_projection.weight" else "text_model." + k: v for k, v in state.items()}
+        mods[spec.component] = fill(module, state, spec.component.replace("_", " "), dtype=dtype, device=device)
     if with_vae:
         mods["vae"] = fill(new_vae(config.vae), keymap.vae_from_original(sd, config.vae, keymap.VAE_PREFIX), "VAE",
                            dtype=dtype, device=device)

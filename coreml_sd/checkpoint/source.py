@@ -25,7 +25,8 @@ from coreml_sd.checkpoint.config import CheckpointConfig, as_config, shipped_con
 from coreml_sd.checkpoint.safeload import SAFETENSORS, TensorInfo, sha256_file, sniff, tensor_shapes, torch_dtype_name
 from coreml_sd.config import PREDICTION_TYPES
 from coreml_sd.errors import ModelError, choices_text
-from coreml_sd.sources import ModelInfo, ModelSource, TorchModules
+from coreml_sd.families import get_family, layout_base, variants_of
+from coreml_sd.model_source import ModelInfo, ModelSource, Origin, SourceBase, TorchModules
 from coreml_sd.tokenizer import CLIPTokenizer, bundled_files
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def check_prediction_type(value: str | None) -> str | None:
     return value
 
 
-class SingleFileCheckpoint:
+class SingleFileCheckpoint(SourceBase):
     """One `.safetensors` / `.ckpt` / `.pt` file in the original (CompVis / A1111) layout."""
 
     def __init__(self, path: str | Path, *, config: Any = None, prediction_type: str | None = None,
@@ -63,42 +64,48 @@ class SingleFileCheckpoint:
 
     def _choose_config(self, config, prediction_type: str | None) -> CheckpointConfig:
         det = self.detection
+        family = get_family(det.family)
         if config is None and sidecar_path(self.path).is_file():
             config = sidecar_path(self.path)
         if config is not None:
             cfg = as_config(config)
-            if cfg.family != det.family:
+            if layout_base(cfg.spec) is not family:
                 raise ModelError(f"{self.path} is {det.family} (text encoder {det.text_encoder}), but its "
                                  f"config says {cfg.family}")
         elif not det.standard:
             raise ModelError(f"{self.path} is a {det.family} model of non-standard size (cross-attention width "
                              f"{det.context_dim}); pass its config (config=..., or {sidecar_path(self.path).name} "
                              f"next to it)")
-        elif det.family == "sd1":
-            cfg = shipped_config("sd1")
         else:
-            v = prediction_type == "v_prediction" if prediction_type else self._probe_v()
-            cfg = shipped_config("sd2-v" if v else "sd2")
+            cfg = shipped_config(self._variant(family, prediction_type).config)
         if not det.has_text_encoder:
-            raise ModelError(f"{self.path} holds no text encoder (cond_stage_model.*); a full checkpoint is needed")
+            raise ModelError(f"{self.path} holds no text encoder; a full checkpoint is needed")
         return cfg.with_prediction_type(prediction_type) if prediction_type else cfg
 
-    def _probe_v(self) -> bool:
+    def _variant(self, family, prediction_type: str | None):
+        """The family or its variant that fits the file (sd2 / sd2-v by prediction type, probed if not given)."""
+        variants = [v for v in variants_of(family) if v.config]
+        if len({v.prediction_type for v in variants}) < 2:
+            return variants[0]
+        wanted = prediction_type or ("v_prediction" if self._probe_v(variants[0]) else "epsilon")
+        return next((v for v in variants if v.prediction_type == wanted), variants[0])
+
+    def _probe_v(self, family) -> bool:
         from coreml_sd.checkpoint.loader import fill, new_unet
 
-        cfg = shipped_config("sd2")
+        cfg = shipped_config(family.config)
         unet = fill(new_unet(cfg.unet), keymap.unet_from_original(self.state(), cfg.unet, ema=self.ema), "UNet")
         v = detect.probe_v_prediction(unet)
-        log.info("%s: SD 2.x prediction type probed: %s", self.path.name, "v_prediction" if v else "epsilon")
+        log.info("%s: prediction type probed: %s", self.path.name, "v_prediction" if v else "epsilon")
         return v
 
     def _info(self) -> ModelInfo:
         cfg = self.config
         return ModelInfo(
-            name=self.path.stem, kind="checkpoint", path=self.path, scheduler=cfg.scheduler,
+            name=self.path.stem, kind="checkpoint", path=self.path, scheduler=cfg.scheduler, family=cfg.family,
             sample_size=cfg.sample_size, vae_scale_factor=cfg.vae_scale_factor,
-            latent_channels=int(cfg.unet.get("in_channels", 4)), scaling_factor=cfg.scaling_factor,
-            text_hidden_size=int(cfg.text_encoder["hidden_size"]), family=cfg.family,
+            latent_channels=int(cfg.unet.get("out_channels", 4)), scaling_factor=cfg.scaling_factor,
+            text_hidden_size=int(cfg.unet.get("cross_attention_dim", cfg.spec.context_dim)),
             tokenizer_files=bundled_files(), pad_token=cfg.pad_token, hash=sha256_file(self.path)[:10],
         )
 
@@ -111,9 +118,6 @@ class SingleFileCheckpoint:
             self._state = flat_state_dict(obj, self.path)
         return self._state
 
-    def tokenizer(self) -> CLIPTokenizer:
-        return CLIPTokenizer(self.info.tokenizer_files, pad_token=self.info.pad_token)
-
     def torch_modules(self, *, device: str, dtype: Any, load_vae: bool = True) -> TorchModules:
         from coreml_sd.checkpoint.loader import build_components
 
@@ -122,7 +126,7 @@ class SingleFileCheckpoint:
         mods = build_components(self.state(), self.config, ema=self.ema, dtype=dtype, device=device,
                                 with_vae=load_vae)
         self._state = None  # the modules hold the tensors now; let the rest of the file go
-        return TorchModules(mods["text_encoder"], mods["unet"], mods.get("vae"))
+        return TorchModules(unet=mods.pop("unet"), vae=mods.pop("vae", None), **mods)
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,7 @@ class Weighted:
     strength: float = 1.0
 
 
-class Modified:
+class Modified(SourceBase):
     """A source with a replacement VAE, LoRAs, embeddings and/or a hypernetwork applied."""
 
     def __init__(self, base: ModelSource, *, vae: str | Path | None = None, loras: Sequence[Weighted] = (),
@@ -163,7 +167,7 @@ class Modified:
         from coreml_sd.checkpoint.lora import lora_hash
         from coreml_sd.checkpoint.safeload import read_safetensors_header
 
-        extras = dict(getattr(self.base, "generation_extras", {}) or {})
+        extras = dict(self.base.generation_extras)
         if self.vae is not None:
             extras["VAE hash"] = self.vae.hash
             extras["VAE"] = self.vae.path.name
@@ -182,16 +186,36 @@ class Modified:
             extras["Hypernet strength"] = ", ".join(_number(s) for _, s in self.hypernetworks)
         return extras
 
+    @property
+    def origin(self) -> Origin:
+        """The base model, and the modifiers as `open_model` arguments (to reopen the same model)."""
+        base = self.base.origin
+        modifiers: dict[str, Any] = {}
+        if self.vae is not None:
+            modifiers["vae"] = str(Path(self.vae.path).absolute())
+        if self.loras:
+            modifiers["loras"] = [[str(Path(w.path).absolute()), w.strength] for w in self.loras]
+        if self.embeddings:
+            modifiers["embeddings"] = [str(Path(e.path).absolute()) for e in self.embeddings]
+        if self.hypernetworks:
+            modifiers["hypernetworks"] = [[str(Path(n.path).absolute()), s] for n, s in self.hypernetworks]
+        if self.info.prediction_type != self.base.info.prediction_type:
+            modifiers["prediction_type"] = self.info.prediction_type
+        return Origin(base.path, base.kind, base.hash, modifiers)
+
     def trigger_ids(self) -> dict[str, list[int]]:
         from coreml_sd.checkpoint.embeddings import assign_ids
 
         return assign_ids(self.embeddings, len(self.base.tokenizer().encoder))
 
-    def tokenizer(self) -> CLIPTokenizer:
-        tok = self.base.tokenizer()
+    def tokenizer(self, component: str = "text_encoder") -> CLIPTokenizer:
+        tok = self.base.tokenizer(component)
         for word, ids in self.trigger_ids().items():
             tok.add_trigger(word, ids)
         return tok
+
+    def torch_unavailable(self) -> str | None:
+        return self.base.torch_unavailable()
 
     def torch_modules(self, *, device: str, dtype: Any) -> TorchModules:
         from coreml_sd.checkpoint import embeddings as emb_mod
@@ -220,7 +244,7 @@ class Modified:
             return dict(self.base.config.vae)
         if mods.vae is not None:
             return {k: v for k, v in mods.vae.config.items() if not k.startswith("_")}
-        return dict(shipped_config("sd1").vae)
+        return dict(shipped_config(self.info.spec.config or layout_base(self.info.spec).config).vae)
 
 
 def _unique_names(names: list[str]) -> None:
@@ -254,18 +278,16 @@ def with_modifiers(source: ModelSource, *, vae=None, loras=(), embeddings=(), hy
     embeddings = [Path(e).expanduser() for e in embeddings]
     override = prediction_type if not isinstance(source, SingleFileCheckpoint) else None
     if (vae is None and not loras and not embeddings and not hypernetworks and override is None
-            and getattr(source, "has_vae", True)):
+            and source_has_vae(source)):
         return source
-    if not getattr(source, "has_vae", True) and vae is None:
+    if not source_has_vae(source) and vae is None:
         raise ModelError(f"{source.info.path} has no VAE inside (first_stage_model.*); pass one with --vae FILE")
     return Modified(source, vae=vae, loras=loras, embeddings=embeddings, hypernetworks=hypernetworks,
                     prediction_type=override)
 
 
-def open_checkpoint(path: str | Path, *, config: Any = None, prediction_type: str | None = None,
-                    ema: bool = False) -> SingleFileCheckpoint:
-    return SingleFileCheckpoint(path, config=config, prediction_type=prediction_type, ema=ema)
+def source_has_vae(source: ModelSource) -> bool:
+    """A single file may lack its VAE; every other source has one."""
+    return not isinstance(source, SingleFileCheckpoint) or source.has_vae
 
 
-def is_checkpoint_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from coreml_sd.checkpoint import keymap
-from coreml_sd.checkpoint.config import FAMILIES, CheckpointConfig
+from coreml_sd.checkpoint.config import CheckpointConfig
 from coreml_sd.checkpoint.safeload import own_memory
 from coreml_sd.config import SchedulerConfig
 from coreml_sd.errors import InputError, choices_text
-from coreml_sd.tokenizer import EOS
+from coreml_sd.families import get_family
 
 DTYPES = ("fp16", "fp32")
 FORMATS = ("safetensors", "ckpt")
@@ -27,15 +27,18 @@ TEXT_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_atten
                     "bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def original_state_dict(text_encoder, unet, vae, *, family: str = "sd1", ema_unet=None) -> dict[str, Any]:
-    """All weights under their original names; `ema_unet` adds the flat `model_ema.*` copy."""
-    if family not in FAMILIES:
-        raise InputError(f"family is {family!r}; expected one of {choices_text(FAMILIES)}")
+def original_state_dict(text_encoder, unet, vae, *, family: str = "sd1", ema_unet=None,
+                        text_encoder_2=None) -> dict[str, Any]:
+    """All weights under their original names, text encoders laid out as `family` says;
+    `ema_unet` adds the flat `model_ema.*` copy."""
+    spec = get_family(family)
     out = keymap.apply_mapper(keymap.unet_to_original(unet.config), unet.state_dict())
     out.update(keymap.apply_mapper(keymap.vae_to_original(vae.config), vae.state_dict()))
-    text = text_encoder.state_dict()
-    out.update(keymap.apply_mapper(keymap.clip_to_original, text) if family == "sd1"
-               else keymap.openclip_to_original(text))
+    encoders = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    for te in spec.text_encoders:
+        if encoders[te.component] is None:
+            raise InputError(f"family {family} needs a {te.component} module")
+        out.update(keymap.text_to_original(encoders[te.component].state_dict(), te))
     if ema_unet is not None:
         import torch
 
@@ -48,7 +51,7 @@ def original_state_dict(text_encoder, unet, vae, *, family: str = "sd1", ema_une
 
 def write_original_checkpoint(text_encoder, unet, vae, path: str | Path, *, dtype: str = "fp16", ema: bool = False,
                               fmt: str = "safetensors", family: str = "sd1", ema_unet=None,
-                              metadata: dict[str, str] | None = None) -> Path:
+                              metadata: dict[str, str] | None = None, text_encoder_2=None) -> Path:
     """Save (text_encoder, unet, vae) as one original-layout file.
 
     `ema=True` also writes the UNet's EMA copy (`model_ema.*`, flat names as CompVis does): the
@@ -62,7 +65,7 @@ def write_original_checkpoint(text_encoder, unet, vae, path: str | Path, *, dtyp
     if fmt not in FORMATS:
         raise InputError(f"fmt is {fmt!r}; expected one of {choices_text(FORMATS)}")
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
-    state = original_state_dict(text_encoder, unet, vae, family=family,
+    state = original_state_dict(text_encoder, unet, vae, family=family, text_encoder_2=text_encoder_2,
                                 ema_unet=(ema_unet if ema_unet is not None else unet) if ema else None)
     state = {k: (t.to(torch_dtype) if t.is_floating_point() and t.ndim > 0 else t).contiguous()
              for k, t in state.items()}
@@ -82,16 +85,20 @@ def write_original_checkpoint(text_encoder, unet, vae, path: str | Path, *, dtyp
 
 
 def config_from_modules(text_encoder, unet, vae, *, family: str = "sd1", scheduler: SchedulerConfig | None = None,
-                        pad_token: str | None = None, description: str = "") -> CheckpointConfig:
+                        pad_token: str | None = None, description: str = "", text_encoder_2=None) -> CheckpointConfig:
     """The checkpoint config that loads a file written from these modules back into the same shapes."""
-    text = text_encoder.config.to_dict()
+    def text_config(module):
+        text = module.config.to_dict()
+        return {k: text[k] for k in TEXT_CONFIG_KEYS if k in text}
+
     return CheckpointConfig(
         family=family,
         unet={k: _plain(v) for k, v in unet.config.items() if not k.startswith("_")},
         vae={k: _plain(v) for k, v in vae.config.items() if not k.startswith("_")},
-        text_encoder={k: text[k] for k in TEXT_CONFIG_KEYS if k in text},
+        text_encoder=text_config(text_encoder),
+        text_encoder_2=text_config(text_encoder_2) if text_encoder_2 is not None else None,
         scheduler=scheduler or SchedulerConfig(),
-        pad_token=pad_token or (EOS if family == "sd1" else "!"),
+        pad_token=pad_token,
         description=description,
     )
 

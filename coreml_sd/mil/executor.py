@@ -13,10 +13,7 @@ kernel plus integer slots), then each call is a tight loop over the steps.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import logging
-import sys
 import warnings
 from typing import Any, Mapping
 
@@ -155,20 +152,6 @@ def materialize_constants(program: MilProgram, names, *, device: str = "cpu", pr
     if missing:
         raise InputError(f"not constants of the program: {', '.join(map(repr, missing))}")
     return {n: table[graph.names[n]] for n in names}
-
-
-def release_freed_memory() -> None:
-    """Collect garbage and hand freed heap back to the OS (glibc keeps it otherwise).
-
-    Call after dropping a loaded program: its numpy weights (one fp16 copy of the model) are
-    freed then, but on Linux the process would keep that memory resident.
-    """
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
-            pass
 
 
 def _constant_tensor(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

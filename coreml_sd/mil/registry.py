@@ -219,6 +219,3 @@ def mil_dtype_name(var) -> str:
 
     return types.builtin_to_string(var.dtype)
 
-
-def as_sequence(value) -> Sequence:
-    return value if isinstance(value, (list, tuple)) else [value]

@@ -1,0 +1,30 @@
+"""Memory facts of this process: handing freed memory back to the OS, and peak resident memory."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS.
+
+    glibc keeps freed blocks below its (adaptive, up to 32 MiB) mmap threshold in the heap, so a
+    dropped model's weights would still count in RSS while the next one loads; malloc_trim returns
+    them. Elsewhere (macOS) the allocator returns large blocks by itself.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+            pass
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
