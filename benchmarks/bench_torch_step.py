@@ -31,7 +31,9 @@ import torch
 from benchmarks.common import machine_info, peak_rss_gib, sd15_unet, summarize, write_result
 from coreml_sd.backends.torch_backend import TorchUNet
 from coreml_sd.bench.machine import busy_note, load_average
+from coreml_sd.conditioning import Conditioning
 from coreml_sd.devices import cpu_has_native_bf16, resolve_precision, torch_dtype
+from coreml_sd.families import SD1
 
 
 def timed(fn) -> float:
@@ -77,9 +79,10 @@ def build_variants(precision: str, native_bf16: bool, include_emulated: bool):
     x = torch.randn(2, 4, 64, 64, generator=gen)
     t = torch.full((2,), 500.0)
     h = torch.randn(2, 77, 768, generator=gen)
-    ours = TorchUNet(copy.deepcopy(fp32).to(torch_dtype(precision)), torch_dtype(precision))
+    ours = TorchUNet(copy.deepcopy(fp32).to(torch_dtype(precision)), torch_dtype(precision), SD1)
+    cond = Conditioning(h)
     variants = {"diffusers-fp32": lambda: fp32(x, t, encoder_hidden_states=h),
-                f"ours-auto ({precision})": lambda: ours.predict(x, t, h)}
+                f"ours-auto ({precision})": lambda: ours.predict(x, t, cond)}
     skipped = {}
     if native_bf16 or include_emulated:
         bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
@@ -133,7 +136,7 @@ def main() -> None:
     quality = {}
     if args.quality_steps:
         print(f"quality: {args.quality_steps} euler steps in fp32 and in {precision} from one seed...", flush=True)
-        ref = final_latents(TorchUNet(fp32, torch.float32), args.quality_steps)
+        ref = final_latents(TorchUNet(fp32, torch.float32, SD1), args.quality_steps)
         got = final_latents(ours, args.quality_steps)
         quality = {"sampler": "euler", "steps": args.quality_steps, "precision": precision,
                    "final_latent_psnr_db_vs_fp32": round(psnr(got, ref), 2)}

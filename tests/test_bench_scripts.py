@@ -54,3 +54,16 @@ def test_busy_machine_is_flagged():
     assert busy_note(None, cores=2) is None
     note = busy_note([6.05, 3.0, 1.0], cores=2)
     assert "busy machine" in note and "6.05 on 2 cores" in note
+
+
+def test_bench_torch_step_quality_loop_runs(monkeypatch, capsys):
+    """The final-latent comparison (fp32 against the auto precision) runs on the current UNet contract."""
+    from benchmarks import bench_torch_step as bench
+
+    written = {}
+    monkeypatch.setattr(bench, "sd15_unet", tiny_sd15_shaped_unet)
+    monkeypatch.setattr(bench, "write_result", lambda name, data: written.setdefault(name, data) and name)
+    monkeypatch.setattr(sys, "argv", ["bench", "--rounds", "1", "--quality-steps", "2"])
+    bench.main()
+    quality = written["torch_step_cpu"]["quality"]
+    assert quality["steps"] == 2 and quality["final_latent_psnr_db_vs_fp32"] > 20
