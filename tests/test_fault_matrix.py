@@ -72,15 +72,18 @@ def _intact(folder: Path, before: dict[str, str]) -> None:
 
 
 def _check_stopped(outcome, sig) -> None:
+    """A run stopped by `sig` either finished first (its paths are on stdout) or stopped cleanly."""
     if sig == signal.SIGKILL:
         assert outcome.returncode in (0, -signal.SIGKILL), outcome.stderr[-2000:]
+    elif "Stopped:" in outcome.stderr:
+        # 130, or killed by SIGINT: CPython re-raises SIGINT at exit when the interrupt first surfaced in
+        # code run through PyRun_* (a C extension's), even though the command handled it. A shell
+        # reports both as 130.
+        assert outcome.returncode in (130, -signal.SIGINT), outcome.stderr[-2000:]
+        assert one_line_error(outcome).startswith("Stopped: interrupted (Ctrl-C)")
     else:
-        # -SIGINT with nothing on stderr: the signal came while the interpreter was shutting down after
-        # the command had finished (its output is then complete, which the callers check).
-        assert outcome.returncode in (0, 130) or (outcome.returncode == -signal.SIGINT and not outcome.stderr), \
-            outcome.stderr[-2000:]
-        if outcome.returncode == 130:
-            assert one_line_error(outcome).startswith("Stopped: interrupted (Ctrl-C)")
+        # The signal came after the command had finished, while the interpreter shut down.
+        assert outcome.returncode in (0, -signal.SIGINT) and outcome.stdout.strip(), outcome.stderr[-2000:]
 
 
 def _moments(seed: int, seconds: float, n: int = 2) -> list[float]:
