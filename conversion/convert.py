@@ -298,14 +298,16 @@ def convert_unet(conv: Converter, mods, shapes: Shapes) -> None:
 
     module, mods.unet = mods.unet, None
     extras = unet_extra_inputs(conv.source, module.config, shapes.batch)
+    # An inpainting UNet takes mask and masked-image latents beside the latents: 9 input channels.
+    sample = (int(module.config.in_channels), *shapes.latent[1:])
     with conv.timer("unet", "reference"), in_fp32(module, conv.options):
-        inputs, refs = unet_case(module, batch=shapes.batch, latent_shape=shapes.latent,
+        inputs, refs = unet_case(module, batch=shapes.batch, latent_shape=sample,
                                  context_dim=shapes.text_hidden, extra=extras)
     rewrite = unet_from_diffusers(module, attention=conv.options.attention)
     del module
     release_memory()
     b, latent, p = shapes.batch, shapes.latent, conv.options.precision
-    ins = [TensorIO("sample", (b, *latent), p), TensorIO("timestep", (b,), p),
+    ins = [TensorIO("sample", (b, *sample), p), TensorIO("timestep", (b,), p),
            TensorIO("encoder_hidden_states", (b, shapes.text_hidden, 1, TEXT_LENGTH), p),
            *(TensorIO(e.name, e.shape, p) for e in extras)]
     out = TensorIO("noise_pred", (b, *latent), "fp32")

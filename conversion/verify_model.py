@@ -122,7 +122,8 @@ def _case(component: str, mods, source, manifest: Manifest):
         return text_encoder_case(mods.module(component), source.tokenizer(component),
                                  extra_words=list(source.trigger_ids()))
     if kind == "unet":
-        return unet_case(mods.unet, batch=manifest.batch, latent_shape=latent, context_dim=manifest.text_hidden_size,
+        sample = (int(mods.unet.config.in_channels), *latent[1:])  # 9 channels for inpainting UNets
+        return unet_case(mods.unet, batch=manifest.batch, latent_shape=sample, context_dim=manifest.text_hidden_size,
                          extra=unet_extra_inputs(source, mods.unet.config, manifest.batch))
     if kind == "vae_decoder":
         return vae_decoder_case(mods.vae, latent_shape=latent)

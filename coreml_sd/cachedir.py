@@ -56,7 +56,8 @@ def tree_size(path: Path) -> int:
 
 
 def cache_usage(root: Path | None = None) -> dict:
-    """Where the cache is and what it holds: {"path", "exists", "size_bytes", "entries": {name: bytes}, "other": [...]}."""
+    """Where the cache is and what it holds:
+    {"path", "exists", "set_by", "size_bytes", "entries": {name: bytes}, "other": [names not ours]}."""
     root = cache_root() if root is None else Path(root)
     entries, other = {}, []
     if root.is_dir():

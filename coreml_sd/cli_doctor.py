@@ -35,7 +35,8 @@ def cache_info(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(usage, indent=2))
         return
-    click.echo(f"{usage['path']}: {usage['size_bytes'] / 2**20:.1f} MiB" + ("" if usage["exists"] else " (not created yet)"))
+    note = "" if usage["exists"] else " (not created yet)"
+    click.echo(f"{usage['path']}: {usage['size_bytes'] / 2**20:.1f} MiB{note}")
     for name, size in usage["entries"].items():
         click.echo(f"  {name:<12} {size / 2**20:8.1f} MiB  {CACHE_ENTRIES[name]}")
     if usage["other"]:

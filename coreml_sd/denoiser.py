@@ -43,6 +43,9 @@ class Denoiser:
         self.cond = _as_conditioning(cond)
         self.uncond = None if uncond is None else _as_conditioning(uncond)
         self.calls = 0  # guided model evaluations so far: where prompt editing stands
+        # Channels concatenated to the latents at every call (a 9-channel inpainting UNet's mask and
+        # masked-image latents), one row per latent; set by the pipeline once it has drawn them.
+        self.latent_extra = None
 
     def __call__(self, x, sigma: float):
         """x0 from a sigma-space latent x = x0 + sigma * eps."""
@@ -65,6 +68,9 @@ class Denoiser:
         batch = model_input.shape[0]
         cond = self.cond(self.calls).repeat(batch)
         uncond = self.uncond(self.calls).repeat(batch) if self.guided else None
+        if self.latent_extra is not None:
+            cond = cond.with_(latent_extra=self.latent_extra)
+            uncond = None if uncond is None else uncond.with_(latent_extra=self.latent_extra)
         self.calls += 1
         if not self.guided:
             return self._predict(model_input, t, cond)

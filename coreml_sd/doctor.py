@@ -113,8 +113,9 @@ def render_report(r: dict[str, Any]) -> str:
              f"  mil executor   {_yes(r['mil']['available'], r['mil']['reason'])}"]
     if t["installed"]:
         cuda = t["cuda"]
+        gpus = ", ".join(cuda["devices"]) if cuda["available"] else _yes(False, cuda["reason"])
         lines += [f"  torch          {t['version']}, CPU kernels {t['cpu_capability']}",
-                  f"  CUDA           {', '.join(cuda['devices']) if cuda['available'] else _yes(False, cuda['reason'])}",
+                  f"  CUDA           {gpus}",
                   f"  MPS            {_yes(t['mps']['available'], t['mps']['reason'])}"]
     else:
         lines.append(f"  torch          {t['reason']}")

@@ -71,7 +71,8 @@ def read_vocab(path: Path) -> dict[str, int]:
     except OSError as exc:
         raise ModelError(f"cannot read the tokenizer vocabulary {path}: {exc.strerror}") from None
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ModelError(f"{path} is not a tokenizer vocabulary: expected a JSON object of token -> id ({exc})") from None
+        raise ModelError(f"{path} is not a tokenizer vocabulary: expected a JSON object of token -> id "
+                         f"({exc})") from None
     if not isinstance(vocab, dict) or not vocab:
         raise ModelError(f"{path} is not a tokenizer vocabulary: expected a JSON object of token -> id, found "
                          f"{'an empty object' if vocab == {} else type(vocab).__name__}")

@@ -120,4 +120,5 @@ def test_a_conversion_never_replaces_a_folder_that_appeared_meanwhile(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     with atomic_folder(target, force=True) as tmp:
         (tmp / "mine.txt").write_text("this run")
-    assert [p.name for p in target.iterdir()] == ["mine.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert [p.name for p in target.iterdir()] == ["mine.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

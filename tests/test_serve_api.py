@@ -140,7 +140,7 @@ def test_invalid_values_are_422_naming_the_field(server):
         assert response.status_code == 422, (body, response.text)
         locs = [d["loc"] for d in response.json()["detail"]]
         assert any(field in loc for loc in locs), (body, locs)
-    detail = requests.post(url, json={"sampler_name": "plms"}).json()["detail"][0]["msg"]
+    detail = requests.post(url, json={"sampler_name": "plms-turbo"}).json()["detail"][0]["msg"]
     assert "Euler a" in detail and "DPM++ 2M" in detail  # the valid choices
 
 
