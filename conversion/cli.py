@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from coreml_sd.cli_checkpoint import model_source_options, source_kwargs
+from coreml_sd.cli_checks import threads_option
 from coreml_sd.components import KINDS
 # The choices' one (light) owner, so `--help` needs no torch or coremltools import.
 from coreml_sd.conversion_names import ATTENTION_IMPLEMENTATIONS as ATTENTIONS
@@ -34,9 +35,17 @@ def _components(ctx, param, value: str) -> tuple[str, ...]:
 
 
 def _side(ctx, param, value):
-    if value is not None and (value < 8 or value % 8):
-        raise click.BadParameter(f"must be a positive multiple of 8 (of 64 for SD 1.x/2.x); got {value}")
-    return value
+    """The same rule and message as `generate` (a multiple of 8 up to 8192): the UNet's own, stricter
+    rule (a multiple of 64 for SD 1.x/2.x) is checked once the model is known."""
+    if value is None:
+        return None
+    from coreml_sd.errors import InputError
+    from coreml_sd.pipeline import check_side
+
+    try:
+        return check_side(value, param.name)
+    except InputError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @contextlib.contextmanager
@@ -90,13 +99,18 @@ def _quiet_libraries(enabled: bool):
 @model_source_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+@threads_option
 def convert(source, output, attention, width, height, batch, weights, precision, chunk_unet, min_target, compile_,
-            components, img2img, force, vae, loras, embeddings, hypernetwork, prediction_type, as_json, quiet):
+            components, img2img, force, vae, loras, embeddings, hypernetwork, prediction_type, as_json, quiet,
+            threads):
     """Convert SOURCE (a .safetensors/.ckpt checkpoint or a diffusers folder) into Core ML packages.
 
     Every package is checked against the torch model before the folder appears (PSNR >= 35 dB).
     """
+    from coreml_sd.outputs import check_output_dir
     from coreml_sd.sources import open_model
+    from coreml_sd.threads import apply_threads, estimate_params
+    from conversion.atomic import check_target
     from conversion.convert import ConvertOptions, convert_model
     from conversion.progress import StageRecord
 
@@ -114,10 +128,13 @@ def convert(source, output, attention, width, height, batch, weights, precision,
             click.echo(f"  {r.component:<13} {r.stage:<10} {r.seconds:7.1f} s   peak {r.peak_rss_gib:5.2f} GiB{detail}",
                        err=True)
 
+    check_target(output, force=force)  # an existing or unwritable -o fails before the model is opened
+    check_output_dir(output.expanduser().absolute().parent)
     verbose = click.get_current_context().find_root().params.get("verbose", 0)
     with _quiet_libraries(not verbose):
         model = open_model(source, **source_kwargs(vae=vae, loras=loras, embeddings=embeddings,
                                                    hypernetwork=hypernetwork, prediction_type=prediction_type))
+        apply_threads(threads, estimate_params(model.info.path))
         if not quiet:
             click.echo(f"converting {model.info.name} -> {output} ({', '.join(components)}; {attention}, {weights}, "
                        f"batch {batch})", err=True)

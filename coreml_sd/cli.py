@@ -12,17 +12,22 @@ from coreml_sd import __version__
 from coreml_sd.errors import CoreMLSDError, InputError
 from coreml_sd.cli_backends import backend_options, info
 from coreml_sd.cli_bench import bench
+from coreml_sd.cli_doctor import register as register_doctor
 from coreml_sd.cli_checkpoint import checkpoint, model_source_options, pop_source_kwargs
+from coreml_sd.cli_checks import (MAX_BATCH_SIZE, MAX_NUM_IMAGES, MAX_STEPS, check_seed_range, finite_float,
+                                  seed_value, threads_option)
 from coreml_sd.cli_control import control
 from coreml_sd.cli_recipe import recipe
 from coreml_sd.cli_serve import serve
 from coreml_sd.images import FORMATS, save_image, slugify
+from coreml_sd.quiet_imports import quiet_third_party
 from coreml_sd.samplers import SAMPLERS
 from coreml_sd.schedules import SCHEDULES
 
 
 class Group(click.Group):
-    """Prints a CoreMLSDError as one line and exits 1, instead of a traceback."""
+    """Prints a CoreMLSDError as one line and exits 1, instead of a traceback; Ctrl-C exits 130 (the
+    shell's code for SIGINT) with one line."""
 
     def invoke(self, ctx):
         try:
@@ -30,6 +35,10 @@ class Group(click.Group):
         except CoreMLSDError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP during a conversion
+            why = str(exc) or "interrupted (Ctrl-C)"
+            click.echo(f"Stopped: {why}; outputs are written whole or not at all, nothing partial was left", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,6 +48,7 @@ def main(verbose: int) -> None:
     """Convert Stable Diffusion checkpoints to Core ML once, then generate images anywhere."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    quiet_third_party(verbose)
 
 
 def _sampler_name(ctx, param, value):
@@ -77,24 +87,27 @@ def _side(ctx, param, value):
               help="Model: a converted Core ML folder, a diffusers folder or a .safetensors/.ckpt file. "
                    "Default: the built-in model.")
 @click.option("-n", "--negative-prompt", default="", help="What the image should not show.")
-@click.option("-s", "--seed", type=click.IntRange(0, 2**64 - 1), default=None,
-              help="Seed of image 1 (image i uses seed+i). Default: random, printed.")
-@click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("-s", "--seed", type=int, default=None, callback=seed_value,
+              help="Seed of image 1 (image i uses seed+i). Default or -1: random, printed.")
+@click.option("--num-images", "--batch-count", type=click.IntRange(1, MAX_NUM_IMAGES), default=1, show_default=True,
+              help=f"Images to make (at most {MAX_NUM_IMAGES}, as AUTOMATIC1111's batch count).")
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=1, show_default=True,
               help="Images sampled together in one UNet batch (faster on GPUs; needs memory for each).")
 @click.option("--sampler", default="euler_a", show_default=True, callback=_sampler_name,
               help=f"{', '.join(SAMPLERS)}; or A1111's names, e.g. 'Euler a', 'DPM++ 2M Karras'.")
 @click.option("--schedule", default="default", show_default=True, callback=_schedule_name,
               help=f"{', '.join(SCHEDULES)} (A1111's schedule types; 'default': diffusers' for the samplers "
                    "diffusers has, else 'automatic', A1111's choice per sampler).")
-@click.option("--eta", type=click.FloatRange(min=0), default=None,
+@click.option("--eta", type=click.FloatRange(min=0), default=None, callback=finite_float,
               help="A1111's eta for ancestral/SDE samplers (default 1) and DDIM (default 0).")
 @click.option("--ensd", type=int, default=0, show_default=True,
               help="A1111's 'Eta noise seed delta': step noise from seed + ENSD.")
 @click.option("--a1111", is_flag=True,
               help="A1111's sigmas and noise for every sampler (e.g. 'DPM++ 2M SDE Karras' with its Brownian noise).")
-@click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True)
-@click.option("-g", "--guidance-scale", "--cfg-scale", type=click.FloatRange(min=0), default=7.5, show_default=True)
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=25, show_default=True,
+              help=f"Sampler steps (at most {MAX_STEPS}: the noise schedule has {MAX_STEPS} timesteps).")
+@click.option("-g", "--guidance-scale", "--cfg-scale", type=click.FloatRange(min=0), default=7.5, show_default=True,
+              callback=finite_float)
 @click.option("-W", "--width", type=int, default=None, callback=_side,
               help="Multiple of 8. Default: the model's native size.")
 @click.option("-H", "--height", type=int, default=None, callback=_side,
@@ -108,17 +121,23 @@ def _side(ctx, param, value):
                    "for 8 GB Macs; slower per request.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@threads_option
 @model_source_options
 def generate(prompt, model, negative_prompt, seed, num_images, batch_size, sampler, schedule, eta, ensd, a1111, steps,
              guidance_scale, width, height, fmt, quality, output, backend, device, precision, compute_units,
-             reduce_memory, as_json, quiet, **source_options):
+             reduce_memory, as_json, quiet, threads, **source_options):
     """Generate images from PROMPT."""
     from tqdm import tqdm
 
+    from coreml_sd.outputs import check_output_dir
     from coreml_sd.pipeline import GeneratedImage, Pipeline, random_seed
+    from coreml_sd.threads import apply_threads, estimate_params
 
+    check_seed_range(seed, num_images)
+    check_output_dir(output)  # -o somefile/sub or a read-only folder fails now, not after sampling
     pipe = Pipeline.load(model, backend=backend, device=device, precision=precision, compute_units=compute_units,
                          reduce_memory=reduce_memory, **pop_source_kwargs(source_options))
+    apply_threads(threads, estimate_params(pipe.info.path))
     seed = random_seed() if seed is None else seed
     if not as_json:
         click.echo(f"seed {seed}", err=True)
@@ -155,17 +174,20 @@ def generate(prompt, model, negative_prompt, seed, num_images, batch_size, sampl
 def models(as_json):
     """List the built-in models (used when --model is not given)."""
     from coreml_sd.checkpoint.config import CheckpointConfig, sidecar_path
-    from coreml_sd.sources import BUILTIN, builtin_checkpoint
+    from coreml_sd.sources import BUILTIN, BUILTIN_NAMES, builtin_checkpoint
 
     path = builtin_checkpoint()
     config = CheckpointConfig.from_json(sidecar_path(path))
-    entry = {"name": BUILTIN, "default": True, "path": str(path), "size_bytes": path.stat().st_size,
+    entry = {"name": BUILTIN, "aliases": [n for n in BUILTIN_NAMES if n != BUILTIN], "default": True,
+             "path": str(path), "size_bytes": path.stat().st_size,
              "family": config.family, "native_size": f"{config.sample_size}x{config.sample_size}",
              "prediction_type": config.scheduler.prediction_type, "description": config.description}
     if as_json:
         click.echo(json.dumps([entry], indent=2))
         return
-    click.echo(f"{entry['name']} (default)  {entry['native_size']}  {entry['size_bytes'] / 1e6:.1f} MB  {path}")
+    also = ", ".join(entry["aliases"])
+    click.echo(f"{entry['name']} (default; also: {also})  {entry['native_size']}  {entry['size_bytes'] / 1e6:.1f} MB  "
+               f"{path}")
     click.echo(f"  {entry['description']}")
 
 
@@ -181,6 +203,7 @@ def _load_plugin_commands() -> None:
 main.add_command(checkpoint)
 main.add_command(info)
 main.add_command(bench)
+register_doctor(main)
 main.add_command(control)
 main.add_command(recipe)
 main.add_command(serve)

@@ -74,6 +74,9 @@ class DiffusersFolder(SourceBase):
     def torch_modules(self, *, device: str, dtype: Any) -> TorchModules:
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
+        from coreml_sd.checkpoint.safeload import check_folder_weights
+
+        check_folder_weights(self.path)  # a hostile .bin is refused with our message, before transformers sees it
         kw = dict(torch_dtype=dtype, local_files_only=True)
         try:
             encoders = {t.component: self._text_encoder(t.component, kw) for t in self.info.spec.text_encoders}
