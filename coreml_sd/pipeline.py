@@ -137,11 +137,15 @@ class Pipeline:
                  sampler: str = "euler_a", schedule: str = "default", steps: int = 25,
                  guidance_scale: float = 7.5, width: int | None = None,
                  height: int | None = None, eta: float | None = None, ensd: int = 0,
-                 a1111: bool = False) -> Iterator[Progress | GeneratedImage]:
+                 a1111: bool = False, controlnets: Sequence[Any] = (), control_mode: str = "balanced",
+                 control_resize_mode: str = "crop") -> Iterator[Progress | GeneratedImage]:
         """`prompt`/`negative_prompt`: one text for every image, or a list with one per image.
         `num_images` defaults to the length of such a list, else 1. `sampler`/`schedule`: our keys
         or A1111's names ("DPM++ 2M Karras"); `eta`, `ensd` (A1111's "Eta noise seed delta") and
-        `a1111` (A1111's plans throughout): see `coreml_sd.samplers.sample` and `schedules.make_plan`."""
+        `a1111` (A1111's plans throughout): see `coreml_sd.samplers.sample` and `schedules.make_plan`.
+        `controlnets`: (model, image[, weight[, start[, end]]]) tuples or `coreml_sd.control.ControlUnit`s,
+        summed; `control_mode` (balanced, prompt, controlnet) and `control_resize_mode` (stretch,
+        crop, fill) apply to units that do not set their own (see `coreml_sd.control`)."""
         from coreml_sd.denoiser import Denoiser
         from coreml_sd.samplers import SAMPLERS, sampling_extras
         from coreml_sd.sampler_names import resolve_sampler_and_schedule
@@ -166,6 +170,10 @@ class Pipeline:
         plan = make_plan(self.info.scheduler, sampler, steps, schedule, family=self.info.family, a1111=a1111)
         size = SizeConditioning.for_size(width, height)
         conds = self.conditionings(prompts, negatives, size)
+        # --- ControlNet wiring (issue #16): a stage the denoiser calls before each UNet call ---
+        control = self._control(controlnets, width, height, steps, control_mode, control_resize_mode, a1111)
+        unet_name = "controlled_unet" if control is not None else "unet"
+        # --- end ControlNet wiring ---
         f = self.info.vae_scale_factor
         params = dict(steps=steps, sampler=SAMPLERS[sampler].display_name, schedule=schedule,
                       guidance_scale=guidance_scale, width=width, height=height, model=self.info.name,
@@ -178,26 +186,40 @@ class Pipeline:
         for group in groups:
             latents = []
             for batch in group:
-                denoiser = Denoiser(self.components["unet"], plan, prediction_type=self.info.prediction_type,
+                denoiser = Denoiser(self.components[unet_name], plan, prediction_type=self.info.prediction_type,
                                     cond=Conditioning.concat([conds[(prompts[i], False)] for i in batch]),
                                     uncond=Conditioning.concat([conds[(negatives[i], True)] for i in batch]),
-                                    guidance_scale=guidance_scale)
+                                    guidance_scale=guidance_scale, control=control)
                 shape = (len(batch), self.info.latent_channels, height // f, width // f)
                 start = Progress(batch[0], num_images, 0, steps, seed + batch[0], len(batch))
                 x = yield from self._sample(sampler, denoiser, plan, shape, start, **sampling)
                 latents += [(i, x[k:k + 1]) for k, i in enumerate(batch)]
             if self.reduce_memory:
-                self.components.release("unet")
+                self._release_unet(unet_name, control)
             for i, x in latents:
                 image = to_pil(self.components["vae_decoder"].decode(x / self.info.scaling_factor))
+                extras = {**sampling_extras(sampler, **sampling), **(control.extras() if control else {}),
+                          **self.generation_extras()}
                 meta = GenerationParams(seed=seed + i, prompt=prompts[i], negative_prompt=negatives[i],
-                                        extras={**sampling_extras(sampler, **sampling), **self.generation_extras()},
-                                        **params)
+                                        extras=extras, **params)
                 results.append(GeneratedImage(image, i, seed + i, meta, arrays.to_numpy(x)))
                 yield results[-1]
-        self.components.release("unet")
+        self._release_unet(unet_name, control)
         self.components.release("vae_decoder")
         return results
+
+    def _control(self, controlnets, width: int, height: int, steps: int, mode: str, resize_mode: str, a1111: bool):
+        """The request's ControlNet stage (coreml_sd.control), or None without ControlNets."""
+        if not controlnets:
+            return None
+        from coreml_sd.control import prepare_control
+
+        return prepare_control(self.components, self.source, list(controlnets), width=width, height=height,
+                               steps=steps, mode=mode, resize_mode=resize_mode, a1111=a1111)
+
+    def _release_unet(self, unet_name: str, control) -> None:
+        for name in [unet_name, *(control.keys if control is not None else [])]:
+            self.components.release(name)
 
     def conditionings(self, prompts: list[str], negatives: list[str], size: SizeConditioning):
         """Each distinct (text, negative?) encoded once, in order; the text encoders are released after."""
@@ -221,7 +243,9 @@ class Pipeline:
         sources = [NoiseSource(start.seed + k) for k in range(shape[0])]
         noise = noise_from_sources(sources, self.components.asarray)
         x = noise(shape) * plan.init_noise_sigma
+        denoiser.at_step(0)
         for step, x in enumerate(sample(sampler, denoiser, x, plan, noise, eta=eta, ensd=ensd), start=1):
+            denoiser.at_step(step)  # before the caller resumes the sampler into step `step` (0-based)
             yield replace(start, step=step)
         return x
 
