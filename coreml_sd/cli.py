@@ -14,6 +14,7 @@ from coreml_sd.cli_backends import backend_options, info
 from coreml_sd.cli_bench import bench
 from coreml_sd.cli_checkpoint import checkpoint, model_source_options, pop_source_kwargs
 from coreml_sd.cli_control import control
+from coreml_sd.cli_controlnet import controlnet_options, pop_control_units
 from coreml_sd.images import FORMATS, save_image, slugify
 from coreml_sd.samplers import SAMPLERS
 from coreml_sd.schedules import SCHEDULES
@@ -107,6 +108,7 @@ def _side(ctx, param, value):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @model_source_options
+@controlnet_options
 def generate(prompt, model, negative_prompt, seed, num_images, batch_size, sampler, schedule, eta, ensd, a1111, steps,
              guidance_scale, width, height, fmt, quality, output, backend, device, precision, compute_units,
              reduce_memory, as_json, quiet, **source_options):
@@ -115,6 +117,7 @@ def generate(prompt, model, negative_prompt, seed, num_images, batch_size, sampl
 
     from coreml_sd.pipeline import GeneratedImage, Pipeline, random_seed
 
+    controlnets = pop_control_units(source_options)
     pipe = Pipeline.load(model, backend=backend, device=device, precision=precision, compute_units=compute_units,
                          reduce_memory=reduce_memory, **pop_source_kwargs(source_options))
     seed = random_seed() if seed is None else seed
@@ -123,7 +126,8 @@ def generate(prompt, model, negative_prompt, seed, num_images, batch_size, sampl
     bar, written = None, []
     for event in pipe.generate(prompt, negative_prompt=negative_prompt, seed=seed, num_images=num_images,
                                batch_size=batch_size, sampler=sampler, schedule=schedule, steps=steps, guidance_scale=guidance_scale,
-                               width=width, height=height, eta=eta, ensd=ensd, a1111=a1111):
+                               width=width, height=height, eta=eta, ensd=ensd, a1111=a1111,
+                               controlnets=controlnets):
         if isinstance(event, GeneratedImage):
             if bar:
                 bar.close()

@@ -86,3 +86,16 @@ def diffusers_controlnet_pipeline(model_dir: str, *controlnet_dirs: str):
         feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def full_size_controlnet_shapes(family: str, prefix: str = "control_model.") -> dict:
+    """key -> TensorInfo of a full-size ControlNet file for `family`'s UNet, built on the meta device."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from coreml_sd.checkpoint.config import shipped_config
+    from coreml_sd.checkpoint.safeload import TensorInfo
+
+    with torch.device("meta"):
+        net = ControlNetModel.from_unet(UNet2DConditionModel(**dict(shipped_config(family).unet)))
+    return {k: TensorInfo("F16", tuple(t.shape)) for k, t in original_state(net, prefix).items()}
