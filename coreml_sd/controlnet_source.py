@@ -177,7 +177,8 @@ class ControlNetFile:
         return fill(module, state, "ControlNet", dtype=dtype, device=device)
 
     def info(self) -> ControlNetInfo:
-        return ControlNetInfo(self.path.stem, "checkpoint", self.path, self.family, self.config, legacy_hash(self.path))
+        return ControlNetInfo(self.path.stem, "checkpoint", self.path, self.family, self.config,
+                              legacy_hash(self.path))
 
 
 class ControlNetFolder:
@@ -303,18 +304,20 @@ def open_controlnet(spec: str | Path | ControlNetSource, base, *, config=None) -
         return spec
     manifest = getattr(base.packages, "manifest", None)
     converted = dict(getattr(manifest, "controlnets", None) or {})
-    entry_name = _converted_entry(spec, converted)
-    model = None if entry_name is not None and not Path(str(spec)).expanduser().exists() else \
-        open_controlnet_model(spec, config=config)
-    if entry_name is None and model is not None and model.info().package_name in converted:
-        log.warning("%s has a ControlNet package %s converted from another file; this one runs on torch",
-                    base.info.name, model.info().package_name)
-    if entry_name is None:
-        if model is None:
-            raise ModelError(f"ControlNet {spec} not found")
-        source = ControlNetSource(model.info(), model=model)
+    entry = _converted_entry(spec, converted)
+    given = Path(str(spec)).expanduser()
+    if entry is None and converted and not given.exists():
+        raise ModelError(f"ControlNet {spec} not found: not a file or folder, and {base.info.name} holds "
+                         f"{choices_text(converted)}")
+    model = open_controlnet_model(spec, config=config) if entry is None or given.exists() else None
+    if entry is not None:
+        source = _converted_source(base, converted[entry], entry, model)
     else:
-        source = _converted_source(base, converted[entry_name], entry_name, model)
+        info = model.info()
+        if info.package_name in converted:
+            log.warning("%s holds a ControlNet %s converted from another file; %s runs on torch",
+                        base.info.name, info.package_name, given)
+        source = ControlNetSource(info, model=model)
     check_fit(source.info, base.info)
     return source
 

@@ -283,3 +283,38 @@ def test_a_folder_missing_a_listed_controlnet_package_says_so(converted, tmp_pat
     shutil.rmtree(folder / "controlnet")
     with pytest.raises(CoreMLSDError, match="missing controlnet/ControlTinyA.mlpackage"):
         Pipeline.load(folder, backend="mil")
+
+
+@pytest.mark.slow
+def test_an_unknown_name_lists_the_folders_controlnets(converted):
+    with pytest.raises(CoreMLSDError, match="ControlNet ControlTinyZ not found: .* holds ControlTinyA"):
+        _mil_pipe(converted)("a red cat", controlnets=[("ControlTinyZ", IMAGE)], **GEN)
+
+
+@pytest.mark.parametrize("name,package", [
+    ("control_v11p_sd15_canny", "ControlV11PSd15Canny"), ("lllyasviel/sd-controlnet-canny", "LllyasvielSdControlnetCanny"),
+    ("control_sd15_depth", "ControlSd15Depth"), ("diffusers_xl_canny_mid", "DiffusersXlCannyMid")])
+def test_package_names_are_apples(name, package):
+    """torch2coreml.py: name.replace("/", "_"), then "".join(word.title() for word in re.split('_|-', name))."""
+    from coreml_sd.components import controlnet_package_name
+
+    assert controlnet_package_name(name) == package
+
+
+def test_manifest_round_trips_its_controlnets(tmp_path):
+    from coreml_sd.components import TensorSpec
+    from coreml_sd.model_folder import ControlNetPackage, PackageInfo
+    from test_convert_manifest import _manifest
+
+    info = PackageInfo("controlnet/ControlX.mlpackage", (TensorSpec("sample", (2, 4, 8, 8), "fp16"),),
+                       (TensorSpec("additional_residual_0", (2, 32, 8, 8), "fp32"),), "fp16", 10, 70.0)
+    m = _manifest()
+    m = Manifest(**{**{f: getattr(m, f) for f in m.__dataclass_fields__},
+                    "controlnets": {"ControlX": ControlNetPackage(info, {"name": "x", "family": "sd1"}, {"a": 1})}})
+    m.write(tmp_path)
+    assert Manifest.read(tmp_path) == m
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert data["controlnets"]["ControlX"]["package"] == "controlnet/ControlX.mlpackage"
+    del data["controlnets"]  # a folder written before ControlNets existed reads as having none
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    assert Manifest.read(tmp_path).controlnets == {}
