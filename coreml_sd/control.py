@@ -41,7 +41,7 @@ import numpy as np
 from coreml_sd import arrays
 from coreml_sd.conditioning import Conditioning
 from coreml_sd.errors import InputError, choices_text
-from coreml_sd.image_input import RESIZE_MODES, name_key, parse_resize_mode
+from coreml_sd.image_input import name_key, parse_resize_mode
 
 CONTROL_MODES = ("balanced", "prompt", "controlnet")
 A1111_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",
@@ -288,4 +288,4 @@ def control_image(unit: ControlUnit, width: int, height: int) -> np.ndarray:
 
 __all__ = ["CONTROL_MODES", "ControlUnit", "ControlStage", "PreparedUnit", "as_unit", "control_extras",
            "control_image", "is_active", "parse_control_mode", "prepare_control", "residual_scales",
-           "soft_weights", "RESIZE_MODES"]
+           "soft_weights"]

@@ -147,3 +147,23 @@ def test_difference_controlnets_are_refused_with_a_reason(files, tmp_path):
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "control_sd15_canny_diff.safetensors"))
     with pytest.raises(ModelError, match="'difference' ControlNet"):
         open_controlnet_model(tmp_path / "control_sd15_canny_diff.safetensors")
+
+
+def test_full_size_diffusers_named_controlnets_are_named_by_their_family():
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from coreml_sd.checkpoint import detect
+    from coreml_sd.checkpoint.config import shipped_config
+    from coreml_sd.checkpoint.controlnet_keymap import DIFFUSERS, config_from_unet
+    from coreml_sd.checkpoint.safeload import TensorInfo
+
+    for family in ("sd1", "sdxl"):
+        unet_config = dict(shipped_config(family).unet)
+        with torch.device("meta"):
+            net = ControlNetModel.from_unet(UNet2DConditionModel(**unet_config))
+        shapes = {k: TensorInfo("F16", tuple(t.shape)) for k, t in net.state_dict().items()}
+        det = detect.classify(shapes)
+        assert (det.kind, det.family, det.layout) == ("controlnet", family, DIFFUSERS)
+        config = config_from_unet(unet_config, shapes, DIFFUSERS)
+        assert config["conditioning_embedding_out_channels"] == [16, 32, 96, 256]
+        assert config["block_out_channels"] == unet_config["block_out_channels"]

@@ -7,6 +7,8 @@ within 1e-4, the tolerance of the plain pipeline's parity (tests/test_pipeline.p
 operations, in an order that may differ in the last bits.
 """
 
+import json
+
 import numpy as np
 import pytest
 
@@ -261,3 +263,23 @@ def test_a1111_flag_uses_a1111s_guidance_steps(pipe, nets):
     finally:
         pipe.components.parts[key] = counter.inner
     assert (diffusers_calls, counter.calls) == (3, 5)  # steps 0-2 of 6, and A1111's lagging 0-4
+
+
+def test_a_single_file_in_diffusers_names_opens_too(pipe, nets, tmp_path):
+    """A1111's diffusers_xl_* ControlNets are single files with diffusers' key names."""
+    from safetensors.torch import save_file
+
+    from coreml_sd.checkpoint import detect
+    from coreml_sd.checkpoint.safeload import tensor_shapes
+    from coreml_sd.controlnet_source import open_controlnet_model
+
+    path = tmp_path / "diffusers_tiny_a.safetensors"
+    save_file({k: v.contiguous() for k, v in nets["net"].state_dict().items()}, str(path))
+    config = {k: v for k, v in dict(nets["net"].config).items() if not k.startswith("_")}
+    path.with_name("diffusers_tiny_a.coreml-sd.json").write_text(json.dumps({"family": "sd1", "controlnet": config}))
+    det = detect.classify(tensor_shapes(path)[0])
+    assert (det.kind, det.layout, det.context_dim, det.block_widths) == ("controlnet", "diffusers", 32, (32, 64))
+    loaded = open_controlnet_model(path).build(device="cpu", dtype=torch.float32).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in nets["net"].state_dict().items())
+    from_file = _ours(pipe, [(path, IMAGES["a"], 0.7)]).latents
+    np.testing.assert_allclose(from_file, _ours(pipe, [(nets["a"], IMAGES["a"], 0.7)]).latents, atol=1e-5, rtol=0)

@@ -8,7 +8,9 @@ A ControlNet is a trainable copy of the UNet's input half, so its original names
     middle_block_out.0             the middle block's                      controlnet_mid_block
 
 Files keep them under `control_model.` (ControlNet 1.0 files also hold a whole SD model beside
-it, which is not read) or at the top level (the "extracted" files). The mapping is a pure mapper
+it, which is not read) or at the top level (the "extracted" files); some single files (A1111's
+`diffusers_xl_*` ControlNets) are saved with diffusers' own names instead (layout `DIFFUSERS`,
+read as they are). The mapping is a pure mapper
 `(diffusers key, tensor) -> [(original key, tensor)]` built from the config; reading inverts it
 over the keys a model of that config has, so loading is strict both ways: a file key no module
 key maps to, or a module key without a file key, is named. Nothing here imports torch.
@@ -24,6 +26,8 @@ from coreml_sd.errors import ModelError
 
 CONTROL_PREFIX = "control_model."
 PREFIXES = (CONTROL_PREFIX, "")
+DIFFUSERS = "diffusers"  # the layout of a single file in diffusers' own names
+_DIFFUSERS_SENTINELS = ("controlnet_cond_embedding.conv_in.weight", "controlnet_down_blocks.0.weight")
 # Keys that only a ControlNet has (either prefix); `difference` marks the old "diff" files, whose
 # weights are differences to SD 1.5's and need that model added first.
 SENTINELS = ("input_hint_block.0.weight", "zero_convs.0.0.weight")
@@ -33,15 +37,25 @@ OWN_CONFIG = ("conditioning_channels", "conditioning_embedding_out_channels", "g
               "controlnet_conditioning_channel_order")
 _HINT = re.compile(r"^input_hint_block\.(\d+)\.weight$")
 _ATTN2_K = re.compile(r"^input_blocks\.\d+\.1\.transformer_blocks\.0\.attn2\.to_k\.weight$")
+_DIFFUSERS_ATTN2_K = re.compile(r"^down_blocks\.\d+\.attentions\.\d+\.transformer_blocks\.0\.attn2\.to_k\.weight$")
 
 
 def controlnet_prefix(keys: Iterable[str]) -> str | None:
-    """Where a file keeps its ControlNet ("control_model." or ""), or None if it holds none."""
+    """Where a file keeps its ControlNet ("control_model.", "", or DIFFUSERS for diffusers' names), or None."""
     keys = set(keys)
     for prefix in PREFIXES:
         if all(prefix + s in keys for s in SENTINELS):
             return prefix
-    return None
+    return DIFFUSERS if all(s in keys for s in _DIFFUSERS_SENTINELS) else None
+
+
+def conv_in_key(prefix: str) -> str:
+    return "conv_in.weight" if prefix == DIFFUSERS else prefix + "input_blocks.0.0.weight"
+
+
+def key_prefix(prefix: str) -> str:
+    """The prefix every key of the layout starts with ("" for the extracted and diffusers layouts)."""
+    return "" if prefix == DIFFUSERS else prefix
 
 
 def is_difference_file(keys: Iterable[str]) -> bool:
@@ -81,11 +95,15 @@ def controlnet_from_original(sd: Mapping[str, Any], expected: Iterable[str], con
                              prefix: str) -> dict[str, Any]:
     """The ControlNet weights of a file under the diffusers names `expected` (a module's state-dict
     keys); a ModelError names missing and unexpected keys. Tensors are not copied."""
-    mapper = controlnet_to_original(config, prefix)
     names: dict[str, str] = {}
-    for key in expected:
-        for original, _ in mapper(key, None):
-            names[original] = key
+    if prefix == DIFFUSERS:
+        names = {key: key for key in expected}
+        prefix = ""
+    else:
+        mapper = controlnet_to_original(config, prefix)
+        for key in expected:
+            for original, _ in mapper(key, None):
+                names[original] = key
     present = {k for k in sd if k.startswith(prefix)} if prefix else set(sd)
     missing = sorted(set(names) - present)
     unexpected = sorted(present - set(names))
@@ -100,6 +118,8 @@ def controlnet_from_original(sd: Mapping[str, Any], expected: Iterable[str], con
 
 def hint_channels(shapes: Mapping[str, Any], prefix: str) -> tuple[int, tuple[int, ...]]:
     """(conditioning image channels, conditioning_embedding_out_channels) from the hint block's shapes."""
+    if prefix == DIFFUSERS:
+        return _diffusers_hint(shapes)
     convs = sorted(int(m.group(1)) for k in shapes if k.startswith(prefix)
                    and (m := _HINT.match(k[len(prefix):])))
     if len(convs) < 2 or len(convs) % 2:
@@ -111,15 +131,29 @@ def hint_channels(shapes: Mapping[str, Any], prefix: str) -> tuple[int, tuple[in
     return first[1], tuple(int(w) for w in widths)
 
 
+def _diffusers_hint(shapes: Mapping[str, Any]) -> tuple[int, tuple[int, ...]]:
+    first = _shape(shapes, "controlnet_cond_embedding.conv_in.weight")
+    blocks = sorted(int(k.split(".")[2]) for k in shapes
+                    if k.startswith("controlnet_cond_embedding.blocks.") and k.endswith(".weight"))
+    widths = (first[0], *(_shape(shapes, f"controlnet_cond_embedding.blocks.{j}.weight")[0] for j in blocks[1::2]))
+    return first[1], tuple(int(w) for w in widths)
+
+
 def context_width(shapes: Mapping[str, Any], prefix: str) -> int | None:
+    pattern = _DIFFUSERS_ATTN2_K if prefix == DIFFUSERS else _ATTN2_K
+    prefix = "" if prefix == DIFFUSERS else prefix
     for key in shapes:
-        if key.startswith(prefix) and _ATTN2_K.match(key[len(prefix):]):
+        if key.startswith(prefix) and pattern.match(key[len(prefix):]):
             return int(_shape(shapes, key)[1])
     return None
 
 
 def block_widths(shapes: Mapping[str, Any], prefix: str) -> tuple[tuple[int, ...], int]:
     """(block_out_channels, layers_per_block) from the input blocks' shapes."""
+    if prefix == DIFFUSERS:
+        levels = sorted({int(k.split(".")[1]) for k in shapes if k.startswith("down_blocks.")})
+        lpb = len({k.split(".")[3] for k in shapes if k.startswith("down_blocks.0.resnets.")})
+        return tuple(int(_shape(shapes, f"down_blocks.{i}.resnets.0.conv2.weight")[0]) for i in levels), lpb
     blocks = {int(k[len(prefix):].split(".")[1]) for k in shapes
               if k.startswith(prefix + "input_blocks.")}
     downsamplers = sum(1 for b in blocks if f"{prefix}input_blocks.{b}.0.op.weight" in shapes)

@@ -141,8 +141,9 @@ def _controlnet(shapes, prefix: str, common: dict) -> Detection:
     except (ModelError, KeyError):
         widths = ()
     family = families.match_controlnet(ctx, widths)
-    conv_in = shapes.get(prefix + "input_blocks.0.0.weight")
-    params = {"controlnet": sum(_numel(i.shape) for k, i in shapes.items() if k.startswith(prefix))}
+    conv_in = shapes.get(controlnet_keymap.conv_in_key(prefix))
+    within = controlnet_keymap.key_prefix(prefix)
+    params = {"controlnet": sum(_numel(i.shape) for k, i in shapes.items() if k.startswith(within))}
     common = dict(common, params={**params, **{k: v for k, v in common["params"].items() if k != "other"}})
     return Detection("controlnet", family=family.name if family else None, context_dim=ctx, block_widths=widths,
                      in_channels=int(conv_in.shape[1]) if conv_in and len(conv_in.shape) == 4 else None,

@@ -59,7 +59,8 @@ def controlnet_report(path: Path, det: detect.Detection, shapes) -> dict[str, An
 
     out: dict[str, Any] = {"context_dim": det.context_dim, "block_widths": list(det.block_widths),
                            "in_channels": det.in_channels,
-                           "layout": f"{det.layout}*" if det.layout else "top-level keys (extracted)",
+                           "layout": {"": "top-level keys (extracted)", controlnet_keymap.DIFFUSERS: "diffusers names"}
+                           .get(det.layout, f"{det.layout}*"),
                            "residuals": None}
     try:
         cn = ControlNetFile(path, shapes=shapes, detection=det)
