@@ -108,7 +108,6 @@ def test_inspect_names_a_controlnet_file(files):
 def test_full_size_controlnets_are_named_by_their_family(family, context, widths, residuals):
     from coreml_sd.checkpoint import detect
     from coreml_sd.checkpoint.controlnet_keymap import residual_count
-    from coreml_sd.controlnet_source import ControlNetFile
 
     shapes = full_size_controlnet_shapes(family)
     det = detect.classify(shapes)
@@ -167,3 +166,23 @@ def test_full_size_diffusers_named_controlnets_are_named_by_their_family():
         config = config_from_unet(unet_config, shapes, DIFFUSERS)
         assert config["conditioning_embedding_out_channels"] == [16, 32, 96, 256]
         assert config["block_out_channels"] == unet_config["block_out_channels"]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_original_names_are_the_ones_diffusers_single_file_reader_reads(family):
+    """Our diffusers -> control_model.* names, fed to diffusers' own convert_controlnet_checkpoint (full
+    size, meta tensors), come back under the diffusers names they were made from, every one."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    from coreml_sd.checkpoint.config import shipped_config
+    from coreml_sd.checkpoint.controlnet_keymap import controlnet_to_original
+
+    with torch.device("meta"):
+        net = ControlNetModel.from_unet(UNet2DConditionModel(**dict(shipped_config(family).unet)))
+    mapper = controlnet_to_original(dict(net.config))
+    original = {mapper(k, None)[0][0]: k for k in net.state_dict()}
+    tokens = {name: torch.zeros(1) for name in original}  # distinct objects: which file key went where
+    converted = convert_controlnet_checkpoint(tokens, dict(net.config))
+    by_id = {id(t): name for name, t in tokens.items()}
+    assert {k: by_id[id(v)] for k, v in converted.items()} == {k: o for o, k in original.items()}

@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from helpers_controlnet import (build_tiny_controlnet, control_picture, diffusers_controlnet_pipeline,  # noqa: E402
-                                original_state, write_controlnet_file, write_controlnet_folder)
+                                write_controlnet_file, write_controlnet_folder)
 
 TOL = 1e-4
 STEPS, CFG, SEED = 6, 5.0, 11
