@@ -83,6 +83,9 @@ def _quiet_libraries(enabled: bool):
 @click.option("--compile", "compile_", is_flag=True, help="Also write .mlmodelc folders (macOS only).")
 @click.option("--components", default=DEFAULT_COMPONENTS, show_default=True, callback=_components,
               help=f"Which packages: {', '.join(COMPONENTS)}.")
+@click.option("--img2img", is_flag=True,
+              help="Also convert the VAE encoder (img2img, inpainting, hires fix need it): adds vae_encoder to "
+                   "--components.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--controlnet", "controlnets", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="Also convert this ControlNet (.pth/.safetensors or diffusers folder) into controlnet/<Name>."
@@ -91,7 +94,8 @@ def _quiet_libraries(enabled: bool):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 def convert(source, output, attention, width, height, batch, weights, precision, chunk_unet, min_target, compile_,
-            components, force, controlnets, vae, loras, embeddings, hypernetwork, prediction_type, as_json, quiet):
+            components, img2img, force, controlnets, vae, loras, embeddings, hypernetwork, prediction_type, as_json,
+            quiet):
     """Convert SOURCE (a .safetensors/.ckpt checkpoint or a diffusers folder) into Core ML packages.
 
     Every package is checked against the torch model before the folder appears (PSNR >= 35 dB).
@@ -99,6 +103,8 @@ def convert(source, output, attention, width, height, batch, weights, precision,
     from coreml_sd.sources import open_model
     from conversion.convert import ConvertOptions, convert_model
 
+    if img2img and "vae_encoder" not in components:
+        components = (*components, "vae_encoder")
     options = ConvertOptions(attention=attention, width=width, height=height, batch=int(batch), weights=weights,
                              precision=precision,
                              chunk_unet=chunk_unet, min_target=min_target, compile=compile_,

@@ -182,9 +182,10 @@ def _convert_controlled_unet(conv: Converter, model, shapes: Shapes) -> None:
 
 def _commit(folder: Path, staging: Path, conv: Converter, manifest) -> list[str]:
     """Move the new packages in (a replaced one aside first), then write the manifest: the commit point."""
-    from coreml_sd.model_folder import ControlNetPackage
+    from coreml_sd.model_folder import ControlNetPackage, package_hash
 
-    measured = {k: replace(v, psnr_db=round(conv.parity[_parity_key(k)].min_psnr_db, 2))
+    measured = {k: replace(v, psnr_db=round(conv.parity[_parity_key(k)].min_psnr_db, 2),
+                           sha256=package_hash(staging / v.package))
                 for k, v in conv.packages.items()}
     components = dict(manifest.components)
     controlnets = dict(manifest.controlnets)

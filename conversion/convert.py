@@ -320,15 +320,17 @@ def convert_unet(conv: Converter, mods, shapes: Shapes, component: str = "unet")
         mods.unet = None
     extras = unet_extra_inputs(conv.source, module.config, shapes.batch)
     b, latent, p = shapes.batch, shapes.latent, conv.options.precision
+    # An inpainting UNet takes mask and masked-image latents beside the latents: 9 input channels.
+    sample = (int(module.config.in_channels), *latent[1:])
     residuals = (residual_shapes(UNetConfig.from_diffusers(module.config), b, latent[1:])
                  if component == "controlled_unet" else [])
     with conv.timer(component, "reference"), in_fp32(module, conv.options):
-        inputs, refs = unet_case(module, batch=b, latent_shape=latent, context_dim=shapes.text_hidden, extra=extras,
+        inputs, refs = unet_case(module, batch=b, latent_shape=sample, context_dim=shapes.text_hidden, extra=extras,
                                  residuals=residuals)
     rewrite = unet_from_diffusers(module, attention=conv.options.attention)
     del module
     release_memory()
-    ins = [TensorIO("sample", (b, *latent), p), TensorIO("timestep", (b,), p),
+    ins = [TensorIO("sample", (b, *sample), p), TensorIO("timestep", (b,), p),
            TensorIO("encoder_hidden_states", (b, shapes.text_hidden, 1, TEXT_LENGTH), p),
            *(TensorIO(e.name, e.shape, p) for e in extras),
            *(TensorIO(f"additional_residual_{i}", shape, p) for i, shape in enumerate(residuals))]
@@ -507,7 +509,10 @@ def _copy_tokenizer(source: ModelSource, folder: Path) -> None:
 
 def _manifest(conv: Converter, shapes: Shapes, source: dict) -> Manifest:
     info, opts = conv.source.info, conv.options
-    measured = {k: replace(v, psnr_db=round(conv.parity[_parity_key(k)].min_psnr_db, 2))
+    from coreml_sd.model_folder import package_hash
+
+    measured = {k: replace(v, psnr_db=round(conv.parity[_parity_key(k)].min_psnr_db, 2),
+                           sha256=package_hash(conv.folder / v.package))
                 for k, v in conv.packages.items()}
     packages = {k: v for k, v in measured.items() if not k.startswith(CONTROLNET_KEY)}
     controlnets = {k[len(CONTROLNET_KEY):]: ControlNetPackage(v, *conv.controlnets[k[len(CONTROLNET_KEY):]])

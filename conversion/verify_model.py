@@ -116,8 +116,14 @@ def _case(component: str, mods, source, manifest: Manifest):
         return text_encoder_case(mods.module(component), source.tokenizer(component),
                                  extra_words=list(source.trigger_ids()))
     if kind == "unet":
-        return unet_case(mods.unet, batch=manifest.batch, latent_shape=latent, context_dim=manifest.text_hidden_size,
-                         extra=unet_extra_inputs(source, mods.unet.config, manifest.batch))
+        from conversion.ane.config import UNetConfig
+        from conversion.ane.unet import residual_shapes
+
+        sample = (int(mods.unet.config.in_channels), *latent[1:])  # 9 channels for inpainting UNets
+        residuals = (residual_shapes(UNetConfig.from_diffusers(mods.unet.config), manifest.batch, latent[1:])
+                     if component == "controlled_unet" else ())  # its ControlNet residual inputs, seeded
+        return unet_case(mods.unet, batch=manifest.batch, latent_shape=sample, context_dim=manifest.text_hidden_size,
+                         extra=unet_extra_inputs(source, mods.unet.config, manifest.batch), residuals=residuals)
     if kind == "vae_decoder":
         return vae_decoder_case(mods.vae, latent_shape=latent)
     return vae_encoder_case(mods.vae, image_shape=(3, manifest.height, manifest.width))
@@ -174,8 +180,10 @@ def _package_components(folder: ConvertedModel, options: VerifyOptions):
     from coreml_sd.backends.selection import load_components, parse_backend
 
     if _coreml_here():
-        return load_components(folder, parse_backend("coreml"), LoadOptions(compute_units=options.compute_units))
-    return load_components(folder, parse_backend("mil"), LoadOptions(device="cpu", mil_mode="exact"))
+        return load_components(folder, parse_backend("coreml"), LoadOptions(compute_units=options.compute_units,
+                                                                            check_hashes=False))
+    return load_components(folder, parse_backend("mil"), LoadOptions(device="cpu", mil_mode="exact",
+                                                                     check_hashes=False))
 
 
 def verify_model(folder: str | Path, *, against: str | Path | None = None,

@@ -15,6 +15,8 @@ from coreml_sd.cli_bench import bench
 from coreml_sd.cli_checkpoint import checkpoint, model_source_options, pop_source_kwargs
 from coreml_sd.cli_control import control
 from coreml_sd.cli_controlnet import controlnet_options, pop_control_units
+from coreml_sd.cli_recipe import recipe
+from coreml_sd.cli_serve import serve
 from coreml_sd.images import FORMATS, save_image, slugify
 from coreml_sd.samplers import SAMPLERS
 from coreml_sd.schedules import SCHEDULES
@@ -184,6 +186,8 @@ main.add_command(checkpoint)
 main.add_command(info)
 main.add_command(bench)
 main.add_command(control)
+main.add_command(recipe)
+main.add_command(serve)
 _load_plugin_commands()
 
 

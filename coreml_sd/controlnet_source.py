@@ -261,6 +261,16 @@ class ControlNetPackages:
     def package_paths(self, component: str) -> list[Path]:
         return [self.path / self.entry.info.package]
 
+    def checked_package_paths(self, component: str) -> list[Path]:
+        """The package, checked against the hash the manifest recorded (as the model's own packages)."""
+        from coreml_sd.model_folder import package_hash
+
+        path = self.path / self.entry.info.package
+        if self.entry.info.sha256 and package_hash(path) != self.entry.info.sha256:
+            raise ModelError(f"{path} is not the ControlNet package this folder was converted with (its contents "
+                             f"changed since); convert it again with `coreml-sd convert-controlnet`")
+        return [path]
+
     def compiled_paths(self, component: str) -> list[Path | None]:
         compiled = self.entry.info.compiled
         return [self.path / compiled if compiled and (self.path / compiled).is_dir() else None]

@@ -38,9 +38,14 @@ class Denoiser:
         self.guided = self.guidance_scale > 1.0
         if self.guided and uncond is None:
             raise InputError(f"guidance scale {guidance_scale} needs the unconditional (negative prompt) embeddings")
-        # A bare array is the text context alone (the conditioning of SD 1.x/2.x models).
-        self.cond = cond if isinstance(cond, Conditioning) else Conditioning(cond)
-        self.uncond = uncond if uncond is None or isinstance(uncond, Conditioning) else Conditioning(uncond)
+        # A Conditioning, a schedule of them over the calls (prompt editing: `.at(calls_done)`), or
+        # a bare array: the text context alone (the conditioning of SD 1.x/2.x models).
+        self.cond = _as_conditioning(cond)
+        self.uncond = None if uncond is None else _as_conditioning(uncond)
+        self.calls = 0  # guided model evaluations so far: where prompt editing stands
+        # Channels concatenated to the latents at every call (a 9-channel inpainting UNet's mask and
+        # masked-image latents), one row per latent; set by the pipeline once it has drawn them.
+        self.latent_extra = None
         # ControlNet (coreml_sd.control.ControlStage): adds the residuals to the conditioning of each UNet call.
         self.control = control
 
@@ -68,12 +73,17 @@ class Denoiser:
     def model_output(self, model_input, t: float):
         """The guided model output (epsilon or v) at timestep t for VP latents `model_input`."""
         batch = model_input.shape[0]
-        cond = self.cond.repeat(batch)
+        cond = self.cond(self.calls).repeat(batch)
+        uncond = self.uncond(self.calls).repeat(batch) if self.guided else None
+        if self.latent_extra is not None:
+            cond = cond.with_(latent_extra=self.latent_extra)
+            uncond = None if uncond is None else uncond.with_(latent_extra=self.latent_extra)
+        self.calls += 1
         if not self.guided:
             return self._predict(model_input, t, cond)
         # Unconditional first: the order of Apple's Core ML UNet packages and of diffusers.
-        both = self._predict(arrays.concat([model_input, model_input]), t,
-                             Conditioning.concat([self.uncond.repeat(batch), cond]), uncond_rows=batch)
+        both = self._predict(arrays.concat([model_input, model_input]), t, Conditioning.concat([uncond, cond]),
+                             uncond_rows=batch)
         out_uncond, out_cond = arrays.split(both, 2)
         return out_uncond + (out_cond - out_uncond) * self.guidance_scale
 
@@ -82,6 +92,15 @@ class Denoiser:
         if self.control is not None:
             cond = self.control.apply(sample, timestep, cond, uncond_rows)
         return _float32(self.unet.predict(sample, timestep, cond))
+
+
+def _as_conditioning(value):
+    """A function of the calls done -> Conditioning."""
+    if isinstance(value, Conditioning):
+        return lambda calls: value
+    if hasattr(value, "at"):  # text_conditioning.Scheduled
+        return value.at
+    return lambda calls, c=Conditioning(value): c
 
 
 def _float32(out):

@@ -190,9 +190,11 @@ def match_single_file(text_prefixes: Iterable[str], context_dim: int | None,
     return best, context_dim == best.context_dim
 
 
-def variants_of(family: Family) -> list[Family]:
-    """`family` and the registered variants that share its layout (sd2 -> sd2, sd2-v)."""
-    return [family] + [f for f in _REGISTRY.values() if f.variant_of == family.name]
+def variants_of(family: Family, *, in_channels: int | None = None) -> list[Family]:
+    """`family` and the registered variants that share its layout (sd2 -> sd2, sd2-v, sd2-inpainting),
+    those whose UNet takes `in_channels` where given."""
+    found = [family] + [f for f in _REGISTRY.values() if f.variant_of == family.name]
+    return [f for f in found if in_channels is None or f.unet_in_channels == in_channels]
 
 
 def match_controlnet(context_dim: int | None, block_widths: Iterable[int]) -> Family | None:
@@ -221,7 +223,7 @@ def match_diffusers(num_text_encoders: int, unet_config: Mapping[str, Any]) -> F
     channels = int(unet_config.get("in_channels", 4))
     candidates = []
     for f in _REGISTRY.values():
-        if f.variant_of is not None or len(f.text_encoders) != num_text_encoders or f.unet_in_channels != channels:
+        if len(f.text_encoders) != num_text_encoders or f.unet_in_channels != channels:
             continue
         if any(unet_config.get(k) != v for k, v in f.unet_config.items()):
             continue
@@ -229,7 +231,9 @@ def match_diffusers(num_text_encoders: int, unet_config: Mapping[str, Any]) -> F
     if not candidates:
         raise ModelError(f"no known model family has {num_text_encoders} text encoder(s) and a UNet with "
                          f"{channels} input channels and this config; known: {choices_text(_REGISTRY)}")
-    candidates.sort(key=lambda f: (-len(f.unet_config), f.context_dim != ctx))
+    # A folder's scheduler config says its prediction type: among equals, the base family, not a
+    # variant that differs only in defaults (sd2, not sd2-v).
+    candidates.sort(key=lambda f: (-len(f.unet_config), f.context_dim != ctx, f.variant_of is not None))
     return candidates[0]
 
 
@@ -245,6 +249,13 @@ SD2 = register_family(Family(
 SD2_V = register_family(Family(
     "sd2-v", "Stable Diffusion 2.x 768-v (v-prediction, 768x768)", SD2.text_encoders, context_dim=1024,
     default_size=768, prediction_type="v_prediction", config="sd2-v", variant_of="sd2"))
+# Inpainting models: the same layouts with a 9-channel UNet input (latents, mask, masked-image latents).
+SD1_INPAINTING = register_family(Family(
+    "sd1-inpainting", "Stable Diffusion 1.x inpainting (9-channel UNet)", SD1.text_encoders, context_dim=768,
+    unet_in_channels=9, config="sd1-inpainting", variant_of="sd1"))
+SD2_INPAINTING = register_family(Family(
+    "sd2-inpainting", "Stable Diffusion 2.x inpainting (9-channel UNet)", SD2.text_encoders, context_dim=1024,
+    unet_in_channels=9, config="sd2-inpainting", variant_of="sd2"))
 # SDXL: CLIP ViT-L and OpenCLIP ViT-bigG side by side (768 + 1280 = 2048), both at their
 # penultimate layer without the final norm; bigG's projected pooled output and the size
 # micro-conditioning enter through the UNet's text_time embedding.

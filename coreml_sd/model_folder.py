@@ -49,6 +49,7 @@ class PackageInfo:
     size_bytes: int
     psnr_db: float | None = None  # parity gate, package vs the torch reference
     compiled: str | None = None  # "<Name>.mlmodelc" when compiled at conversion (macOS)
+    sha256: str | None = None  # package_hash of the package as written (absent in older manifests)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str) -> "PackageInfo":
@@ -61,12 +62,14 @@ class PackageInfo:
             size_bytes=int(d["size_bytes"]),
             psnr_db=None if d.get("psnr_db") is None else float(d["psnr_db"]),
             compiled=d.get("compiled"),
+            sha256=d.get("sha256"),
         )
 
     def to_dict(self) -> dict:
         return {"package": self.package, "inputs": [t.to_dict() for t in self.inputs],
                 "outputs": [t.to_dict() for t in self.outputs], "weights": self.weights,
-                "size_bytes": self.size_bytes, "psnr_db": self.psnr_db, "compiled": self.compiled}
+                "size_bytes": self.size_bytes, "psnr_db": self.psnr_db, "compiled": self.compiled,
+                "sha256": self.sha256}
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,19 @@ def _require(d: Mapping[str, Any], keys, where: str) -> None:
         raise ModelError(f"{where}: missing key(s) {', '.join(missing)}")
 
 
+def package_hash(package: Path) -> str:
+    """sha256 over a package folder's files ("<relative path> <file sha256>" lines, sorted); each
+    file's hash is remembered by size and mtime, so checking an unchanged package costs a stat."""
+    import hashlib
+
+    from coreml_sd.checkpoint.safeload import sha256_file
+
+    package = Path(package)
+    lines = [f"{p.relative_to(package).as_posix()} {sha256_file(p)}\n"
+             for p in sorted(package.rglob("*")) if p.is_file()]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
 def is_converted_folder(path: Path | None) -> bool:
     """Whether `path` is a converted model folder (the one test every caller uses)."""
     return path is not None and Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
@@ -241,6 +257,7 @@ class ConvertedModel(SourceBase):
             scaling_factor=m.scaling_factor, text_hidden_size=m.text_hidden_size,
             tokenizer_files=TokenizerFiles(self.path / "vocab.json", self.path / "merges.txt"),
             pad_token=m.pad_token, hash=m.source.get("hash"), sizes=((m.width, m.height),),
+            max_prompt_tokens=m.max_length,
         )
         self.generation_extras = dict(m.source.get("generation_extras") or {})
         self.packages = self
@@ -269,6 +286,17 @@ class ConvertedModel(SourceBase):
     def package_paths(self, component: str) -> list[Path]:
         """The package(s) of `component` (a chunked UNet: both chunks, in order)."""
         return [self.path / self.manifest.components[e].package for e in self._entries(component)]
+
+    def checked_package_paths(self, component: str) -> list[Path]:
+        """`package_paths`, each checked against the hash the manifest recorded: a package edited or
+        swapped in from another model is named, never run silently."""
+        for entry in self._entries(component):
+            info = self.manifest.components[entry]
+            if info.sha256 and package_hash(self.path / info.package) != info.sha256:
+                raise ModelError(f"{self.path / info.package} is not the package this folder was converted with "
+                                 f"(its contents changed since: sha256 differs from the manifest's); convert the "
+                                 f"model again, or run `coreml-sd verify {self.path}` to see what it computes")
+        return self.package_paths(component)
 
     def compiled_paths(self, component: str) -> list[Path | None]:
         """Per package, its `.mlmodelc` compiled at conversion, where it exists."""

@@ -41,6 +41,7 @@ class ModelInfo:
     hash: str | None = None  # AUTOMATIC1111-style short hash (sha256[:10]) of a single file
     sizes: tuple[tuple[int, int], ...] | None = None  # (width, height) a converted model takes; None: any
     unet_block_widths: tuple[int, ...] | None = None  # the UNet's block_out_channels, where known (ControlNet fit)
+    max_prompt_tokens: int | None = None  # the UNet's longest text context (77 per chunk); None: any
 
     @property
     def prediction_type(self) -> str:
@@ -88,6 +89,8 @@ class PackageSet(Protocol):
     def has(self, component: str) -> bool: ...
 
     def package_paths(self, component: str) -> list[Path]: ...
+
+    def checked_package_paths(self, component: str) -> list[Path]: ...
 
     def compiled_paths(self, component: str) -> list[Path | None]: ...
 

@@ -259,3 +259,19 @@ def _units(short: str) -> str:
     from coreml_sd.backends.coreml_backend import COMPUTE_UNITS
 
     return COMPUTE_UNITS[short]
+
+
+def test_a_changed_or_swapped_package_is_named_not_run(tiny, tmp_path):
+    """The manifest records each package's hash; a package changed since (same size, other bytes),
+    as one swapped in from another model would be, stops the load naming the package."""
+    from coreml_sd.errors import ModelError
+
+    folder = copy_model(tiny[1], tmp_path / "m")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert all(len(p["sha256"]) == 64 for p in manifest["components"].values())
+    weights = next((folder / "TextEncoder.mlpackage").rglob("weight.bin"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="TextEncoder.mlpackage is not the package this folder was converted with"):
+        Pipeline.load(folder, backend="mil", device="cpu")

@@ -68,6 +68,7 @@ class LoadOptions:
     compute_units: str = "all"  # coreml: ane | gpu | cpu | all (or Core ML's names)
     compile: str | None = None  # torch: a torch.compile mode for the UNet (torch_compile.COMPILE_MODES)
     mil_mode: str = "fast"  # mil: fast, or exact (Core ML's fp16 rounding, to verify packages)
+    check_hashes: bool = True  # packages must match the hashes their manifest recorded (verify measures any)
 
 
 @dataclass

@@ -121,6 +121,9 @@ def _model(shapes, has_unet: bool, prefixes: list[str], common: dict) -> Detecti
     in_channels = int(conv_in.shape[1]) if conv_in and len(conv_in.shape) == 4 else None
     family, standard = families.match_single_file(prefixes, ctx, None)
     layouts = None
+    if family is not None and in_channels is not None and in_channels != family.unet_in_channels:
+        # an inpainting (or other) variant of the layout, told apart by the UNet's input channels
+        family = next(iter(families.variants_of(family, in_channels=in_channels)), family)
     if family is not None:
         layouts = "+".join(t.layout for t in family.text_encoders)
         # A text encoder of one family with the UNet context width of another is no known model.
