@@ -283,3 +283,61 @@ def test_a_single_file_in_diffusers_names_opens_too(pipe, nets, tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in nets["net"].state_dict().items())
     from_file = _ours(pipe, [(path, IMAGES["a"], 0.7)]).latents
     np.testing.assert_allclose(from_file, _ours(pipe, [(nets["a"], IMAGES["a"], 0.7)]).latents, atol=1e-5, rtol=0)
+
+
+def _image_reference(kind, model_dir, net_dir):
+    """diffusers' ControlNet img2img or inpaint pipeline over the tiny model and one ControlNet."""
+    from diffusers import ControlNetModel, StableDiffusionPipeline
+
+    base = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False,
+                                                   local_files_only=True)
+    ref = getattr(diffusers, f"StableDiffusionControlNet{kind}Pipeline")(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+        controlnet=ControlNetModel.from_pretrained(net_dir, local_files_only=True),
+        scheduler=diffusers.EulerAncestralDiscreteScheduler.from_config(base.scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+def _picture(seed=0):
+    rng = np.random.default_rng(seed)
+    base = np.linspace(0, 255, 16, dtype=np.float32)[None, :, None] * np.ones((16, 1, 3))
+    from PIL import Image
+
+    return Image.fromarray(np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_controlnet_with_img2img_equals_diffusers(pipe, nets, tiny_diffusers_dir, strength):
+    """The guidance start/end count the steps img2img runs (diffusers: the truncated timesteps)."""
+    init = _picture()
+    ref = _image_reference("Img2Img", tiny_diffusers_dir, nets["a"])
+    expected = ref("a red cat", image=init, control_image=IMAGES["a"], strength=strength, num_inference_steps=10,
+                   guidance_scale=CFG, generator=torch.Generator("cpu").manual_seed(5), output_type="latent",
+                   controlnet_conditioning_scale=0.8, control_guidance_start=0.2, control_guidance_end=0.9).images
+    ours = pipe("a red cat", seed=5, steps=10, sampler="euler_a", guidance_scale=CFG, init_image=init,
+                strength=strength, controlnets=[(nets["a"], IMAGES["a"], 0.8, 0.2, 0.9)],
+                control_resize_mode="stretch")[0]
+    np.testing.assert_allclose(ours.latents, expected.numpy(), atol=TOL, rtol=0)
+    plain = pipe("a red cat", seed=5, steps=10, sampler="euler_a", guidance_scale=CFG, init_image=init,
+                 strength=strength)[0]
+    assert np.abs(plain.latents - expected.numpy()).max() > 100 * TOL
+    assert ours.params.extras["Denoising strength"] == f"{strength:g}" and "ControlNet 0" in ours.params.extras
+
+
+def test_controlnet_with_inpainting_equals_diffusers(pipe, nets, tiny_diffusers_dir):
+    from PIL import Image
+
+    init, mask = _picture(1), np.zeros((16, 16), np.uint8)
+    mask[4:12, 6:14] = 255
+    mask = Image.fromarray(mask, "L")
+    ref = _image_reference("Inpaint", tiny_diffusers_dir, nets["a"])
+    expected = ref("a red cat", image=init, mask_image=mask, control_image=IMAGES["a"], strength=0.8,
+                   num_inference_steps=8, guidance_scale=CFG, generator=torch.Generator("cpu").manual_seed(7),
+                   output_type="latent", controlnet_conditioning_scale=0.7).images
+    ours = pipe("a red cat", seed=7, steps=8, sampler="euler_a", guidance_scale=CFG, init_image=init, mask=mask,
+                strength=0.8, mask_blur=0, controlnets=[(nets["a"], IMAGES["a"], 0.7)], control_resize_mode="stretch")[0]
+    np.testing.assert_allclose(ours.latents, expected.numpy(), atol=TOL, rtol=0)
+    outside = np.asarray(mask) == 0
+    assert np.array_equal(np.asarray(ours.image)[outside], np.asarray(init)[outside])
