@@ -21,7 +21,7 @@ from coreml_sd.conversion_names import ATTENTION_IMPLEMENTATIONS as ATTENTIONS
 from coreml_sd.conversion_names import MIN_TARGETS
 from coreml_sd.conversion_names import WEIGHT_MODES as WEIGHTS
 
-COMPONENTS = tuple(KINDS)
+COMPONENTS = tuple(k for k in KINDS if not KINDS[k].multiple)  # ControlNets come with --controlnet
 DEFAULT_COMPONENTS = "text_encoder,unet,vae_decoder"
 
 
@@ -96,13 +96,16 @@ def _quiet_libraries(enabled: bool):
               help="Also convert the VAE encoder (img2img, inpainting, hires fix need it): adds vae_encoder to "
                    "--components.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--controlnet", "controlnets", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Also convert this ControlNet (.pth/.safetensors or diffusers folder) into controlnet/<Name>."
+                   "mlpackage, with the ControlledUnet that takes its residuals. Repeatable.")
 @model_source_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 @threads_option
 def convert(source, output, attention, width, height, batch, weights, precision, chunk_unet, min_target, compile_,
-            components, img2img, force, vae, loras, embeddings, hypernetwork, prediction_type, as_json, quiet,
-            threads):
+            components, img2img, force, controlnets, vae, loras, embeddings, hypernetwork, prediction_type, as_json,
+            quiet, threads):
     """Convert SOURCE (a .safetensors/.ckpt checkpoint or a diffusers folder) into Core ML packages.
 
     Every package is checked against the torch model before the folder appears (PSNR >= 35 dB).
@@ -112,7 +115,6 @@ def convert(source, output, attention, width, height, batch, weights, precision,
     from coreml_sd.threads import apply_threads, estimate_params
     from conversion.atomic import check_target
     from conversion.convert import ConvertOptions, convert_model
-    from conversion.progress import StageRecord
 
     if img2img and "vae_encoder" not in components:
         components = (*components, "vae_encoder")
@@ -122,11 +124,7 @@ def convert(source, output, attention, width, height, batch, weights, precision,
                              components=components)
     options.validate()
 
-    def show(r: StageRecord) -> None:
-        if not quiet:
-            detail = f"  ({r.detail})" if r.detail else ""
-            click.echo(f"  {r.component:<13} {r.stage:<10} {r.seconds:7.1f} s   peak {r.peak_rss_gib:5.2f} GiB{detail}",
-                       err=True)
+    show = _stage_printer(quiet)
 
     check_target(output, force=force)  # an existing or unwritable -o fails before the model is opened
     check_output_dir(output.expanduser().absolute().parent)
@@ -136,9 +134,10 @@ def convert(source, output, attention, width, height, batch, weights, precision,
                                                    hypernetwork=hypernetwork, prediction_type=prediction_type))
         apply_threads(threads, estimate_params(model.info.path))
         if not quiet:
-            click.echo(f"converting {model.info.name} -> {output} ({', '.join(components)}; {attention}, {weights}, "
-                       f"batch {batch})", err=True)
-        result = convert_model(model, output, options, force=force, on_stage=show)
+            nets = "".join(f", ControlNet {Path(c).name}" for c in controlnets)
+            click.echo(f"converting {model.info.name} -> {output} ({', '.join(components)}{nets}; {attention}, "
+                       f"{weights}, batch {batch})", err=True)
+        result = convert_model(model, output, options, force=force, on_stage=show, controlnets=controlnets)
     if as_json:
         click.echo(json.dumps({
             "path": str(result.path), "components": {k: v.to_dict() for k, v in result.manifest.components.items()},
@@ -149,4 +148,47 @@ def convert(source, output, attention, width, height, batch, weights, precision,
         for name, p in result.parity.items():
             click.echo(f"{name:<13} PSNR {p.min_psnr_db:6.1f} dB (>= {p.threshold_db:g})  {p.executor}", err=True)
         click.echo(str(result.path))
+    sys.stdout.flush()
+
+
+def _stage_printer(quiet: bool):
+    def show(r) -> None:
+        if not quiet:
+            detail = f"  ({r.detail})" if r.detail else ""
+            click.echo(f"  {r.component:<13} {r.stage:<10} {r.seconds:7.1f} s   peak {r.peak_rss_gib:5.2f} GiB{detail}",
+                       err=True)
+
+    return show
+
+
+@click.command("convert-controlnet")
+@click.argument("controlnet", type=click.Path(exists=True, path_type=Path))
+@click.option("--into", "folder", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A folder written by `coreml-sd convert`; the ControlNet is added to it.")
+@click.option("--force", is_flag=True, help="Replace a ControlNet of the same name in the folder.")
+@click.option("--compile", "compile_", is_flag=True, help="Also write .mlmodelc folders (macOS only).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+def convert_controlnet(controlnet, folder, force, compile_, as_json, quiet):
+    """Add CONTROLNET (.pth/.safetensors or diffusers folder) to a converted model folder.
+
+    It is converted with the folder's own size, batch, attention and weights, checked against the torch
+    ControlNet (PSNR >= 35 dB), and written as controlnet/<Name>.mlpackage (with a ControlledUnet if the
+    folder has none yet); the folder's other packages are not touched, and a failure changes nothing.
+    """
+    from conversion.controlnet import add_controlnet
+
+    if compile_ and sys.platform != "darwin":
+        raise click.UsageError("--compile needs macOS (Core ML's compiler runs only there)")
+    verbose = click.get_current_context().find_root().params.get("verbose", 0)
+    with _quiet_libraries(not verbose):
+        result = add_controlnet(folder, controlnet, force=force, compile=compile_, on_stage=_stage_printer(quiet))
+    if as_json:
+        click.echo(json.dumps({"path": str(result.path), "name": result.name, "added": result.added,
+                               "parity": result.parity}, indent=2))
+    else:
+        for name, p in result.parity.items():
+            click.echo(f"{name:<13} PSNR {p['min_psnr_db']:6.1f} dB (>= {p['threshold_db']:g})  {p['executor']}",
+                       err=True)
+        click.echo(str(result.path / f"controlnet/{result.name}.mlpackage"))
     sys.stdout.flush()

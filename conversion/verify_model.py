@@ -122,9 +122,14 @@ def _case(component: str, mods, source, manifest: Manifest):
         return text_encoder_case(mods.module(component), source.tokenizer(component),
                                  extra_words=list(source.trigger_ids()))
     if kind == "unet":
+        from conversion.ane.config import UNetConfig
+        from conversion.ane.unet import residual_shapes
+
         sample = (int(mods.unet.config.in_channels), *latent[1:])  # 9 channels for inpainting UNets
+        residuals = (residual_shapes(UNetConfig.from_diffusers(mods.unet.config), manifest.batch, latent[1:])
+                     if component == "controlled_unet" else ())  # its ControlNet residual inputs, seeded
         return unet_case(mods.unet, batch=manifest.batch, latent_shape=sample, context_dim=manifest.text_hidden_size,
-                         extra=unet_extra_inputs(source, mods.unet.config, manifest.batch))
+                         extra=unet_extra_inputs(source, mods.unet.config, manifest.batch), residuals=residuals)
     if kind == "vae_decoder":
         return vae_decoder_case(mods.vae, latent_shape=latent)
     return vae_encoder_case(mods.vae, image_shape=(3, manifest.height, manifest.width))

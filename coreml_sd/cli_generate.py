@@ -10,6 +10,7 @@ import click
 
 from coreml_sd.cli_backends import backend_options
 from coreml_sd.cli_checkpoint import model_source_options, pop_source_kwargs
+from coreml_sd.cli_controlnet import controlnet_options, pop_control_units
 from coreml_sd.cli_checks import (MAX_BATCH_SIZE, MAX_NUM_IMAGES, MAX_STEPS, check_seed_range, finite_float,
                                   seed_value, threads_option)
 from coreml_sd.errors import InputError
@@ -173,6 +174,7 @@ def apply_recipe(ctx, kwargs: dict, path: str, model_hash: str | None, model_nam
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @threads_option
 @model_source_options
+@controlnet_options
 @click.pass_context
 def generate(ctx, model, fmt, quality, output, backend, device, precision, compute_units, reduce_memory, as_json, quiet,
              threads, recipe, **kwargs):
@@ -181,6 +183,7 @@ def generate(ctx, model, fmt, quality, output, backend, device, precision, compu
     from coreml_sd.pipeline import Pipeline, random_seed
     from coreml_sd.threads import apply_threads, estimate_params
 
+    kwargs["controlnets"] = pop_control_units(kwargs)
     source_kwargs = pop_source_kwargs(kwargs)
     check_seed_range(kwargs["seed"], kwargs["num_images"])  # before anything loads (and after a recipe)
     check_output_dir(output)  # -o somefile/sub or a read-only folder fails now, not after sampling

@@ -50,6 +50,7 @@ class DiffusersFolder(SourceBase):
             latent_channels=int(unet.get("out_channels", 4)),
             scaling_factor=float(vae.get("scaling_factor", family.scaling_factor)),
             text_hidden_size=int(unet.get("cross_attention_dim", family.context_dim)),
+            unet_block_widths=tuple(int(c) for c in unet.get("block_out_channels", ())) or None,
             tokenizer_files=files, pad_token=pad or family.text_encoders[0].pad_token,
         )
 

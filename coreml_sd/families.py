@@ -93,6 +93,9 @@ class Family:
     variant_of: str | None = None  # same layout as that family, other defaults (sd2-v of sd2)
     unet_prefix: str = "model.diffusion_model."
     vae_prefix: str = "first_stage_model."
+    # A full-size UNet's block widths (block_out_channels): with context_dim, what tells which family
+    # a ControlNet (a copy of the UNet's down half) was trained for.
+    unet_block_widths: tuple[int, ...] = ()
 
     @property
     def component_names(self) -> tuple[str, ...]:
@@ -194,6 +197,21 @@ def variants_of(family: Family, *, in_channels: int | None = None) -> list[Famil
     return [f for f in found if in_channels is None or f.unet_in_channels == in_channels]
 
 
+def match_controlnet(context_dim: int | None, block_widths: Iterable[int]) -> Family | None:
+    """The family a ControlNet of this cross-attention width and these block widths was made for
+    (a base family, not a variant: an sd2 ControlNet fits sd2-v too), or None (a non-standard size)."""
+    widths = tuple(int(w) for w in block_widths)
+    for f in _REGISTRY.values():
+        if f.variant_of is None and f.context_dim == context_dim and f.unet_block_widths == widths:
+            return f
+    return None
+
+
+def same_layout(a: Family | str, b: Family | str) -> bool:
+    """Whether two families share one UNet layout (a family and its variants do)."""
+    return layout_base(get_family(a)) is layout_base(get_family(b))
+
+
 def match_diffusers(num_text_encoders: int, unet_config: Mapping[str, Any]) -> Family:
     """The family of a diffusers folder, from its text encoders and UNet config.
 
@@ -223,11 +241,11 @@ def match_diffusers(num_text_encoders: int, unet_config: Mapping[str, Any]) -> F
 SD1 = register_family(Family(
     "sd1", "Stable Diffusion 1.x (CLIP ViT-L text encoder, 512x512)",
     (TextEncoderSpec("text_encoder", "clip", 768, prefix="cond_stage_model.transformer."),),
-    context_dim=768, config="sd1"))
+    context_dim=768, config="sd1", unet_block_widths=(320, 640, 1280, 1280)))
 SD2 = register_family(Family(
     "sd2", "Stable Diffusion 2.x base (OpenCLIP ViT-H text encoder up to its penultimate layer, 512x512)",
     (TextEncoderSpec("text_encoder", "openclip", 1024, prefix="cond_stage_model.model.", pad_token="!"),),
-    context_dim=1024, config="sd2"))
+    context_dim=1024, config="sd2", unet_block_widths=(320, 640, 1280, 1280)))
 SD2_V = register_family(Family(
     "sd2-v", "Stable Diffusion 2.x 768-v (v-prediction, 768x768)", SD2.text_encoders, context_dim=1024,
     default_size=768, prediction_type="v_prediction", config="sd2-v", variant_of="sd2"))
@@ -249,7 +267,7 @@ SDXL = register_family(Family(
                      hidden_layer=-2, final_norm=False, pooled=True)),
     context_dim=2048, extra_inputs=(ExtraInput("text_embeds", "pooled"), ExtraInput("time_ids", "time_ids")),
     unet_config={"addition_embed_type": "text_time"}, scaling_factor=0.13025, default_size=1024, config="sdxl",
-    zero_empty_negative=True, align_your_steps="sdxl"))
+    zero_empty_negative=True, align_your_steps="sdxl", unet_block_widths=(320, 640, 1280)))
 # The refiner: bigG alone (diffusers and Apple name it the second text encoder), and an
 # aesthetic score in place of the target size.
 SDXL_REFINER = register_family(Family(
@@ -258,4 +276,4 @@ SDXL_REFINER = register_family(Family(
                      hidden_layer=-2, final_norm=False, pooled=True),),
     context_dim=1280, extra_inputs=(ExtraInput("text_embeds", "pooled"), ExtraInput("time_ids", "aesthetic_time_ids")),
     unet_config={"addition_embed_type": "text_time"}, scaling_factor=0.13025, default_size=1024,
-    config="sdxl-refiner", align_your_steps="sdxl"))
+    config="sdxl-refiner", align_your_steps="sdxl", unet_block_widths=(384, 768, 1536, 1536)))

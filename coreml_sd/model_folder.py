@@ -5,7 +5,12 @@ Layout (resource names of Apple's Swift `StableDiffusion` package, so its apps c
     manifest.json        what was converted, how, from what, and how well it matched (below)
     TextEncoder.mlpackage  Unet.mlpackage (or UnetChunk1/2.mlpackage)  VAEDecoder.mlpackage
     [VAEEncoder.mlpackage] [*.mlmodelc when compiled on macOS]
+    [ControlledUnet.mlpackage (or ControlledUnetChunk1/2)  controlnet/<Name>.mlpackage ...]
     vocab.json  merges.txt
+
+ControlNets are listed apart from the components (`Manifest.controlnets`, by package name), each
+with the file it was converted from, so one folder can hold several and gain more later
+(`coreml-sd convert-controlnet`).
 
 `Manifest` is the one reader and writer of `manifest.json`; `ConvertedModel` is the model source
 the runtime opens for such a folder. Nothing here imports torch or coremltools.
@@ -18,7 +23,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from coreml_sd.components import CHUNK_ENTRIES, PACKAGE_NAMES, TensorSpec, entry_component
+from coreml_sd.components import CHUNKS_OF, PACKAGE_NAMES, TensorSpec, entry_component
 from coreml_sd.config import SchedulerConfig, read_json
 from coreml_sd.errors import BackendUnavailable, ModelError, choices_text
 from coreml_sd.families import family_names, get_family
@@ -68,6 +73,25 @@ class PackageInfo:
 
 
 @dataclass(frozen=True)
+class ControlNetPackage:
+    """A converted ControlNet: its package (`controlnet/<Name>.mlpackage`), the file it came from
+    (path, kind, sha256, A1111's short hash) and its diffusers ControlNetModel config."""
+
+    info: PackageInfo
+    source: Mapping[str, Any]
+    config: Mapping[str, Any]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> "ControlNetPackage":
+        _require(d, ("source", "config"), where)
+        info = PackageInfo.from_dict({k: v for k, v in d.items() if k not in ("source", "config")}, where)
+        return cls(info, dict(d["source"]), dict(d["config"]))
+
+    def to_dict(self) -> dict:
+        return {**self.info.to_dict(), "source": dict(self.source), "config": dict(self.config)}
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything `manifest.json` records (format version 1)."""
 
@@ -93,6 +117,7 @@ class Manifest:
     tools: dict[str, str] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)  # threshold, executor, per-component figures
     created: str = ""
+    controlnets: dict[str, ControlNetPackage] = field(default_factory=dict)  # by package name (Apple's)
 
     @property
     def prediction_type(self) -> str:
@@ -100,7 +125,10 @@ class Manifest:
 
     @property
     def chunked(self) -> bool:
-        return set(CHUNK_ENTRIES) <= set(self.components)
+        return self.is_chunked("unet")
+
+    def is_chunked(self, component: str) -> bool:
+        return bool(CHUNKS_OF.get(component)) and set(CHUNKS_OF[component]) <= set(self.components)
 
     def to_dict(self) -> dict:
         out = {"format": FORMAT, "format_version": FORMAT_VERSION}
@@ -108,7 +136,7 @@ class Manifest:
             value = getattr(self, f.name)
             if f.name == "scheduler":
                 value = value.to_dict()
-            elif f.name == "components":
+            elif f.name in ("components", "controlnets"):
                 value = {k: v.to_dict() for k, v in value.items()}
             out[f.name] = value
         out["prediction_type"] = self.prediction_type
@@ -130,6 +158,8 @@ class Manifest:
         kwargs["scheduler"] = SchedulerConfig.from_dict(d["scheduler"])
         kwargs["components"] = {k: PackageInfo.from_dict(v, f"{where} component {k}")
                                 for k, v in d["components"].items()}
+        kwargs["controlnets"] = {k: ControlNetPackage.from_dict(v, f"{where} controlnet {k}")
+                                 for k, v in (d.get("controlnets") or {}).items()}
         manifest = cls(**kwargs)
         manifest.validate(where)
         if d.get("prediction_type", manifest.prediction_type) != manifest.prediction_type:
@@ -146,9 +176,10 @@ class Manifest:
         if unknown:
             raise ModelError(f"{where}: unknown component(s) {', '.join(unknown)}; "
                              f"valid: {choices_text(PACKAGE_NAMES)}")
-        chunks = set(CHUNK_ENTRIES) & set(self.components)
-        if chunks and chunks != set(CHUNK_ENTRIES):
-            raise ModelError(f"{where}: a chunked UNet needs both {' and '.join(CHUNK_ENTRIES)}")
+        for component, entries in CHUNKS_OF.items():
+            chunks = set(entries) & set(self.components)
+            if chunks and chunks != set(entries):
+                raise ModelError(f"{where}: a chunked {component} needs both {' and '.join(entries)}")
 
     def has(self, component: str) -> bool:
         return any(entry_component(e) == component for e in self.components)
@@ -211,10 +242,10 @@ class ConvertedModel(SourceBase):
         self.path = Path(path)
         self.manifest = Manifest.read(self.path)
         self._reopen = reopen
-        _check_inside(self.path, [p.package for p in self.manifest.components.values()]
-                      + [p.compiled for p in self.manifest.components.values() if p.compiled])
+        packages = [*self.manifest.components.values(), *(c.info for c in self.manifest.controlnets.values())]
+        _check_inside(self.path, [p.package for p in packages] + [p.compiled for p in packages if p.compiled])
         missing = [f for f in TOKENIZER_FILES if not (self.path / f).is_file()]
-        missing += [p.package for p in self.manifest.components.values() if not (self.path / p.package).is_dir()]
+        missing += [p.package for p in packages if not (self.path / p.package).is_dir()]
         if not partial:  # a partial conversion (--components) can be verified, not generated from
             missing += [f"a {c} package (converted with --components)" for c in self.manifest.missing_for_generation()]
         if missing:
@@ -245,8 +276,8 @@ class ConvertedModel(SourceBase):
         return self.manifest.has(component)
 
     def _entries(self, component: str) -> list[str]:
-        if component == "unet" and self.manifest.chunked:
-            return list(CHUNK_ENTRIES)
+        if self.manifest.is_chunked(component):
+            return list(CHUNKS_OF[component])
         if component not in self.manifest.components:
             raise BackendUnavailable(f"{self.path.name} has no {component} package; it has "
                                      f"{choices_text(self.manifest.components)}")

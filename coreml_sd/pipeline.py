@@ -165,7 +165,8 @@ class Pipeline:
                  masked_content: str = "original", invert_mask: bool = False,
                  outpaint: str | None = None, outpaint_fill: str = "edge",
                  hires_scale: float | None = None, hires_steps: int | None = None, hires_denoise: float = 0.7,
-                 hires_upscaler: str = "latent",
+                 hires_upscaler: str = "latent", controlnets: Sequence[Any] = (), control_mode: str = "balanced",
+                 control_resize_mode: str = "crop",
                  ) -> Iterator[Progress | GeneratedImage]:
         """`prompt`/`negative_prompt`: one text for every image, or a list with one per image.
         `num_images` defaults to the length of such a list, else 1. `sampler`/`schedule`: our keys
@@ -181,7 +182,12 @@ class Pipeline:
         ("left=128,right=128,up=0,down=64") grows the init image's canvas (`outpaint_fill` edge or
         noise) and inpaints the new area. `hires_scale` is A1111's hires fix: generate, upscale the
         latents (`hires_upscaler` latent) or the image (lanczos) by the scale, then img2img at that size
-        with `hires_steps` (default: steps) and `hires_denoise`."""
+        with `hires_steps` (default: steps) and `hires_denoise`.
+
+        `controlnets`: (model, image[, weight[, start[, end]]]) tuples or `coreml_sd.control.ControlUnit`s,
+        summed; `control_mode` (balanced, prompt, controlnet) and `control_resize_mode` (stretch,
+        crop, fill) apply to units that do not set their own (see `coreml_sd.control`). The hires
+        pass runs without them."""
         from coreml_sd.denoiser import Denoiser
         from coreml_sd.samplers import SAMPLERS, sampling_extras
         from coreml_sd.sampler_names import resolve_sampler_and_schedule
@@ -219,6 +225,10 @@ class Pipeline:
         calls = steps * (2 if SAMPLERS[sampler].second_order else 1)
         prompt_options = PromptOptions(emphasis=emphasis, clip_skip=clip_skip)
         conds = self.conditionings(prompts, negatives, size, steps=calls, options=prompt_options)
+        # --- ControlNet wiring (issue #16): a stage the denoiser calls before each UNet call ---
+        control = self._control(controlnets, width, height, plan.steps, control_mode, control_resize_mode, a1111)
+        unet_name = "controlled_unet" if control is not None else "unet"
+        # --- end ControlNet wiring ---
         f = self.info.vae_scale_factor
         params = dict(steps=steps, sampler=SAMPLERS[sampler].display_name, schedule=schedule,
                       guidance_scale=guidance_scale, width=width, height=height, model=self.info.name,
@@ -231,11 +241,11 @@ class Pipeline:
         for group in groups:
             latents = []
             for batch in group:
-                denoiser = Denoiser(self.components["unet"], plan, prediction_type=self.info.prediction_type,
+                denoiser = Denoiser(self.components[unet_name], plan, prediction_type=self.info.prediction_type,
                                     cond=Scheduled.rows([conds[(prompts[i], False)] for i in batch], Conditioning.concat),
                                     uncond=Scheduled.rows([conds[(negatives[i], True)] for i in batch],
                                                           Conditioning.concat),
-                                    guidance_scale=guidance_scale)
+                                    guidance_scale=guidance_scale, control=control)
                 shape = (len(batch), self.info.latent_channels, height // f, width // f)
                 start = Progress(batch[0], num_images, 0, plan.steps, seed + batch[0], len(batch))
                 begin = None if prepared is None else partial(
@@ -248,21 +258,35 @@ class Pipeline:
                 latents = yield from self._hires(latents, hires, prompts, negatives, seed, num_images, sampler,
                                                  schedule, a1111, guidance_scale, prompt_options, sampling)
             if self.reduce_memory:
-                self.components.release("unet")
+                self._release_unet(unet_name, control)
             for i, x in latents:
                 picture = to_pil(self.components["vae_decoder"].decode(x / self.info.scaling_factor))
                 if prepared is not None and prepared.inpaint is not None:
                     picture = finish_inpaint(picture, prepared.inpaint)  # every pixel outside the mask kept
                 extras = {**sampling_extras(sampler, **sampling), **prompt_extras(prompt_options),
                           **(image.a1111_params() if image is not None else {}),
-                          **(hires.a1111_params() if hires is not None else {}), **self.generation_extras()}
+                          **(hires.a1111_params() if hires is not None else {}),
+                          **(control.extras() if control is not None else {}), **self.generation_extras()}
                 meta = GenerationParams(seed=seed + i, prompt=prompts[i], negative_prompt=negatives[i],
                                         extras=extras, **params)
                 results.append(GeneratedImage(picture, i, seed + i, meta, arrays.to_numpy(x)))
                 yield results[-1]
-        self.components.release("unet")
+        self._release_unet(unet_name, control)
         self.components.release("vae_decoder")
         return results
+
+    def _control(self, controlnets, width: int, height: int, steps: int, mode: str, resize_mode: str, a1111: bool):
+        """The request's ControlNet stage (coreml_sd.control), or None without ControlNets."""
+        if not controlnets:
+            return None
+        from coreml_sd.control import prepare_control
+
+        return prepare_control(self.components, self.source, list(controlnets), width=width, height=height,
+                               steps=steps, mode=mode, resize_mode=resize_mode, a1111=a1111)
+
+    def _release_unet(self, unet_name: str, control) -> None:
+        for name in [unet_name, *(control.keys if control is not None else [])]:
+            self.components.release(name)
 
     def conditionings(self, prompts: list[str], negatives: list[str], size: SizeConditioning, *, steps: int = 1,
                       options: PromptOptions = PromptOptions()) -> dict[tuple[str, bool], Scheduled]:
@@ -301,6 +325,7 @@ class Pipeline:
         else:
             x = noise(shape) * plan.init_noise_sigma
         steps, sent, step = sample(sampler, denoiser, x, plan, noise, eta=eta, ensd=ensd), None, 0
+        denoiser.at_step(0)
         while True:
             try:
                 x = steps.send(sent)
@@ -309,6 +334,7 @@ class Pipeline:
             sent = None if begin is None else begin.blend(step, x)  # a 4-channel inpaint's blend
             x = x if sent is None else sent
             step += 1
+            denoiser.at_step(step)  # before the caller resumes the sampler into step `step` (0-based)
             yield replace(start, step=step)
 
     # -- starting from a picture --------------------------------------------------------------

@@ -55,11 +55,12 @@ def test_backend_syntax():
     assert parse_backend("coreml,mil,torch").chains["vae_decoder"] == ("coreml", "mil", "torch")
     mixed = parse_backend("mil,unet=coreml/mil,text_encoder=torch")
     assert mixed.chains == {"text_encoder": ("torch",), "text_encoder_2": ("mil",), "unet": ("coreml", "mil"),
-                            "vae_decoder": ("mil",), "vae_encoder": ("mil",)}
+                            "vae_decoder": ("mil",), "vae_encoder": ("mil",), "controlled_unet": ("mil",),
+                            "controlnet": ("mil",)}
     assert parse_backend("unet=coreml").chains["text_encoder"] == ("auto",)
     for text, needle in [("gpu", "unknown backend 'gpu'; valid: auto, coreml, mil, torch"),
                          ("vae=mil", "unknown component 'vae'; valid: text_encoder, text_encoder_2, unet, "
-                                     "vae_decoder, vae_encoder"),
+                                     "vae_decoder, vae_encoder, controlled_unet, controlnet"),
                          ("unet=mil,unet=torch", "unet is given twice"), ("auto,mil", "auto stands alone"),
                          ("mil,,torch", "empty entry"), ("mil,mil", "named twice")]:
         with pytest.raises(InputError, match=re.escape(needle)):
@@ -68,7 +69,8 @@ def test_backend_syntax():
     assert example in BACKEND_HELP
     assert parse_backend(example).chains == {"text_encoder": ("torch",), "text_encoder_2": ("auto",),
                                              "unet": ("coreml", "mil"), "vae_decoder": ("auto",),
-                                             "vae_encoder": ("auto",)}
+                                             "vae_encoder": ("auto",), "controlled_unet": ("auto",),
+                                             "controlnet": ("auto",)}
 
 
 def test_cli_backend_errors_are_usage_errors(tiny):

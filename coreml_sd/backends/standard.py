@@ -117,7 +117,9 @@ class TorchBackend:
         from coreml_sd.backends.torch_backend import load_component
 
         device, precision = _resolved_torch(options)
-        if "torch_modules" not in shared:
+        # Load the source's modules once per load; again if a module this component needs was freed
+        # (e.g. the UNet, when only the ControlledUnet falls back to torch later).
+        if "torch_modules" not in shared or shared["torch_modules"].module(component) is None:
             from coreml_sd.devices import torch_dtype
 
             shared["torch_modules"] = source.torch_modules(device=device, dtype=torch_dtype(precision))

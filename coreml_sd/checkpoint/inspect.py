@@ -44,11 +44,32 @@ def inspect_file(path: str | Path, *, probe: bool = True) -> dict[str, Any]:
             report["supported"], report["problem"] = True, None
         except ModelError as exc:
             report["supported"], report["problem"] = False, str(exc)
+    if det.kind == "controlnet":
+        report.update(controlnet_report(path, det, shapes))
     if det.kind == "unknown":
         report["found"] = det.found
     if metadata:
         report["metadata"] = {k: (v if len(v) < 200 else v[:200] + "...") for k, v in metadata.items()}
     return report
+
+
+def controlnet_report(path: Path, det: detect.Detection, shapes) -> dict[str, Any]:
+    """What a ControlNet file is made for, and whether it opens (its config known, not a "diff" file)."""
+    from coreml_sd.checkpoint import controlnet_keymap
+    from coreml_sd.controlnet_source import ControlNetFile
+
+    out: dict[str, Any] = {"context_dim": det.context_dim, "block_widths": list(det.block_widths),
+                           "in_channels": det.in_channels,
+                           "layout": {"": "top-level keys (extracted)", controlnet_keymap.DIFFUSERS: "diffusers names"}
+                           .get(det.layout, f"{det.layout}*"),
+                           "residuals": None}
+    try:
+        cn = ControlNetFile(path, shapes=shapes, detection=det)
+        out["residuals"] = controlnet_keymap.residual_count(cn.config)
+        out["family"], out["supported"], out["problem"] = cn.family, True, None
+    except ModelError as exc:
+        out["supported"], out["problem"] = False, str(exc)
+    return out
 
 
 def _prediction_type(path: Path, det: detect.Detection, probe: bool) -> str | None:

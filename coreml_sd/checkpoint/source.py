@@ -107,6 +107,7 @@ class SingleFileCheckpoint(SourceBase):
             sample_size=cfg.sample_size, vae_scale_factor=cfg.vae_scale_factor,
             latent_channels=int(cfg.unet.get("out_channels", 4)), scaling_factor=cfg.scaling_factor,
             text_hidden_size=int(cfg.unet.get("cross_attention_dim", cfg.spec.context_dim)),
+            unet_block_widths=tuple(int(c) for c in cfg.unet["block_out_channels"]),
             tokenizer_files=bundled_files(), pad_token=cfg.pad_token, hash=sha256_file(self.path)[:10],
         )
 
