@@ -44,18 +44,16 @@ def make_source(kind: str, work: Path) -> Path:
 
 
 def _build(kind: str, path: str) -> None:
-    target = Path(path)
-    tmp = target.with_name(target.name + ".partial")
+    # Both writers publish atomically themselves.
     if kind == "file":
         from benchmarks.common import sd15_text_encoder, sd15_unet, sd15_vae
         from coreml_sd.checkpoint.writer import write_original_checkpoint
 
-        write_original_checkpoint(sd15_text_encoder(0), sd15_unet(1), sd15_vae(2), tmp, dtype="fp16")
+        write_original_checkpoint(sd15_text_encoder(0), sd15_unet(1), sd15_vae(2), Path(path), dtype="fp16")
     else:
         from coreml_sd.bench.models import write_random_model
 
-        write_random_model(tmp, "sd1", seed=0)
-    os.replace(tmp, target)
+        write_random_model(Path(path), "sd1", seed=0)
 
 
 def run_convert(source: Path, out: Path, extra: list[str]) -> tuple[dict, float, float, str]:

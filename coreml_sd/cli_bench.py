@@ -6,7 +6,6 @@ The command only unpacks options and calls `coreml_sd.bench`; nothing heavy is i
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -48,9 +47,10 @@ def _size(ctx, param, value: str | None) -> tuple[int, int] | None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from coreml_sd.outputs import replacing
+
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _command(params: dict) -> str:

@@ -217,3 +217,23 @@ def publish(tmp: Path, final: Path) -> None:
         os.rename(tmp, final)
         return
     os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def replacing(final: Path) -> Iterator[Path]:
+    """A temporary path beside `final` for the caller to write (a file or a folder); when the block
+    ends without an error it replaces `final` in one rename, else it is removed. For outputs that
+    may be rewritten (caches, result files); `publish` never replaces."""
+    final = Path(final)
+    tmp = temporary_name(final)
+    try:
+        yield tmp
+        if final.is_dir() and not final.is_symlink() and tmp.is_dir():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()

@@ -124,6 +124,7 @@ def test_images_from_compiled_components_equal_the_package_images(packages, comp
 
     from coreml_sd.backends import LoadOptions
     from coreml_sd.backends.selection import load_components, parse_backend
+    from coreml_sd.model_folder import package_hash
     from coreml_sd.pipeline import Pipeline
     from coreml_sd.sources import open_model
 
@@ -136,6 +137,7 @@ def test_images_from_compiled_components_equal_the_package_images(packages, comp
         shutil.rmtree(copy / manifest["components"][component]["package"])
         shutil.copytree(compiled[kind], copy / compiled[kind].name)
         manifest["components"][component]["package"] = compiled[kind].name
+        manifest["components"][component]["sha256"] = package_hash(copy / compiled[kind].name)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     images = []
     for path in (folder, copy):

@@ -105,10 +105,11 @@ def _slug(text: str) -> str:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
+    from coreml_sd.outputs import replacing
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def _read_json(path: Path) -> dict | None:

@@ -101,18 +101,14 @@ def write_random_model(folder: Path, config_name: str = "sd1", *, seed: int = 0,
         scheduler=PNDMScheduler.from_config(scheduler_config(cfg.scheduler)),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+    from coreml_sd.outputs import replacing
+
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with replacing(folder) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         for src in (files.vocab, files.merges):  # plain tokenizer files, as community folders have them
             shutil.copy(src, tmp / "tokenizer" / src.name)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -481,9 +481,10 @@ def _remember_hash(key: str, entry: dict[str, Any]) -> None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         data = _read_hash_cache(cache)
         data[key] = entry
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=0, sort_keys=True))
-        os.replace(tmp, cache)
+        from coreml_sd.outputs import replacing
+
+        with replacing(cache) as tmp:
+            tmp.write_text(json.dumps(data, indent=0, sort_keys=True))
     except OSError as exc:  # a read-only home must not stop generation
         log.debug("file hash not cached (%s)", exc)
 

@@ -17,7 +17,6 @@ will not load it: it is for running and testing compiled-model handling off-Mac.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -121,17 +120,15 @@ def write_compiled_model(package, destination) -> Path:
     ct = import_coremltools()
     build_info = {WRITER: _own_version(), "coremltools-version": ct.__version__}
     text = program_text(spec.mlProgram, specification_version=spec.specificationVersion, build_info=build_info)
-    partial = destination.with_name(f".{destination.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    (partial / WEIGHTS_DIR).mkdir(parents=True)
-    (partial / PROGRAM_FILE).write_text(text, encoding="utf-8")
-    for weight_file in sorted(weights_dir.glob("*")) if weights_dir.is_dir() else []:
-        shutil.copyfile(weight_file, partial / WEIGHTS_DIR / weight_file.name)
-    metadata = [_metadata(spec, package.stem)]
-    (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False), encoding="utf-8")
-    if destination.exists():
-        shutil.rmtree(destination)
-    os.replace(partial, destination)
+    from coreml_sd.outputs import replacing
+
+    with replacing(destination) as partial:
+        (partial / WEIGHTS_DIR).mkdir(parents=True)
+        (partial / PROGRAM_FILE).write_text(text, encoding="utf-8")
+        for weight_file in sorted(weights_dir.glob("*")) if weights_dir.is_dir() else []:
+            shutil.copyfile(weight_file, partial / WEIGHTS_DIR / weight_file.name)
+        metadata = [_metadata(spec, package.stem)]
+        (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False), encoding="utf-8")
     return destination
 
 
