@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from coreml_sd.cli_checkpoint import model_source_options, source_kwargs
-from coreml_sd.cli_checks import threads_option
+from coreml_sd.cli_checks import side, threads_option
 from coreml_sd.components import KINDS
 # The choices' one (light) owner, so `--help` needs no torch or coremltools import.
 from coreml_sd.conversion_names import ATTENTION_IMPLEMENTATIONS as ATTENTIONS
@@ -32,20 +32,6 @@ def _components(ctx, param, value: str) -> tuple[str, ...]:
         raise click.BadParameter(f"{bad[0] if bad else value!r} is not a component; choose from "
                                  f"{', '.join(COMPONENTS)} (comma-separated)")
     return names
-
-
-def _side(ctx, param, value):
-    """The same rule and message as `generate` (a multiple of 8 up to 8192): the UNet's own, stricter
-    rule (a multiple of 64 for SD 1.x/2.x) is checked once the model is known."""
-    if value is None:
-        return None
-    from coreml_sd.errors import InputError
-    from coreml_sd.pipeline import check_side
-
-    try:
-        return check_side(value, param.name)
-    except InputError as exc:
-        raise click.BadParameter(str(exc)) from None
 
 
 @contextlib.contextmanager
@@ -78,8 +64,8 @@ def _quiet_libraries(enabled: bool):
               help="Model folder to write (must not exist, unless --force).")
 @click.option("--attention", type=click.Choice(ATTENTIONS), default="split_einsum_v2", show_default=True,
               help="split_einsum(_v2): Neural Engine; original: GPU.")
-@click.option("-W", "--width", type=int, default=None, callback=_side, help="Pixels. Default: the model's size.")
-@click.option("-H", "--height", type=int, default=None, callback=_side, help="Pixels. Default: the model's size.")
+@click.option("-W", "--width", type=int, default=None, callback=side, help="Pixels. Default: the model's size.")
+@click.option("-H", "--height", type=int, default=None, callback=side, help="Pixels. Default: the model's size.")
 @click.option("--batch", type=click.Choice(("2", "1")), default="2", show_default=True,
               help="UNet batch: 2 for classifier-free guidance, 1 without.")
 @click.option("--weights", type=click.Choice(WEIGHTS), default="fp16", show_default=True,

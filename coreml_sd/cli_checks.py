@@ -24,6 +24,31 @@ MAX_SEED = 2**64 - 1
 RANDOM_SEED = -1
 
 
+def library_check(fn):
+    """A click callback from a library check `fn(value, name)`: its InputError becomes a usage error
+    (exit 2) naming the option; None passes through."""
+    def callback(ctx, param, value):
+        from coreml_sd.errors import InputError
+
+        if value is None:
+            return None
+        try:
+            return fn(value, param.name)
+        except InputError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return callback
+
+
+def _side(value, name):
+    from coreml_sd.pipeline import check_side
+
+    return check_side(value, name)
+
+
+# An image side: a multiple of 8 up to 8192, the rule and message generate and convert share.
+side = library_check(_side)
+
+
 def finite_float(ctx, param, value):
     if value is not None and not math.isfinite(value):
         raise click.BadParameter(f"must be a finite number; got {value}")

@@ -12,8 +12,7 @@ from coreml_sd.cli_backends import backend_options
 from coreml_sd.cli_checkpoint import model_source_options, pop_source_kwargs
 from coreml_sd.cli_controlnet import controlnet_options, pop_control_units
 from coreml_sd.cli_checks import (MAX_BATCH_SIZE, MAX_NUM_IMAGES, MAX_STEPS, check_seed_range, finite_float,
-                                  seed_value, threads_option)
-from coreml_sd.errors import InputError
+                                  library_check, seed_value, side, threads_option)
 from coreml_sd.images import FORMATS, save_image, slugify
 from coreml_sd.samplers import SAMPLERS
 from coreml_sd.schedules import SCHEDULES
@@ -22,18 +21,6 @@ log = logging.getLogger("coreml_sd")
 RESIZE_MODES = ("stretch", "crop", "fill")
 MASKED_CONTENT = ("original", "fill", "latent-noise", "latent-nothing")
 EMPHASIS = ("Original", "No norm", "Ignore", "None")
-
-
-def _checked(fn):
-    """A click callback from a library check: its InputError becomes a usage error (exit 2)."""
-    def callback(ctx, param, value):
-        if value is None:
-            return None
-        try:
-            return fn(value, param.name)
-        except InputError as exc:
-            raise click.BadParameter(str(exc)) from None
-    return callback
 
 
 def _sampler(value, name):
@@ -47,12 +34,6 @@ def _schedule(value, name):
     from coreml_sd.sampler_names import resolve_schedule
 
     return resolve_schedule(value)
-
-
-def _side(value, name):
-    from coreml_sd.pipeline import check_side
-
-    return check_side(value, name)
 
 
 def _outpaint(value, name):
@@ -76,7 +57,7 @@ IMAGE_OPTIONS = (
     click.option("--inpaint-full-res", is_flag=True, help="A1111's 'Only masked': the padded box at full size."),
     click.option("--inpaint-padding", type=click.IntRange(0, 256), default=32, show_default=True),
     click.option("--masked-content", type=click.Choice(MASKED_CONTENT), default="original", show_default=True),
-    click.option("--outpaint", default=None, callback=_checked(_outpaint),
+    click.option("--outpaint", default=None, callback=library_check(_outpaint),
                  help="Grow the canvas and paint the new area: left=128,right=128,up=0,down=64."),
     click.option("--outpaint-fill", type=click.Choice(("edge", "noise")), default="edge", show_default=True),
     click.option("--hires-scale", type=float, default=None, callback=finite_float,
@@ -142,9 +123,9 @@ def apply_recipe(ctx, kwargs: dict, path: str, model_hash: str | None, model_nam
               help=f"Images to make (at most {MAX_NUM_IMAGES}, as AUTOMATIC1111's batch count).")
 @click.option("--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=1, show_default=True,
               help="Images sampled together in one UNet batch (faster on GPUs; needs memory for each).")
-@click.option("--sampler", default="euler_a", show_default=True, callback=_checked(_sampler),
+@click.option("--sampler", default="euler_a", show_default=True, callback=library_check(_sampler),
               help=f"{', '.join(SAMPLERS)}; or A1111's names, e.g. 'Euler a', 'DPM++ 2M Karras'.")
-@click.option("--schedule", default="default", show_default=True, callback=_checked(_schedule),
+@click.option("--schedule", default="default", show_default=True, callback=library_check(_schedule),
               help=f"{', '.join(SCHEDULES)} (A1111's schedule types; 'default': diffusers' for the samplers "
                    "diffusers has, else 'automatic', A1111's choice per sampler).")
 @click.option("--eta", type=click.FloatRange(min=0), default=None, callback=finite_float,
@@ -157,9 +138,9 @@ def apply_recipe(ctx, kwargs: dict, path: str, model_hash: str | None, model_nam
               help=f"Sampler steps (at most {MAX_STEPS}: the noise schedule has {MAX_STEPS} timesteps).")
 @click.option("-g", "--guidance-scale", "--cfg-scale", type=click.FloatRange(min=0), default=7.5, show_default=True,
               callback=finite_float)
-@click.option("-W", "--width", type=int, default=None, callback=_checked(_side),
+@click.option("-W", "--width", type=int, default=None, callback=side,
               help="Multiple of 8. Default: the model's native size (an init image's own).")
-@click.option("-H", "--height", type=int, default=None, callback=_checked(_side),
+@click.option("-H", "--height", type=int, default=None, callback=side,
               help="Multiple of 8. Default: the model's native size (an init image's own).")
 @_options(IMAGE_OPTIONS)
 @_options(PROMPT_OPTIONS)

@@ -220,6 +220,25 @@ def publish(tmp: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (created if needed) between processes (POSIX flock); where there
+    is none (Windows), no lock: the writers' atomic renames alone keep outputs whole."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def replacing(final: Path) -> Iterator[Path]:
     """A temporary path beside `final` for the caller to write (a file or a folder); when the block
     ends without an error it replaces `final` in one rename, else it is removed. For outputs that
