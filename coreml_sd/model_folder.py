@@ -22,7 +22,7 @@ from coreml_sd.components import CHUNK_ENTRIES, PACKAGE_NAMES, TensorSpec, entry
 from coreml_sd.config import SchedulerConfig, read_json
 from coreml_sd.errors import BackendUnavailable, ModelError, choices_text
 from coreml_sd.families import family_names, get_family
-from coreml_sd.model_source import ModelInfo, Origin, SourceBase, TorchModules
+from coreml_sd.model_source import ModelInfo, Origin, SourceBase, TorchModules, pad_token
 from coreml_sd.tokenizer import EOS, CLIPTokenizer, TokenizerFiles
 
 MANIFEST = "manifest.json"
@@ -248,8 +248,8 @@ class ConvertedModel(SourceBase):
         return out
 
     def tokenizer(self, component: str = "text_encoder") -> CLIPTokenizer:
-        pad = self.info.pad_token if component == "text_encoder" else self.info.spec.text_encoder(component).pad_token
-        tok = CLIPTokenizer(self.info.tokenizer_files, pad_token=pad, max_length=self.manifest.max_length)
+        tok = CLIPTokenizer(self.info.tokenizer_files, pad_token=pad_token(self.info, component),
+                            max_length=self.manifest.max_length)
         for word, ids in self.manifest.trigger_words.items():
             tok.add_trigger(word, ids)
         return tok
