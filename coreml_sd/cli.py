@@ -13,6 +13,8 @@ from coreml_sd.errors import CoreMLSDError, InputError
 from coreml_sd.cli_backends import backend_options, info
 from coreml_sd.cli_bench import bench
 from coreml_sd.cli_checkpoint import checkpoint, model_source_options, pop_source_kwargs
+from coreml_sd.cli_control import control
+from coreml_sd.cli_recipe import recipe
 from coreml_sd.images import FORMATS, save_image, slugify
 from coreml_sd.samplers import SAMPLERS
 from coreml_sd.schedules import SCHEDULES
@@ -178,6 +180,8 @@ def _load_plugin_commands() -> None:
 main.add_command(checkpoint)
 main.add_command(info)
 main.add_command(bench)
+main.add_command(control)
+main.add_command(recipe)
 _load_plugin_commands()
 
 

@@ -38,9 +38,11 @@ class Denoiser:
         self.guided = self.guidance_scale > 1.0
         if self.guided and uncond is None:
             raise InputError(f"guidance scale {guidance_scale} needs the unconditional (negative prompt) embeddings")
-        # A bare array is the text context alone (the conditioning of SD 1.x/2.x models).
-        self.cond = cond if isinstance(cond, Conditioning) else Conditioning(cond)
-        self.uncond = uncond if uncond is None or isinstance(uncond, Conditioning) else Conditioning(uncond)
+        # A Conditioning, a schedule of them over the calls (prompt editing: `.at(calls_done)`), or
+        # a bare array: the text context alone (the conditioning of SD 1.x/2.x models).
+        self.cond = _as_conditioning(cond)
+        self.uncond = None if uncond is None else _as_conditioning(uncond)
+        self.calls = 0  # guided model evaluations so far: where prompt editing stands
 
     def __call__(self, x, sigma: float):
         """x0 from a sigma-space latent x = x0 + sigma * eps."""
@@ -61,18 +63,28 @@ class Denoiser:
     def model_output(self, model_input, t: float):
         """The guided model output (epsilon or v) at timestep t for VP latents `model_input`."""
         batch = model_input.shape[0]
-        cond = self.cond.repeat(batch)
+        cond = self.cond(self.calls).repeat(batch)
+        uncond = self.uncond(self.calls).repeat(batch) if self.guided else None
+        self.calls += 1
         if not self.guided:
             return self._predict(model_input, t, cond)
         # Unconditional first: the order of Apple's Core ML UNet packages and of diffusers.
-        both = self._predict(arrays.concat([model_input, model_input]), t,
-                             Conditioning.concat([self.uncond.repeat(batch), cond]))
+        both = self._predict(arrays.concat([model_input, model_input]), t, Conditioning.concat([uncond, cond]))
         out_uncond, out_cond = arrays.split(both, 2)
         return out_uncond + (out_cond - out_uncond) * self.guidance_scale
 
     def _predict(self, sample, t: float, cond: Conditioning):
         timestep = arrays.full_like(sample, t, (sample.shape[0],))
         return _float32(self.unet.predict(sample, timestep, cond))
+
+
+def _as_conditioning(value):
+    """A function of the calls done -> Conditioning."""
+    if isinstance(value, Conditioning):
+        return lambda calls: value
+    if hasattr(value, "at"):  # text_conditioning.Scheduled
+        return value.at
+    return lambda calls, c=Conditioning(value): c
 
 
 def _float32(out):

@@ -210,6 +210,7 @@ class ConvertedModel(SourceBase):
             scaling_factor=m.scaling_factor, text_hidden_size=m.text_hidden_size,
             tokenizer_files=TokenizerFiles(self.path / "vocab.json", self.path / "merges.txt"),
             pad_token=m.pad_token, hash=m.source.get("hash"), sizes=((m.width, m.height),),
+            max_prompt_tokens=m.max_length,
         )
         self.generation_extras = dict(m.source.get("generation_extras") or {})
         self.packages = self

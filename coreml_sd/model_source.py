@@ -39,6 +39,7 @@ class ModelInfo:
     pad_token: str = EOS  # the first text encoder's; others pad as their family spec says
     hash: str | None = None  # AUTOMATIC1111-style short hash (sha256[:10]) of a single file
     sizes: tuple[tuple[int, int], ...] | None = None  # (width, height) a converted model takes; None: any
+    max_prompt_tokens: int | None = None  # the UNet's longest text context (77 per chunk); None: any
 
     @property
     def prediction_type(self) -> str:

@@ -10,6 +10,7 @@ prompts gives each image its own.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
@@ -23,7 +24,10 @@ from coreml_sd.errors import InputError
 from coreml_sd.images import GenerationParams
 from coreml_sd.model_source import ModelSource
 from coreml_sd.rng import NoiseSource
-from coreml_sd.text_conditioning import SizeConditioning, conditioning, encode_text
+from coreml_sd.text_conditioning import (PromptEncoder, PromptOptions, Scheduled, SizeConditioning, conditioning,
+                                         pad_context)
+
+log = logging.getLogger("coreml_sd")
 
 MAX_SIDE = 8192
 MAX_SEED = 2**64 - 1
@@ -127,21 +131,30 @@ class Pipeline:
                              f"(convert again with --width/--height, or use the torch backend)")
         return width, height
 
-    def encode_prompt(self, text: str, *, negative: bool = False) -> TextEncoding:
-        """One prompt through the family's text encoders: context (1, 77, C) and pooled output."""
+    def prompt_encoder(self, options: PromptOptions = PromptOptions()) -> PromptEncoder:
+        """Prompts in AUTOMATIC1111's syntax through this model's text encoders."""
         encoders = {t.component: self.components[t.component] for t in self.family.text_encoders}
-        return encode_text(self.family, encoders, self.tokenizers, text, negative=negative)
+        return PromptEncoder(self.family, encoders, self.tokenizers, options)
+
+    def encode_prompt(self, text: str, *, negative: bool = False,
+                      options: PromptOptions = PromptOptions()) -> TextEncoding:
+        """One prompt (its first stretch, if it edits itself) through the family's text encoders:
+        context (1, 77 k, C) and pooled output."""
+        return self.prompt_encoder(options).encode(text, 1, negative=negative).at(0)
 
     def generate(self, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[str] = "",
                  seed: int | None = None, num_images: int | None = None, batch_size: int = 1,
                  sampler: str = "euler_a", schedule: str = "default", steps: int = 25,
                  guidance_scale: float = 7.5, width: int | None = None,
                  height: int | None = None, eta: float | None = None, ensd: int = 0,
-                 a1111: bool = False) -> Iterator[Progress | GeneratedImage]:
+                 a1111: bool = False, clip_skip: int = 1, emphasis: str = "Original",
+                 ) -> Iterator[Progress | GeneratedImage]:
         """`prompt`/`negative_prompt`: one text for every image, or a list with one per image.
         `num_images` defaults to the length of such a list, else 1. `sampler`/`schedule`: our keys
         or A1111's names ("DPM++ 2M Karras"); `eta`, `ensd` (A1111's "Eta noise seed delta") and
-        `a1111` (A1111's plans throughout): see `coreml_sd.samplers.sample` and `schedules.make_plan`."""
+        `a1111` (A1111's plans throughout): see `coreml_sd.samplers.sample` and `schedules.make_plan`.
+        Prompts are read in AUTOMATIC1111's syntax (emphasis, BREAK, long prompts, prompt editing and
+        alternation); `clip_skip` and `emphasis` as its settings of those names."""
         from coreml_sd.denoiser import Denoiser
         from coreml_sd.samplers import SAMPLERS, sampling_extras
         from coreml_sd.sampler_names import resolve_sampler_and_schedule
@@ -165,7 +178,10 @@ class Pipeline:
 
         plan = make_plan(self.info.scheduler, sampler, steps, schedule, family=self.info.family, a1111=a1111)
         size = SizeConditioning.for_size(width, height)
-        conds = self.conditionings(prompts, negatives, size)
+        # Prompt editing counts denoiser calls; A1111 counts two per step for second-order samplers.
+        calls = steps * (2 if SAMPLERS[sampler].second_order else 1)
+        prompt_options = PromptOptions(emphasis=emphasis, clip_skip=clip_skip)
+        conds = self.conditionings(prompts, negatives, size, steps=calls, options=prompt_options)
         f = self.info.vae_scale_factor
         params = dict(steps=steps, sampler=SAMPLERS[sampler].display_name, schedule=schedule,
                       guidance_scale=guidance_scale, width=width, height=height, model=self.info.name,
@@ -179,8 +195,9 @@ class Pipeline:
             latents = []
             for batch in group:
                 denoiser = Denoiser(self.components["unet"], plan, prediction_type=self.info.prediction_type,
-                                    cond=Conditioning.concat([conds[(prompts[i], False)] for i in batch]),
-                                    uncond=Conditioning.concat([conds[(negatives[i], True)] for i in batch]),
+                                    cond=Scheduled.rows([conds[(prompts[i], False)] for i in batch], Conditioning.concat),
+                                    uncond=Scheduled.rows([conds[(negatives[i], True)] for i in batch],
+                                                          Conditioning.concat),
                                     guidance_scale=guidance_scale)
                 shape = (len(batch), self.info.latent_channels, height // f, width // f)
                 start = Progress(batch[0], num_images, 0, steps, seed + batch[0], len(batch))
@@ -190,28 +207,37 @@ class Pipeline:
                 self.components.release("unet")
             for i, x in latents:
                 image = to_pil(self.components["vae_decoder"].decode(x / self.info.scaling_factor))
+                extras = {**sampling_extras(sampler, **sampling), **prompt_extras(prompt_options),
+                                          **self.generation_extras()}
                 meta = GenerationParams(seed=seed + i, prompt=prompts[i], negative_prompt=negatives[i],
-                                        extras={**sampling_extras(sampler, **sampling), **self.generation_extras()},
-                                        **params)
+                                        extras=extras, **params)
                 results.append(GeneratedImage(image, i, seed + i, meta, arrays.to_numpy(x)))
                 yield results[-1]
         self.components.release("unet")
         self.components.release("vae_decoder")
         return results
 
-    def conditionings(self, prompts: list[str], negatives: list[str], size: SizeConditioning):
-        """Each distinct (text, negative?) encoded once, in order; the text encoders are released after."""
-        conds: dict[tuple[str, bool], Conditioning] = {}
-        encoded: dict[tuple[str, bool], TextEncoding] = {}
-        for key in dict.fromkeys([(p, False) for p in prompts] + [(n, True) for n in negatives]):
-            # An empty negative prompt may encode differently (zeros) from an empty prompt.
-            enc_key = key if (key[1] and key[0] == "" and self.family.zero_empty_negative) else (key[0], False)
-            if enc_key not in encoded:
-                encoded[enc_key] = self.encode_prompt(key[0], negative=enc_key[1])
-            conds[key] = conditioning(self.family, encoded[enc_key], size, negative=key[1])
+    def conditionings(self, prompts: list[str], negatives: list[str], size: SizeConditioning, *, steps: int = 1,
+                      options: PromptOptions = PromptOptions()) -> dict[tuple[str, bool], Scheduled]:
+        """Each distinct (text, negative?) encoded once over `steps` denoiser calls, all padded to one
+        context length (the longest; the empty prompt's chunks fill the rest); the text encoders are
+        released after."""
+        encoder = self.prompt_encoder(options)
+        keys = list(dict.fromkeys([(p, False) for p in prompts] + [(n, True) for n in negatives]))
+        encoded = {key: encoder.encode(key[0], steps, negative=key[1]) for key in keys}
+        tokens = max(e.hidden.shape[1] for s in encoded.values() for _, e in s.entries)
+        limit = self.info.max_prompt_tokens
+        if limit and tokens > limit:
+            log.warning("the prompt needs %d chunks of 75 tokens; %s takes %d: the rest is ignored (convert "
+                        "with more prompt chunks, or use the torch backend)", tokens // 77, self.info.name, limit // 77)
+            encoded = {k: s.map(lambda e: TextEncoding(e.hidden[:, :limit], e.pooled)) for k, s in encoded.items()}
+            tokens = limit
+        empty = encoder.encode("", 1).at(0)
         for spec in self.family.text_encoders:
             self.components.release(spec.component)
-        return conds
+        return {key: s.map(lambda e, key=key: conditioning(self.family, pad_context(e, tokens, empty), size,
+                                                           negative=key[1]))
+                for key, s in encoded.items()}
 
     def _sample(self, sampler: str, denoiser, plan, shape, start: Progress, *, eta=None, ensd: int = 0):
         """Yields a Progress per step and returns the final latents of images start.image_index ..
@@ -228,11 +254,22 @@ class Pipeline:
     def generation_extras(self) -> dict[str, str]:
         extras = dict(self.source.generation_extras)
         extras["Backend"] = describe_runs_on(self.components.runs_on)
+        extras["RNG"] = "CPU"  # the initial noise is torch's CPU generator's, AUTOMATIC1111's "RNG: CPU"
         return extras
 
     def __call__(self, prompt: str, **kwargs) -> list[GeneratedImage]:
         """Generate and return the images (no progress)."""
         return [r for r in self.generate(prompt, **kwargs) if isinstance(r, GeneratedImage)]
+
+
+def prompt_extras(options: PromptOptions) -> dict[str, str]:
+    """AUTOMATIC1111's parameter strings for non-default prompt settings."""
+    extras = {}
+    if options.clip_skip != 1:
+        extras["Clip skip"] = str(options.clip_skip)
+    if options.emphasis != "Original":
+        extras["Emphasis"] = options.emphasis
+    return extras
 
 
 def per_image(text: str | Sequence[str], num_images: int, name: str) -> list[str]:

@@ -203,6 +203,15 @@ class SamplerInfo:
     brownian: bool = False  # A1111 feeds it Brownian-tree noise seeded by the image's seed
     eta: float | None = None  # A1111's default eta; None: the sampler has no eta
 
+    @property
+    def second_order(self) -> bool:
+        """Two model calls per step in A1111's accounting (its "second_order" option): prompt-editing
+        steps then count model calls, so "[a:b:10]" switches after 5 of its steps."""
+        return self.display_name in SECOND_ORDER
+
+
+SECOND_ORDER = ("Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "Restart")
+
 
 def _info(function, display_name, ancestral, model_scale, plan_style=None, diffusers="", **a1111) -> SamplerInfo:
     return SamplerInfo(function, display_name, ancestral, model_scale, plan_style, diffusers, **a1111)

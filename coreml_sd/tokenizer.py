@@ -112,15 +112,21 @@ class CLIPTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids without BOS/EOS or padding (unknown pieces cannot occur with byte-level BPE)."""
+        return [i for unit in self.encode_units(text) for i in unit]
+
+    def encode_units(self, text: str) -> list[list[int]]:
+        """The ids of `text` in the groups that must stay together: one per BPE token, and one per
+        trigger word of a textual-inversion embedding (all its vectors' ids)."""
         triggers = getattr(self, "_triggers", None)
         if not triggers:
-            return [self.encoder[p] for p in self.tokenize(text)]
+            return [[self.encoder[p]] for p in self.tokenize(text)]
         # Trigger words of textual-inversion embeddings become their own ids; the rest is BPE as usual.
-        text, ids, start = clean_text(text), [], 0
+        text, units, start = clean_text(text), [], 0
         for match in self._trigger_pattern.finditer(text):
-            ids += [self.encoder[p] for p in self.tokenize(text[start:match.start()])] + triggers[match.group(0)]
+            units += [[self.encoder[p]] for p in self.tokenize(text[start:match.start()])]
+            units.append(list(triggers[match.group(0)]))
             start = match.end()
-        return ids + [self.encoder[p] for p in self.tokenize(text[start:])]
+        return units + [[self.encoder[p]] for p in self.tokenize(text[start:])]
 
     def add_trigger(self, word: str, ids: list[int]) -> None:
         """Make `word` (a whole word, any case) in a prompt stand for `ids`: a textual-inversion embedding's

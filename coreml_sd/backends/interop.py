@@ -92,11 +92,11 @@ class Boundary:
         out = getattr(self.inner, method)(*[_convert_any(a, self.native) for a in args])
         return _convert_any(out, self.loop)
 
-    def encode(self, value):
+    def encode(self, value, **kwargs):
         # Token ids stay numpy integers: every engine's text encoder takes them so (the contract).
         if not arrays.is_torch(value) and getattr(value, "dtype", None) is not None and value.dtype.kind in "iu":
-            return _convert_any(self.inner.encode(value), self.loop)
-        return self._call("encode", value)
+            return _convert_any(self.inner.encode(value, **kwargs), self.loop)
+        return _convert_any(self.inner.encode(_convert_any(value, self.native), **kwargs), self.loop)
 
     def predict(self, *args):
         return self._call("predict", *args)

@@ -194,9 +194,13 @@ class _Adapter:
 class PackageTextEncoder(_Adapter):
     role = "text_encoder"
 
-    def encode(self, input_ids) -> TextEncoding:
+    def encode(self, input_ids, clip_skip: int = 1) -> TextEncoding:
         """int token ids (B, 77) -> the hidden state (B, 77, C) float32, and the pooled output where the
         package has one."""
+        if clip_skip != 1:
+            raise InputError(f"{self.package.name} gives its text encoder's last layer only, so clip skip "
+                             f"{clip_skip} cannot be applied to it; run the text encoder on torch "
+                             f"(--backend text_encoder=torch) where the source model is at hand")
         if _kind(input_ids) != "integer":
             dtype = input_ids.dtype if hasattr(input_ids, "dtype") else type(input_ids).__name__
             raise InputError(f"text encoder: expected integer token ids, found {dtype}")

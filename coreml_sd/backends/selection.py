@@ -306,8 +306,8 @@ class JustInTime:
     def batch_size(self):
         return getattr(self.loaded, "batch_size", None)
 
-    def encode(self, *args):
-        return self.loaded.encode(*args)
+    def encode(self, *args, **kwargs):
+        return self.loaded.encode(*args, **kwargs)
 
     def predict(self, *args):
         return self.loaded.predict(*args)

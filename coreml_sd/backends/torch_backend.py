@@ -23,21 +23,29 @@ class TorchTextEncoder:
         self.module, self.spec, self.device = module, spec, device
 
     @torch.inference_mode()
-    def encode(self, input_ids) -> TextEncoding:
+    def encode(self, input_ids, clip_skip: int = 1) -> TextEncoding:
+        """`clip_skip` N: the hidden state N - 1 layers before the family's (A1111's "Clip skip")."""
         ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long, device=self.device)
         spec = self.spec
-        hidden_states = spec.hidden_layer != -1 or not spec.final_norm
+        layer = spec.hidden_layer - (clip_skip - 1)
+        hidden_states = layer != -1 or not spec.final_norm
         out = self.module(ids, output_hidden_states=hidden_states)
         if hidden_states:
-            hidden = out.hidden_states[spec.hidden_layer]
+            hidden = out.hidden_states[layer]
             if spec.final_norm:
-                hidden = self.module.text_model.final_layer_norm(hidden)
+                hidden = final_layer_norm(self.module)(hidden)
         else:
             hidden = out.last_hidden_state
         pooled = getattr(out, "text_embeds", None)  # CLIPTextModelWithProjection's projected pooled output
         if pooled is None:
             pooled = out.pooler_output
         return TextEncoding(hidden.float(), pooled.float())
+
+
+def final_layer_norm(module):
+    """A CLIP text model's final layer norm (transformers 5 keeps it on CLIPTextModel itself, and
+    under `text_model` in CLIPTextModelWithProjection)."""
+    return getattr(module, "final_layer_norm", None) or module.text_model.final_layer_norm
 
 
 class TorchUNet:
