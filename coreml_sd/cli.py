@@ -76,6 +76,12 @@ def _side(ctx, param, value):
               help="Model: a converted Core ML folder, a diffusers folder or a .safetensors/.ckpt file. "
                    "Default: the built-in model.")
 @click.option("-n", "--negative-prompt", default="", help="What the image should not show.")
+@click.option("--refiner", type=click.Path(exists=True), default=None,
+              help="A refiner model (e.g. SDXL's refiner: a file, diffusers or converted folder) that takes over "
+                   "the last steps; a converted SDXL folder with a UnetRefiner package brings its own.")
+@click.option("--refiner-switch", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="A1111's 'Refiner switch at': the fraction of the steps after which the refiner takes over "
+                   "(default 0.8; 1 = never).")
 @click.option("-s", "--seed", type=click.IntRange(0, 2**64 - 1), default=None,
               help="Seed of image 1 (image i uses seed+i). Default: random, printed.")
 @click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True)
@@ -108,7 +114,7 @@ def _side(ctx, param, value):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @model_source_options
-def generate(prompt, model, negative_prompt, seed, num_images, batch_size, sampler, schedule, eta, ensd, a1111, steps,
+def generate(prompt, model, negative_prompt, refiner, refiner_switch, seed, num_images, batch_size, sampler, schedule, eta, ensd, a1111, steps,
              guidance_scale, width, height, fmt, quality, output, backend, device, precision, compute_units,
              reduce_memory, as_json, quiet, **source_options):
     """Generate images from PROMPT."""
@@ -117,14 +123,15 @@ def generate(prompt, model, negative_prompt, seed, num_images, batch_size, sampl
     from coreml_sd.pipeline import GeneratedImage, Pipeline, random_seed
 
     pipe = Pipeline.load(model, backend=backend, device=device, precision=precision, compute_units=compute_units,
-                         reduce_memory=reduce_memory, **pop_source_kwargs(source_options))
+                         reduce_memory=reduce_memory, refiner=refiner, **pop_source_kwargs(source_options))
     seed = random_seed() if seed is None else seed
     if not as_json:
         click.echo(f"seed {seed}", err=True)
     bar, written = None, []
     for event in pipe.generate(prompt, negative_prompt=negative_prompt, seed=seed, num_images=num_images,
                                batch_size=batch_size, sampler=sampler, schedule=schedule, steps=steps, guidance_scale=guidance_scale,
-                               width=width, height=height, eta=eta, ensd=ensd, a1111=a1111):
+                               width=width, height=height, eta=eta, ensd=ensd, a1111=a1111,
+                               refiner_switch=refiner_switch):
         if isinstance(event, GeneratedImage):
             if bar:
                 bar.close()

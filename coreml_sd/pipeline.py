@@ -91,18 +91,21 @@ class Pipeline:
         # Components load when first used and are released after their phase: all latents are
         # sampled before the first is decoded, so each model is in memory once per request.
         self.reduce_memory = reduce_memory
+        self.refiner = None  # coreml_sd.refiner.Refiner: takes over the last steps (load(refiner=...))
 
     @classmethod
     def load(cls, model=None, *, backend: str = "auto", device: str = "auto", precision: str = "auto",
              compute_units: str = "all", reduce_memory: bool = False, compile: str | None = None,
-             **source_options) -> "Pipeline":
+             refiner=None, **source_options) -> "Pipeline":
         """Open `model` (a path; None = the built-in model) and build its components.
 
         `backend`: auto, a backend name, a fallback order or per component (see
         `coreml_sd.backends.selection`). `device`/`precision`: torch and mil; `compute_units`
         (ane, gpu, cpu, all): coreml; `compile`: a torch.compile mode for a torch UNet.
         `reduce_memory`: load each component just in time and release it after use (text
-        encoder -> UNet -> VAE decoder), for 8 GB Macs.
+        encoder -> UNet -> VAE decoder), for 8 GB Macs. `refiner`: a model (path) whose UNet takes
+        over the last steps (`generate(refiner_switch=...)`, see `coreml_sd.refiner`), loaded on
+        the same backends; a converted folder with a UnetRefiner package brings its own.
         """
         from coreml_sd.backends.coreml_backend import compute_units_name
         from coreml_sd.backends.selection import load_components, parse_backend
@@ -117,7 +120,13 @@ class Pipeline:
         source = open_model(model, **source_options)
         options = LoadOptions(device=device, precision=precision, compute_units=compute_units, compile=compile)
         components = load_components(source, request, options, reduce_memory=reduce_memory)
-        return cls(source, components, reduce_memory=reduce_memory)
+        pipe = cls(source, components, reduce_memory=reduce_memory)
+        # --- refiner wiring (issue #12) ---
+        from coreml_sd.refiner import load_refiner
+
+        pipe.refiner = load_refiner(cls, source, refiner, request, options, reduce_memory=reduce_memory)
+        # --- end refiner wiring ---
+        return pipe
 
     def _size(self, width: int | None, height: int | None) -> tuple[int, int]:
         # Converted Core ML packages take exactly the sizes they were converted for.
@@ -148,13 +157,14 @@ class Pipeline:
                  guidance_scale: float = 7.5, width: int | None = None,
                  height: int | None = None, eta: float | None = None, ensd: int = 0,
                  a1111: bool = False, clip_skip: int = 1, emphasis: str = "Original",
-                 ) -> Iterator[Progress | GeneratedImage]:
+                 refiner_switch: float | None = None) -> Iterator[Progress | GeneratedImage]:
         """`prompt`/`negative_prompt`: one text for every image, or a list with one per image.
         `num_images` defaults to the length of such a list, else 1. `sampler`/`schedule`: our keys
         or A1111's names ("DPM++ 2M Karras"); `eta`, `ensd` (A1111's "Eta noise seed delta") and
         `a1111` (A1111's plans throughout): see `coreml_sd.samplers.sample` and `schedules.make_plan`.
         Prompts are read in AUTOMATIC1111's syntax (emphasis, BREAK, long prompts, prompt editing and
-        alternation); `clip_skip` and `emphasis` as its settings of those names."""
+        alternation); `clip_skip` and `emphasis` as its settings of those names. `refiner_switch`:
+        the fraction of the schedule after which a loaded refiner takes over (default 0.8)."""
         from coreml_sd.denoiser import Denoiser
         from coreml_sd.samplers import SAMPLERS, sampling_extras
         from coreml_sd.sampler_names import resolve_sampler_and_schedule
@@ -182,6 +192,11 @@ class Pipeline:
         calls = steps * (2 if SAMPLERS[sampler].second_order else 1)
         prompt_options = PromptOptions(emphasis=emphasis, clip_skip=clip_skip)
         conds = self.conditionings(prompts, negatives, size, steps=calls, options=prompt_options)
+        # --- refiner wiring (issue #12): its own conditioning, a second denoiser for the last steps ---
+        from coreml_sd.refiner import Handoff
+
+        handoff = Handoff.start(self, refiner_switch, plan, prompts, negatives, size, calls, prompt_options)
+        # --- end refiner wiring ---
         f = self.info.vae_scale_factor
         params = dict(steps=steps, sampler=SAMPLERS[sampler].display_name, schedule=schedule,
                       guidance_scale=guidance_scale, width=width, height=height, model=self.info.name,
@@ -201,14 +216,15 @@ class Pipeline:
                                     guidance_scale=guidance_scale)
                 shape = (len(batch), self.info.latent_channels, height // f, width // f)
                 start = Progress(batch[0], num_images, 0, steps, seed + batch[0], len(batch))
-                x = yield from self._sample(sampler, denoiser, plan, shape, start, **sampling)
+                segments = handoff.segments(denoiser, batch, prompts, negatives, guidance_scale)
+                x = yield from self._sample(sampler, segments, plan, shape, start, **sampling)
                 latents += [(i, x[k:k + 1]) for k, i in enumerate(batch)]
             if self.reduce_memory:
                 self.components.release("unet")
             for i, x in latents:
                 image = to_pil(self.components["vae_decoder"].decode(x / self.info.scaling_factor))
                 extras = {**sampling_extras(sampler, **sampling), **prompt_extras(prompt_options),
-                                          **self.generation_extras()}
+                          **self.generation_extras(), **handoff.metadata()}
                 meta = GenerationParams(seed=seed + i, prompt=prompts[i], negative_prompt=negatives[i],
                                         extras=extras, **params)
                 results.append(GeneratedImage(image, i, seed + i, meta, arrays.to_numpy(x)))
@@ -239,16 +255,28 @@ class Pipeline:
                                                            negative=key[1]))
                 for key, s in encoded.items()}
 
-    def _sample(self, sampler: str, denoiser, plan, shape, start: Progress, *, eta=None, ensd: int = 0):
+    def _sample(self, sampler: str, segments, plan, shape, start: Progress, *, eta=None, ensd: int = 0):
         """Yields a Progress per step and returns the final latents of images start.image_index ..
-        + shape[0] - 1 (image i's noise from its own source, seed + i)."""
-        from coreml_sd.samplers import noise_from_sources, sample
+        + shape[0] - 1 (image i's noise from its own source, seed + i). `segments`: (denoiser, part
+        of `plan`) in turn — the whole plan with one denoiser, or a refiner's hand-off."""
+        from coreml_sd.samplers import noise_from_sources, sample, step_noise
 
         sources = [NoiseSource(start.seed + k) for k in range(shape[0])]
         noise = noise_from_sources(sources, self.components.asarray)
         x = noise(shape) * plan.init_noise_sigma
-        for step, x in enumerate(sample(sampler, denoiser, x, plan, noise, eta=eta, ensd=ensd), start=1):
-            yield replace(start, step=step)
+        # One step-noise source over the whole plan, so a hand-off continues its noise.
+        steps_noise = step_noise(sampler, plan, noise, shape, eta=eta, ensd=ensd)
+        step = 0
+        for i, (denoiser, part) in enumerate(segments):
+            if i:  # prompt editing counts on across the hand-off
+                denoiser.calls = segments[i - 1][0].calls
+            for x in sample(sampler, denoiser, x, part, noise, eta=eta, ensd=ensd, noise_sampler=steps_noise):
+                step += 1
+                yield replace(start, step=step)
+            if self.reduce_memory and len(segments) > 1:
+                release = getattr(denoiser.unet, "release", None)
+                if callable(release):  # the next segment's UNet needs the memory
+                    release()
         return x
 
     def generation_extras(self) -> dict[str, str]:

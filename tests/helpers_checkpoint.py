@@ -124,15 +124,18 @@ def write_hostile(path: Path, kind: str, marker: Path, *, container: str = "zip"
 
 
 def full_size_shapes(name: str) -> dict:
-    """key -> TensorInfo of a full-size original-layout file (sd1, sd2), built on the meta device."""
+    """key -> TensorInfo of a full-size original-layout file (sd1, sd2, sdxl, sdxl-refiner), built on the
+    meta device."""
     from coreml_sd.checkpoint.config import shipped_config
     from coreml_sd.checkpoint.loader import new_text_encoder, new_unet, new_vae
     from coreml_sd.checkpoint.safeload import TensorInfo
     from coreml_sd.checkpoint.writer import original_state_dict
 
     cfg = shipped_config(name)
-    state = original_state_dict(new_text_encoder(cfg.text_encoder), new_unet(cfg.unet), new_vae(cfg.vae),
-                                family=cfg.family)
+    encoders = {t.component: new_text_encoder(cfg.text_config(t.component), projection=t.pooled)
+                for t in cfg.spec.text_encoders}
+    state = original_state_dict(encoders.get("text_encoder"), new_unet(cfg.unet), new_vae(cfg.vae),
+                                family=cfg.family, text_encoder_2=encoders.get("text_encoder_2"))
     return {k: TensorInfo("F16", tuple(t.shape)) for k, t in state.items()}
 
 
