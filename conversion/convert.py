@@ -59,6 +59,9 @@ class ConvertOptions:
     compile: bool = False
     components: tuple[str, ...] = DEFAULT_COMPONENTS
     threshold_db: float = MIN_PSNR_DB
+    # Rescale the VAE decoder's activations where fp16 would overflow (conversion.vae_fp16); off
+    # only to show the failure it prevents.
+    vae_fp16_fix: bool = True
 
     def validate(self) -> None:
         for name, value, valid in (("attention", self.attention, ATTENTION_IMPLEMENTATIONS),
@@ -165,6 +168,11 @@ class Converter:
     def gate(self, component: str, outputs: dict[str, np.ndarray], references: dict[str, np.ndarray],
              *, dequantized_reference: dict[str, np.ndarray] | None = None) -> ParityResult:
         """Record parity; the gate compares with the reference of the weights the package holds."""
+        bad = {k: int(np.size(v) - np.isfinite(v).sum()) for k, v in outputs.items() if not np.isfinite(v).all()}
+        if bad:
+            raise ConversionError(f"parity gate failed for {component}: the package returns NaN/inf values ("
+                                  + ", ".join(f"{k}: {n} of {np.size(outputs[k])}" for k, n in bad.items())
+                                  + ") — an fp16 overflow; nothing was written")
         ref = dequantized_reference if dequantized_reference is not None else references
         result = compare(component, outputs, ref, executor=self.runner.name, threshold_db=self.options.threshold_db)
         self.parity[component] = result
@@ -262,6 +270,15 @@ def _verify(conv: Converter, component: str, chain: list[str], inputs: dict[str,
     with conv.timer(component, "verify", conv.runner.name):
         outputs = _run_chain(conv, chain, inputs)
         conv.gate(component, outputs, refs, dequantized_reference=dequantized_ref)
+
+
+def _verify_cases(conv: Converter, component: str, cases) -> None:
+    """One package called on several cases [(label, inputs, references)], gated together (run_cases)."""
+    from conversion.verify import run_cases
+
+    with conv.timer(component, "verify", conv.runner.name):
+        outputs, refs = run_cases(lambda inputs: _run_chain(conv, [component], inputs), cases)
+        conv.gate(component, outputs, refs)
 
 
 def _dequantized_reference(conv: Converter, component: str, rewrite, dense: dict[str, np.ndarray],
@@ -375,21 +392,29 @@ def _export_unet_chunks(conv: Converter, rewrite, ins: list[TensorIO], out: Tens
 
 def convert_vae(conv: Converter, mods, shapes: Shapes, components: list[str]) -> None:
     from conversion.ane import vae_decoder_from_diffusers, vae_encoder_from_diffusers
-    from conversion.verify import vae_decoder_case, vae_encoder_case
+    from conversion.verify import vae_decoder_cases, vae_encoder_case
+    from conversion.vae_fp16 import calibration_latents
 
     vae, mods.vae = mods.vae, None
     c, h, w = shapes.latent
-    cases = {}
+    cases, calibration = {}, None
+    fix = conv.options.vae_fp16_fix and conv.options.precision == "fp16"
     with in_fp32(vae, conv.options):
         for component in components:
             with conv.timer(component, "reference"):
                 if component == "vae_decoder":
-                    cases[component] = vae_decoder_case(vae, latent_shape=shapes.latent)
+                    # Seeded latents and the latents of a test image (where big activations live).
+                    cases[component] = vae_decoder_cases(vae, latent_shape=shapes.latent)
+                    if fix:
+                        side = calibration_side(shapes)
+                        calibration = calibration_latents(vae, *side)
                 else:
                     cases[component] = vae_encoder_case(vae, image_shape=(3, shapes.height, shapes.width))
     for component in components:
         if component == "vae_decoder":
             rewrite = vae_decoder_from_diffusers(vae, attention=conv.options.attention)
+            if calibration is not None:
+                _fp16_safe_decoder(conv, rewrite, calibration)
             ins, outs = [TensorIO("z", (1, c, h, w), "fp32")], [TensorIO("image", (1, 3, shapes.height, shapes.width), "fp32")]
         else:
             rewrite = vae_encoder_from_diffusers(vae, attention=conv.options.attention)
@@ -397,8 +422,31 @@ def convert_vae(conv: Converter, mods, shapes: Shapes, components: list[str]) ->
         conv.export(component, rewrite, lambda ops, x: [rewrite(x, ops)], ins, outs)
         del rewrite
         release_memory()
-        inputs, refs = cases[component]
-        _verify(conv, component, [component], inputs, refs, None)
+        if component == "vae_decoder":
+            _verify_cases(conv, component, cases[component])
+        else:
+            inputs, refs = cases[component]
+            _verify(conv, component, [component], inputs, refs, None)
+
+
+CALIBRATION_SIDE = 256  # pixels: activation peaks of a VAE hardly depend on the image size; 16x cheaper than 1024
+
+
+def calibration_side(shapes: Shapes) -> tuple[int, int]:
+    f = shapes.width // shapes.latent[2]
+    return tuple(min(side, CALIBRATION_SIDE) // f * f for side in (shapes.height, shapes.width))
+
+
+def _fp16_safe_decoder(conv: Converter, rewrite, calibration: np.ndarray) -> None:
+    """Scale the decoder's big activations down where fp16 would overflow (conversion.vae_fp16)."""
+    from conversion.vae_fp16 import fp16_safe
+
+    with conv.timer("vae_decoder", "fp16 rescale"):
+        scales = fp16_safe(rewrite, calibration)
+    conv.extra_parity["vae_decoder"] = {"fp16_rescale": scales.to_dict()}
+    if not scales.identity:
+        log.info("VAE decoder: activations up to %.0f would overflow fp16; carried at scales %s (largest now %.1f)",
+                 max(scales.peaks.values()), scales.streams, scales.scaled_peak())
 
 
 # -- the whole model --------------------------------------------------------------------------

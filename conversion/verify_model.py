@@ -28,8 +28,8 @@ from coreml_sd import arrays
 from coreml_sd.components import KINDS, role
 from coreml_sd.errors import ModelError
 from coreml_sd.model_folder import ConvertedModel, Manifest
-from conversion.verify import (MIN_PSNR_DB, VERIFY_PROMPT, ParityResult, compare, package_runner, psnr,
-                               text_encoder_case, unet_case, vae_decoder_case, vae_encoder_case)
+from conversion.verify import (MIN_PSNR_DB, VERIFY_PROMPT, ParityResult, compare, package_runner, psnr, run_cases,
+                               text_encoder_case, unet_case, vae_decoder_cases, vae_encoder_case)
 
 COMPRESSED_MARGIN_DB = 1.0
 IMAGE = "image"
@@ -118,8 +118,8 @@ def _case(component: str, mods, source, manifest: Manifest):
     if kind == "unet":
         return unet_case(mods.unet, batch=manifest.batch, latent_shape=latent, context_dim=manifest.text_hidden_size,
                          extra=unet_extra_inputs(source, mods.unet.config, manifest.batch))
-    if kind == "vae_decoder":
-        return vae_decoder_case(mods.vae, latent_shape=latent)
+    if kind == "vae_decoder":  # [(label, inputs, references)]: seeded latents and a test image's
+        return vae_decoder_cases(mods.vae, latent_shape=latent)
     return vae_encoder_case(mods.vae, image_shape=(3, manifest.height, manifest.width))
 
 
@@ -139,12 +139,16 @@ def check_components(folder: ConvertedModel, source, options: VerifyOptions, rep
     with torch.inference_mode():
         for component, paths in manifest_packages(folder).items():
             module = mods.module(component).float()
-            inputs, refs = _case(component, mods, source, manifest)
+            case = _case(component, mods, source, manifest)
+            inputs, refs = (case, None) if isinstance(case, list) else case
             module.to(dtype)
             runner = package_runner(paths, options.compute_units)
             report.executor = runner.describe()
             report.packages[component] = ", ".join(p.name for p in paths)
-            outputs = _run(runner, inputs)
+            if isinstance(inputs, list):  # several cases, gated as one (as at conversion)
+                outputs, refs = run_cases(lambda feeds, r=runner: _run(r, feeds), inputs)
+            else:
+                outputs = _run(runner, inputs)
             del runner
             report.results[component] = compare(component, outputs, refs, executor=report.executor,
                                                 threshold_db=_expected(manifest, component, options.threshold_db))

@@ -20,7 +20,7 @@ import numpy as np
 from coreml_sd import arrays
 from coreml_sd.backends import Components, LoadOptions
 from coreml_sd.conditioning import Conditioning, TextEncoding
-from coreml_sd.errors import InputError
+from coreml_sd.errors import InputError, ModelError
 from coreml_sd.images import GenerationParams
 from coreml_sd.model_source import ModelSource
 from coreml_sd.rng import NoiseSource
@@ -222,7 +222,7 @@ class Pipeline:
             if self.reduce_memory:
                 self.components.release("unet")
             for i, x in latents:
-                image = to_pil(self.components["vae_decoder"].decode(x / self.info.scaling_factor))
+                image = to_pil(self._decode(x, i, seed + i))
                 extras = {**sampling_extras(sampler, **sampling), **prompt_extras(prompt_options),
                           **self.generation_extras(), **handoff.metadata()}
                 meta = GenerationParams(seed=seed + i, prompt=prompts[i], negative_prompt=negatives[i],
@@ -279,6 +279,13 @@ class Pipeline:
                     release()
         return x
 
+    def _decode(self, x, index: int, seed: int):
+        """Latents -> image (1, 3, H, W); values that are not finite are an error naming the component."""
+        check_finite(x, "unet", self.components, index, seed)
+        image = self.components["vae_decoder"].decode(x / self.info.scaling_factor)
+        check_finite(image, "vae_decoder", self.components, index, seed)
+        return image
+
     def generation_extras(self) -> dict[str, str]:
         extras = dict(self.source.generation_extras)
         extras["Backend"] = describe_runs_on(self.components.runs_on)
@@ -288,6 +295,18 @@ class Pipeline:
     def __call__(self, prompt: str, **kwargs) -> list[GeneratedImage]:
         """Generate and return the images (no progress)."""
         return [r for r in self.generate(prompt, **kwargs) if isinstance(r, GeneratedImage)]
+
+
+def check_finite(values, component: str, components: Components, index: int, seed: int) -> None:
+    """NaN or inf from a component is an error (never a black image written silently)."""
+    array = arrays.to_numpy(values)
+    if np.isfinite(array).all():
+        return
+    where = components.runs_on.get(component, "")
+    raise ModelError(f"the {component}{f' ({where})' if where else ''} returned {array.size - int(np.isfinite(array).sum())} "
+                     f"NaN/inf values of {array.size} for image {index + 1} (seed {seed}); no image was made. An fp16 "
+                     f"overflow is the usual cause: use --precision fp32 (torch), or convert the model again (this "
+                     f"version makes the VAE decoder fp16-safe)")
 
 
 def prompt_extras(options: PromptOptions) -> dict[str, str]:
