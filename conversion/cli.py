@@ -21,10 +21,11 @@ from coreml_sd.conversion_names import MIN_TARGETS
 from coreml_sd.conversion_names import WEIGHT_MODES as WEIGHTS
 
 COMPONENTS = tuple(KINDS)
-DEFAULT_COMPONENTS = "text_encoder,unet,vae_decoder"
 
 
-def _components(ctx, param, value: str) -> tuple[str, ...]:
+def _components(ctx, param, value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
     names = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
     bad = [n for n in names if n not in COMPONENTS]
     if bad or not names:
@@ -81,14 +82,18 @@ def _quiet_libraries(enabled: bool):
 @click.option("--min-target", type=click.Choice(MIN_TARGETS), default="macOS13", show_default=True,
               help="Oldest OS the packages must load on.")
 @click.option("--compile", "compile_", is_flag=True, help="Also write .mlmodelc folders (macOS only).")
-@click.option("--components", default=DEFAULT_COMPONENTS, show_default=True, callback=_components,
-              help=f"Which packages: {', '.join(COMPONENTS)}.")
+@click.option("--components", default=None, callback=_components,
+              help=f"Which packages: {', '.join(COMPONENTS)}. Default: the model's own (its text encoder(s), unet, "
+                   "vae_decoder; unet_refiner with --refiner).")
+@click.option("--refiner", type=click.Path(exists=True, path_type=Path), default=None,
+              help="An SDXL refiner whose UNet goes into the same folder as UnetRefiner (Apple's layout; it shares "
+                   "the base's TextEncoder2).")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @model_source_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 def convert(source, output, attention, width, height, batch, weights, precision, chunk_unet, min_target, compile_,
-            components, force, vae, loras, embeddings, hypernetwork, prediction_type, as_json, quiet):
+            components, refiner, force, vae, loras, embeddings, hypernetwork, prediction_type, as_json, quiet):
     """Convert SOURCE (a .safetensors/.ckpt checkpoint or a diffusers folder) into Core ML packages.
 
     Every package is checked against the torch model before the folder appears (PSNR >= 35 dB).
@@ -113,10 +118,12 @@ def convert(source, output, attention, width, height, batch, weights, precision,
     with _quiet_libraries(not verbose):
         model = open_model(source, **source_kwargs(vae=vae, loras=loras, embeddings=embeddings,
                                                    hypernetwork=hypernetwork, prediction_type=prediction_type))
+        refined = open_model(refiner) if refiner is not None else None
         if not quiet:
-            click.echo(f"converting {model.info.name} -> {output} ({', '.join(components)}; {attention}, {weights}, "
-                       f"batch {batch})", err=True)
-        result = convert_model(model, output, options, force=force, on_stage=show)
+            what = ", ".join(components) if components else f"{model.info.family} components"
+            click.echo(f"converting {model.info.name} -> {output} ({what}; {attention}, {weights}, batch {batch})",
+                       err=True)
+        result = convert_model(model, output, options, force=force, on_stage=show, refiner=refined)
     if as_json:
         click.echo(json.dumps({
             "path": str(result.path), "components": {k: v.to_dict() for k, v in result.manifest.components.items()},

@@ -39,9 +39,8 @@ from conversion.verify import MIN_PSNR_DB, ExtraIO, PackageRunner, ParityResult,
 log = logging.getLogger(__name__)
 
 COMPONENTS = tuple(KINDS)  # convertible components, in conversion order
-DEFAULT_COMPONENTS = ("text_encoder", "unet", "vae_decoder")  # a model's own list: its family's component_names
 # --weights compresses these; the VAE stays fp16 (small, and its errors show directly in pixels).
-COMPRESSIBLE = ("text_encoder", "unet")
+COMPRESSIBLE = ("text_encoder", "text_encoder_2", "unet", "unet_refiner")
 TEXT_LENGTH = 77
 PRECISIONS = ("fp16", "fp32")
 
@@ -57,7 +56,8 @@ class ConvertOptions:
     chunk_unet: bool = False
     min_target: str = "macOS13"
     compile: bool = False
-    components: tuple[str, ...] = DEFAULT_COMPONENTS
+    # None: the model's own (its family's text encoders, unet, vae_decoder; unet_refiner with a refiner)
+    components: tuple[str, ...] | None = None
     threshold_db: float = MIN_PSNR_DB
     # Rescale the VAE decoder's activations where fp16 would overflow (conversion.vae_fp16); off
     # only to show the failure it prevents.
@@ -70,7 +70,7 @@ class ConvertOptions:
                                    ("batch", self.batch, (1, 2))):
             if value not in valid:
                 raise ConversionError(f"{name} {value!r} is not supported; valid: {choices_text(valid)}")
-        unknown = [c for c in self.components if c not in COMPONENTS]
+        unknown = [c for c in self.components or () if c not in COMPONENTS]
         if unknown:
             raise ConversionError(f"unknown component {unknown[0]!r}; valid: {choices_text(COMPONENTS)}")
         if self.compile and sys.platform != "darwin":
@@ -290,32 +290,39 @@ def _dequantized_reference(conv: Converter, component: str, rewrite, dense: dict
         return _reference_outputs(rewrite, inputs, names)
 
 
-def convert_text_encoder(conv: Converter, mods, shapes: Shapes) -> None:
+def convert_text_encoder(conv: Converter, mods, component: str) -> None:
+    """One text encoder of the family (TextEncoder, TextEncoder2): the hidden state its spec feeds the
+    UNet (SDXL: `hidden_embeds`, the penultimate layer's) and its (projected) pooled output."""
     from conversion.ane import text_encoder_from_transformers
     from conversion.verify import text_encoder_case
 
-    module, mods.text_encoder = mods.text_encoder, None
-    with conv.timer("text_encoder", "reference"), in_fp32(module, conv.options):
-        inputs, refs = text_encoder_case(module, conv.source.tokenizer(), extra_words=list(conv.source.trigger_ids()))
-    rewrite = text_encoder_from_transformers(module, attention=conv.options.attention)
+    spec = conv.source.info.spec.text_encoder(component)
+    module = mods.module(component)
+    setattr(mods, component, None)
+    with conv.timer(component, "reference"), in_fp32(module, conv.options):
+        inputs, refs = text_encoder_case(module, conv.source.tokenizer(component), hidden_layer=spec.hidden_layer,
+                                         final_norm=spec.final_norm, extra_words=list(conv.source.trigger_ids()))
+    rewrite = text_encoder_from_transformers(module, attention=conv.options.attention, hidden_layer=spec.hidden_layer,
+                                             final_norm=spec.final_norm)
     del module
-    c = shapes.text_hidden
+    (hidden, hidden_ref), (pooled, pooled_ref) = refs.items()
     ins = [TensorIO("input_ids", (1, TEXT_LENGTH), "fp32")]
-    outs = [TensorIO("last_hidden_state", (1, TEXT_LENGTH, c), "fp32"), TensorIO("pooled_outputs", (1, c), "fp32")]
-    _, dense = conv.export("text_encoder", rewrite, lambda ops, ids: rewrite(ids, ops), ins, outs)
-    deq = _dequantized_reference(conv, "text_encoder", rewrite, dense, inputs, list(refs))
+    outs = [TensorIO(hidden, tuple(hidden_ref.shape), "fp32"), TensorIO(pooled, tuple(pooled_ref.shape), "fp32")]
+    _, dense = conv.export(component, rewrite, lambda ops, ids: rewrite(ids, ops), ins, outs)
+    deq = _dequantized_reference(conv, component, rewrite, dense, inputs, list(refs))
     del rewrite
     release_memory()
-    _verify(conv, "text_encoder", ["text_encoder"], inputs, refs, deq)
+    _verify(conv, component, [component], inputs, refs, deq)
 
 
-def convert_unet(conv: Converter, mods, shapes: Shapes) -> None:
+def convert_unet(conv: Converter, mods, shapes: Shapes, component: str = "unet", source: ModelSource | None = None) -> None:
+    """The UNet (or, as `unet_refiner` from the refiner's `source`, a refiner's: Apple's UnetRefiner)."""
     from conversion.ane import unet_from_diffusers
     from conversion.verify import unet_case
 
     module, mods.unet = mods.unet, None
-    extras = unet_extra_inputs(conv.source, module.config, shapes.batch)
-    with conv.timer("unet", "reference"), in_fp32(module, conv.options):
+    extras = unet_extra_inputs(source or conv.source, module.config, shapes.batch)
+    with conv.timer(component, "reference"), in_fp32(module, conv.options):
         inputs, refs = unet_case(module, batch=shapes.batch, latent_shape=shapes.latent,
                                  context_dim=shapes.text_hidden, extra=extras)
     rewrite = unet_from_diffusers(module, attention=conv.options.attention)
@@ -327,14 +334,15 @@ def convert_unet(conv: Converter, mods, shapes: Shapes) -> None:
            *(TensorIO(e.name, e.shape, p) for e in extras)]
     out = TensorIO("noise_pred", (b, *latent), "fp32")
     if conv.options.chunk_unet:
-        chain, dense = _export_unet_chunks(conv, rewrite, ins, out)
+        chain, dense = _export_unet_chunks(conv, rewrite, ins, out, component)
     else:
-        chain = ["unet"]
-        _, dense = conv.export("unet", rewrite, lambda ops, s, t, c, *x: [rewrite(s, t, c, *x, ops=ops)], ins, [out])
-    deq = _dequantized_reference(conv, "unet", rewrite, dense, inputs, list(refs))
+        chain = [component]
+        _, dense = conv.export(component, rewrite, lambda ops, s, t, c, *x: [rewrite(s, t, c, *x, ops=ops)], ins,
+                               [out])
+    deq = _dequantized_reference(conv, component, rewrite, dense, inputs, list(refs))
     del rewrite
     release_memory()
-    _verify(conv, "unet", chain, inputs, refs, deq)
+    _verify(conv, component, chain, inputs, refs, deq)
 
 
 def unet_extra_inputs(source: ModelSource, unet_config, batch: int) -> list[ExtraIO]:
@@ -362,7 +370,7 @@ def unet_extra_inputs(source: ModelSource, unet_config, batch: int) -> list[Extr
     return out
 
 
-def _export_unet_chunks(conv: Converter, rewrite, ins: list[TensorIO], out: TensorIO):
+def _export_unet_chunks(conv: Converter, rewrite, ins: list[TensorIO], out: TensorIO, component: str = "unet"):
     """UnetChunk1 (inputs -> features, time embedding, open skips) and UnetChunk2 (-> noise_pred)."""
     from conversion.ane.unet import UNetState, chunk_boundary
 
@@ -377,7 +385,7 @@ def _export_unet_chunks(conv: Converter, rewrite, ins: list[TensorIO], out: Tens
         return ([] if h_is_skip else [state.h]) + [state.emb, *state.skips]
 
     names = ([] if h_is_skip else ["hidden_states"]) + ["time_embedding"] + [f"skip_{i}" for i in range(open_skips)]
-    outs1, dense1 = conv.export("unet_chunk1", rewrite, first, ins,
+    outs1, dense1 = conv.export(f"{component}_chunk1", rewrite, first, ins,
                                 [TensorIO(n, None, conv.options.precision) for n in names])
 
     def second(ops, *values):
@@ -386,8 +394,8 @@ def _export_unet_chunks(conv: Converter, rewrite, ins: list[TensorIO], out: Tens
         emb, skips = values[0], tuple(values[1:])
         return [rewrite.run(UNetState(h, emb, skips), context, stages[k:], ops).h]
 
-    _, dense2 = conv.export("unet_chunk2", rewrite, second, outs1 + [ins[2]], [out])
-    return ["unet_chunk1", "unet_chunk2"], {**dense1, **dense2}
+    _, dense2 = conv.export(f"{component}_chunk2", rewrite, second, outs1 + [ins[2]], [out])
+    return [f"{component}_chunk1", f"{component}_chunk2"], {**dense1, **dense2}
 
 
 def convert_vae(conv: Converter, mods, shapes: Shapes, components: list[str]) -> None:
@@ -450,16 +458,37 @@ def _fp16_safe_decoder(conv: Converter, rewrite, calibration: np.ndarray) -> Non
 
 
 # -- the whole model --------------------------------------------------------------------------
+def model_components(source: ModelSource, options: ConvertOptions, refiner: ModelSource | None) -> list[str]:
+    """The components to convert, in conversion order: those asked for, else the model's own."""
+    own = source.info.spec.component_names + (("unet_refiner",) if refiner is not None else ())
+    wanted = options.components or own
+    convertible = set(own) | {"vae_encoder"}
+    bad = [c for c in wanted if c not in convertible]
+    if bad:
+        hint = " (a refiner's UNet: pass the refiner with --refiner FILE)" if bad[0] == "unet_refiner" else ""
+        raise ConversionError(f"a {source.info.family} model has no {bad[0]} to convert{hint}; its components: "
+                              f"{choices_text(c for c in COMPONENTS if c in convertible)}")
+    return [c for c in COMPONENTS if c in wanted]
+
+
 def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = ConvertOptions(), *,
-                  force: bool = False, on_stage: Callable[[StageRecord], None] | None = None) -> ConversionResult:
-    """Convert `source` into a verified model folder at `out_dir` (see the module docstring)."""
+                  force: bool = False, on_stage: Callable[[StageRecord], None] | None = None,
+                  refiner: ModelSource | None = None) -> ConversionResult:
+    """Convert `source` into a verified model folder at `out_dir` (see the module docstring). `refiner`:
+    an SDXL refiner whose UNet goes into the same folder as UnetRefiner (Apple's layout: it shares the
+    base's TextEncoder2, so its text encoder must be the base's)."""
     import torch
 
     options.validate()
     _check_source(source)
     target = check_target(Path(out_dir), force=force)
     timer = StageTimer(on_stage)
-    components = [c for c in COMPONENTS if c in options.components]
+    components = model_components(source, options, refiner)
+    if refiner is not None:
+        _check_source(refiner)
+        from coreml_sd.refiner import check_compatible
+
+        check_compatible(source.info, refiner.info)
     with atomic_folder(target, force=force) as folder:
         with timer("model", "load"):
             mods = source.torch_modules(device="cpu", dtype=options.torch_dtype)
@@ -470,25 +499,59 @@ def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = 
             log.warning("--weights %s compresses only %s; none of them is converted", options.weights,
                         choices_text(COMPRESSIBLE))
         conv = Converter(source, folder, options, timer)
+        shared = {}  # digests of the base's text encoders a refiner must share
         with torch.no_grad():
-            if "text_encoder" in components:
-                convert_text_encoder(conv, mods, shapes)
+            for spec in source.info.spec.text_encoders:
+                if refiner is not None and mods.module(spec.component) is not None:
+                    shared[spec.component] = module_digest(mods.module(spec.component))
+                if spec.component in components:
+                    convert_text_encoder(conv, mods, spec.component)
             vae_parts = [c for c in components if c.startswith("vae_")]
             if vae_parts:
                 convert_vae(conv, mods, shapes, vae_parts)
-            mods.vae = mods.text_encoder = None
+            mods.vae = mods.text_encoder = mods.text_encoder_2 = None
             release_memory()
             if "unet" in components:
                 convert_unet(conv, mods, shapes)
-        del mods
-        gc.collect()
+            del mods
+            gc.collect()
+            refined = convert_refiner(conv, refiner, shapes, shared) if "unet_refiner" in components else {}
         if options.compile:
             _compile_all(conv)
         with timer("model", "write"):
-            manifest = _manifest(conv, shapes, source_record(source))
+            manifest = _manifest(conv, shapes, source_record(source), refined)
             _copy_tokenizer(source, folder)
             manifest.write(folder)
     return ConversionResult(target, manifest, conv.parity, timer.records, timer.summary())
+
+
+def module_digest(module) -> str:
+    """sha256 of a module's parameter names and bytes (to tell whether two text encoders are the same)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().contiguous().cpu().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def convert_refiner(conv: Converter, refiner: ModelSource, shapes: Shapes, shared: dict[str, str]) -> dict:
+    """The refiner's UNet as UnetRefiner; its text encoders must be packages of this folder already."""
+    info = refiner.info
+    with conv.timer("unet_refiner", "load"):
+        mods = refiner.torch_modules(device="cpu", dtype=conv.options.torch_dtype)
+    for spec in info.spec.text_encoders:
+        if shared.get(spec.component) != module_digest(mods.module(spec.component)):
+            raise ConversionError(f"the refiner's {spec.component} differs from {conv.source.info.name}'s; in Apple's "
+                                  f"layout the refiner uses the base's, so convert the refiner into a folder of its "
+                                  f"own and give it at generation with --refiner FOLDER")
+        setattr(mods, spec.component, None)
+    mods.vae = None
+    release_memory()
+    convert_unet(conv, mods, replace(shapes, text_hidden=info.text_hidden_size), "unet_refiner", refiner)
+    return {"name": info.name, "family": info.family, "hash": info.hash, "scheduler": info.scheduler.to_dict(),
+            "text_hidden_size": info.text_hidden_size, "pad_token": info.pad_token, "source": source_record(refiner)}
 
 
 def _compile_all(conv: Converter) -> None:
@@ -504,7 +567,7 @@ def _copy_tokenizer(source: ModelSource, folder: Path) -> None:
     shutil.copyfile(files.merges, folder / "merges.txt")
 
 
-def _manifest(conv: Converter, shapes: Shapes, source: dict) -> Manifest:
+def _manifest(conv: Converter, shapes: Shapes, source: dict, refiner: dict | None = None) -> Manifest:
     info, opts = conv.source.info, conv.options
     packages = {k: replace(v, psnr_db=round(conv.parity[_parity_key(k)].min_psnr_db, 2))
                 for k, v in conv.packages.items()}
@@ -520,6 +583,7 @@ def _manifest(conv: Converter, shapes: Shapes, source: dict) -> Manifest:
         weights=opts.weights, precision=opts.precision, min_target=opts.min_target, components=packages, pad_token=info.pad_token,
         max_length=TEXT_LENGTH, trigger_words=conv.source.trigger_ids(), source=source,
         tools=tool_versions(), parity=parity, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        refiner=refiner or {},
     )
 
 

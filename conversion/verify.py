@@ -96,18 +96,31 @@ def _randn(shape: Sequence[int], seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(tuple(shape)).astype(np.float32)
 
 
-def text_encoder_case(module, tokenizer, *, extra_words: Sequence[str] = ()):
+def hidden_output_name(hidden_layer: int = -1, final_norm: bool = True) -> str:
+    """The text encoder package's hidden-state output, as Apple names it: the last layer's after the
+    final norm is `last_hidden_state` (SD 1.x/2.x); another (SDXL's penultimate, raw) `hidden_embeds`."""
+    return "last_hidden_state" if hidden_layer == -1 and final_norm else "hidden_embeds"
+
+
+def text_encoder_case(module, tokenizer, *, extra_words: Sequence[str] = (), hidden_layer: int = -1,
+                      final_norm: bool = True):
     """(package inputs, references) for the text encoder: a real prompt's token ids.
 
     `extra_words` (e.g. textual-inversion trigger words) are appended so their vectors are checked.
+    `hidden_layer`/`final_norm`: the hidden state the family feeds the UNet (a TextEncoderSpec's);
+    the pooled output is the projected one (`text_embeds`) where the module has a projection.
     """
     import torch
 
     ids = np.asarray([tokenizer(" ".join([VERIFY_PROMPT, *extra_words]))], dtype=np.int64)
     with torch.inference_mode():
-        out = module(torch.from_numpy(ids))
-    refs = {"last_hidden_state": out.last_hidden_state.float().numpy(),
-            "pooled_outputs": out.pooler_output.float().numpy()}
+        out = module(torch.from_numpy(ids), output_hidden_states=True)
+        hidden = out.hidden_states[hidden_layer]
+        if final_norm:
+            hidden = getattr(module, "text_model", module).final_layer_norm(hidden)
+    pooled = getattr(out, "text_embeds", None)
+    refs = {hidden_output_name(hidden_layer, final_norm): hidden.float().numpy(),
+            "pooled_outputs": (out.pooler_output if pooled is None else pooled).float().numpy()}
     return {"input_ids": ids.astype(np.float32)}, refs
 
 

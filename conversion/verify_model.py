@@ -96,6 +96,17 @@ def open_source(manifest: Manifest, against: str | Path | None):
     return open_model(path, **modifiers)
 
 
+def open_refiner_source(manifest: Manifest):
+    """The refiner a folder's UnetRefiner was converted from (manifest.refiner's source record)."""
+    from coreml_sd.sources import open_model
+
+    record = (manifest.refiner or {}).get("source") or {}
+    path = record.get("path")
+    if not path or not Path(path).exists():
+        raise ModelError(f"the manifest's refiner source {path or '(none recorded)'} is not there")
+    return open_model(path, **dict(record.get("modifiers") or {}))
+
+
 def _expected(manifest: Manifest, component: str, threshold: float) -> float:
     """The component's pass mark: the threshold, or for a compressed package what the conversion
     measured against the source (less a margin), whichever is lower."""
@@ -113,10 +124,12 @@ def _case(component: str, mods, source, manifest: Manifest):
               manifest.width // manifest.vae_scale_factor)
     kind = role(component)
     if kind == "text_encoder":  # textual-inversion words baked in: checked too
+        spec = source.info.spec.text_encoder(component)
         return text_encoder_case(mods.module(component), source.tokenizer(component),
-                                 extra_words=list(source.trigger_ids()))
-    if kind == "unet":
-        return unet_case(mods.unet, batch=manifest.batch, latent_shape=latent, context_dim=manifest.text_hidden_size,
+                                 extra_words=list(source.trigger_ids()), hidden_layer=spec.hidden_layer,
+                                 final_norm=spec.final_norm)
+    if kind == "unet":  # the base's, or (unet_refiner) the refiner's from its own source
+        return unet_case(mods.unet, batch=manifest.batch, latent_shape=latent, context_dim=source.info.text_hidden_size,
                          extra=unet_extra_inputs(source, mods.unet.config, manifest.batch))
     if kind == "vae_decoder":  # [(label, inputs, references)]: seeded latents and a test image's
         return vae_decoder_cases(mods.vae, latent_shape=latent)
@@ -137,21 +150,25 @@ def check_components(folder: ConvertedModel, source, options: VerifyOptions, rep
     # Loaded in the package precision, then computed in fp32: the weights the package stores.
     mods = source.torch_modules(device="cpu", dtype=dtype)
     with torch.inference_mode():
-        for component, paths in manifest_packages(folder).items():
-            module = mods.module(component).float()
-            case = _case(component, mods, source, manifest)
+        for entry, paths in manifest_packages(folder).items():
+            src, m, component = source, mods, entry
+            if entry == "unet_refiner":  # the refiner's UNet, against the refiner's recorded source
+                src = open_refiner_source(manifest)
+                m, component = src.torch_modules(device="cpu", dtype=dtype), "unet"
+            module = m.module(component).float()
+            case = _case(component, m, src, manifest)
             inputs, refs = (case, None) if isinstance(case, list) else case
             module.to(dtype)
             runner = package_runner(paths, options.compute_units)
             report.executor = runner.describe()
-            report.packages[component] = ", ".join(p.name for p in paths)
+            report.packages[entry] = ", ".join(p.name for p in paths)
             if isinstance(inputs, list):  # several cases, gated as one (as at conversion)
                 outputs, refs = run_cases(lambda feeds, r=runner: _run(r, feeds), inputs)
             else:
                 outputs = _run(runner, inputs)
-            del runner
-            report.results[component] = compare(component, outputs, refs, executor=report.executor,
-                                                threshold_db=_expected(manifest, component, options.threshold_db))
+            del runner, m
+            report.results[entry] = compare(entry, outputs, refs, executor=report.executor,
+                                            threshold_db=_expected(manifest, entry, options.threshold_db))
 
 
 def check_image(folder: ConvertedModel, source, options: VerifyOptions, report: VerifyReport) -> None:

@@ -30,12 +30,17 @@ KINDS: dict[str, ComponentKind] = {k.name: k for k in (
     ComponentKind("text_encoder", "text_encoder", "TextEncoder"),
     ComponentKind("text_encoder_2", "text_encoder", "TextEncoder2"),
     ComponentKind("unet", "unet", "Unet", chunks=("UnetChunk1", "UnetChunk2")),
+    # SDXL's refiner UNet beside the base's in one folder (Apple's layout); it shares TextEncoder2.
+    ComponentKind("unet_refiner", "unet", "UnetRefiner", chunks=("UnetRefinerChunk1", "UnetRefinerChunk2")),
     ComponentKind("vae_decoder", "vae_decoder", "VAEDecoder"),
     ComponentKind("vae_encoder", "vae_encoder", "VAEEncoder"),
 )}
-# Manifest entries of a chunked UNet: unet_chunk1, unet_chunk2 -> UnetChunk1, UnetChunk2.
-CHUNK_ENTRIES = {f"unet_chunk{i + 1}": name for i, name in enumerate(KINDS["unet"].chunks)}
-PACKAGE_NAMES: dict[str, str] = {**{k.name: k.package for k in KINDS.values()}, **CHUNK_ENTRIES}
+# Manifest entries of chunked components: unet_chunk1, unet_chunk2 -> UnetChunk1, UnetChunk2 (and the refiner's).
+CHUNKS: dict[str, dict[str, str]] = {k.name: {f"{k.name}_chunk{i + 1}": name for i, name in enumerate(k.chunks)}
+                                     for k in KINDS.values() if k.chunks}
+CHUNK_ENTRIES = CHUNKS["unet"]
+PACKAGE_NAMES: dict[str, str] = {**{k.name: k.package for k in KINDS.values()},
+                                 **{e: n for entries in CHUNKS.values() for e, n in entries.items()}}
 
 
 def kind(name: str) -> ComponentKind:
@@ -49,8 +54,8 @@ def role(name: str) -> str:
 
 
 def entry_component(entry: str) -> str:
-    """The component a manifest entry belongs to (unet_chunk1 -> unet)."""
-    return "unet" if entry in CHUNK_ENTRIES else entry
+    """The component a manifest entry belongs to (unet_chunk1 -> unet, unet_refiner_chunk2 -> unet_refiner)."""
+    return next((c for c, entries in CHUNKS.items() if entry in entries), entry)
 
 
 def required_components(family, *, image_input: bool = False) -> tuple[str, ...]:

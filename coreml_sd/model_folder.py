@@ -14,11 +14,11 @@ the runtime opens for such a folder. Nothing here imports torch or coremltools.
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from coreml_sd.components import CHUNK_ENTRIES, PACKAGE_NAMES, TensorSpec, entry_component
+from coreml_sd.components import CHUNKS, PACKAGE_NAMES, TensorSpec, entry_component
 from coreml_sd.config import SchedulerConfig, read_json
 from coreml_sd.errors import BackendUnavailable, ModelError, choices_text
 from coreml_sd.families import family_names, get_family
@@ -90,6 +90,9 @@ class Manifest:
     tools: dict[str, str] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)  # threshold, executor, per-component figures
     created: str = ""
+    # A refiner UNet converted into this folder (UnetRefiner, Apple's SDXL layout; it shares the
+    # folder's TextEncoder2): its family, name, hash, scheduler, text width and source record.
+    refiner: dict[str, Any] = field(default_factory=dict)
 
     @property
     def prediction_type(self) -> str:
@@ -97,7 +100,10 @@ class Manifest:
 
     @property
     def chunked(self) -> bool:
-        return set(CHUNK_ENTRIES) <= set(self.components)
+        return self.is_chunked("unet")
+
+    def is_chunked(self, component: str) -> bool:
+        return component in CHUNKS and set(CHUNKS[component]) <= set(self.components)
 
     def to_dict(self) -> dict:
         out = {"format": FORMAT, "format_version": FORMAT_VERSION}
@@ -143,9 +149,10 @@ class Manifest:
         if unknown:
             raise ModelError(f"{where}: unknown component(s) {', '.join(unknown)}; "
                              f"valid: {choices_text(PACKAGE_NAMES)}")
-        chunks = set(CHUNK_ENTRIES) & set(self.components)
-        if chunks and chunks != set(CHUNK_ENTRIES):
-            raise ModelError(f"{where}: a chunked UNet needs both {' and '.join(CHUNK_ENTRIES)}")
+        for entries in CHUNKS.values():
+            chunks = set(entries) & set(self.components)
+            if chunks and chunks != set(entries):
+                raise ModelError(f"{where}: a chunked UNet needs both {' and '.join(entries)}")
 
     def has(self, component: str) -> bool:
         return any(entry_component(e) == component for e in self.components)
@@ -229,8 +236,8 @@ class ConvertedModel(SourceBase):
         return self.manifest.has(component)
 
     def _entries(self, component: str) -> list[str]:
-        if component == "unet" and self.manifest.chunked:
-            return list(CHUNK_ENTRIES)
+        if self.manifest.is_chunked(component):
+            return list(CHUNKS[component])
         if component not in self.manifest.components:
             raise BackendUnavailable(f"{self.path.name} has no {component} package; it has "
                                      f"{choices_text(self.manifest.components)}")
@@ -247,6 +254,12 @@ class ConvertedModel(SourceBase):
             compiled = self.manifest.components[e].compiled
             out.append(self.path / compiled if compiled and (self.path / compiled).is_dir() else None)
         return out
+
+    def refiner_source(self) -> "ConvertedRefiner | None":
+        """The refiner converted into this folder (UnetRefiner), as a model source of its own family."""
+        if not self.manifest.refiner or not self.manifest.has("unet_refiner"):
+            return None
+        return ConvertedRefiner(self)
 
     def tokenizer(self, component: str = "text_encoder") -> CLIPTokenizer:
         tok = CLIPTokenizer(self.info.tokenizer_files, pad_token=pad_token(self.info, component),
@@ -272,3 +285,66 @@ class ConvertedModel(SourceBase):
             raise BackendUnavailable(f"{self.path.name}: {reason}")
         origin = self.origin
         return self._reopen(origin.path, **origin.modifiers).torch_modules(device=device, dtype=dtype)
+
+
+class ConvertedRefiner(SourceBase):
+    """The refiner of a converted SDXL folder: its UnetRefiner package as the "unet", and the folder's
+    text encoder packages its family needs (TextEncoder2, shared with the base as in Apple's layout)."""
+
+    def __init__(self, base: ConvertedModel):
+        self.base, self.path = base, base.path
+        record = base.manifest.refiner
+        self.manifest = base.manifest
+        self.info = replace(base.info, name=str(record.get("name", "refiner")), family=str(record["family"]),
+                            scheduler=SchedulerConfig.from_dict(record["scheduler"]), hash=record.get("hash"),
+                            text_hidden_size=int(record["text_hidden_size"]), pad_token=self.info_pad(record))
+        missing = [t.component for t in self.info.spec.text_encoders if not base.has(t.component)]
+        if missing:
+            raise ModelError(f"{self.path}: its refiner needs the {', '.join(missing)} package, which is not there")
+        self.packages = self
+        self.generation_extras = {}
+
+    @staticmethod
+    def info_pad(record: Mapping[str, Any]) -> str:
+        return str(record.get("pad_token") or get_family(record["family"]).text_encoders[0].pad_token)
+
+    @property
+    def batch(self) -> int:
+        return self.base.batch
+
+    def _entry(self, component: str) -> str:
+        return "unet_refiner" if component == "unet" else component
+
+    def has(self, component: str) -> bool:
+        return self.base.has(self._entry(component))
+
+    def package_paths(self, component: str) -> list[Path]:
+        return self.base.package_paths(self._entry(component))
+
+    def compiled_paths(self, component: str) -> list[Path | None]:
+        return self.base.compiled_paths(self._entry(component))
+
+    def tokenizer(self, component: str = "text_encoder_2") -> CLIPTokenizer:
+        return self.base.tokenizer(component)
+
+    def trigger_ids(self) -> dict[str, list[int]]:
+        return self.base.trigger_ids()  # the shared text encoder package has the base's embeddings baked in
+
+    @property
+    def origin(self) -> Origin:
+        src = self.manifest.refiner.get("source") or {}
+        return Origin(Path(src.get("path") or self.path), src.get("kind", "coreml"), src.get("hash"),
+                      dict(src.get("modifiers") or {}))
+
+    def torch_unavailable(self) -> str | None:
+        path = (self.manifest.refiner.get("source") or {}).get("path")
+        if self.base._reopen is None or not path or not Path(path).exists():
+            return f"torch needs the refiner's source model, and {path or '(none recorded)'} is not there"
+        return None
+
+    def torch_modules(self, *, device: str, dtype: Any) -> TorchModules:
+        reason = self.torch_unavailable()
+        if reason is not None:
+            raise BackendUnavailable(f"{self.path.name}: {reason}")
+        origin = self.origin
+        return self.base._reopen(origin.path, **origin.modifiers).torch_modules(device=device, dtype=dtype)

@@ -327,4 +327,4 @@ def test_cli_choices_match_the_library():
     assert cli.ATTENTIONS == ATTENTION_IMPLEMENTATIONS
     assert cli.WEIGHTS == export.WEIGHT_MODES and cli.MIN_TARGETS == export.MIN_TARGETS
     assert set(cli.COMPONENTS) <= set(convert.COMPONENTS)
-    assert tuple(cli.DEFAULT_COMPONENTS.split(",")) == convert.DEFAULT_COMPONENTS
+    assert convert.ConvertOptions().components is None  # the model's own: its family's component names
