@@ -14,13 +14,13 @@ from pathlib import Path
 import click
 
 from coreml_sd.cli_checkpoint import model_source_options, source_kwargs
-from coreml_sd.components import KINDS
+from coreml_sd.components import FOLDER_KINDS
 # The choices' one (light) owner, so `--help` needs no torch or coremltools import.
 from coreml_sd.conversion_names import ATTENTION_IMPLEMENTATIONS as ATTENTIONS
 from coreml_sd.conversion_names import MIN_TARGETS
 from coreml_sd.conversion_names import WEIGHT_MODES as WEIGHTS
 
-COMPONENTS = tuple(KINDS)
+COMPONENTS = tuple(FOLDER_KINDS)
 
 
 def _components(ctx, param, value: str | None) -> tuple[str, ...] | None:

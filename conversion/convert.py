@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from coreml_sd.components import KINDS, PACKAGE_NAMES, TensorSpec, entry_component
+from coreml_sd.components import FOLDER_KINDS, PACKAGE_NAMES, TensorSpec, entry_component
 from coreml_sd.errors import choices_text
 from coreml_sd.families import PROVIDER_WIDTHS
 from coreml_sd.model_folder import Manifest, PackageInfo
@@ -38,7 +38,7 @@ from conversion.verify import MIN_PSNR_DB, ExtraIO, PackageRunner, ParityResult,
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = tuple(KINDS)  # convertible components, in conversion order
+COMPONENTS = tuple(FOLDER_KINDS)  # convertible components, in conversion order
 # --weights compresses these; the VAE stays fp16 (small, and its errors show directly in pixels).
 COMPRESSIBLE = ("text_encoder", "text_encoder_2", "unet", "unet_refiner")
 TEXT_LENGTH = 77
@@ -215,19 +215,59 @@ def _set_weights(module, dense: dict[str, np.ndarray]) -> None:
 
 
 @contextlib.contextmanager
-def in_fp32(module, options: ConvertOptions) -> Iterator[Any]:
-    """The upstream module computing in fp32 for its reference, then back in the package precision.
+def in_fp32(module, options: ConvertOptions, *, layerwise: bool = True) -> Iterator[Any]:
+    """The upstream module computing in fp32 for its reference, its weights as the package stores them.
 
     Weights were loaded in the package precision (fp16: half the memory of fp32 for the whole
-    conversion), so the upcast is exact and so is the way back: the reference is the upstream
-    model with the weights the package stores, computed in fp32.
+    conversion), so their fp32 values are exact upcasts. `layerwise`: each layer's own weights are
+    upcast just for its forward and the fp16 originals put back after (`layerwise_fp32`), so an
+    SDXL UNet (5.1 GB in fp16) never exists as a 10.3 GB fp32 copy; otherwise the whole module is
+    upcast and cast back (modules that read their own dtype, as diffusers' VAE decoder does).
     """
+    if options.precision == "fp32":
+        yield module
+        return
+    if layerwise:
+        with layerwise_fp32(module):
+            yield module
+        return
     module.float()
     try:
         yield module
     finally:
         options.cast(module)
         release_memory()
+
+
+@contextlib.contextmanager
+def layerwise_fp32(module) -> Iterator[Any]:
+    """`module` computing in fp32 with only the running layer's weights in fp32 (see `in_fp32`)."""
+    import torch
+
+    saved: dict[int, list] = {}
+
+    def upcast(mod, args):
+        originals = []
+        for name, tensor in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
+            if tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float32:
+                originals.append((tensor, tensor.data))
+                tensor.data = tensor.data.float()
+        saved.setdefault(id(mod), []).append(originals)
+
+    def restore(mod, args, output):
+        for tensor, data in saved[id(mod)].pop():
+            tensor.data = data  # the very fp16 storage (a memory-mapped file's pages stay shared)
+
+    handles = []
+    for sub in module.modules():
+        if any(True for _ in sub.parameters(recurse=False)) or any(
+                b.is_floating_point() for b in sub.buffers(recurse=False)):
+            handles += [sub.register_forward_pre_hook(upcast), sub.register_forward_hook(restore)]
+    try:
+        yield module
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _spec(io: TensorIO) -> TensorSpec:
@@ -407,7 +447,7 @@ def convert_vae(conv: Converter, mods, shapes: Shapes, components: list[str]) ->
     c, h, w = shapes.latent
     cases, calibration = {}, None
     fix = conv.options.vae_fp16_fix and conv.options.precision == "fp16"
-    with in_fp32(vae, conv.options):
+    with in_fp32(vae, conv.options, layerwise=False):  # diffusers' decoder casts to its own dtype
         for component in components:
             with conv.timer(component, "reference"):
                 if component == "vae_decoder":

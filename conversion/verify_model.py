@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from coreml_sd import arrays
-from coreml_sd.components import KINDS, role
+from coreml_sd.components import FOLDER_KINDS, role
 from coreml_sd.errors import ModelError
 from coreml_sd.model_folder import ConvertedModel, Manifest
 from conversion.verify import (MIN_PSNR_DB, VERIFY_PROMPT, ParityResult, compare, package_runner, psnr, run_cases,
@@ -138,7 +138,7 @@ def _case(component: str, mods, source, manifest: Manifest):
 
 def manifest_packages(folder: ConvertedModel) -> dict[str, list[Path]]:
     """component -> its package path(s) (a chunked UNet: both chunks, in order), as converted."""
-    return {c: folder.package_paths(c) for c in KINDS if folder.has(c)}
+    return {c: folder.package_paths(c) for c in FOLDER_KINDS if folder.has(c)}
 
 
 def check_components(folder: ConvertedModel, source, options: VerifyOptions, report: VerifyReport) -> None:

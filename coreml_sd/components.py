@@ -30,16 +30,18 @@ KINDS: dict[str, ComponentKind] = {k.name: k for k in (
     ComponentKind("text_encoder", "text_encoder", "TextEncoder"),
     ComponentKind("text_encoder_2", "text_encoder", "TextEncoder2"),
     ComponentKind("unet", "unet", "Unet", chunks=("UnetChunk1", "UnetChunk2")),
-    # SDXL's refiner UNet beside the base's in one folder (Apple's layout); it shares TextEncoder2.
-    ComponentKind("unet_refiner", "unet", "UnetRefiner", chunks=("UnetRefinerChunk1", "UnetRefinerChunk2")),
     ComponentKind("vae_decoder", "vae_decoder", "VAEDecoder"),
     ComponentKind("vae_encoder", "vae_encoder", "VAEEncoder"),
 )}
+# What a converted folder may hold beyond the runtime kinds: SDXL's refiner UNet beside the base's
+# (Apple's layout; it shares TextEncoder2), loaded as the "unet" of the folder's refiner source.
+FOLDER_KINDS: dict[str, ComponentKind] = {**KINDS, "unet_refiner": ComponentKind(
+    "unet_refiner", "unet", "UnetRefiner", chunks=("UnetRefinerChunk1", "UnetRefinerChunk2"))}
 # Manifest entries of chunked components: unet_chunk1, unet_chunk2 -> UnetChunk1, UnetChunk2 (and the refiner's).
 CHUNKS: dict[str, dict[str, str]] = {k.name: {f"{k.name}_chunk{i + 1}": name for i, name in enumerate(k.chunks)}
-                                     for k in KINDS.values() if k.chunks}
+                                     for k in FOLDER_KINDS.values() if k.chunks}
 CHUNK_ENTRIES = CHUNKS["unet"]
-PACKAGE_NAMES: dict[str, str] = {**{k.name: k.package for k in KINDS.values()},
+PACKAGE_NAMES: dict[str, str] = {**{k.name: k.package for k in FOLDER_KINDS.values()},
                                  **{e: n for entries in CHUNKS.values() for e, n in entries.items()}}
 
 
