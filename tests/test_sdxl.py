@@ -266,3 +266,14 @@ def test_generate_cli_with_a_refiner(xl, tmp_path):
     bad = CliRunner().invoke(main, ["generate", PROMPT, "--model", str(xl["file"]), "--refiner-switch", "0",
                                     "-o", str(out)])
     assert bad.exit_code == 2 and "refiner-switch" in bad.output
+
+
+def test_refiner_with_reduce_memory_gives_the_same_image(xl):
+    """--reduce-memory: each UNet is loaded for its part of the schedule and released after."""
+    kwargs = dict(seed=9, steps=6, sampler="dpmpp_2m", refiner_switch=0.5)
+    eager = ours(xl["file"], refiner=xl["refiner_folder"])(PROMPT, **kwargs)[0]
+    pipe = ours(xl["file"], refiner=xl["refiner_folder"], reduce_memory=True)
+    lean = pipe(PROMPT, **kwargs)[0]
+    np.testing.assert_array_equal(lean.latents, eager.latents)
+    assert not pipe.components.parts["unet"].is_loaded
+    assert not pipe.refiner.pipeline.components.parts["unet"].is_loaded
