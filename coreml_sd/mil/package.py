@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from coreml_sd.components import TensorSpec
 from coreml_sd.errors import ModelError, choices_text
 from coreml_sd.quiet_imports import import_coremltools
@@ -144,12 +146,69 @@ def _check_weight_files(path: Path, program, weights_dir: Path) -> None:
 
 
 def _milproto_load(path: Path, spec, weights_dir: Path):
-    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+    from coremltools.converters.mil.frontend.milproto import load as milproto
 
+    original = milproto._load_file_value
+    reader = Fp16BlobReader(weights_dir)
+
+    def load_file_value(context, filevalue_spec, dtype):
+        if reader.handles(dtype):
+            return reader.read(filevalue_spec)
+        return original(context, filevalue_spec, dtype)
+
+    # coremltools' own blob reader maps the whole weight file and keeps every page it read resident
+    # until the load ends: with the copies it returns, twice the weights (a 10 GB peak for SDXL's
+    # UNet). fp16 weights (all of a converted model's) are read here instead, one copy each.
+    milproto._load_file_value = load_file_value
     try:
-        return milproto_load(spec, specification_version=spec.specificationVersion, file_weights_dir=str(weights_dir))
+        return milproto.load(spec, specification_version=spec.specificationVersion, file_weights_dir=str(weights_dir))
+    except ModelError:
+        raise
     except Exception as exc:  # coremltools raises bare ValueError/RuntimeError/AssertionError here
         raise ModelError(f"{path}: the ML program or its weights could not be read: {type(exc).__name__}: {exc}") from exc
+    finally:
+        milproto._load_file_value = original
+        reader.close()
+
+
+class Fp16BlobReader:
+    """fp16 weights of MIL blob storage files (weight.bin): at a blob's offset a 64-byte record —
+    sentinel 0xDEADBEEF, data type (1: fp16), size in bytes, data offset — then the data there."""
+
+    SENTINEL, FP16 = 0xDEADBEEF, 1
+
+    def __init__(self, weights_dir: Path):
+        self.weights_dir, self.files = Path(weights_dir), {}
+
+    @staticmethod
+    def handles(dtype) -> bool:
+        from coremltools.converters.mil.mil import types
+
+        return dtype == types.fp16
+
+    def read(self, blob) -> np.ndarray:
+        import struct
+
+        name = blob.fileName.split("/")[-1]
+        if name not in self.files:
+            self.files[name] = open(self.weights_dir / name, "rb")
+        fh = self.files[name]
+        fh.seek(blob.offset)
+        record = fh.read(24)
+        sentinel, dtype, size, data_offset = struct.unpack("<IIQQ", record) if len(record) == 24 else (0, 0, 0, 0)
+        if sentinel != self.SENTINEL or dtype != self.FP16 or size % 2:
+            raise ModelError(f"{self.weights_dir / name}: no fp16 weight record at offset {blob.offset} "
+                             f"(sentinel {sentinel:#x}, type {dtype}, {size} bytes)")
+        fh.seek(data_offset)
+        values = np.fromfile(fh, dtype="<f2", count=size // 2)
+        if values.size * 2 != size:
+            raise ModelError(f"{self.weights_dir / name} is truncated: the weight at {data_offset} needs {size} bytes")
+        return values
+
+    def close(self) -> None:
+        for fh in self.files.values():
+            fh.close()
+        self.files.clear()
 
 
 def _tensor_spec(name: str, var) -> TensorSpec:
