@@ -46,9 +46,10 @@ def make_file(path: Path) -> None:
     gen = torch.Generator().manual_seed(0)
     tensors = {k: (torch.randn(t.shape, generator=gen) * 0.02).half() for k, t in meta.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "note": "random weights, SD 1.5 shapes"})
-    os.replace(tmp, path)
+    from coreml_sd.outputs import replacing
+
+    with replacing(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "note": "random weights, SD 1.5 shapes"})
 
 
 def evict(path: Path) -> None:

@@ -48,33 +48,31 @@ def make_source(kind: str, work: Path, model: str = "sd15") -> Path:
 
 
 def _build(kind: str, path: str, model: str = "sd15") -> None:
-    target = Path(path)
-    tmp = target.with_name(target.name + ".partial")
+    # Both writers publish atomically themselves.
     if model == "sdxl":
-        _build_sdxl(kind, tmp)
+        _build_sdxl(kind, Path(path))
     elif kind == "file":
         from benchmarks.common import sd15_text_encoder, sd15_unet, sd15_vae
         from coreml_sd.checkpoint.writer import write_original_checkpoint
 
-        write_original_checkpoint(sd15_text_encoder(0), sd15_unet(1), sd15_vae(2), tmp, dtype="fp16")
+        write_original_checkpoint(sd15_text_encoder(0), sd15_unet(1), sd15_vae(2), Path(path), dtype="fp16")
     else:
         from coreml_sd.bench.models import write_random_model
 
-        write_random_model(tmp, "sd1", seed=0)
-    os.replace(tmp, target)
+        write_random_model(Path(path), "sd1", seed=0)
 
 
-def _build_sdxl(kind: str, tmp: Path) -> None:
+def _build_sdxl(kind: str, path: Path) -> None:
     """SDXL base from its shipped config, each module initialised in fp16 (10 GB less than fp32 first)."""
     from coreml_sd.bench.models import random_modules, write_random_model
     from coreml_sd.checkpoint.config import shipped_config
     from coreml_sd.checkpoint.writer import write_original_checkpoint
 
     if kind == "folder":
-        write_random_model(tmp, "sdxl", seed=0)
+        write_random_model(path, "sdxl", seed=0)
         return
     mods = random_modules(shipped_config("sdxl"), seed=0)
-    write_original_checkpoint(mods["text_encoder"], mods["unet"], mods["vae"], tmp, dtype="fp16", family="sdxl",
+    write_original_checkpoint(mods["text_encoder"], mods["unet"], mods["vae"], path, dtype="fp16", family="sdxl",
                               text_encoder_2=mods["text_encoder_2"])
 
 

@@ -14,13 +14,15 @@ from pathlib import Path
 import click
 
 from coreml_sd.cli_checkpoint import model_source_options, source_kwargs
+from coreml_sd.cli_checks import side, threads_option
 from coreml_sd.components import FOLDER_KINDS
 # The choices' one (light) owner, so `--help` needs no torch or coremltools import.
 from coreml_sd.conversion_names import ATTENTION_IMPLEMENTATIONS as ATTENTIONS
 from coreml_sd.conversion_names import MIN_TARGETS
 from coreml_sd.conversion_names import WEIGHT_MODES as WEIGHTS
 
-COMPONENTS = tuple(FOLDER_KINDS)
+# ControlNets come with --controlnet; unet_refiner is a refiner's UNet (with --refiner)
+COMPONENTS = tuple(k for k in FOLDER_KINDS if not FOLDER_KINDS[k].multiple)
 
 
 def _components(ctx, param, value: str | None) -> tuple[str, ...] | None:
@@ -32,12 +34,6 @@ def _components(ctx, param, value: str | None) -> tuple[str, ...] | None:
         raise click.BadParameter(f"{bad[0] if bad else value!r} is not a component; choose from "
                                  f"{', '.join(COMPONENTS)} (comma-separated)")
     return names
-
-
-def _side(ctx, param, value):
-    if value is not None and (value < 8 or value % 8):
-        raise click.BadParameter(f"must be a positive multiple of 8 (of 64 for SD 1.x/2.x); got {value}")
-    return value
 
 
 @contextlib.contextmanager
@@ -70,8 +66,8 @@ def _quiet_libraries(enabled: bool):
               help="Model folder to write (must not exist, unless --force).")
 @click.option("--attention", type=click.Choice(ATTENTIONS), default="split_einsum_v2", show_default=True,
               help="split_einsum(_v2): Neural Engine; original: GPU.")
-@click.option("-W", "--width", type=int, default=None, callback=_side, help="Pixels. Default: the model's size.")
-@click.option("-H", "--height", type=int, default=None, callback=_side, help="Pixels. Default: the model's size.")
+@click.option("-W", "--width", type=int, default=None, callback=side, help="Pixels. Default: the model's size.")
+@click.option("-H", "--height", type=int, default=None, callback=side, help="Pixels. Default: the model's size.")
 @click.option("--batch", type=click.Choice(("2", "1")), default="2", show_default=True,
               help="UNet batch: 2 for classifier-free guidance, 1 without.")
 @click.option("--weights", type=click.Choice(WEIGHTS), default="fp16", show_default=True,
@@ -88,42 +84,62 @@ def _quiet_libraries(enabled: bool):
 @click.option("--refiner", type=click.Path(exists=True, path_type=Path), default=None,
               help="An SDXL refiner whose UNet goes into the same folder as UnetRefiner (Apple's layout; it shares "
                    "the base's TextEncoder2).")
+@click.option("--img2img", is_flag=True,
+              help="Also convert the VAE encoder (img2img, inpainting, hires fix need it): adds vae_encoder to "
+                   "--components.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--controlnet", "controlnets", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Also convert this ControlNet (.pth/.safetensors or diffusers folder) into controlnet/<Name>."
+                   "mlpackage, with the ControlledUnet that takes its residuals. Repeatable.")
 @model_source_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+@threads_option
 def convert(source, output, attention, width, height, batch, weights, precision, chunk_unet, min_target, compile_,
-            components, refiner, force, vae, loras, embeddings, hypernetwork, prediction_type, as_json, quiet):
+            components, refiner, img2img, force, controlnets, vae, loras, embeddings, hypernetwork, prediction_type,
+            as_json,
+            quiet, threads):
     """Convert SOURCE (a .safetensors/.ckpt checkpoint or a diffusers folder) into Core ML packages.
 
     Every package is checked against the torch model before the folder appears (PSNR >= 35 dB).
     """
+    from coreml_sd.outputs import check_output_dir
     from coreml_sd.sources import open_model
+    from coreml_sd.threads import apply_threads, estimate_params
+    from conversion.atomic import check_target
     from conversion.convert import ConvertOptions, convert_model
-    from conversion.progress import StageRecord
 
+    if img2img and components is not None and "vae_encoder" not in components:
+        components = (*components, "vae_encoder")
     options = ConvertOptions(attention=attention, width=width, height=height, batch=int(batch), weights=weights,
                              precision=precision,
                              chunk_unet=chunk_unet, min_target=min_target, compile=compile_,
                              components=components)
     options.validate()
 
-    def show(r: StageRecord) -> None:
-        if not quiet:
-            detail = f"  ({r.detail})" if r.detail else ""
-            click.echo(f"  {r.component:<13} {r.stage:<10} {r.seconds:7.1f} s   peak {r.peak_rss_gib:5.2f} GiB{detail}",
-                       err=True)
+    show = _stage_printer(quiet)
 
+    check_target(output, force=force)  # an existing or unwritable -o fails before the model is opened
+    check_output_dir(output.expanduser().absolute().parent)
     verbose = click.get_current_context().find_root().params.get("verbose", 0)
     with _quiet_libraries(not verbose):
         model = open_model(source, **source_kwargs(vae=vae, loras=loras, embeddings=embeddings,
                                                    hypernetwork=hypernetwork, prediction_type=prediction_type))
         refined = open_model(refiner) if refiner is not None else None
+        if components is None:  # the model's own, known once it is open
+            from dataclasses import replace
+
+            from conversion.convert import model_components
+
+            components = tuple(model_components(model, options, refined)) + (("vae_encoder",) if img2img else ())
+            options = replace(options, components=components)
+        apply_threads(threads, estimate_params(model.info.path))
         if not quiet:
-            what = ", ".join(components) if components else f"{model.info.family} components"
-            click.echo(f"converting {model.info.name} -> {output} ({what}; {attention}, {weights}, batch {batch})",
-                       err=True)
-        result = convert_model(model, output, options, force=force, on_stage=show, refiner=refined)
+            nets = "".join(f", ControlNet {Path(c).name}" for c in controlnets)
+            click.echo(f"converting {model.info.name} -> {output} ({', '.join(components)}{nets}; {attention}, "
+                       f"{weights}, batch {batch})", err=True)
+        result = convert_model(model, output, options, force=force, on_stage=show, controlnets=controlnets,
+                               refiner=refined)
     if as_json:
         click.echo(json.dumps({
             "path": str(result.path), "components": {k: v.to_dict() for k, v in result.manifest.components.items()},
@@ -134,4 +150,47 @@ def convert(source, output, attention, width, height, batch, weights, precision,
         for name, p in result.parity.items():
             click.echo(f"{name:<13} PSNR {p.min_psnr_db:6.1f} dB (>= {p.threshold_db:g})  {p.executor}", err=True)
         click.echo(str(result.path))
+    sys.stdout.flush()
+
+
+def _stage_printer(quiet: bool):
+    def show(r) -> None:
+        if not quiet:
+            detail = f"  ({r.detail})" if r.detail else ""
+            click.echo(f"  {r.component:<13} {r.stage:<10} {r.seconds:7.1f} s   peak {r.peak_rss_gib:5.2f} GiB{detail}",
+                       err=True)
+
+    return show
+
+
+@click.command("convert-controlnet")
+@click.argument("controlnet", type=click.Path(exists=True, path_type=Path))
+@click.option("--into", "folder", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A folder written by `coreml-sd convert`; the ControlNet is added to it.")
+@click.option("--force", is_flag=True, help="Replace a ControlNet of the same name in the folder.")
+@click.option("--compile", "compile_", is_flag=True, help="Also write .mlmodelc folders (macOS only).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+def convert_controlnet(controlnet, folder, force, compile_, as_json, quiet):
+    """Add CONTROLNET (.pth/.safetensors or diffusers folder) to a converted model folder.
+
+    It is converted with the folder's own size, batch, attention and weights, checked against the torch
+    ControlNet (PSNR >= 35 dB), and written as controlnet/<Name>.mlpackage (with a ControlledUnet if the
+    folder has none yet); the folder's other packages are not touched, and a failure changes nothing.
+    """
+    from conversion.controlnet import add_controlnet
+
+    if compile_ and sys.platform != "darwin":
+        raise click.UsageError("--compile needs macOS (Core ML's compiler runs only there)")
+    verbose = click.get_current_context().find_root().params.get("verbose", 0)
+    with _quiet_libraries(not verbose):
+        result = add_controlnet(folder, controlnet, force=force, compile=compile_, on_stage=_stage_printer(quiet))
+    if as_json:
+        click.echo(json.dumps({"path": str(result.path), "name": result.name, "added": result.added,
+                               "parity": result.parity}, indent=2))
+    else:
+        for name, p in result.parity.items():
+            click.echo(f"{name:<13} PSNR {p['min_psnr_db']:6.1f} dB (>= {p['threshold_db']:g})  {p['executor']}",
+                       err=True)
+        click.echo(str(result.path / f"controlnet/{result.name}.mlpackage"))
     sys.stdout.flush()

@@ -20,14 +20,14 @@ import sys
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from coreml_sd.components import FOLDER_KINDS, PACKAGE_NAMES, TensorSpec, entry_component
+from coreml_sd.components import FOLDER_KINDS, KINDS, PACKAGE_NAMES, TensorSpec, entry_component
 from coreml_sd.errors import choices_text
 from coreml_sd.families import PROVIDER_WIDTHS
-from coreml_sd.model_folder import Manifest, PackageInfo
+from coreml_sd.model_folder import ControlNetPackage, Manifest, PackageInfo
 from coreml_sd.model_source import ModelSource
 from conversion.ane.attention import ATTENTION_IMPLEMENTATIONS
 from conversion.atomic import atomic_folder, check_target
@@ -38,9 +38,13 @@ from conversion.verify import MIN_PSNR_DB, ExtraIO, PackageRunner, ParityResult,
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = tuple(FOLDER_KINDS)  # convertible components, in conversion order
-# --weights compresses these; the VAE stays fp16 (small, and its errors show directly in pixels).
-COMPRESSIBLE = ("text_encoder", "text_encoder_2", "unet", "unet_refiner")
+# Convertible components of a model, in conversion order (ControlNets, one per file, are given apart;
+# unet_refiner: a refiner's UNet beside the base's, Apple's UnetRefiner).
+COMPONENTS = tuple(k for k in FOLDER_KINDS if not FOLDER_KINDS[k].multiple)
+# --weights compresses these (Apple's converter quantizes the ControlledUnet and ControlNets too); the
+# VAE stays fp16 (small, and its errors show directly in pixels).
+COMPRESSIBLE = ("text_encoder", "text_encoder_2", "unet", "unet_refiner", "controlled_unet", "controlnet")
+CONTROLNET_KEY = "controlnet:"  # a ControlNet's component key during conversion: controlnet:<Name>
 TEXT_LENGTH = 77
 PRECISIONS = ("fp16", "fp32")
 
@@ -78,7 +82,7 @@ class ConvertOptions:
                                   "--compile here: the packages compile on the Mac when first loaded")
 
     def weights_for(self, component: str) -> str:
-        return self.weights if component in COMPRESSIBLE else "fp16"
+        return self.weights if component.split(":")[0] in COMPRESSIBLE else "fp16"
 
     @property
     def torch_dtype(self):
@@ -138,6 +142,7 @@ class Converter:
         self.packages: dict[str, PackageInfo] = {}
         self.parity: dict[str, ParityResult] = {}
         self.extra_parity: dict[str, dict] = {}
+        self.controlnets: dict[str, tuple[dict, dict]] = {}  # package name -> (source record, config)
 
     # -- one component ------------------------------------------------------------------------
     def export(self, component: str, rewrite, forward: Callable, inputs: list[TensorIO],
@@ -152,7 +157,8 @@ class Converter:
             with self.timer(component, "compress", weights):
                 compress(prog, weights)
                 dense = _dequantized(prog, const_names)
-        package = self.folder / f"{PACKAGE_NAMES[component]}.mlpackage"
+        package = self.folder / package_path(component)
+        package.parent.mkdir(parents=True, exist_ok=True)
         with self.timer(component, "convert"):
             to_mlmodel(prog, min_target=opts.min_target, package_dir=package,
                        description=f"coreml-sd {component} of {self.source.info.name}",
@@ -161,7 +167,7 @@ class Converter:
         del prog
         release_memory()
         self.packages[component] = PackageInfo(
-            package=package.name, inputs=tuple(_spec(io) for io in inputs),
+            package=package.relative_to(self.folder).as_posix(), inputs=tuple(_spec(io) for io in inputs),
             outputs=tuple(_spec(io) for io in outputs), weights=weights, size_bytes=_folder_size(package))
         return outputs, dense
 
@@ -184,6 +190,13 @@ class Converter:
             raise ConversionError(f"parity gate failed for {component}: {figures} (minimum {result.threshold_db:g} dB) "
                                   f"against the torch reference; nothing was written")
         return result
+
+
+def package_path(component: str) -> str:
+    """Where a component's package goes in the folder: Apple's resource names (a ControlNet's in controlnet/)."""
+    if component.startswith(CONTROLNET_KEY):
+        return f"{KINDS['controlnet'].package}/{component[len(CONTROLNET_KEY):]}.mlpackage"
+    return f"{PACKAGE_NAMES[component]}.mlpackage"
 
 
 def _dequantized(prog, const_names: dict[str, str]) -> dict[str, np.ndarray]:
@@ -278,14 +291,17 @@ def _folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def _reference_outputs(rewrite, inputs: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
-    """The rewrite in fp32 compute (weights as they are) on the package inputs."""
+def _reference_outputs(rewrite, inputs: dict[str, np.ndarray], names: list[str],
+                       call: Callable | None = None) -> dict[str, np.ndarray]:
+    """The rewrite in fp32 compute (weights as they are) on the package inputs (`call(rewrite, *inputs)`:
+    how to call it, default positionally)."""
     import torch
 
     rewrite.compute_dtype_override = torch.float32
+    call = call or (lambda module, *xs: module(*xs))
     try:
         with torch.inference_mode():
-            out = rewrite(*[torch.from_numpy(np.asarray(v, dtype=np.float32)) for v in inputs.values()])
+            out = call(rewrite, *[torch.from_numpy(np.asarray(v, dtype=np.float32)) for v in inputs.values()])
     finally:
         rewrite.compute_dtype_override = None
     out = out if isinstance(out, tuple) else (out,)
@@ -322,12 +338,12 @@ def _verify_cases(conv: Converter, component: str, cases) -> None:
 
 
 def _dequantized_reference(conv: Converter, component: str, rewrite, dense: dict[str, np.ndarray],
-                           inputs: dict[str, np.ndarray], names: list[str]):
+                           inputs: dict[str, np.ndarray], names: list[str], call: Callable | None = None):
     if not dense:
         return None
     with conv.timer(component, "reference", "dequantized weights"):
         _set_weights(rewrite, dense)
-        return _reference_outputs(rewrite, inputs, names)
+        return _reference_outputs(rewrite, inputs, names, call)
 
 
 def convert_text_encoder(conv: Converter, mods, component: str) -> None:
@@ -355,31 +371,48 @@ def convert_text_encoder(conv: Converter, mods, component: str) -> None:
     _verify(conv, component, [component], inputs, refs, deq)
 
 
-def convert_unet(conv: Converter, mods, shapes: Shapes, component: str = "unet", source: ModelSource | None = None) -> None:
-    """The UNet (or, as `unet_refiner` from the refiner's `source`, a refiner's: Apple's UnetRefiner)."""
+def convert_unet(conv: Converter, mods, shapes: Shapes, component: str = "unet",
+                 source: ModelSource | None = None) -> None:
+    """The UNet, or (component "controlled_unet") Apple's ControlledUnet: the same network taking
+    ControlNet residuals as inputs additional_residual_0..N, or (component "unet_refiner", from the
+    refiner's `source`) a refiner's, Apple's UnetRefiner. The UNet module is freed by the last."""
     from conversion.ane import unet_from_diffusers
+    from conversion.ane.config import UNetConfig
+    from conversion.ane.unet import residual_shapes
     from conversion.verify import unet_case
 
-    module, mods.unet = mods.unet, None
+    module = mods.unet
+    if component != "controlled_unet":
+        mods.unet = None
     extras = unet_extra_inputs(source or conv.source, module.config, shapes.batch)
+    b, latent, p = shapes.batch, shapes.latent, conv.options.precision
+    # An inpainting UNet takes mask and masked-image latents beside the latents: 9 input channels.
+    sample = (int(module.config.in_channels), *latent[1:])
+    residuals = (residual_shapes(UNetConfig.from_diffusers(module.config), b, latent[1:])
+                 if component == "controlled_unet" else [])
     with conv.timer(component, "reference"), in_fp32(module, conv.options):
-        inputs, refs = unet_case(module, batch=shapes.batch, latent_shape=shapes.latent,
-                                 context_dim=shapes.text_hidden, extra=extras)
+        inputs, refs = unet_case(module, batch=b, latent_shape=sample, context_dim=shapes.text_hidden, extra=extras,
+                                 residuals=residuals)
     rewrite = unet_from_diffusers(module, attention=conv.options.attention)
     del module
     release_memory()
-    b, latent, p = shapes.batch, shapes.latent, conv.options.precision
-    ins = [TensorIO("sample", (b, *latent), p), TensorIO("timestep", (b,), p),
+    ins = [TensorIO("sample", (b, *sample), p), TensorIO("timestep", (b,), p),
            TensorIO("encoder_hidden_states", (b, shapes.text_hidden, 1, TEXT_LENGTH), p),
-           *(TensorIO(e.name, e.shape, p) for e in extras)]
+           *(TensorIO(e.name, e.shape, p) for e in extras),
+           *(TensorIO(f"additional_residual_{i}", shape, p) for i, shape in enumerate(residuals))]
     out = TensorIO("noise_pred", (b, *latent), "fp32")
+    n = len(extras)
+
+    def call(module, s, t, c, *rest):
+        return module(s, t, c, *rest[:n], residuals=rest[n:])
+
     if conv.options.chunk_unet:
-        chain, dense = _export_unet_chunks(conv, rewrite, ins, out, component)
+        chain, dense = _export_unet_chunks(conv, rewrite, ins, out, component, n)
     else:
         chain = [component]
-        _, dense = conv.export(component, rewrite, lambda ops, s, t, c, *x: [rewrite(s, t, c, *x, ops=ops)], ins,
-                               [out])
-    deq = _dequantized_reference(conv, component, rewrite, dense, inputs, list(refs))
+        _, dense = conv.export(component, rewrite, lambda ops, *xs: [rewrite(*xs[:3 + n], residuals=xs[3 + n:],
+                                                                             ops=ops)], ins, [out])
+    deq = _dequantized_reference(conv, component, rewrite, dense, inputs, list(refs), call)
     del rewrite
     release_memory()
     _verify(conv, component, chain, inputs, refs, deq)
@@ -410,8 +443,10 @@ def unet_extra_inputs(source: ModelSource, unet_config, batch: int) -> list[Extr
     return out
 
 
-def _export_unet_chunks(conv: Converter, rewrite, ins: list[TensorIO], out: TensorIO, component: str = "unet"):
-    """UnetChunk1 (inputs -> features, time embedding, open skips) and UnetChunk2 (-> noise_pred)."""
+def _export_unet_chunks(conv: Converter, rewrite, ins: list[TensorIO], out: TensorIO, component: str = "unet",
+                        n_extra: int = 0):
+    """<Unet>Chunk1 (inputs -> features, time embedding, open skips) and <Unet>Chunk2 (-> noise_pred);
+    a ControlledUnet's residual inputs go to the chunk that runs the middle block."""
     from conversion.ane.unet import UNetState, chunk_boundary
 
     stages = rewrite.stages()
@@ -419,22 +454,27 @@ def _export_unet_chunks(conv: Converter, rewrite, ins: list[TensorIO], out: Tens
     open_skips = 1 + sum({"down": 1, "downsample": 1, "up": -1}.get(s.kind, 0) for s in stages[1:k])
     # After a down stage the features are also the newest skip: send them once.
     h_is_skip = stages[k - 1].kind in ("down", "downsample")
+    base, residual_ins = ins[:3 + n_extra], ins[3 + n_extra:]
+    mid_first = any(s.kind == "mid" for s in stages[1:k])
 
-    def first(ops, sample, timestep, context, *extra):
-        state = rewrite.run(rewrite.begin(sample, timestep, extra, ops), context, stages[1:k], ops)
+    def first(ops, sample, timestep, context, *rest):
+        extra, residuals = rest[:n_extra], rest[n_extra:]
+        state = rewrite.run(rewrite.begin(sample, timestep, extra, ops), context, stages[1:k], ops, residuals)
         return ([] if h_is_skip else [state.h]) + [state.emb, *state.skips]
 
     names = ([] if h_is_skip else ["hidden_states"]) + ["time_embedding"] + [f"skip_{i}" for i in range(open_skips)]
-    outs1, dense1 = conv.export(f"{component}_chunk1", rewrite, first, ins,
+    outs1, dense1 = conv.export(f"{component}_chunk1", rewrite, first, base + (residual_ins if mid_first else []),
                                 [TensorIO(n, None, conv.options.precision) for n in names])
+    late = [] if mid_first else residual_ins
 
     def second(ops, *values):
-        values, context = list(values[:-1]), values[-1]
+        values, residuals = list(values[:len(values) - len(late)]), values[len(values) - len(late):]
+        values, context = values[:-1], values[-1]
         h = values[-1] if h_is_skip else values.pop(0)
         emb, skips = values[0], tuple(values[1:])
-        return [rewrite.run(UNetState(h, emb, skips), context, stages[k:], ops).h]
+        return [rewrite.run(UNetState(h, emb, skips), context, stages[k:], ops, residuals).h]
 
-    _, dense2 = conv.export(f"{component}_chunk2", rewrite, second, outs1 + [ins[2]], [out])
+    _, dense2 = conv.export(f"{component}_chunk2", rewrite, second, outs1 + [ins[2]] + late, [out])
     return [f"{component}_chunk1", f"{component}_chunk2"], {**dense1, **dense2}
 
 
@@ -502,7 +542,7 @@ def model_components(source: ModelSource, options: ConvertOptions, refiner: Mode
     """The components to convert, in conversion order: those asked for, else the model's own."""
     own = source.info.spec.component_names + (("unet_refiner",) if refiner is not None else ())
     wanted = options.components or own
-    convertible = set(own) | {"vae_encoder"}
+    convertible = set(own) | {"vae_encoder", "controlled_unet"}
     bad = [c for c in wanted if c not in convertible]
     if bad:
         hint = " (a refiner's UNet: pass the refiner with --refiner FILE)" if bad[0] == "unet_refiner" else ""
@@ -513,17 +553,24 @@ def model_components(source: ModelSource, options: ConvertOptions, refiner: Mode
 
 def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = ConvertOptions(), *,
                   force: bool = False, on_stage: Callable[[StageRecord], None] | None = None,
-                  refiner: ModelSource | None = None) -> ConversionResult:
-    """Convert `source` into a verified model folder at `out_dir` (see the module docstring). `refiner`:
-    an SDXL refiner whose UNet goes into the same folder as UnetRefiner (Apple's layout: it shares the
+                  controlnets: Sequence[Any] = (), refiner: ModelSource | None = None) -> ConversionResult:
+    """Convert `source` into a verified model folder at `out_dir` (see the module docstring).
+    `controlnets`: ControlNet files or folders to convert too (controlnet/<Name>.mlpackage each, and the
+    ControlledUnet that takes their residuals; see conversion/controlnet.py). `refiner`: an SDXL
+    refiner whose UNet goes into the same folder as UnetRefiner (Apple's layout: it shares the
     base's TextEncoder2, so its text encoder must be the base's)."""
     import torch
 
+    from conversion.controlnet import convert_controlnet, open_controlnets
+
     options.validate()
     _check_source(source)
+    nets = open_controlnets(controlnets, source)
     target = check_target(Path(out_dir), force=force)
     timer = StageTimer(on_stage)
     components = model_components(source, options, refiner)
+    if nets and "controlled_unet" not in components:
+        components = [c for c in COMPONENTS if c in {*components, "controlled_unet"}]
     if refiner is not None:
         _check_source(refiner)
         from coreml_sd.refiner import check_compatible
@@ -551,10 +598,14 @@ def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = 
                 convert_vae(conv, mods, shapes, vae_parts)
             mods.vae = mods.text_encoder = mods.text_encoder_2 = None
             release_memory()
+            if "controlled_unet" in components:  # before the UNet, which frees the module
+                convert_unet(conv, mods, shapes, "controlled_unet")
             if "unet" in components:
                 convert_unet(conv, mods, shapes)
             del mods
             gc.collect()
+            for net in nets:
+                convert_controlnet(conv, net, shapes)
             refined = convert_refiner(conv, refiner, shapes, shared) if "unet_refiner" in components else {}
         if options.compile:
             _compile_all(conv)
@@ -596,9 +647,10 @@ def convert_refiner(conv: Converter, refiner: ModelSource, shapes: Shapes, share
 
 def _compile_all(conv: Converter) -> None:
     for component, info in list(conv.packages.items()):
+        package = conv.folder / info.package
         with conv.timer(component, "compile"):
-            compiled = compile_package(conv.folder / info.package, conv.folder)
-        conv.packages[component] = replace(info, compiled=compiled.name)
+            compiled = compile_package(package, package.parent)  # beside it (a ControlNet's in controlnet/)
+        conv.packages[component] = replace(info, compiled=compiled.relative_to(conv.folder).as_posix())
 
 
 def _copy_tokenizer(source: ModelSource, folder: Path) -> None:
@@ -609,8 +661,14 @@ def _copy_tokenizer(source: ModelSource, folder: Path) -> None:
 
 def _manifest(conv: Converter, shapes: Shapes, source: dict, refiner: dict | None = None) -> Manifest:
     info, opts = conv.source.info, conv.options
-    packages = {k: replace(v, psnr_db=round(conv.parity[_parity_key(k)].min_psnr_db, 2))
+    from coreml_sd.model_folder import package_hash
+
+    measured = {k: replace(v, psnr_db=round(conv.parity[_parity_key(k)].min_psnr_db, 2),
+                           sha256=package_hash(conv.folder / v.package))
                 for k, v in conv.packages.items()}
+    packages = {k: v for k, v in measured.items() if not k.startswith(CONTROLNET_KEY)}
+    controlnets = {k[len(CONTROLNET_KEY):]: ControlNetPackage(v, *conv.controlnets[k[len(CONTROLNET_KEY):]])
+                   for k, v in measured.items() if k.startswith(CONTROLNET_KEY)}
     parity = {"threshold_db": opts.threshold_db, "executor": conv.runner.name,
               "reference": "upstream torch modules (diffusers/transformers) computing in fp32 with the weights "
                            "the package stores (fp16/fp32), seeded inputs; compressed packages: the rewritten "
@@ -623,7 +681,7 @@ def _manifest(conv: Converter, shapes: Shapes, source: dict, refiner: dict | Non
         weights=opts.weights, precision=opts.precision, min_target=opts.min_target, components=packages, pad_token=info.pad_token,
         max_length=TEXT_LENGTH, trigger_words=conv.source.trigger_ids(), source=source,
         tools=tool_versions(), parity=parity, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        refiner=refiner or {},
+        controlnets=controlnets, refiner=refiner or {},
     )
 
 

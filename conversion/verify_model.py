@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -32,6 +32,12 @@ from conversion.verify import (MIN_PSNR_DB, VERIFY_PROMPT, ParityResult, compare
                                text_encoder_case, unet_case, vae_decoder_cases, vae_encoder_case)
 
 COMPRESSED_MARGIN_DB = 1.0
+
+
+def _silent(text: str) -> None:
+    pass
+
+
 IMAGE = "image"
 
 
@@ -128,9 +134,15 @@ def _case(component: str, mods, source, manifest: Manifest):
         return text_encoder_case(mods.module(component), source.tokenizer(component),
                                  extra_words=list(source.trigger_ids()), hidden_layer=spec.hidden_layer,
                                  final_norm=spec.final_norm)
-    if kind == "unet":  # the base's, or (unet_refiner) the refiner's from its own source
-        return unet_case(mods.unet, batch=manifest.batch, latent_shape=latent, context_dim=source.info.text_hidden_size,
-                         extra=unet_extra_inputs(source, mods.unet.config, manifest.batch))
+    if kind == "unet":  # the base's (or ControlledUnet), or (unet_refiner) the refiner's from its own source
+        from conversion.ane.config import UNetConfig
+        from conversion.ane.unet import residual_shapes
+
+        sample = (int(mods.unet.config.in_channels), *latent[1:])  # 9 channels for inpainting UNets
+        residuals = (residual_shapes(UNetConfig.from_diffusers(mods.unet.config), manifest.batch, latent[1:])
+                     if component == "controlled_unet" else ())  # its ControlNet residual inputs, seeded
+        return unet_case(mods.unet, batch=manifest.batch, latent_shape=sample, context_dim=source.info.text_hidden_size,
+                         extra=unet_extra_inputs(source, mods.unet.config, manifest.batch), residuals=residuals)
     if kind == "vae_decoder":  # [(label, inputs, references)]: seeded latents and a test image's
         return vae_decoder_cases(mods.vae, latent_shape=latent)
     return vae_encoder_case(mods.vae, image_shape=(3, manifest.height, manifest.width))
@@ -141,16 +153,19 @@ def manifest_packages(folder: ConvertedModel) -> dict[str, list[Path]]:
     return {c: folder.package_paths(c) for c in FOLDER_KINDS if folder.has(c)}
 
 
-def check_components(folder: ConvertedModel, source, options: VerifyOptions, report: VerifyReport) -> None:
+def check_components(folder: ConvertedModel, source, options: VerifyOptions, report: VerifyReport,
+                     progress: Callable[[str], None] = _silent) -> None:
     """Each package against the upstream module on the conversion gate's seeded inputs."""
     import torch
 
     manifest = folder.manifest
     dtype = torch.float16 if manifest.precision == "fp16" else torch.float32
     # Loaded in the package precision, then computed in fp32: the weights the package stores.
+    progress(f"loading the source model's weights ({source.info.path})")
     mods = source.torch_modules(device="cpu", dtype=dtype)
     with torch.inference_mode():
         for entry, paths in manifest_packages(folder).items():
+            progress(f"{entry}: computing the torch reference and running {', '.join(p.name for p in paths)}")
             src, m, component = source, mods, entry
             if entry == "unet_refiner":  # the refiner's UNet, against the refiner's recorded source
                 src = open_refiner_source(manifest)
@@ -171,7 +186,8 @@ def check_components(folder: ConvertedModel, source, options: VerifyOptions, rep
                                             threshold_db=_expected(manifest, entry, options.threshold_db))
 
 
-def check_image(folder: ConvertedModel, source, options: VerifyOptions, report: VerifyReport) -> None:
+def check_image(folder: ConvertedModel, source, options: VerifyOptions, report: VerifyReport,
+                progress: Callable[[str], None] = _silent) -> None:
     """One image from the same seed through the packages and through the source in torch (fp32)."""
     from coreml_sd.backends import LoadOptions
     from coreml_sd.backends.selection import load_components, parse_backend
@@ -179,10 +195,12 @@ def check_image(folder: ConvertedModel, source, options: VerifyOptions, report: 
 
     kwargs = dict(seed=options.seed, steps=options.steps, sampler="euler", guidance_scale=options.guidance_scale,
                   width=folder.manifest.width, height=folder.manifest.height)
+    progress(f"end-to-end image: {options.steps} euler steps through the source model in torch")
     reference = Pipeline(source, load_components(source, parse_backend("torch"),
                                                  LoadOptions(device="cpu", precision="fp32")))
     expected = np.asarray(reference(VERIFY_PROMPT, **kwargs)[0].image, dtype=np.float64)
     del reference
+    progress(f"end-to-end image: {options.steps} euler steps through the packages")
     image = np.asarray(Pipeline(folder, _package_components(folder, options))(VERIFY_PROMPT, **kwargs)[0].image,
                        dtype=np.float64)
     result = ParityResult(IMAGE, {IMAGE: psnr(expected, image)}, options.threshold_db, report.executor)
@@ -195,13 +213,17 @@ def _package_components(folder: ConvertedModel, options: VerifyOptions):
     from coreml_sd.backends.selection import load_components, parse_backend
 
     if _coreml_here():
-        return load_components(folder, parse_backend("coreml"), LoadOptions(compute_units=options.compute_units))
-    return load_components(folder, parse_backend("mil"), LoadOptions(device="cpu", mil_mode="exact"))
+        return load_components(folder, parse_backend("coreml"), LoadOptions(compute_units=options.compute_units,
+                                                                            check_hashes=False))
+    return load_components(folder, parse_backend("mil"), LoadOptions(device="cpu", mil_mode="exact",
+                                                                     check_hashes=False))
 
 
 def verify_model(folder: str | Path, *, against: str | Path | None = None,
-                 options: VerifyOptions = VerifyOptions()) -> VerifyReport:
-    """Check every package of a converted folder, and an end-to-end image, against the torch source."""
+                 options: VerifyOptions = VerifyOptions(), progress: Callable[[str], None] = _silent) -> VerifyReport:
+    """Check every package of a converted folder, and an end-to-end image, against the torch source.
+
+    `progress(text)` is told what each phase is doing as it starts (the CLI shows it on a terminal)."""
     if not math.isfinite(options.threshold_db):
         raise ModelError(f"threshold must be a finite number of dB; got {options.threshold_db}")
     folder = Path(folder)
@@ -211,13 +233,14 @@ def verify_model(folder: str | Path, *, against: str | Path | None = None,
         raise ModelError(f"{folder}: the manifest lists {', '.join(missing)}, which is not in the folder")
     lacking = manifest.missing_for_generation()
     converted = ConvertedModel(folder, partial=True)
+    progress("opening the source model")
     source = open_source(manifest, against)
     report = VerifyReport(folder, str(source.info.path), executor="")
-    check_components(converted, source, options, report)
+    check_components(converted, source, options, report, progress)
     if options.steps <= 0:
         report.skipped[IMAGE] = "--steps 0"
     elif lacking:
         report.skipped[IMAGE] = f"a partial conversion (no {', '.join(lacking)} package) cannot generate"
     else:
-        check_image(converted, source, options, report)
+        check_image(converted, source, options, report, progress)
     return report

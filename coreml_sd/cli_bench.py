@@ -6,7 +6,6 @@ The command only unpacks options and calls `coreml_sd.bench`; nothing heavy is i
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -48,9 +47,10 @@ def _size(ctx, param, value: str | None) -> tuple[int, int] | None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from coreml_sd.outputs import replacing
+
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _command(params: dict) -> str:
@@ -143,6 +143,8 @@ def bench(model, backends, precision, steps, warmup, runs, e2e_steps, size, prom
         if path:
             click.echo(f"wrote {path}", err=True)
     click.echo(json.dumps(result, indent=2) if as_json else table)
+    if result.get("busy"):
+        click.echo(f"Warning: {result['busy']}", err=True)
     failed = [r["label"] for r in result["runs"] if r["status"] == "failed"]
     if failed:
         click.echo(f"Error: {len(failed)} backend(s) failed: {', '.join(failed)} (reasons in the result)", err=True)

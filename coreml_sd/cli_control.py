@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import click
@@ -72,12 +70,8 @@ def preprocess_command(preprocessor, image, output, low, high, threshold, resolu
 
 def write_atomically(image, path: Path) -> None:
     """Write to a temporary name beside `path`, then rename: never a half-written file at `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    from coreml_sd.outputs import replacing
+
+    with replacing(path) as tmp:
+        with open(tmp, "wb") as fh:
             image.save(fh, format=_FORMATS[path.suffix.lower()])
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; an image is as readable as any other output
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -72,6 +72,9 @@ def _manifest_lines(m: dict[str, Any]) -> list[str]:
     if figures:
         lines.append(f"  parity       {figures} (>= {parity.get('threshold_db')} dB, {parity.get('executor')})")
     for name, p in m["components"].items():
-        lines.append(f"  {name:<14} {p['package']}  {p['size_bytes'] / 2**20:.1f} MiB  {p['weights']}"
+        lines.append(f"  {name:<13} {p['package']}  {p['size_bytes'] / 2**20:.1f} MiB  {p['weights']}"
                      + (f"  compiled {p['compiled']}" if p.get("compiled") else ""))
+    for name, p in (m.get("controlnets") or {}).items():  # --controlnet NAME picks one
+        lines.append(f"  {'controlnet':<13} {p['package']}  {p['size_bytes'] / 2**20:.1f} MiB  {p['weights']}  from "
+                     f"{p['source'].get('name')} ({p['source'].get('family') or 'non-standard size'})")
     return lines

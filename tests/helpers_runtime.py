@@ -13,8 +13,6 @@ compute units, errors) runs as on a Mac.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -22,18 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from coreml_sd.backends.compiled_cache import CompiledModelCache
+from coreml_sd.outputs import file_lock
 from coreml_sd.backends.coreml_backend import CoreMLOpener
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def shared_root(tmp_path_factory) -> Path:
@@ -51,7 +39,7 @@ def shared_tiny_model(tmp_path_factory) -> tuple[Path, Path]:
 
     root = shared_root(tmp_path_factory)
     source, converted = root / "tiny-sd", root / "tiny-coreml"
-    with _locked(root / ".lock"):
+    with file_lock(root / ".lock"):
         if not (converted / "manifest.json").is_file():
             write_tiny_diffusers_folder(source, seed=0)
             result = CliRunner().invoke(main, ["convert", str(source), "-o", str(converted), "-q", "--force"])

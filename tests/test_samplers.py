@@ -152,19 +152,7 @@ def test_trailing_spacing_gives_exactly_the_requested_steps():
 
 # --- full generations: final latents equal diffusers' ------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model gains nothing from threads, and on a shared 2-core machine torch's spinning
-    worker threads made a 25-step run 20x slower (35 s instead of 1.6 s)."""
-    try:
-        import torch
-    except ImportError:  # the numpy-only tests still run
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -38,17 +38,7 @@ KDIFFUSION = {
 OTHERS = ("ddim", "plms", "unipc", "lcm", "restart")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    try:
-        import torch
-    except ImportError:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _assert_close(ours, ref, what: str, rel: float = REL_TOL) -> float:

@@ -40,7 +40,6 @@ Only `compile_fn` (coremltools, macOS) needs Core ML: everything else runs and i
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -51,7 +50,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from coreml_sd.cachedir import ENV_VAR, cache_root  # noqa: F401  (re-exported)
 
@@ -105,10 +104,11 @@ def _slug(text: str) -> str:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
+    from coreml_sd.outputs import replacing
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def _read_json(path: Path) -> dict | None:
@@ -214,22 +214,11 @@ class CompiledModelCache:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    @contextlib.contextmanager
-    def _lock(self, name: str) -> Iterator[None]:
+    def _lock(self, name: str):
         """An exclusive lock per entry (POSIX); elsewhere the atomic rename alone keeps entries whole."""
-        try:
-            import fcntl
-        except ImportError:
-            yield
-            return
-        path = self.root / "locks" / f"{name}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        from coreml_sd.outputs import file_lock
+
+        return file_lock(self.root / "locks" / f"{name}.lock")
 
     # -- eviction ---------------------------------------------------------------------------
     def entries(self) -> list[tuple[Path, dict]]:

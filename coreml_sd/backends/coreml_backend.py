@@ -7,6 +7,9 @@ launches load the cached `.mlmodelc`.
 
 The only calls that need macOS are behind `CoreMLOpener` (compile, load, predict): tests on other
 systems pass an opener whose models run the `mil` executor, and so exercise everything else.
+
+A compiled model (`.mlmodelc` folder, e.g. from Apple's converter) is loaded as it is, without the
+cache; its specs come from its metadata.json (`coreml_sd.compiled_model`, any OS).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from coreml_sd import arrays
 from coreml_sd.backends.compiled_cache import CompiledModelCache, cache_root
 from coreml_sd.backends.packages import PackageChain, adapt, check_role, fixed_batch
 from coreml_sd.components import TensorSpec
+from coreml_sd.compiled_model import is_compiled_model
 from coreml_sd.errors import BackendUnavailable, InputError, ModelError, choices_text
 
 log = logging.getLogger(__name__)
@@ -71,10 +75,14 @@ def _coremltools():
 
 
 def read_specs(package: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """(inputs, outputs) from the package's model description (coremltools' proto; any OS)."""
-    ct = _coremltools()
-
+    """(inputs, outputs) from the package's model description (coremltools' proto), or from a
+    compiled model's metadata.json; any OS."""
     path = Path(package)
+    if is_compiled_model(path):
+        from coreml_sd.compiled_model import read_specs as read_compiled_specs
+
+        return read_compiled_specs(path)
+    ct = _coremltools()
     if not (path / "Manifest.json").is_file():
         raise ModelError(f"expected a Core ML package (.mlpackage folder with Manifest.json) at {path}")
     try:
@@ -131,7 +139,10 @@ class CoreMLOpener:
         self.cache = cache or CompiledModelCache(cache_root(), compile_fn=compile_with_coremltools)
 
     def open(self, package: Path, compute_units: str, compiled: Path | None = None):
-        """A model with `predict`: the folder's own .mlmodelc if given and it loads, else the cache's."""
+        """A model with `predict`: `package` itself if it is compiled, the folder's own .mlmodelc if
+        given and it loads, else the cache's."""
+        if is_compiled_model(package):
+            return self.load_compiled(package, compute_units)
         if compiled is not None and compiled.is_dir():
             try:
                 return self.load_compiled(compiled, compute_units)

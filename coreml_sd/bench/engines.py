@@ -72,6 +72,9 @@ def load_diffusers(task):
     source = open_model(task.model_path)
     require_torch(source)
     if source.info.kind == "diffusers":
+        from coreml_sd.checkpoint.safeload import check_folder_weights
+
+        check_folder_weights(source.info.path)  # refused with our message, before torch's unpickler sees a .bin
         cls = diffusers_pipeline_class(source)
         extra = {} if len(source.info.spec.text_encoders) > 1 else dict(safety_checker=None,
                                                                          requires_safety_checker=False)

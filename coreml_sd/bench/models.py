@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from coreml_sd.errors import CoreMLSDError, ModelError, choices_text
+from coreml_sd.sources import BUILTIN_NAMES
 
 DEFAULT_MODEL = "sd15-random"
 # name -> shipped checkpoint config (coreml_sd/data/configs) whose architecture gets random weights.
@@ -67,7 +68,7 @@ def resolve_model(model: str | None, cache_dir: Path, *,
             (make_random or (lambda f, c, s: write_random_model(f, c, seed=s)))(folder, config, seed)
         return BenchModel(model, folder, f"{config} architecture ({model}), random weights (seed {seed}), "
                                          f"fp16 diffusers folder", random_weights=True)
-    if model == BUILTIN:
+    if model in BUILTIN_NAMES:
         return BenchModel(BUILTIN, None, "the built-in model")
     path = Path(model).expanduser()
     if not path.exists():
@@ -128,20 +129,16 @@ def write_random_model(folder: Path, config_name: str = "sd1", *, seed: int = 0,
             tokenizer=CLIPTokenizer(str(files.vocab), str(files.merges), model_max_length=77, pad_token=cfg.pad_token),
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
+    from coreml_sd.outputs import replacing
+
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with replacing(folder) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         for src in (files.vocab, files.merges):  # plain tokenizer files, as community folders have them
             for sub in ("tokenizer", "tokenizer_2"):
                 if (tmp / sub).is_dir():
                     shutil.copy(src, tmp / sub / src.name)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

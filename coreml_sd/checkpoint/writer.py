@@ -8,7 +8,6 @@ renamed at the end, so an interrupted write leaves nothing behind.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -80,18 +79,16 @@ def write_original_checkpoint(text_encoder, unet, vae, path: str | Path, *, dtyp
                                 ema_unet=(ema_unet if ema_unet is not None else unet) if ema else None)
     state = {k: (t.to(torch_dtype) if t.is_floating_point() and t.ndim > 0 else t).contiguous()
              for k, t in state.items()}
+    from coreml_sd.outputs import replacing
+
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    try:
+    with replacing(path) as tmp:
         if fmt == "safetensors":
             from safetensors.torch import save_file
 
             save_file(own_memory(state), str(tmp), metadata=dict(metadata or {}, format="pt"))
         else:
             torch.save({"state_dict": state, "global_step": 0}, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -1,4 +1,4 @@
-"""Execute Core ML ML programs (`.mlpackage`) with torch kernels, on any OS.
+"""Execute Core ML ML programs (`.mlpackage`, or compiled `.mlmodelc`) with torch kernels, on any OS.
 
 Core ML predicts only on macOS. This package reads a package's ML program with coremltools' own
 proto loader (which works on Linux) and runs its `main` function op by op on cpu, cuda or mps:
@@ -9,7 +9,9 @@ proto loader (which works on Linux) and runs its `main` function op by op on cpu
     unet = Executor(program, device="cpu", precision_mode="fast")  # or "exact" to verify
     noise_pred = unet({"sample": x, "timestep": t, "encoder_hidden_states": c})["noise_pred"]
 
-Modules, one concern each: `package` (reading and validating a package), `registry` (op type ->
+Modules, one concern each: `package` (reading and validating a package), `compiled` (a compiled
+model: `mil_text_read` parses its model.mil text into the proto a package holds, `mil_text_write`
+prints one, `mil_values` encodes their constants, `blobfile` checks weight.bin), `registry` (op type ->
 kernel builder), `ops/` (the kernels, semantics from coremltools' op definitions), `precision`
 (exact/fast dtype rules), `fusion` (fast-mode fused attention and GroupNorm), `compiler` (ops ->
 slot-indexed steps), `executor` (constants, input checks, the call loop). The pipeline-facing

@@ -2,20 +2,23 @@
 
 Everything that can be wrong with a package on disk is found here and reported as a `ModelError`
 naming the file: a path that is not a package, a missing or corrupt manifest or spec, a model that
-is not an ML program, a weight file that is missing or unreadable.
+is not an ML program, a weight file that is missing, truncated or does not hold the weight read.
+
+`load_program` also takes a compiled model (`.mlmodelc` folder): see `compiled.py`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from coreml_sd.compiled_model import is_compiled_model
 from coreml_sd.components import TensorSpec
 from coreml_sd.errors import ModelError, choices_text
+from coreml_sd.mil.blobfile import BlobRef, check_blobs
 from coreml_sd.quiet_imports import import_coremltools
 
 DATA_DIR = "Data"
@@ -36,10 +39,15 @@ class MilProgram:
 
 
 def load_program(path, *, function_name: str | None = None) -> MilProgram:
-    """Load the ML program of the `.mlpackage` at `path` (any OS; no Core ML runtime needed)."""
+    """Load the ML program of the `.mlpackage` or compiled `.mlmodelc` at `path` (any OS; no Core ML
+    runtime needed)."""
     path = Path(path)
-    spec_path, weights_dir = _package_files(path)
-    spec = _read_spec(spec_path)
+    if is_compiled_model(path):
+        from coreml_sd.mil.compiled import load_compiled_program
+
+        return load_compiled_program(path, function_name=function_name)
+    spec_path, weights_dir = package_files(path)
+    spec = read_spec(spec_path)
     kind = spec.WhichOneof("Type")
     if kind != "mlProgram":
         raise ModelError(f"{path}: only ML programs (mlprogram) can be executed; this package holds a {kind!r} model")
@@ -47,8 +55,8 @@ def load_program(path, *, function_name: str | None = None) -> MilProgram:
     name = function_name or spec.description.defaultFunctionName or "main"
     if name not in names:
         raise ModelError(f"{path}: no function {name!r} in the ML program; functions: {choices_text(names)}")
-    _check_weight_files(path, spec.mlProgram, weights_dir)
-    program = _milproto_load(path, spec, weights_dir)
+    check_blobs(_blob_refs(spec.mlProgram, weights_dir), model=path)
+    program = milproto_load(path, spec, weights_dir)
     return program_from_function(program.functions[name], name=name, path=path,
                                  specification_version=spec.specificationVersion)
 
@@ -66,14 +74,14 @@ def program_from_function(function, *, name: str = "main", path=Path("<in-memory
     )
 
 
-def _package_files(path: Path) -> tuple[Path, Path]:
+def package_files(path: Path) -> tuple[Path, Path]:
     """(model spec file, weights folder) named by the package's Manifest.json."""
     if not path.exists():
         raise ModelError(f"expected a Core ML package (.mlpackage folder) at {path}, found nothing")
     if not path.is_dir():
         raise ModelError(
-            f"{path} is a file; expected a Core ML package (.mlpackage folder). Compiled .mlmodelc "
-            "folders and neural-network .mlmodel files cannot be executed here"
+            f"{path} is a file; expected a Core ML package (.mlpackage folder) or a compiled model "
+            "(.mlmodelc folder). Neural-network .mlmodel files cannot be executed here"
         )
     manifest_path = path / "Manifest.json"
     try:
@@ -90,7 +98,7 @@ def _package_files(path: Path) -> tuple[Path, Path]:
     return spec_path, weights_dir
 
 
-def _read_spec(spec_path: Path):
+def read_spec(spec_path: Path):
     import_coremltools()
     from coremltools.proto import Model_pb2
     from google.protobuf.message import DecodeError
@@ -109,51 +117,51 @@ def _read_spec(spec_path: Path):
     return spec
 
 
-def _blob_values(message):
-    """Every BlobFileValue in a MIL program proto (weights stored outside the spec)."""
-    for function in message.functions.values():
+def _blob_refs(program, weights_dir: Path) -> list[BlobRef]:
+    """Every weight a MIL program proto reads from a blob file (consts, constexpr parameters)."""
+    refs = []
+    for function in program.functions.values():
         for block in function.block_specializations.values():
-            yield from _blob_values_in_block(block)
+            refs.extend(_blob_refs_in_block(block, weights_dir))
+    return refs
 
 
-def _blob_values_in_block(block):
+def _blob_refs_in_block(block, weights_dir: Path):
     for operation in block.operations:
-        for value in operation.attributes.values():
+        values = list(operation.attributes.values()) + [
+            binding.value for argument in operation.inputs.values() for binding in argument.arguments
+            if binding.WhichOneof("binding") == "value"]
+        for value in values:
             if value.WhichOneof("value") == "blobFileValue":
-                yield value.blobFileValue
-        for argument in operation.inputs.values():
-            for binding in argument.arguments:
-                if binding.WhichOneof("binding") == "value" and binding.value.WhichOneof("value") == "blobFileValue":
-                    yield binding.value.blobFileValue
+                yield _blob_ref(value, weights_dir, operation)
         for inner in operation.blocks:
-            yield from _blob_values_in_block(inner)
+            yield from _blob_refs_in_block(inner, weights_dir)
 
 
-def _check_weight_files(path: Path, program, weights_dir: Path) -> None:
-    needed: dict[str, int] = {}
-    for blob in _blob_values(program):
-        name = blob.fileName.split("/")[-1]
-        needed[name] = max(needed.get(name, 0), blob.offset)
-    for name, last_offset in sorted(needed.items()):
-        file = weights_dir / name
-        if not file.is_file():
-            raise ModelError(f"{path}: weight file {file} is missing (the ML program reads its weights from it)")
-        if file.stat().st_size <= last_offset:
-            raise ModelError(
-                f"{path}: weight file {file} is truncated: {file.stat().st_size} bytes, "
-                f"but the program reads a weight at offset {last_offset}"
-            )
+def _blob_ref(value, weights_dir: Path, operation) -> BlobRef:
+    from coreml_sd.mil.mil_values import BY_PROTO
+
+    tensor = value.type.tensorType
+    sizes = [d.constant.size for d in tensor.dimensions if d.WhichOneof("dimension") == "constant"]
+    count = math.prod(sizes) if len(sizes) == tensor.rank else None
+    dtype = BY_PROTO[tensor.dataType].name if tensor.dataType in BY_PROTO else str(tensor.dataType)
+    name = operation.outputs[0].name if operation.outputs else operation.type
+    return BlobRef(weights_dir / value.blobFileValue.fileName.split("/")[-1], value.blobFileValue.offset, dtype,
+                   count, f"op {name!r}")
 
 
-def _milproto_load(path: Path, spec, weights_dir: Path):
+def milproto_load(path: Path, spec, weights_dir: Path):
     from coremltools.converters.mil.frontend.milproto import load as milproto
+    from coremltools.converters.mil.mil import types
+
+    from coreml_sd.mil.blobfile import Fp16Blobs
 
     original = milproto._load_file_value
-    reader = Fp16BlobReader(weights_dir)
+    fp16 = Fp16Blobs(weights_dir)
 
     def load_file_value(context, filevalue_spec, dtype):
-        if reader.handles(dtype):
-            return reader.read(filevalue_spec)
+        if dtype == types.fp16:
+            return fp16.read(filevalue_spec.fileName, filevalue_spec.offset)
         return original(context, filevalue_spec, dtype)
 
     # coremltools' own blob reader maps the whole weight file and keeps every page it read resident
@@ -168,47 +176,7 @@ def _milproto_load(path: Path, spec, weights_dir: Path):
         raise ModelError(f"{path}: the ML program or its weights could not be read: {type(exc).__name__}: {exc}") from exc
     finally:
         milproto._load_file_value = original
-        reader.close()
-
-
-class Fp16BlobReader:
-    """fp16 weights of MIL blob storage files (weight.bin): at a blob's offset a 64-byte record —
-    sentinel 0xDEADBEEF, data type (1: fp16), size in bytes, data offset — then the data there."""
-
-    SENTINEL, FP16 = 0xDEADBEEF, 1
-
-    def __init__(self, weights_dir: Path):
-        self.weights_dir, self.files = Path(weights_dir), {}
-
-    @staticmethod
-    def handles(dtype) -> bool:
-        from coremltools.converters.mil.mil import types
-
-        return dtype == types.fp16
-
-    def read(self, blob) -> np.ndarray:
-        import struct
-
-        name = blob.fileName.split("/")[-1]
-        if name not in self.files:
-            self.files[name] = open(self.weights_dir / name, "rb")
-        fh = self.files[name]
-        fh.seek(blob.offset)
-        record = fh.read(24)
-        sentinel, dtype, size, data_offset = struct.unpack("<IIQQ", record) if len(record) == 24 else (0, 0, 0, 0)
-        if sentinel != self.SENTINEL or dtype != self.FP16 or size % 2:
-            raise ModelError(f"{self.weights_dir / name}: no fp16 weight record at offset {blob.offset} "
-                             f"(sentinel {sentinel:#x}, type {dtype}, {size} bytes)")
-        fh.seek(data_offset)
-        values = np.fromfile(fh, dtype="<f2", count=size // 2)
-        if values.size * 2 != size:
-            raise ModelError(f"{self.weights_dir / name} is truncated: the weight at {data_offset} needs {size} bytes")
-        return values
-
-    def close(self) -> None:
-        for fh in self.files.values():
-            fh.close()
-        self.files.clear()
+        fp16.close()
 
 
 def _tensor_spec(name: str, var) -> TensorSpec:
