@@ -375,6 +375,9 @@ class ConvertedRefiner(SourceBase):
     def package_paths(self, component: str) -> list[Path]:
         return self.base.package_paths(self._entry(component))
 
+    def checked_package_paths(self, component: str) -> list[Path]:
+        return self.base.checked_package_paths(self._entry(component))
+
     def compiled_paths(self, component: str) -> list[Path | None]:
         return self.base.compiled_paths(self._entry(component))
 
