@@ -15,17 +15,19 @@ import click
 
 from coreml_sd.cli_checkpoint import model_source_options, source_kwargs
 from coreml_sd.cli_checks import side, threads_option
-from coreml_sd.components import KINDS
+from coreml_sd.components import FOLDER_KINDS
 # The choices' one (light) owner, so `--help` needs no torch or coremltools import.
 from coreml_sd.conversion_names import ATTENTION_IMPLEMENTATIONS as ATTENTIONS
 from coreml_sd.conversion_names import MIN_TARGETS
 from coreml_sd.conversion_names import WEIGHT_MODES as WEIGHTS
 
-COMPONENTS = tuple(k for k in KINDS if not KINDS[k].multiple)  # ControlNets come with --controlnet
-DEFAULT_COMPONENTS = "text_encoder,unet,vae_decoder"
+# ControlNets come with --controlnet; unet_refiner is a refiner's UNet (with --refiner)
+COMPONENTS = tuple(k for k in FOLDER_KINDS if not FOLDER_KINDS[k].multiple)
 
 
-def _components(ctx, param, value: str) -> tuple[str, ...]:
+def _components(ctx, param, value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
     names = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
     bad = [n for n in names if n not in COMPONENTS]
     if bad or not names:
@@ -76,8 +78,12 @@ def _quiet_libraries(enabled: bool):
 @click.option("--min-target", type=click.Choice(MIN_TARGETS), default="macOS13", show_default=True,
               help="Oldest OS the packages must load on.")
 @click.option("--compile", "compile_", is_flag=True, help="Also write .mlmodelc folders (macOS only).")
-@click.option("--components", default=DEFAULT_COMPONENTS, show_default=True, callback=_components,
-              help=f"Which packages: {', '.join(COMPONENTS)}.")
+@click.option("--components", default=None, callback=_components,
+              help=f"Which packages: {', '.join(COMPONENTS)}. Default: the model's own (its text encoder(s), unet, "
+                   "vae_decoder; unet_refiner with --refiner).")
+@click.option("--refiner", type=click.Path(exists=True, path_type=Path), default=None,
+              help="An SDXL refiner whose UNet goes into the same folder as UnetRefiner (Apple's layout; it shares "
+                   "the base's TextEncoder2).")
 @click.option("--img2img", is_flag=True,
               help="Also convert the VAE encoder (img2img, inpainting, hires fix need it): adds vae_encoder to "
                    "--components.")
@@ -90,7 +96,8 @@ def _quiet_libraries(enabled: bool):
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 @threads_option
 def convert(source, output, attention, width, height, batch, weights, precision, chunk_unet, min_target, compile_,
-            components, img2img, force, controlnets, vae, loras, embeddings, hypernetwork, prediction_type, as_json,
+            components, refiner, img2img, force, controlnets, vae, loras, embeddings, hypernetwork, prediction_type,
+            as_json,
             quiet, threads):
     """Convert SOURCE (a .safetensors/.ckpt checkpoint or a diffusers folder) into Core ML packages.
 
@@ -102,7 +109,7 @@ def convert(source, output, attention, width, height, batch, weights, precision,
     from conversion.atomic import check_target
     from conversion.convert import ConvertOptions, convert_model
 
-    if img2img and "vae_encoder" not in components:
+    if img2img and components is not None and "vae_encoder" not in components:
         components = (*components, "vae_encoder")
     options = ConvertOptions(attention=attention, width=width, height=height, batch=int(batch), weights=weights,
                              precision=precision,
@@ -118,12 +125,21 @@ def convert(source, output, attention, width, height, batch, weights, precision,
     with _quiet_libraries(not verbose):
         model = open_model(source, **source_kwargs(vae=vae, loras=loras, embeddings=embeddings,
                                                    hypernetwork=hypernetwork, prediction_type=prediction_type))
+        refined = open_model(refiner) if refiner is not None else None
+        if components is None:  # the model's own, known once it is open
+            from dataclasses import replace
+
+            from conversion.convert import model_components
+
+            components = tuple(model_components(model, options, refined)) + (("vae_encoder",) if img2img else ())
+            options = replace(options, components=components)
         apply_threads(threads, estimate_params(model.info.path))
         if not quiet:
             nets = "".join(f", ControlNet {Path(c).name}" for c in controlnets)
             click.echo(f"converting {model.info.name} -> {output} ({', '.join(components)}{nets}; {attention}, "
                        f"{weights}, batch {batch})", err=True)
-        result = convert_model(model, output, options, force=force, on_stage=show, controlnets=controlnets)
+        result = convert_model(model, output, options, force=force, on_stage=show, controlnets=controlnets,
+                               refiner=refined)
     if as_json:
         click.echo(json.dumps({
             "path": str(result.path), "components": {k: v.to_dict() for k, v in result.manifest.components.items()},

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from coreml_sd.components import KINDS, PACKAGE_NAMES, TensorSpec, entry_component
+from coreml_sd.components import FOLDER_KINDS, KINDS, PACKAGE_NAMES, TensorSpec, entry_component
 from coreml_sd.errors import choices_text
 from coreml_sd.families import PROVIDER_WIDTHS
 from coreml_sd.model_folder import ControlNetPackage, Manifest, PackageInfo
@@ -38,12 +38,12 @@ from conversion.verify import MIN_PSNR_DB, ExtraIO, PackageRunner, ParityResult,
 
 log = logging.getLogger(__name__)
 
-# Convertible components of a model, in conversion order (ControlNets, one per file, are given apart).
-COMPONENTS = tuple(k for k in KINDS if not KINDS[k].multiple)
-DEFAULT_COMPONENTS = ("text_encoder", "unet", "vae_decoder")  # a model's own list: its family's component_names
+# Convertible components of a model, in conversion order (ControlNets, one per file, are given apart;
+# unet_refiner: a refiner's UNet beside the base's, Apple's UnetRefiner).
+COMPONENTS = tuple(k for k in FOLDER_KINDS if not FOLDER_KINDS[k].multiple)
 # --weights compresses these (Apple's converter quantizes the ControlledUnet and ControlNets too); the
 # VAE stays fp16 (small, and its errors show directly in pixels).
-COMPRESSIBLE = ("text_encoder", "unet", "controlled_unet", "controlnet")
+COMPRESSIBLE = ("text_encoder", "text_encoder_2", "unet", "unet_refiner", "controlled_unet", "controlnet")
 CONTROLNET_KEY = "controlnet:"  # a ControlNet's component key during conversion: controlnet:<Name>
 TEXT_LENGTH = 77
 PRECISIONS = ("fp16", "fp32")
@@ -60,8 +60,12 @@ class ConvertOptions:
     chunk_unet: bool = False
     min_target: str = "macOS13"
     compile: bool = False
-    components: tuple[str, ...] = DEFAULT_COMPONENTS
+    # None: the model's own (its family's text encoders, unet, vae_decoder; unet_refiner with a refiner)
+    components: tuple[str, ...] | None = None
     threshold_db: float = MIN_PSNR_DB
+    # Rescale the VAE decoder's activations where fp16 would overflow (conversion.vae_fp16); off
+    # only to show the failure it prevents.
+    vae_fp16_fix: bool = True
 
     def validate(self) -> None:
         for name, value, valid in (("attention", self.attention, ATTENTION_IMPLEMENTATIONS),
@@ -70,7 +74,7 @@ class ConvertOptions:
                                    ("batch", self.batch, (1, 2))):
             if value not in valid:
                 raise ConversionError(f"{name} {value!r} is not supported; valid: {choices_text(valid)}")
-        unknown = [c for c in self.components if c not in COMPONENTS]
+        unknown = [c for c in self.components or () if c not in COMPONENTS]
         if unknown:
             raise ConversionError(f"unknown component {unknown[0]!r}; valid: {choices_text(COMPONENTS)}")
         if self.compile and sys.platform != "darwin":
@@ -170,6 +174,11 @@ class Converter:
     def gate(self, component: str, outputs: dict[str, np.ndarray], references: dict[str, np.ndarray],
              *, dequantized_reference: dict[str, np.ndarray] | None = None) -> ParityResult:
         """Record parity; the gate compares with the reference of the weights the package holds."""
+        bad = {k: int(np.size(v) - np.isfinite(v).sum()) for k, v in outputs.items() if not np.isfinite(v).all()}
+        if bad:
+            raise ConversionError(f"parity gate failed for {component}: the package returns NaN/inf values ("
+                                  + ", ".join(f"{k}: {n} of {np.size(outputs[k])}" for k, n in bad.items())
+                                  + ") — an fp16 overflow; nothing was written")
         ref = dequantized_reference if dequantized_reference is not None else references
         result = compare(component, outputs, ref, executor=self.runner.name, threshold_db=self.options.threshold_db)
         self.parity[component] = result
@@ -219,19 +228,59 @@ def _set_weights(module, dense: dict[str, np.ndarray]) -> None:
 
 
 @contextlib.contextmanager
-def in_fp32(module, options: ConvertOptions) -> Iterator[Any]:
-    """The upstream module computing in fp32 for its reference, then back in the package precision.
+def in_fp32(module, options: ConvertOptions, *, layerwise: bool = True) -> Iterator[Any]:
+    """The upstream module computing in fp32 for its reference, its weights as the package stores them.
 
     Weights were loaded in the package precision (fp16: half the memory of fp32 for the whole
-    conversion), so the upcast is exact and so is the way back: the reference is the upstream
-    model with the weights the package stores, computed in fp32.
+    conversion), so their fp32 values are exact upcasts. `layerwise`: each layer's own weights are
+    upcast just for its forward and the fp16 originals put back after (`layerwise_fp32`), so an
+    SDXL UNet (5.1 GB in fp16) never exists as a 10.3 GB fp32 copy; otherwise the whole module is
+    upcast and cast back (modules that read their own dtype, as diffusers' VAE decoder does).
     """
+    if options.precision == "fp32":
+        yield module
+        return
+    if layerwise:
+        with layerwise_fp32(module):
+            yield module
+        return
     module.float()
     try:
         yield module
     finally:
         options.cast(module)
         release_memory()
+
+
+@contextlib.contextmanager
+def layerwise_fp32(module) -> Iterator[Any]:
+    """`module` computing in fp32 with only the running layer's weights in fp32 (see `in_fp32`)."""
+    import torch
+
+    saved: dict[int, list] = {}
+
+    def upcast(mod, args):
+        originals = []
+        for name, tensor in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
+            if tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float32:
+                originals.append((tensor, tensor.data))
+                tensor.data = tensor.data.float()
+        saved.setdefault(id(mod), []).append(originals)
+
+    def restore(mod, args, output):
+        for tensor, data in saved[id(mod)].pop():
+            tensor.data = data  # the very fp16 storage (a memory-mapped file's pages stay shared)
+
+    handles = []
+    for sub in module.modules():
+        if any(True for _ in sub.parameters(recurse=False)) or any(
+                b.is_floating_point() for b in sub.buffers(recurse=False)):
+            handles += [sub.register_forward_pre_hook(upcast), sub.register_forward_hook(restore)]
+    try:
+        yield module
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _spec(io: TensorIO) -> TensorSpec:
@@ -279,6 +328,15 @@ def _verify(conv: Converter, component: str, chain: list[str], inputs: dict[str,
         conv.gate(component, outputs, refs, dequantized_reference=dequantized_ref)
 
 
+def _verify_cases(conv: Converter, component: str, cases) -> None:
+    """One package called on several cases [(label, inputs, references)], gated together (run_cases)."""
+    from conversion.verify import run_cases
+
+    with conv.timer(component, "verify", conv.runner.name):
+        outputs, refs = run_cases(lambda inputs: _run_chain(conv, [component], inputs), cases)
+        conv.gate(component, outputs, refs)
+
+
 def _dequantized_reference(conv: Converter, component: str, rewrite, dense: dict[str, np.ndarray],
                            inputs: dict[str, np.ndarray], names: list[str], call: Callable | None = None):
     if not dense:
@@ -288,37 +346,45 @@ def _dequantized_reference(conv: Converter, component: str, rewrite, dense: dict
         return _reference_outputs(rewrite, inputs, names, call)
 
 
-def convert_text_encoder(conv: Converter, mods, shapes: Shapes) -> None:
+def convert_text_encoder(conv: Converter, mods, component: str) -> None:
+    """One text encoder of the family (TextEncoder, TextEncoder2): the hidden state its spec feeds the
+    UNet (SDXL: `hidden_embeds`, the penultimate layer's) and its (projected) pooled output."""
     from conversion.ane import text_encoder_from_transformers
     from conversion.verify import text_encoder_case
 
-    module, mods.text_encoder = mods.text_encoder, None
-    with conv.timer("text_encoder", "reference"), in_fp32(module, conv.options):
-        inputs, refs = text_encoder_case(module, conv.source.tokenizer(), extra_words=list(conv.source.trigger_ids()))
-    rewrite = text_encoder_from_transformers(module, attention=conv.options.attention)
+    spec = conv.source.info.spec.text_encoder(component)
+    module = mods.module(component)
+    setattr(mods, component, None)
+    with conv.timer(component, "reference"), in_fp32(module, conv.options):
+        inputs, refs = text_encoder_case(module, conv.source.tokenizer(component), hidden_layer=spec.hidden_layer,
+                                         final_norm=spec.final_norm, extra_words=list(conv.source.trigger_ids()))
+    rewrite = text_encoder_from_transformers(module, attention=conv.options.attention, hidden_layer=spec.hidden_layer,
+                                             final_norm=spec.final_norm)
     del module
-    c = shapes.text_hidden
+    (hidden, hidden_ref), (pooled, pooled_ref) = refs.items()
     ins = [TensorIO("input_ids", (1, TEXT_LENGTH), "fp32")]
-    outs = [TensorIO("last_hidden_state", (1, TEXT_LENGTH, c), "fp32"), TensorIO("pooled_outputs", (1, c), "fp32")]
-    _, dense = conv.export("text_encoder", rewrite, lambda ops, ids: rewrite(ids, ops), ins, outs)
-    deq = _dequantized_reference(conv, "text_encoder", rewrite, dense, inputs, list(refs))
+    outs = [TensorIO(hidden, tuple(hidden_ref.shape), "fp32"), TensorIO(pooled, tuple(pooled_ref.shape), "fp32")]
+    _, dense = conv.export(component, rewrite, lambda ops, ids: rewrite(ids, ops), ins, outs)
+    deq = _dequantized_reference(conv, component, rewrite, dense, inputs, list(refs))
     del rewrite
     release_memory()
-    _verify(conv, "text_encoder", ["text_encoder"], inputs, refs, deq)
+    _verify(conv, component, [component], inputs, refs, deq)
 
 
-def convert_unet(conv: Converter, mods, shapes: Shapes, component: str = "unet") -> None:
+def convert_unet(conv: Converter, mods, shapes: Shapes, component: str = "unet",
+                 source: ModelSource | None = None) -> None:
     """The UNet, or (component "controlled_unet") Apple's ControlledUnet: the same network taking
-    ControlNet residuals as inputs additional_residual_0..N. The UNet module is freed by the last."""
+    ControlNet residuals as inputs additional_residual_0..N, or (component "unet_refiner", from the
+    refiner's `source`) a refiner's, Apple's UnetRefiner. The UNet module is freed by the last."""
     from conversion.ane import unet_from_diffusers
     from conversion.ane.config import UNetConfig
     from conversion.ane.unet import residual_shapes
     from conversion.verify import unet_case
 
     module = mods.unet
-    if component == "unet":
+    if component != "controlled_unet":
         mods.unet = None
-    extras = unet_extra_inputs(conv.source, module.config, shapes.batch)
+    extras = unet_extra_inputs(source or conv.source, module.config, shapes.batch)
     b, latent, p = shapes.batch, shapes.latent, conv.options.precision
     # An inpainting UNet takes mask and masked-image latents beside the latents: 9 input channels.
     sample = (int(module.config.in_channels), *latent[1:])
@@ -414,21 +480,29 @@ def _export_unet_chunks(conv: Converter, rewrite, ins: list[TensorIO], out: Tens
 
 def convert_vae(conv: Converter, mods, shapes: Shapes, components: list[str]) -> None:
     from conversion.ane import vae_decoder_from_diffusers, vae_encoder_from_diffusers
-    from conversion.verify import vae_decoder_case, vae_encoder_case
+    from conversion.verify import vae_decoder_cases, vae_encoder_case
+    from conversion.vae_fp16 import calibration_latents
 
     vae, mods.vae = mods.vae, None
     c, h, w = shapes.latent
-    cases = {}
-    with in_fp32(vae, conv.options):
+    cases, calibration = {}, None
+    fix = conv.options.vae_fp16_fix and conv.options.precision == "fp16"
+    with in_fp32(vae, conv.options, layerwise=False):  # diffusers' decoder casts to its own dtype
         for component in components:
             with conv.timer(component, "reference"):
                 if component == "vae_decoder":
-                    cases[component] = vae_decoder_case(vae, latent_shape=shapes.latent)
+                    # Seeded latents and the latents of a test image (where big activations live).
+                    cases[component] = vae_decoder_cases(vae, latent_shape=shapes.latent)
+                    if fix:
+                        side = calibration_side(shapes)
+                        calibration = calibration_latents(vae, *side)
                 else:
                     cases[component] = vae_encoder_case(vae, image_shape=(3, shapes.height, shapes.width))
     for component in components:
         if component == "vae_decoder":
             rewrite = vae_decoder_from_diffusers(vae, attention=conv.options.attention)
+            if calibration is not None:
+                _fp16_safe_decoder(conv, rewrite, calibration)
             ins, outs = [TensorIO("z", (1, c, h, w), "fp32")], [TensorIO("image", (1, 3, shapes.height, shapes.width), "fp32")]
         else:
             rewrite = vae_encoder_from_diffusers(vae, attention=conv.options.attention)
@@ -436,17 +510,55 @@ def convert_vae(conv: Converter, mods, shapes: Shapes, components: list[str]) ->
         conv.export(component, rewrite, lambda ops, x: [rewrite(x, ops)], ins, outs)
         del rewrite
         release_memory()
-        inputs, refs = cases[component]
-        _verify(conv, component, [component], inputs, refs, None)
+        if component == "vae_decoder":
+            _verify_cases(conv, component, cases[component])
+        else:
+            inputs, refs = cases[component]
+            _verify(conv, component, [component], inputs, refs, None)
+
+
+CALIBRATION_SIDE = 256  # pixels: activation peaks of a VAE hardly depend on the image size; 16x cheaper than 1024
+
+
+def calibration_side(shapes: Shapes) -> tuple[int, int]:
+    f = shapes.width // shapes.latent[2]
+    return tuple(min(side, CALIBRATION_SIDE) // f * f for side in (shapes.height, shapes.width))
+
+
+def _fp16_safe_decoder(conv: Converter, rewrite, calibration: np.ndarray) -> None:
+    """Scale the decoder's big activations down where fp16 would overflow (conversion.vae_fp16)."""
+    from conversion.vae_fp16 import fp16_safe
+
+    with conv.timer("vae_decoder", "fp16 rescale"):
+        scales = fp16_safe(rewrite, calibration)
+    conv.extra_parity["vae_decoder"] = {"fp16_rescale": scales.to_dict()}
+    if not scales.identity:
+        log.info("VAE decoder: activations up to %.0f would overflow fp16; carried at scales %s (largest now %.1f)",
+                 max(scales.peaks.values()), scales.streams, scales.scaled_peak())
 
 
 # -- the whole model --------------------------------------------------------------------------
+def model_components(source: ModelSource, options: ConvertOptions, refiner: ModelSource | None) -> list[str]:
+    """The components to convert, in conversion order: those asked for, else the model's own."""
+    own = source.info.spec.component_names + (("unet_refiner",) if refiner is not None else ())
+    wanted = options.components or own
+    convertible = set(own) | {"vae_encoder", "controlled_unet"}
+    bad = [c for c in wanted if c not in convertible]
+    if bad:
+        hint = " (a refiner's UNet: pass the refiner with --refiner FILE)" if bad[0] == "unet_refiner" else ""
+        raise ConversionError(f"a {source.info.family} model has no {bad[0]} to convert{hint}; its components: "
+                              f"{choices_text(c for c in COMPONENTS if c in convertible)}")
+    return [c for c in COMPONENTS if c in wanted]
+
+
 def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = ConvertOptions(), *,
                   force: bool = False, on_stage: Callable[[StageRecord], None] | None = None,
-                  controlnets: Sequence[Any] = ()) -> ConversionResult:
+                  controlnets: Sequence[Any] = (), refiner: ModelSource | None = None) -> ConversionResult:
     """Convert `source` into a verified model folder at `out_dir` (see the module docstring).
     `controlnets`: ControlNet files or folders to convert too (controlnet/<Name>.mlpackage each, and the
-    ControlledUnet that takes their residuals; see conversion/controlnet.py)."""
+    ControlledUnet that takes their residuals; see conversion/controlnet.py). `refiner`: an SDXL
+    refiner whose UNet goes into the same folder as UnetRefiner (Apple's layout: it shares the
+    base's TextEncoder2, so its text encoder must be the base's)."""
     import torch
 
     from conversion.controlnet import convert_controlnet, open_controlnets
@@ -456,8 +568,14 @@ def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = 
     nets = open_controlnets(controlnets, source)
     target = check_target(Path(out_dir), force=force)
     timer = StageTimer(on_stage)
-    wanted = set(options.components) | ({"controlled_unet"} if nets else set())
-    components = [c for c in COMPONENTS if c in wanted]
+    components = model_components(source, options, refiner)
+    if nets and "controlled_unet" not in components:
+        components = [c for c in COMPONENTS if c in {*components, "controlled_unet"}]
+    if refiner is not None:
+        _check_source(refiner)
+        from coreml_sd.refiner import check_compatible
+
+        check_compatible(source.info, refiner.info)
     with atomic_folder(target, force=force) as folder:
         with timer("model", "load"):
             mods = source.torch_modules(device="cpu", dtype=options.torch_dtype)
@@ -468,13 +586,17 @@ def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = 
             log.warning("--weights %s compresses only %s; none of them is converted", options.weights,
                         choices_text(COMPRESSIBLE))
         conv = Converter(source, folder, options, timer)
+        shared = {}  # digests of the base's text encoders a refiner must share
         with torch.no_grad():
-            if "text_encoder" in components:
-                convert_text_encoder(conv, mods, shapes)
+            for spec in source.info.spec.text_encoders:
+                if refiner is not None and mods.module(spec.component) is not None:
+                    shared[spec.component] = module_digest(mods.module(spec.component))
+                if spec.component in components:
+                    convert_text_encoder(conv, mods, spec.component)
             vae_parts = [c for c in components if c.startswith("vae_")]
             if vae_parts:
                 convert_vae(conv, mods, shapes, vae_parts)
-            mods.vae = mods.text_encoder = None
+            mods.vae = mods.text_encoder = mods.text_encoder_2 = None
             release_memory()
             if "controlled_unet" in components:  # before the UNet, which frees the module
                 convert_unet(conv, mods, shapes, "controlled_unet")
@@ -484,13 +606,43 @@ def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = 
             gc.collect()
             for net in nets:
                 convert_controlnet(conv, net, shapes)
+            refined = convert_refiner(conv, refiner, shapes, shared) if "unet_refiner" in components else {}
         if options.compile:
             _compile_all(conv)
         with timer("model", "write"):
-            manifest = _manifest(conv, shapes, source_record(source))
+            manifest = _manifest(conv, shapes, source_record(source), refined)
             _copy_tokenizer(source, folder)
             manifest.write(folder)
     return ConversionResult(target, manifest, conv.parity, timer.records, timer.summary())
+
+
+def module_digest(module) -> str:
+    """sha256 of a module's parameter names and bytes (to tell whether two text encoders are the same)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().contiguous().cpu().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def convert_refiner(conv: Converter, refiner: ModelSource, shapes: Shapes, shared: dict[str, str]) -> dict:
+    """The refiner's UNet as UnetRefiner; its text encoders must be packages of this folder already."""
+    info = refiner.info
+    with conv.timer("unet_refiner", "load"):
+        mods = refiner.torch_modules(device="cpu", dtype=conv.options.torch_dtype)
+    for spec in info.spec.text_encoders:
+        if shared.get(spec.component) != module_digest(mods.module(spec.component)):
+            raise ConversionError(f"the refiner's {spec.component} differs from {conv.source.info.name}'s; in Apple's "
+                                  f"layout the refiner uses the base's, so convert the refiner into a folder of its "
+                                  f"own and give it at generation with --refiner FOLDER")
+        setattr(mods, spec.component, None)
+    mods.vae = None
+    release_memory()
+    convert_unet(conv, mods, replace(shapes, text_hidden=info.text_hidden_size), "unet_refiner", refiner)
+    return {"name": info.name, "family": info.family, "hash": info.hash, "scheduler": info.scheduler.to_dict(),
+            "text_hidden_size": info.text_hidden_size, "pad_token": info.pad_token, "source": source_record(refiner)}
 
 
 def _compile_all(conv: Converter) -> None:
@@ -507,7 +659,7 @@ def _copy_tokenizer(source: ModelSource, folder: Path) -> None:
     shutil.copyfile(files.merges, folder / "merges.txt")
 
 
-def _manifest(conv: Converter, shapes: Shapes, source: dict) -> Manifest:
+def _manifest(conv: Converter, shapes: Shapes, source: dict, refiner: dict | None = None) -> Manifest:
     info, opts = conv.source.info, conv.options
     from coreml_sd.model_folder import package_hash
 
@@ -529,7 +681,7 @@ def _manifest(conv: Converter, shapes: Shapes, source: dict) -> Manifest:
         weights=opts.weights, precision=opts.precision, min_target=opts.min_target, components=packages, pad_token=info.pad_token,
         max_length=TEXT_LENGTH, trigger_words=conv.source.trigger_ids(), source=source,
         tools=tool_versions(), parity=parity, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        controlnets=controlnets,
+        controlnets=controlnets, refiner=refiner or {},
     )
 
 

@@ -96,18 +96,31 @@ def _randn(shape: Sequence[int], seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(tuple(shape)).astype(np.float32)
 
 
-def text_encoder_case(module, tokenizer, *, extra_words: Sequence[str] = ()):
+def hidden_output_name(hidden_layer: int = -1, final_norm: bool = True) -> str:
+    """The text encoder package's hidden-state output, as Apple names it: the last layer's after the
+    final norm is `last_hidden_state` (SD 1.x/2.x); another (SDXL's penultimate, raw) `hidden_embeds`."""
+    return "last_hidden_state" if hidden_layer == -1 and final_norm else "hidden_embeds"
+
+
+def text_encoder_case(module, tokenizer, *, extra_words: Sequence[str] = (), hidden_layer: int = -1,
+                      final_norm: bool = True):
     """(package inputs, references) for the text encoder: a real prompt's token ids.
 
     `extra_words` (e.g. textual-inversion trigger words) are appended so their vectors are checked.
+    `hidden_layer`/`final_norm`: the hidden state the family feeds the UNet (a TextEncoderSpec's);
+    the pooled output is the projected one (`text_embeds`) where the module has a projection.
     """
     import torch
 
     ids = np.asarray([tokenizer(" ".join([VERIFY_PROMPT, *extra_words]))], dtype=np.int64)
     with torch.inference_mode():
-        out = module(torch.from_numpy(ids))
-    refs = {"last_hidden_state": out.last_hidden_state.float().numpy(),
-            "pooled_outputs": out.pooler_output.float().numpy()}
+        out = module(torch.from_numpy(ids), output_hidden_states=True)
+        hidden = out.hidden_states[hidden_layer]
+        if final_norm:
+            hidden = getattr(module, "text_model", module).final_layer_norm(hidden)
+    pooled = getattr(out, "text_embeds", None)
+    refs = {hidden_output_name(hidden_layer, final_norm): hidden.float().numpy(),
+            "pooled_outputs": (out.pooler_output if pooled is None else pooled).float().numpy()}
     return {"input_ids": ids.astype(np.float32)}, refs
 
 
@@ -203,6 +216,43 @@ def vae_decoder_case(vae, *, latent_shape: tuple[int, int, int], seed: int = 0):
     with torch.inference_mode():
         image = vae.decode(torch.from_numpy(z)).sample
     return {"z": z}, {"image": image.float().numpy()}
+
+
+def vae_decoder_cases(vae, *, latent_shape: tuple[int, int, int], seed: int = 0):
+    """(package inputs, references) as two "outputs" of one call each: seeded latents ("image") and the
+    latents of a test image, saturated colour bars with black and white edges ("image (test image)",
+    also compared as 8-bit pixels): the big activations of a real decode live there, not in noise."""
+    import torch
+
+    from conversion.vae_fp16 import test_images
+
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    bars = torch.from_numpy(test_images(latent_shape[1] * f, latent_shape[2] * f)[:1])
+    with torch.inference_mode():
+        z_image = vae.encode(bars).latent_dist.mean.float().numpy()
+        decoded = vae.decode(torch.from_numpy(z_image)).sample.float().numpy()
+    inputs, refs = vae_decoder_case(vae, latent_shape=latent_shape, seed=seed)
+    return [("", inputs, refs), ("test image", {"z": z_image}, {"image": decoded})]
+
+
+def run_cases(run, cases) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(outputs, references) of `run(inputs) -> outputs` over cases [(label, inputs, references)], gated as
+    one call: each output of a labelled case is named "<output> (<label>)" and also compared as 8-bit
+    pixels (an image's pass mark is its pixels, not only its floats)."""
+    outputs, refs = {}, {}
+    for label, inputs, case_refs in cases:
+        got = run(inputs)
+        for name, ref in case_refs.items():
+            key = f"{name} ({label})" if label else name
+            outputs[key], refs[key] = got[name], ref
+            if label:
+                outputs[f"{key} 8-bit"], refs[f"{key} 8-bit"] = to_8bit(got[name]), to_8bit(ref)
+    return outputs, refs
+
+
+def to_8bit(image: np.ndarray) -> np.ndarray:
+    """[-1, 1] -> 0..255 pixel values (as float), rounded as images are written."""
+    return np.round(np.clip(image / 2 + 0.5, 0.0, 1.0) * 255.0).astype(np.float32)
 
 
 def vae_encoder_case(vae, *, image_shape: tuple[int, int, int], seed: int = 0):

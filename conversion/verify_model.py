@@ -25,11 +25,11 @@ from typing import Any, Callable
 import numpy as np
 
 from coreml_sd import arrays
-from coreml_sd.components import KINDS, role
+from coreml_sd.components import FOLDER_KINDS, role
 from coreml_sd.errors import ModelError
 from coreml_sd.model_folder import ConvertedModel, Manifest
-from conversion.verify import (MIN_PSNR_DB, VERIFY_PROMPT, ParityResult, compare, package_runner, psnr,
-                               text_encoder_case, unet_case, vae_decoder_case, vae_encoder_case)
+from conversion.verify import (MIN_PSNR_DB, VERIFY_PROMPT, ParityResult, compare, package_runner, psnr, run_cases,
+                               text_encoder_case, unet_case, vae_decoder_cases, vae_encoder_case)
 
 COMPRESSED_MARGIN_DB = 1.0
 
@@ -102,6 +102,17 @@ def open_source(manifest: Manifest, against: str | Path | None):
     return open_model(path, **modifiers)
 
 
+def open_refiner_source(manifest: Manifest):
+    """The refiner a folder's UnetRefiner was converted from (manifest.refiner's source record)."""
+    from coreml_sd.sources import open_model
+
+    record = (manifest.refiner or {}).get("source") or {}
+    path = record.get("path")
+    if not path or not Path(path).exists():
+        raise ModelError(f"the manifest's refiner source {path or '(none recorded)'} is not there")
+    return open_model(path, **dict(record.get("modifiers") or {}))
+
+
 def _expected(manifest: Manifest, component: str, threshold: float) -> float:
     """The component's pass mark: the threshold, or for a compressed package what the conversion
     measured against the source (less a margin), whichever is lower."""
@@ -119,25 +130,27 @@ def _case(component: str, mods, source, manifest: Manifest):
               manifest.width // manifest.vae_scale_factor)
     kind = role(component)
     if kind == "text_encoder":  # textual-inversion words baked in: checked too
+        spec = source.info.spec.text_encoder(component)
         return text_encoder_case(mods.module(component), source.tokenizer(component),
-                                 extra_words=list(source.trigger_ids()))
-    if kind == "unet":
+                                 extra_words=list(source.trigger_ids()), hidden_layer=spec.hidden_layer,
+                                 final_norm=spec.final_norm)
+    if kind == "unet":  # the base's (or ControlledUnet), or (unet_refiner) the refiner's from its own source
         from conversion.ane.config import UNetConfig
         from conversion.ane.unet import residual_shapes
 
         sample = (int(mods.unet.config.in_channels), *latent[1:])  # 9 channels for inpainting UNets
         residuals = (residual_shapes(UNetConfig.from_diffusers(mods.unet.config), manifest.batch, latent[1:])
                      if component == "controlled_unet" else ())  # its ControlNet residual inputs, seeded
-        return unet_case(mods.unet, batch=manifest.batch, latent_shape=sample, context_dim=manifest.text_hidden_size,
+        return unet_case(mods.unet, batch=manifest.batch, latent_shape=sample, context_dim=source.info.text_hidden_size,
                          extra=unet_extra_inputs(source, mods.unet.config, manifest.batch), residuals=residuals)
-    if kind == "vae_decoder":
-        return vae_decoder_case(mods.vae, latent_shape=latent)
+    if kind == "vae_decoder":  # [(label, inputs, references)]: seeded latents and a test image's
+        return vae_decoder_cases(mods.vae, latent_shape=latent)
     return vae_encoder_case(mods.vae, image_shape=(3, manifest.height, manifest.width))
 
 
 def manifest_packages(folder: ConvertedModel) -> dict[str, list[Path]]:
     """component -> its package path(s) (a chunked UNet: both chunks, in order), as converted."""
-    return {c: folder.package_paths(c) for c in KINDS if folder.has(c)}
+    return {c: folder.package_paths(c) for c in FOLDER_KINDS if folder.has(c)}
 
 
 def check_components(folder: ConvertedModel, source, options: VerifyOptions, report: VerifyReport,
@@ -151,18 +164,26 @@ def check_components(folder: ConvertedModel, source, options: VerifyOptions, rep
     progress(f"loading the source model's weights ({source.info.path})")
     mods = source.torch_modules(device="cpu", dtype=dtype)
     with torch.inference_mode():
-        for component, paths in manifest_packages(folder).items():
-            progress(f"{component}: computing the torch reference and running {', '.join(p.name for p in paths)}")
-            module = mods.module(component).float()
-            inputs, refs = _case(component, mods, source, manifest)
+        for entry, paths in manifest_packages(folder).items():
+            progress(f"{entry}: computing the torch reference and running {', '.join(p.name for p in paths)}")
+            src, m, component = source, mods, entry
+            if entry == "unet_refiner":  # the refiner's UNet, against the refiner's recorded source
+                src = open_refiner_source(manifest)
+                m, component = src.torch_modules(device="cpu", dtype=dtype), "unet"
+            module = m.module(component).float()
+            case = _case(component, m, src, manifest)
+            inputs, refs = (case, None) if isinstance(case, list) else case
             module.to(dtype)
             runner = package_runner(paths, options.compute_units)
             report.executor = runner.describe()
-            report.packages[component] = ", ".join(p.name for p in paths)
-            outputs = _run(runner, inputs)
-            del runner
-            report.results[component] = compare(component, outputs, refs, executor=report.executor,
-                                                threshold_db=_expected(manifest, component, options.threshold_db))
+            report.packages[entry] = ", ".join(p.name for p in paths)
+            if isinstance(inputs, list):  # several cases, gated as one (as at conversion)
+                outputs, refs = run_cases(lambda feeds, r=runner: _run(r, feeds), inputs)
+            else:
+                outputs = _run(runner, inputs)
+            del runner, m
+            report.results[entry] = compare(entry, outputs, refs, executor=report.executor,
+                                            threshold_db=_expected(manifest, entry, options.threshold_db))
 
 
 def check_image(folder: ConvertedModel, source, options: VerifyOptions, report: VerifyReport,

@@ -117,6 +117,12 @@ def apply_recipe(ctx, kwargs: dict, path: str, model_hash: str | None, model_nam
               help="Model: a converted Core ML folder, a diffusers folder or a .safetensors/.ckpt file. "
                    "Default: the built-in model.")
 @click.option("-n", "--negative-prompt", default="", help="What the image should not show.")
+@click.option("--refiner", type=click.Path(exists=True), default=None,
+              help="A refiner model (e.g. SDXL's refiner: a file, diffusers or converted folder) that takes over "
+                   "the last steps; a converted SDXL folder with a UnetRefiner package brings its own.")
+@click.option("--refiner-switch", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="A1111's 'Refiner switch at': the fraction of the steps after which the refiner takes over "
+                   "(default 0.8; 1 = never).")
 @click.option("-s", "--seed", type=int, default=None, callback=seed_value,
               help="Seed of image 1 (image i uses seed+i). Default or -1: random, printed.")
 @click.option("--num-images", "--batch-count", type=click.IntRange(1, MAX_NUM_IMAGES), default=1, show_default=True,
@@ -166,12 +172,13 @@ def generate(ctx, model, fmt, quality, output, backend, device, precision, compu
 
     kwargs["controlnets"] = pop_control_units(kwargs)
     source_kwargs = pop_source_kwargs(kwargs)
+    refiner = kwargs.pop("refiner")
     check_seed_range(kwargs["seed"], kwargs["num_images"])  # before anything loads (and after a recipe)
     check_output_dir(output)  # -o somefile/sub or a read-only folder fails now, not after sampling
     if recipe is None and not kwargs.get("prompt"):
         raise click.UsageError("give a PROMPT (or --recipe IMAGE to take it from an image)")
     pipe = Pipeline.load(model, backend=backend, device=device, precision=precision, compute_units=compute_units,
-                         reduce_memory=reduce_memory, **source_kwargs)
+                         reduce_memory=reduce_memory, refiner=refiner, **source_kwargs)
     if recipe is not None:
         for warning in apply_recipe(ctx, kwargs, recipe, pipe.info.hash, pipe.info.name):
             log.warning("recipe: %s", warning)

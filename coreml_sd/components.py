@@ -43,13 +43,19 @@ KINDS: dict[str, ComponentKind] = {k.name: k for k in (
                   torch_module="unet"),
     ComponentKind("controlnet", "controlnet", "controlnet", multiple=True),
 )}
+# What a converted folder may hold beyond the runtime kinds: SDXL's refiner UNet beside the base's
+# (Apple's layout; it shares TextEncoder2), loaded as the "unet" of the folder's refiner source.
+FOLDER_KINDS: dict[str, ComponentKind] = {**KINDS, "unet_refiner": ComponentKind(
+    "unet_refiner", "unet", "UnetRefiner", chunks=("UnetRefinerChunk1", "UnetRefinerChunk2"))}
 # Manifest entries of a chunked UNet: unet_chunk1, unet_chunk2 -> UnetChunk1, UnetChunk2 (and the
-# ControlledUnet's controlled_unet_chunk1/2 -> ControlledUnetChunk1/2).
+# ControlledUnet's controlled_unet_chunk1/2 -> ControlledUnetChunk1/2, the refiner's unet_refiner_chunk1/2).
 CHUNKS_OF: dict[str, dict[str, str]] = {
-    k.name: {f"{k.name}_chunk{i + 1}": name for i, name in enumerate(k.chunks)} for k in KINDS.values() if k.chunks}
+    k.name: {f"{k.name}_chunk{i + 1}": name for i, name in enumerate(k.chunks)} for k in FOLDER_KINDS.values()
+    if k.chunks}
 CHUNK_ENTRIES = {entry: name for chunks in CHUNKS_OF.values() for entry, name in chunks.items()}
 # One package per model, in the folder's top level (ControlNets are listed separately in manifests).
-PACKAGE_NAMES: dict[str, str] = {**{k.name: k.package for k in KINDS.values() if not k.multiple}, **CHUNK_ENTRIES}
+PACKAGE_NAMES: dict[str, str] = {**{k.name: k.package for k in FOLDER_KINDS.values() if not k.multiple},
+                                 **CHUNK_ENTRIES}
 
 
 def kind(name: str) -> ComponentKind:
@@ -63,7 +69,8 @@ def role(name: str) -> str:
 
 
 def entry_component(entry: str) -> str:
-    """The component a manifest entry belongs to (unet_chunk1 -> unet, controlled_unet_chunk2 -> controlled_unet)."""
+    """The component a manifest entry belongs to (unet_chunk1 -> unet, controlled_unet_chunk2 -> controlled_unet,
+    unet_refiner_chunk1 -> unet_refiner)."""
     for component, chunks in CHUNKS_OF.items():
         if entry in chunks:
             return component

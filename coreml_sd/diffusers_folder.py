@@ -16,8 +16,10 @@ from coreml_sd.families import match_diffusers
 from coreml_sd.model_source import ModelInfo, Origin, SourceBase, TorchModules
 from coreml_sd.tokenizer import CLIPTokenizer, TokenizerFiles, bundled_files
 
-REQUIRED = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-            "scheduler/scheduler_config.json")
+REQUIRED = ("model_index.json", "unet/config.json", "vae/config.json", "scheduler/scheduler_config.json")
+# Text encoders a folder may hold, by component name; which of them it needs follows from its family
+# (SD 1.x/2.x: text_encoder; SDXL: both; the SDXL refiner: text_encoder_2 alone).
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 # transformers classes a diffusers folder's text encoders are saved as (config.json "architectures").
 TEXT_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 
@@ -39,10 +41,17 @@ class DiffusersFolder(SourceBase):
     def _read_info(self) -> ModelInfo:
         unet = read_json(self.path / "unet" / "config.json")
         vae = read_json(self.path / "vae" / "config.json")
-        encoders = 2 if (self.path / "text_encoder_2" / "config.json").is_file() else 1
-        family = match_diffusers(encoders, unet)
+        present = [c for c in TEXT_ENCODERS if (self.path / c / "config.json").is_file()]
+        if not present:
+            raise ModelError(f"{self.path} is not a complete diffusers model folder: it has no text encoder "
+                             f"({' or '.join(c + '/config.json' for c in TEXT_ENCODERS)})")
+        family = match_diffusers(len(present), unet)
+        needed = [t.component for t in family.text_encoders]
+        if needed != present:
+            raise ModelError(f"{self.path}: a {family.name} folder has text encoder(s) {', '.join(needed)}; "
+                             f"this one has {', '.join(present)}")
         vae_factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
-        files, pad = self._tokenizer_facts("text_encoder")
+        files, pad = self._tokenizer_facts(needed[0])
         return ModelInfo(
             name=self.path.name, kind="diffusers", path=self.path, family=family.name,
             scheduler=SchedulerConfig.from_json(self.path / "scheduler" / "scheduler_config.json"),

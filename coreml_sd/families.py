@@ -48,6 +48,11 @@ class TextEncoderSpec:
     hidden_layer: int = -1
     final_norm: bool = True
     pooled: bool = False  # its projected pooled output is part of the conditioning (SDXL's text_embeds)
+    # kohya/A1111 LoRA key prefix of its layers (lora_te_; SDXL's two: lora_te1_, lora_te2_), and the
+    # key of its vectors in a textual-inversion file with one set per encoder (SDXL: clip_l, clip_g;
+    # None: files hold one set of vectors).
+    lora_prefix: str = "lora_te_"
+    embedding_key: str | None = None
 
     def __post_init__(self):
         if self.layout not in TEXT_LAYOUTS:
@@ -262,9 +267,9 @@ SD2_INPAINTING = register_family(Family(
 SDXL = register_family(Family(
     "sdxl", "Stable Diffusion XL base (CLIP ViT-L + OpenCLIP ViT-bigG, 1024x1024)",
     (TextEncoderSpec("text_encoder", "clip", 768, prefix="conditioner.embedders.0.transformer.",
-                     hidden_layer=-2, final_norm=False),
+                     hidden_layer=-2, final_norm=False, lora_prefix="lora_te1_", embedding_key="clip_l"),
      TextEncoderSpec("text_encoder_2", "openclip", 1280, prefix="conditioner.embedders.1.model.", pad_token="!",
-                     hidden_layer=-2, final_norm=False, pooled=True)),
+                     hidden_layer=-2, final_norm=False, pooled=True, lora_prefix="lora_te2_", embedding_key="clip_g")),
     context_dim=2048, extra_inputs=(ExtraInput("text_embeds", "pooled"), ExtraInput("time_ids", "time_ids")),
     unet_config={"addition_embed_type": "text_time"}, scaling_factor=0.13025, default_size=1024, config="sdxl",
     zero_empty_negative=True, align_your_steps="sdxl", unet_block_widths=(320, 640, 1280)))
@@ -273,7 +278,7 @@ SDXL = register_family(Family(
 SDXL_REFINER = register_family(Family(
     "sdxl-refiner", "Stable Diffusion XL refiner (OpenCLIP ViT-bigG, aesthetic-score conditioning)",
     (TextEncoderSpec("text_encoder_2", "openclip", 1280, prefix="conditioner.embedders.0.model.", pad_token="!",
-                     hidden_layer=-2, final_norm=False, pooled=True),),
+                     hidden_layer=-2, final_norm=False, pooled=True, lora_prefix="lora_te2_", embedding_key="clip_g"),),
     context_dim=1280, extra_inputs=(ExtraInput("text_embeds", "pooled"), ExtraInput("time_ids", "aesthetic_time_ids")),
     unet_config={"addition_embed_type": "text_time"}, scaling_factor=0.13025, default_size=1024,
     config="sdxl-refiner", align_your_steps="sdxl", unet_block_widths=(384, 768, 1536, 1536)))

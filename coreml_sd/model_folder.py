@@ -19,7 +19,7 @@ the runtime opens for such a folder. Nothing here imports torch or coremltools.
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -27,7 +27,7 @@ from coreml_sd.components import CHUNKS_OF, PACKAGE_NAMES, TensorSpec, entry_com
 from coreml_sd.config import SchedulerConfig, read_json
 from coreml_sd.errors import BackendUnavailable, ModelError, choices_text
 from coreml_sd.families import family_names, get_family
-from coreml_sd.model_source import ModelInfo, Origin, SourceBase, TorchModules
+from coreml_sd.model_source import ModelInfo, Origin, SourceBase, TorchModules, pad_token
 from coreml_sd.tokenizer import EOS, CLIPTokenizer, TokenizerFiles
 
 MANIFEST = "manifest.json"
@@ -117,6 +117,9 @@ class Manifest:
     tools: dict[str, str] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)  # threshold, executor, per-component figures
     created: str = ""
+    # A refiner UNet converted into this folder (UnetRefiner, Apple's SDXL layout; it shares the
+    # folder's TextEncoder2): its family, name, hash, scheduler, text width and source record.
+    refiner: dict[str, Any] = field(default_factory=dict)
     controlnets: dict[str, ControlNetPackage] = field(default_factory=dict)  # by package name (Apple's)
 
     @property
@@ -306,9 +309,15 @@ class ConvertedModel(SourceBase):
             out.append(self.path / compiled if compiled and (self.path / compiled).is_dir() else None)
         return out
 
+    def refiner_source(self) -> "ConvertedRefiner | None":
+        """The refiner converted into this folder (UnetRefiner), as a model source of its own family."""
+        if not self.manifest.refiner or not self.manifest.has("unet_refiner"):
+            return None
+        return ConvertedRefiner(self)
+
     def tokenizer(self, component: str = "text_encoder") -> CLIPTokenizer:
-        pad = self.info.pad_token if component == "text_encoder" else self.info.spec.text_encoder(component).pad_token
-        tok = CLIPTokenizer(self.info.tokenizer_files, pad_token=pad, max_length=self.manifest.max_length)
+        tok = CLIPTokenizer(self.info.tokenizer_files, pad_token=pad_token(self.info, component),
+                            max_length=self.manifest.max_length)
         for word, ids in self.manifest.trigger_words.items():
             tok.add_trigger(word, ids)
         return tok
@@ -330,3 +339,69 @@ class ConvertedModel(SourceBase):
             raise BackendUnavailable(f"{self.path.name}: {reason}")
         origin = self.origin
         return self._reopen(origin.path, **origin.modifiers).torch_modules(device=device, dtype=dtype)
+
+
+class ConvertedRefiner(SourceBase):
+    """The refiner of a converted SDXL folder: its UnetRefiner package as the "unet", and the folder's
+    text encoder packages its family needs (TextEncoder2, shared with the base as in Apple's layout)."""
+
+    def __init__(self, base: ConvertedModel):
+        self.base, self.path = base, base.path
+        record = base.manifest.refiner
+        self.manifest = base.manifest
+        self.info = replace(base.info, name=str(record.get("name", "refiner")), family=str(record["family"]),
+                            scheduler=SchedulerConfig.from_dict(record["scheduler"]), hash=record.get("hash"),
+                            text_hidden_size=int(record["text_hidden_size"]), pad_token=self.info_pad(record))
+        missing = [t.component for t in self.info.spec.text_encoders if not base.has(t.component)]
+        if missing:
+            raise ModelError(f"{self.path}: its refiner needs the {', '.join(missing)} package, which is not there")
+        self.packages = self
+        self.generation_extras = {}
+
+    @staticmethod
+    def info_pad(record: Mapping[str, Any]) -> str:
+        return str(record.get("pad_token") or get_family(record["family"]).text_encoders[0].pad_token)
+
+    @property
+    def batch(self) -> int:
+        return self.base.batch
+
+    def _entry(self, component: str) -> str:
+        return "unet_refiner" if component == "unet" else component
+
+    def has(self, component: str) -> bool:
+        return self.base.has(self._entry(component))
+
+    def package_paths(self, component: str) -> list[Path]:
+        return self.base.package_paths(self._entry(component))
+
+    def checked_package_paths(self, component: str) -> list[Path]:
+        return self.base.checked_package_paths(self._entry(component))
+
+    def compiled_paths(self, component: str) -> list[Path | None]:
+        return self.base.compiled_paths(self._entry(component))
+
+    def tokenizer(self, component: str = "text_encoder_2") -> CLIPTokenizer:
+        return self.base.tokenizer(component)
+
+    def trigger_ids(self) -> dict[str, list[int]]:
+        return self.base.trigger_ids()  # the shared text encoder package has the base's embeddings baked in
+
+    @property
+    def origin(self) -> Origin:
+        src = self.manifest.refiner.get("source") or {}
+        return Origin(Path(src.get("path") or self.path), src.get("kind", "coreml"), src.get("hash"),
+                      dict(src.get("modifiers") or {}))
+
+    def torch_unavailable(self) -> str | None:
+        path = (self.manifest.refiner.get("source") or {}).get("path")
+        if self.base._reopen is None or not path or not Path(path).exists():
+            return f"torch needs the refiner's source model, and {path or '(none recorded)'} is not there"
+        return None
+
+    def torch_modules(self, *, device: str, dtype: Any) -> TorchModules:
+        reason = self.torch_unavailable()
+        if reason is not None:
+            raise BackendUnavailable(f"{self.path.name}: {reason}")
+        origin = self.origin
+        return self.base._reopen(origin.path, **origin.modifiers).torch_modules(device=device, dtype=dtype)

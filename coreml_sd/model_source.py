@@ -56,10 +56,12 @@ class ModelInfo:
 class TorchModules:
     """diffusers/transformers modules for the torch backend (and the converter), on device and dtype."""
 
-    text_encoder: Any  # transformers.CLIPTextModel (or CLIPTextModelWithProjection)
-    unet: Any  # diffusers.UNet2DConditionModel
-    vae: Any  # diffusers.AutoencoderKL (None while a replacement VAE is pending)
-    text_encoder_2: Any = None  # the second text encoder of two-encoder families
+    # Modules by component name; a family without a first text encoder (the SDXL refiner has
+    # only text_encoder_2) leaves it None.
+    text_encoder: Any = None  # transformers.CLIPTextModel (or CLIPTextModelWithProjection)
+    unet: Any = None  # diffusers.UNet2DConditionModel
+    vae: Any = None  # diffusers.AutoencoderKL (None while a replacement VAE is pending)
+    text_encoder_2: Any = None  # the second text encoder of two-encoder families (SDXL's OpenCLIP bigG)
 
     def module(self, component: str):
         """The module behind a component name (both VAE components share the autoencoder; the
@@ -67,6 +69,10 @@ class TorchModules:
         if component in ("vae_decoder", "vae_encoder"):
             return self.vae
         return getattr(self, kind(component).torch_module or component)
+
+    def text_encoders(self) -> dict[str, Any]:
+        """The text encoder modules present, by component name."""
+        return {name: m for name in ("text_encoder", "text_encoder_2") if (m := getattr(self, name)) is not None}
 
 
 @dataclass(frozen=True)
@@ -123,8 +129,7 @@ class SourceBase:
         return Origin(self.info.path, self.info.kind, self.info.hash)
 
     def tokenizer(self, component: str = "text_encoder") -> CLIPTokenizer:
-        pad = self.info.spec.text_encoder(component).pad_token if component != "text_encoder" else self.info.pad_token
-        return CLIPTokenizer(self.info.tokenizer_files, pad_token=pad)
+        return CLIPTokenizer(self.info.tokenizer_files, pad_token=pad_token(self.info, component))
 
     def trigger_ids(self) -> dict[str, list[int]]:
         return {}
@@ -134,6 +139,17 @@ class SourceBase:
 
     def torch_modules(self, *, device: str, dtype: Any) -> TorchModules:
         raise BackendUnavailable(f"{self.info.name}: no torch weights are available for this model")
+
+
+def first_text_encoder(info: ModelInfo) -> str:
+    """The component name of the family's first text encoder (text_encoder; the refiner's text_encoder_2)."""
+    return info.spec.text_encoders[0].component
+
+
+def pad_token(info: ModelInfo, component: str) -> str:
+    """The pad token of `component`'s tokenizer: the model's own for its first text encoder (a
+    config or folder may say), the family's for the others (SDXL's second pads with "!")."""
+    return info.pad_token if component == first_text_encoder(info) else info.spec.text_encoder(component).pad_token
 
 
 def require_torch(source: ModelSource) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from coreml_sd import arrays
 from coreml_sd.backends import Components, LoadOptions
 from coreml_sd.conditioning import Conditioning, TextEncoding
-from coreml_sd.errors import BackendUnavailable, InputError
+from coreml_sd.errors import BackendUnavailable, InputError, ModelError
 from coreml_sd.image_conditioning import HiresFix, ImageRequest, ImageStart, Prepared, prepare, truncate
 from coreml_sd.image_input import parse_resize_mode
 from coreml_sd.images import GenerationParams
@@ -97,18 +97,21 @@ class Pipeline:
         # Components load when first used and are released after their phase: all latents are
         # sampled before the first is decoded, so each model is in memory once per request.
         self.reduce_memory = reduce_memory
+        self.refiner = None  # coreml_sd.refiner.Refiner: takes over the last steps (load(refiner=...))
 
     @classmethod
     def load(cls, model=None, *, backend: str = "auto", device: str = "auto", precision: str = "auto",
              compute_units: str = "all", reduce_memory: bool = False, compile: str | None = None,
-             **source_options) -> "Pipeline":
+             refiner=None, **source_options) -> "Pipeline":
         """Open `model` (a path; None = the built-in model) and build its components.
 
         `backend`: auto, a backend name, a fallback order or per component (see
         `coreml_sd.backends.selection`). `device`/`precision`: torch and mil; `compute_units`
         (ane, gpu, cpu, all): coreml; `compile`: a torch.compile mode for a torch UNet.
         `reduce_memory`: load each component just in time and release it after use (text
-        encoder -> UNet -> VAE decoder), for 8 GB Macs.
+        encoder -> UNet -> VAE decoder), for 8 GB Macs. `refiner`: a model (path) whose UNet takes
+        over the last steps (`generate(refiner_switch=...)`, see `coreml_sd.refiner`), loaded on
+        the same backends; a converted folder with a UnetRefiner package brings its own.
         """
         from coreml_sd.backends.coreml_backend import compute_units_name
         from coreml_sd.backends.selection import load_components, parse_backend
@@ -123,7 +126,13 @@ class Pipeline:
         source = open_model(model, **source_options)
         options = LoadOptions(device=device, precision=precision, compute_units=compute_units, compile=compile)
         components = load_components(source, request, options, reduce_memory=reduce_memory)
-        return cls(source, components, reduce_memory=reduce_memory)
+        pipe = cls(source, components, reduce_memory=reduce_memory)
+        # --- refiner wiring (issue #12) ---
+        from coreml_sd.refiner import load_refiner
+
+        pipe.refiner = load_refiner(cls, source, refiner, request, options, reduce_memory=reduce_memory)
+        # --- end refiner wiring ---
+        return pipe
 
     def _size(self, width: int | None, height: int | None, image=None) -> tuple[int, int]:
         # Converted Core ML packages take exactly the sizes they were converted for; an init image
@@ -166,7 +175,7 @@ class Pipeline:
                  outpaint: str | None = None, outpaint_fill: str = "edge",
                  hires_scale: float | None = None, hires_steps: int | None = None, hires_denoise: float = 0.7,
                  hires_upscaler: str = "latent", controlnets: Sequence[Any] = (), control_mode: str = "balanced",
-                 control_resize_mode: str = "crop",
+                 control_resize_mode: str = "crop", refiner_switch: float | None = None,
                  ) -> Iterator[Progress | GeneratedImage]:
         """`prompt`/`negative_prompt`: one text for every image, or a list with one per image.
         `num_images` defaults to the length of such a list, else 1. `sampler`/`schedule`: our keys
@@ -187,7 +196,10 @@ class Pipeline:
         `controlnets`: (model, image[, weight[, start[, end]]]) tuples or `coreml_sd.control.ControlUnit`s,
         summed; `control_mode` (balanced, prompt, controlnet) and `control_resize_mode` (stretch,
         crop, fill) apply to units that do not set their own (see `coreml_sd.control`). The hires
-        pass runs without them."""
+        pass runs without them.
+
+        `refiner_switch`: the fraction of the schedule after which a loaded refiner takes over
+        (default 0.8; `coreml_sd.refiner`); the hires pass runs on the base model."""
         from coreml_sd.denoiser import Denoiser
         from coreml_sd.samplers import SAMPLERS, sampling_extras
         from coreml_sd.sampler_names import resolve_sampler_and_schedule
@@ -229,6 +241,11 @@ class Pipeline:
         control = self._control(controlnets, width, height, plan.steps, control_mode, control_resize_mode, a1111)
         unet_name = "controlled_unet" if control is not None else "unet"
         # --- end ControlNet wiring ---
+        # --- refiner wiring (issue #12): its own conditioning, a second denoiser for the last steps ---
+        from coreml_sd.refiner import Handoff
+
+        handoff = Handoff.start(self, refiner_switch, plan, prompts, negatives, size, calls, prompt_options)
+        # --- end refiner wiring ---
         f = self.info.vae_scale_factor
         params = dict(steps=steps, sampler=SAMPLERS[sampler].display_name, schedule=schedule,
                       guidance_scale=guidance_scale, width=width, height=height, model=self.info.name,
@@ -252,7 +269,8 @@ class Pipeline:
                     ImageStart, prepared, encode=encoder.encode, plan=plan, model_scale=self._model_scale(sampler, plan),
                     unet_channels=self.unet_in_channels, latent_channels=self.info.latent_channels,
                     scaling_factor=self.info.scaling_factor, vae_factor=f, batch=len(batch))
-                x = yield from self._sample(sampler, denoiser, plan, shape, start, begin=begin, **sampling)
+                segments = handoff.segments(denoiser, batch, prompts, negatives, guidance_scale)
+                x = yield from self._sample(sampler, segments, plan, shape, start, begin=begin, **sampling)
                 latents += [(i, x[k:k + 1]) for k, i in enumerate(batch)]
             if hires is not None:
                 latents = yield from self._hires(latents, hires, prompts, negatives, seed, num_images, sampler,
@@ -260,13 +278,14 @@ class Pipeline:
             if self.reduce_memory:
                 self._release_unet(unet_name, control)
             for i, x in latents:
-                picture = to_pil(self.components["vae_decoder"].decode(x / self.info.scaling_factor))
+                picture = to_pil(self._decode(x, i, seed + i))
                 if prepared is not None and prepared.inpaint is not None:
                     picture = finish_inpaint(picture, prepared.inpaint)  # every pixel outside the mask kept
                 extras = {**sampling_extras(sampler, **sampling), **prompt_extras(prompt_options),
                           **(image.a1111_params() if image is not None else {}),
                           **(hires.a1111_params() if hires is not None else {}),
-                          **(control.extras() if control is not None else {}), **self.generation_extras()}
+                          **(control.extras() if control is not None else {}), **self.generation_extras(),
+                          **handoff.metadata()}
                 meta = GenerationParams(seed=seed + i, prompt=prompts[i], negative_prompt=negatives[i],
                                         extras=extras, **params)
                 results.append(GeneratedImage(picture, i, seed + i, meta, arrays.to_numpy(x)))
@@ -310,22 +329,45 @@ class Pipeline:
                                                            negative=key[1]))
                 for key, s in encoded.items()}
 
-    def _sample(self, sampler: str, denoiser, plan, shape, start: Progress, *, eta=None, ensd: int = 0,
+    def _sample(self, sampler: str, segments, plan, shape, start: Progress, *, eta=None, ensd: int = 0,
                 begin=None):
         """Yields a Progress per step and returns the final latents of images start.image_index ..
-        + shape[0] - 1 (image i's noise from its own source, seed + i). `begin(noise=...)`: an
-        `ImageStart` for a request that starts from a picture (it draws from the same streams first)."""
-        from coreml_sd.samplers import noise_from_sources, sample
+        + shape[0] - 1 (image i's noise from its own source, seed + i). `segments`: (denoiser, part
+        of `plan`) in turn — the whole plan with one denoiser, or a refiner's hand-off (a list of one
+        denoiser alone: the whole plan). `begin(noise=...)`: an `ImageStart` for a request that
+        starts from a picture (it draws from the same streams first)."""
+        from coreml_sd.samplers import noise_from_sources, step_noise
 
+        segments = [(segments, plan)] if not isinstance(segments, list) else segments
         sources = [NoiseSource(start.seed + k) for k in range(shape[0])]
         noise = noise_from_sources(sources, self.components.asarray)
         if begin is not None:
             begin = begin(noise=noise)
-            x, denoiser.latent_extra = begin.start, begin.latent_extra
+            x, segments[0][0].latent_extra = begin.start, begin.latent_extra
         else:
             x = noise(shape) * plan.init_noise_sigma
-        steps, sent, step = sample(sampler, denoiser, x, plan, noise, eta=eta, ensd=ensd), None, 0
-        denoiser.at_step(0)
+        # One step-noise source over the whole plan, so a hand-off continues its noise.
+        shared = dict(noise=noise, noise_sampler=step_noise(sampler, plan, noise, tuple(x.shape), eta=eta, ensd=ensd),
+                      eta=eta, ensd=ensd)
+        step = 0
+        for i, (denoiser, part) in enumerate(segments):
+            if i:  # prompt editing counts on across the hand-off
+                denoiser.calls = segments[i - 1][0].calls
+            x = yield from self._steps(sampler, denoiser, x, part, start, step, begin, shared)
+            step += part.steps
+            if self.reduce_memory and len(segments) > 1:
+                release = getattr(denoiser.unet, "release", None)
+                if callable(release):  # the next segment's UNet needs the memory
+                    release()
+        return x
+
+    @staticmethod
+    def _steps(sampler: str, denoiser, x, plan, start: Progress, step: int, begin, shared: dict):
+        """The sampler over `plan` from `x` (the request's step `step`): a Progress per step, the latents last."""
+        from coreml_sd.samplers import sample
+
+        steps, sent = sample(sampler, denoiser, x, plan, **shared), None
+        denoiser.at_step(step)
         while True:
             try:
                 x = steps.send(sent)
@@ -417,6 +459,13 @@ class Pipeline:
 
         return SAMPLERS[sampler].model_scale if plan.model_scale is None else plan.model_scale
 
+    def _decode(self, x, index: int, seed: int):
+        """Latents -> image (1, 3, H, W); values that are not finite are an error naming the component."""
+        check_finite(x, "unet", self.components, index, seed)
+        image = self.components["vae_decoder"].decode(x / self.info.scaling_factor)
+        check_finite(image, "vae_decoder", self.components, index, seed)
+        return image
+
     def generation_extras(self) -> dict[str, str]:
         extras = dict(self.source.generation_extras)
         extras["Backend"] = describe_runs_on(self.components.runs_on)
@@ -426,6 +475,18 @@ class Pipeline:
     def __call__(self, prompt: str, **kwargs) -> list[GeneratedImage]:
         """Generate and return the images (no progress)."""
         return [r for r in self.generate(prompt, **kwargs) if isinstance(r, GeneratedImage)]
+
+
+def check_finite(values, component: str, components: Components, index: int, seed: int) -> None:
+    """NaN or inf from a component is an error (never a black image written silently)."""
+    array = arrays.to_numpy(values)
+    if np.isfinite(array).all():
+        return
+    where = components.runs_on.get(component, "")
+    raise ModelError(f"the {component}{f' ({where})' if where else ''} returned {array.size - int(np.isfinite(array).sum())} "
+                     f"NaN/inf values of {array.size} for image {index + 1} (seed {seed}); no image was made. An fp16 "
+                     f"overflow is the usual cause: use --precision fp32 (torch), or convert the model again (this "
+                     f"version makes the VAE decoder fp16-safe)")
 
 
 def prompt_extras(options: PromptOptions) -> dict[str, str]:

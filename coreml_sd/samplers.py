@@ -284,9 +284,8 @@ def sample(name: str, denoiser, x, plan, noise: NoiseFn | None = None, *, eta: f
         if key not in accepted:
             raise InputError(f"this plan was made for another sampler (it sets {key!r}), not for {name!r}")
         options[key] = value
-    draws = info.ancestral if info.eta is None else options["eta"] > 0
     if noise_sampler is None:
-        noise_sampler = _step_noise(name, info, plan, noise, int(ensd), tuple(x.shape)) if draws else zero_noise
+        noise_sampler = step_noise(name, plan, noise, tuple(x.shape), eta=eta, ensd=ensd)
     model_scale = info.model_scale if plan.model_scale is None else plan.model_scale
     if model_scale == info.model_scale:
         return info.function(denoiser, x, plan.sigmas, noise_sampler, **options)
@@ -302,6 +301,17 @@ def _eta_option(name: str, info: SamplerInfo, eta: float | None) -> dict:
     if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
         raise InputError(f"eta must be a number >= 0; got {eta!r}")
     return {"eta": float(eta)}
+
+
+def step_noise(name: str, plan, noise: NoiseFn | None, shape: tuple, *, eta: float | None = None,
+               ensd: int = 0) -> IntervalNoise:
+    """The noise(sigma, sigma_next) `sample` gives sampler `name` on `plan` (zero noise when it draws
+    none). Made once and passed to `sample` as `noise_sampler`, it spans several runs over parts
+    of one plan (a refiner's hand-off): one Brownian tree over the whole plan, one ENSD stream."""
+    info = SAMPLERS[name]
+    options = _eta_option(name, info, eta)
+    draws = info.ancestral if info.eta is None else options["eta"] > 0
+    return _step_noise(name, info, plan, noise, int(ensd), tuple(shape)) if draws else zero_noise
 
 
 def _step_noise(name: str, info: SamplerInfo, plan, noise, ensd: int, shape: tuple) -> IntervalNoise:

@@ -124,15 +124,18 @@ def write_hostile(path: Path, kind: str, marker: Path, *, container: str = "zip"
 
 
 def full_size_shapes(name: str) -> dict:
-    """key -> TensorInfo of a full-size original-layout file (sd1, sd2), built on the meta device."""
+    """key -> TensorInfo of a full-size original-layout file (sd1, sd2, sdxl, sdxl-refiner), built on the
+    meta device."""
     from coreml_sd.checkpoint.config import shipped_config
     from coreml_sd.checkpoint.loader import new_text_encoder, new_unet, new_vae
     from coreml_sd.checkpoint.safeload import TensorInfo
     from coreml_sd.checkpoint.writer import original_state_dict
 
     cfg = shipped_config(name)
-    state = original_state_dict(new_text_encoder(cfg.text_encoder), new_unet(cfg.unet), new_vae(cfg.vae),
-                                family=cfg.family)
+    encoders = {t.component: new_text_encoder(cfg.text_config(t.component), projection=t.pooled)
+                for t in cfg.spec.text_encoders}
+    state = original_state_dict(encoders.get("text_encoder"), new_unet(cfg.unet), new_vae(cfg.vae),
+                                family=cfg.family, text_encoder_2=encoders.get("text_encoder_2"))
     return {k: TensorInfo("F16", tuple(t.shape)) for k, t in state.items()}
 
 
@@ -140,7 +143,8 @@ def kohya_lora(text_encoder, unet, *, seed: int = 1, rank: int = 4, alpha: float
                naming: str = "diffusers", convs: bool = True) -> dict:
     """A kohya/A1111-format LoRA for these modules: every Linear of the text encoder and of the UNet's
     attention blocks; with `convs`, LoCon on the resnets' 3x3 and the attention blocks' 1x1 convolutions.
-    `naming`: UNet layer names as diffusers spells them (kohya) or as the original UNet does (LyCORIS)."""
+    `naming`: UNet layer names as diffusers spells them (kohya) or as the original UNet does (LyCORIS,
+    kohya's SDXL). `text_encoder`: one module (lora_te_) or {LoRA prefix: module} (SDXL's lora_te1_/2_)."""
     import torch
 
     from coreml_sd.checkpoint import keymap
@@ -155,10 +159,12 @@ def kohya_lora(text_encoder, unet, *, seed: int = 1, rank: int = 4, alpha: float
         if alpha is not None:
             sd[base + ".alpha"] = torch.tensor(float(alpha))
 
-    for name, mod in text_encoder.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            base = "lora_te_" + ("text_model." + name).replace(".", "_")
-            add(base, (rank, mod.in_features), (mod.out_features, rank))
+    encoders = text_encoder if isinstance(text_encoder, dict) else {"lora_te_": text_encoder}
+    for prefix, encoder in encoders.items():
+        for name, mod in encoder.named_modules():
+            if isinstance(mod, torch.nn.Linear) and "encoder.layers." in name:  # kohya: the transformer's layers
+                base = prefix + ("text_model." + name.removeprefix("text_model.")).replace(".", "_")
+                add(base, (rank, mod.in_features), (mod.out_features, rank))
     for name, mod in unet.named_modules():
         if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
             continue

@@ -80,7 +80,7 @@ def test_embedding_for_another_width_is_refused(tiny_diffusers_dir, tmp_path):
     xl = save_safetensors({"clip_l": vectors(1, width=768), "clip_g": vectors(1, width=1280)},
                           tmp_path / "xl.safetensors")
     with pytest.raises(ModelError, match="SDXL embedding"):
-        load_embedding(xl)
+        open_model(tiny_diffusers_dir, embeddings=[xl])
 
 
 def test_not_an_embedding(tmp_path):

@@ -246,7 +246,7 @@ def test_compile_off_macos_is_a_clear_error(tiny_diffusers_dir, tmp_path):
 
 def test_parity_gate_failure_writes_nothing(tiny_diffusers_dir, tmp_path):
     options = ConvertOptions(components=("vae_decoder",), threshold_db=150.0)
-    with pytest.raises(ConversionError, match=r"parity gate failed for vae_decoder: image \d+\.\d dB \(minimum 150 dB\)"):
+    with pytest.raises(ConversionError, match=r"parity gate failed for vae_decoder: image \d+\.\d dB, image \(test image\) \d+\.\d dB, .*\(minimum 150 dB\)"):
         convert_model(open_model(tiny_diffusers_dir), tmp_path / "fail", options)
     assert list(tmp_path.iterdir()) == []
 
@@ -327,4 +327,4 @@ def test_cli_choices_match_the_library():
     assert cli.ATTENTIONS == ATTENTION_IMPLEMENTATIONS
     assert cli.WEIGHTS == export.WEIGHT_MODES and cli.MIN_TARGETS == export.MIN_TARGETS
     assert set(cli.COMPONENTS) <= set(convert.COMPONENTS)
-    assert tuple(cli.DEFAULT_COMPONENTS.split(",")) == convert.DEFAULT_COMPONENTS
+    assert convert.ConvertOptions().components is None  # the model's own: its family's component names

@@ -57,11 +57,16 @@ def vae_encoder_from_diffusers(vae, *, attention: str = "split_einsum_v2"):
                         what="VAE encoder")
 
 
-def text_encoder_from_transformers(text_encoder, *, attention: str = "split_einsum_v2"):
+def text_encoder_from_transformers(text_encoder, *, attention: str = "split_einsum_v2", hidden_layer: int = -1,
+                                  final_norm: bool = True):
+    """A CLIPTextModel (or CLIPTextModelWithProjection: its pooled output projected) whose hidden output
+    is `hidden_states[hidden_layer]`, through the final layer norm if `final_norm` (a TextEncoderSpec's)."""
     from conversion.ane.text_encoder import TextEncoder
 
     config = TextEncoderConfig.from_transformers(text_encoder.config)
     state = strip_prefix(text_encoder.state_dict(), "text_model.")
     state = {k: v for k, v in state.items() if k not in _NON_WEIGHTS}
-    return load_rewrite(lambda: TextEncoder(config, attention=check_attention(attention)), state,
-                        what="text encoder")
+    projection = state["text_projection.weight"].shape[0] if "text_projection.weight" in state else None
+    return load_rewrite(lambda: TextEncoder(config, attention=check_attention(attention), hidden_layer=hidden_layer,
+                                            final_norm=final_norm, projection_dim=projection),
+                        state, what="text encoder")

@@ -1,9 +1,12 @@
 """transformers' CLIPTextModel (SD's text encoder) over (B, C, 1, 77) activations.
 
-Input ids arrive as float32 (B, 77), as Apple's Swift pipeline feeds them; outputs are
-`last_hidden_state` (B, 77, C) after the final layer norm, and `pooled_outputs` (B, C): the
-final state at the first end-of-text token, found as transformers does (configs with the legacy
-eos_token_id 2 take the largest id instead).
+Input ids arrive as float32 (B, 77), as Apple's Swift pipeline feeds them; outputs are the
+hidden state the family feeds the UNet, (B, 77, C) — the last layer's after the final layer norm
+(SD 1.x/2.x: `last_hidden_state`), or another layer's without it (SDXL: `hidden_embeds`, the
+penultimate layer's) — and `pooled_outputs`: the final state at the first end-of-text token,
+found as transformers does (configs with the legacy eos_token_id 2, SDXL's among them, take the
+largest id instead), through the text projection where the model has one (SDXL's OpenCLIP
+bigG: its `text_embeds`, (B, P)).
 """
 
 from __future__ import annotations
@@ -71,14 +74,27 @@ class Encoder(nn.Module):
 
 
 class TextEncoder(Rewrite):
-    """input_ids float (B, S) -> (last_hidden_state (B, S, C), pooled_outputs (B, C))."""
+    """input_ids float (B, S) -> (hidden state (B, S, C), pooled_outputs (B, C) or (B, P) projected).
 
-    def __init__(self, config: TextEncoderConfig, *, attention: str):
+    `hidden_layer`: which hidden state, as transformers' `hidden_states[hidden_layer]` (-1: the last
+    layer's); `final_norm`: whether it goes through the final layer norm; `projection_dim`: the
+    width of a text projection of the pooled output (CLIPTextModelWithProjection), None without.
+    """
+
+    def __init__(self, config: TextEncoderConfig, *, attention: str, hidden_layer: int = -1,
+                 final_norm: bool = True, projection_dim: int | None = None):
         super().__init__()
         self.config = config
         self.embeddings = Embeddings(config)
         self.encoder = Encoder(config, attention)
         self.final_layer_norm = LayerNormChannels(config.hidden_size, config.layer_norm_eps)
+        n = config.num_hidden_layers
+        if not -n - 1 <= hidden_layer <= -1:
+            raise ValueError(f"hidden_layer {hidden_layer} is not one of the {n + 1} hidden states")
+        self.layers_taken = n + 1 + hidden_layer  # the hidden state after this many layers
+        self.final_norm = final_norm
+        if projection_dim is not None:
+            self.text_projection = Conv2d(config.hidden_size, projection_dim, bias=False)
 
     def forward(self, input_ids, ops=TORCH):
         b, s = ops.shape(input_ids)
@@ -90,13 +106,24 @@ class TextEncoder(Rewrite):
         x = ops.add(ops.reshape(tokens, (b, s, c)), ops.reshape(positions, (1, s, c)))
         x = ops.reshape(ops.transpose(x, (0, 2, 1)), (b, c, 1, s))
         mask = causal_mask(s)
-        for layer in self.encoder.layers:
+        taken = x
+        for i, layer in enumerate(self.encoder.layers):
             x = layer(x, mask, ops)
+            if i + 1 == self.layers_taken:
+                taken = x
         x = self.final_layer_norm(x, ops)
-        hidden = ops.transpose(ops.reshape(x, (b, c, s)), (0, 2, 1))  # (b, s, c)
+        if self.layers_taken == len(self.encoder.layers):
+            taken = x if self.final_norm else taken
+        elif self.final_norm:
+            taken = self.final_layer_norm(taken, ops)
+        last = ops.transpose(ops.reshape(x, (b, c, s)), (0, 2, 1))  # (b, s, c)
         eos_id = self.config.eos_token_id
         eos = ops.argmax(input_ids if eos_id == 2 else ops.equal(input_ids, eos_id), 1)  # (b,)
         if b > 1:
             eos = ops.add(eos, ops.const(np.arange(b) * s, torch.int32, like=eos))
-        pooled = ops.gather(ops.reshape(hidden, (b * s, c)), eos, 0)  # (b, c)
+        pooled = ops.gather(ops.reshape(last, (b * s, c)), eos, 0)  # (b, c)
+        if hasattr(self, "text_projection"):  # (b, c, 1, 1) through the 1x1 projection -> (b, p)
+            projected = self.text_projection(ops.reshape(pooled, (b, c, 1, 1)), ops)
+            pooled = ops.reshape(projected, (b, self.text_projection.weight.shape[0]))
+        hidden = last if taken is x else ops.transpose(ops.reshape(taken, (b, c, s)), (0, 2, 1))
         return hidden, pooled

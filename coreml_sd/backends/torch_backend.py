@@ -8,6 +8,9 @@ the whole `Conditioning` and hands each field to diffusers where diffusers takes
 
 from __future__ import annotations
 
+import copy
+import logging
+
 import numpy as np
 import torch
 
@@ -16,6 +19,8 @@ from coreml_sd.conditioning import Conditioning, TextEncoding
 from coreml_sd.devices import resolve_device, resolve_precision, torch_dtype
 from coreml_sd.families import Family, TextEncoderSpec
 from coreml_sd.model_source import ModelSource, TorchModules, require_torch
+
+log = logging.getLogger("coreml_sd")
 
 
 class TorchTextEncoder:
@@ -83,12 +88,34 @@ class TorchUNet:
 
 
 class TorchVAEDecoder:
+    """The VAE decoder; in fp16 it decodes in fp32 where fp16 overflows.
+
+    SDXL's VAE overflows in fp16 (inf, then NaN: a black image). As diffusers, a VAE whose config
+    says `force_upcast` decodes in fp32 from the start; any other whose fp16 decode is not finite
+    decodes again in fp32, from then on (A1111's "automatically revert VAE to 32-bit floats").
+    bf16 has fp32's range and never overflows here.
+    """
+
     def __init__(self, module, dtype):
         self.module, self.dtype = module, dtype
+        self.upcast = dtype == torch.float16 and bool(getattr(module.config, "force_upcast", False))
+        self._fp32 = None
 
     @torch.inference_mode()
     def decode(self, z):
-        return self.module.decode(z.to(self.dtype)).sample.float()
+        if self.upcast:
+            return self._decode_fp32(z)
+        out = self.module.decode(z.to(self.dtype)).sample.float()
+        if self.dtype == torch.float16 and not bool(torch.isfinite(out).all()):
+            log.warning("the VAE decoder overflowed in fp16 (NaN/inf values); decoding in fp32 from now on")
+            self.upcast = True
+            return self._decode_fp32(z)
+        return out
+
+    def _decode_fp32(self, z):
+        if self._fp32 is None:  # an fp32 copy, made once; the fp16 module stays for the VAE encoder
+            self._fp32 = copy.deepcopy(self.module).float()
+        return self._fp32.decode(z.float()).sample
 
 
 class TorchVAEEncoder:

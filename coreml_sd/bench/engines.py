@@ -1,7 +1,8 @@
 """How each engine is loaded, exercised and described for a benchmark.
 
 `ours` covers coreml_sd's pipelines (torch, mil and coreml components); `diffusers` is the
-baseline: diffusers' own StableDiffusionPipeline, eager, at its default precision for the device
+baseline: diffusers' own StableDiffusionPipeline (StableDiffusionXLPipeline for a model with two
+text encoders), eager, at its default precision for the device
 (fp32 on a CPU, fp16 on CUDA/MPS) unless a precision is named. Each engine gives a loader, a
 workload (the calls measure.py times) and a description (where and how it ran: precision,
 attention implementation, weight compression), so every number says what produced it.
@@ -47,11 +48,20 @@ def diffusers_dtype(device: str, precision: str):
     return torch_dtype(precision)
 
 
+def diffusers_pipeline_class(source):
+    """diffusers' text-to-image pipeline for the model's family: SDXL's for two text encoders."""
+    import diffusers
+
+    two = len(source.info.spec.text_encoders) > 1
+    return diffusers.StableDiffusionXLPipeline if two else diffusers.StableDiffusionPipeline
+
+
 def load_diffusers(task):
-    """StableDiffusionPipeline: `from_pretrained` for a diffusers folder, else its constructor
-    around the modules coreml_sd reads from the file (diffusers cannot read a single file offline)."""
+    """StableDiffusionPipeline (or StableDiffusionXLPipeline): `from_pretrained` for a diffusers folder,
+    else its constructor around the modules coreml_sd reads from the file (diffusers cannot read a
+    single file offline)."""
     import torch
-    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import EulerAncestralDiscreteScheduler
 
     from coreml_sd.devices import resolve_device
     from coreml_sd.model_source import require_torch
@@ -65,9 +75,11 @@ def load_diffusers(task):
         from coreml_sd.checkpoint.safeload import check_folder_weights
 
         check_folder_weights(source.info.path)  # refused with our message, before torch's unpickler sees a .bin
+        cls = diffusers_pipeline_class(source)
+        extra = {} if len(source.info.spec.text_encoders) > 1 else dict(safety_checker=None,
+                                                                         requires_safety_checker=False)
         with _quiet_diffusers():
-            pipe = StableDiffusionPipeline.from_pretrained(source.info.path, torch_dtype=dtype, local_files_only=True,
-                                                           safety_checker=None, requires_safety_checker=False)
+            pipe = cls.from_pretrained(source.info.path, torch_dtype=dtype, local_files_only=True, **extra)
     else:
         pipe = _pipeline_from_modules(source, device, dtype)
     # A key a config leaves null (SD 1.5 folders written from coreml_sd's configs have
@@ -100,17 +112,26 @@ def scheduler_config(config) -> dict:
 
 
 def _pipeline_from_modules(source, device: str, dtype):
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import PNDMScheduler
     from transformers import CLIPTokenizer
+
+    from coreml_sd.model_source import pad_token
 
     mods = source.torch_modules(device=device, dtype=dtype)
     files = source.info.tokenizer_files
-    tokenizer = CLIPTokenizer(str(files.vocab), str(files.merges), model_max_length=77,
-                              pad_token=source.info.pad_token)
+
+    def tokenizer(component):
+        return CLIPTokenizer(str(files.vocab), str(files.merges), model_max_length=77,
+                             pad_token=pad_token(source.info, component))
+
     scheduler = PNDMScheduler.from_config(scheduler_config(source.info.scheduler))
-    return StableDiffusionPipeline(vae=mods.vae, text_encoder=mods.text_encoder, tokenizer=tokenizer, unet=mods.unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    cls = diffusers_pipeline_class(source)
+    if len(source.info.spec.text_encoders) > 1:
+        return cls(vae=mods.vae, text_encoder=mods.text_encoder, text_encoder_2=mods.text_encoder_2,
+                   tokenizer=tokenizer("text_encoder"), tokenizer_2=tokenizer("text_encoder_2"), unet=mods.unet,
+                   scheduler=scheduler)
+    return cls(vae=mods.vae, text_encoder=mods.text_encoder, tokenizer=tokenizer("text_encoder"), unet=mods.unet,
+               scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 # -- descriptions -------------------------------------------------------------------------------
@@ -158,7 +179,8 @@ def describe_ours(pipe, task) -> dict:
 def describe_diffusers(pipe, task) -> dict:
     device, dtype = str(pipe.unet.device), str(pipe.unet.dtype)
     where = f"diffusers {device} {_DTYPE_NAMES.get(dtype, dtype)} eager"
-    return {"runs_on": {"text_encoder": where, "unet": where, "vae_decoder": where},
+    encoders = ("text_encoder", "text_encoder_2") if hasattr(pipe, "text_encoder_2") else ("text_encoder",)
+    return {"runs_on": {**{e: where for e in encoders}, "unet": where, "vae_decoder": where},
             "precision": _DTYPE_NAMES.get(dtype, dtype), "attention": torch_attention(pipe.unet),
             "compression": "none"}
 
@@ -204,7 +226,7 @@ class OursWorkload:
 
 
 class DiffusersWorkload:
-    """diffusers' StableDiffusionPipeline, its modules called eagerly as its __call__ does."""
+    """diffusers' StableDiffusionPipeline (or SDXL's), its modules called eagerly as its __call__ does."""
 
     def __init__(self, pipe, settings: Settings):
         import torch
@@ -219,10 +241,19 @@ class DiffusersWorkload:
         device, dtype = unet.device, unet.dtype
         self.x = torch.randn(shape, generator=gen).to(device, dtype)
         self.z = torch.randn(shape, generator=gen).to(device, vae.dtype)
+        self.xl = hasattr(pipe, "text_encoder_2")
         self.ids = self._ids(settings.prompt)
         with torch.inference_mode():
-            cond = pipe.text_encoder(self.ids)[0]
-            uncond = pipe.text_encoder(self._ids(""))[0]
+            if self.xl:  # both text encoders, the pooled embedding and the size conditioning, as SDXL's __call__
+                cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+                    settings.prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+                time_ids = torch.tensor([[self.height, self.width, 0, 0, self.height, self.width]] * 2,
+                                        device=device, dtype=dtype)
+                self.added = {"text_embeds": torch.cat([uncond_pooled, pooled]).to(dtype), "time_ids": time_ids}
+            else:
+                cond = pipe.text_encoder(self.ids)[0]
+                uncond = pipe.text_encoder(self._ids(""))[0]
+                self.added = None
         self.embeddings = torch.cat([uncond, cond]).to(dtype)
         pipe.scheduler.set_timesteps(max(settings.steps + settings.warmup, 2), device=device)
         self.timesteps = pipe.scheduler.timesteps
@@ -234,12 +265,17 @@ class DiffusersWorkload:
 
     def text_encoder(self, i: int):
         with self.torch.inference_mode():
+            if self.xl:
+                return self.pipe.encode_prompt(self.s.prompt, device=self.pipe.unet.device,
+                                               do_classifier_free_guidance=False)[0]
             return self.pipe.text_encoder(self.ids)[0]
 
     def unet_step(self, i: int):
         with self.torch.inference_mode():
             t = self.timesteps[i % len(self.timesteps)]
-            noise = self.pipe.unet(self.torch.cat([self.x] * 2), t, encoder_hidden_states=self.embeddings).sample
+            extra = {"added_cond_kwargs": self.added} if self.added is not None else {}
+            noise = self.pipe.unet(self.torch.cat([self.x] * 2), t, encoder_hidden_states=self.embeddings,
+                                   **extra).sample
             uncond, cond = noise.chunk(2)
             return uncond + self.s.guidance_scale * (cond - uncond)
 

@@ -28,10 +28,10 @@ from coreml_sd.sources import BUILTIN_NAMES
 
 DEFAULT_MODEL = "sd15-random"
 # name -> shipped checkpoint config (coreml_sd/data/configs) whose architecture gets random weights.
-RANDOM_MODELS = {"sd15-random": "sd1"}
+RANDOM_MODELS = {"sd15-random": "sd1", "sdxl-random": "sdxl"}
 BUILTIN = "builtin"
 # Bump when the random model's contents change, so stale cached folders are not reused.
-RANDOM_MODEL_VERSION = 1
+RANDOM_MODEL_VERSION = 2  # 2: modules initialised in fp16 directly (SDXL), not fp32 then halved
 
 
 def default_cache_dir() -> Path:
@@ -77,30 +77,58 @@ def resolve_model(model: str | None, cache_dir: Path, *,
     return BenchModel(path.name, path.resolve(), f"user model {path.name}")
 
 
+def random_modules(cfg, seed: int = 0) -> dict:
+    """Modules of `cfg`'s architecture (a CheckpointConfig) with diffusers' / transformers' own seeded
+    random initialisation, stored in fp16, by component name. Each is built in fp16 directly: an SDXL
+    UNet initialised in fp32 first would need 10 GB."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        mods = {"unet": UNet2DConditionModel(**cfg.unet), "vae": AutoencoderKL(**cfg.vae)}
+        for spec in cfg.spec.text_encoders:
+            cls = CLIPTextModelWithProjection if spec.pooled else CLIPTextModel
+            mods[spec.component] = cls(CLIPTextConfig(**cfg.text_config(spec.component)))
+    finally:
+        torch.set_default_dtype(default)
+    return {k: m.half().eval() for k, m in mods.items()}
+
+
 def write_random_model(folder: Path, config_name: str = "sd1", *, seed: int = 0, config=None) -> Path:
     """Write a diffusers folder with `config`'s architecture (default: the shipped `config_name`)
     and seeded random weights stored in fp16. Written beside `folder` and renamed when complete."""
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
 
     from coreml_sd.bench.engines import scheduler_config
     from coreml_sd.checkpoint.config import shipped_config
     from coreml_sd.tokenizer import bundled_files
 
     cfg = config or shipped_config(config_name)
-    torch.manual_seed(seed)
-    # One module at a time in fp32 (diffusers' own initialisation), halved before the next is built.
-    unet = UNet2DConditionModel(**cfg.unet).half()
-    vae = AutoencoderKL(**cfg.vae).half()
-    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg.text_encoder)).half()
+    mods = random_modules(cfg, seed)
     files = bundled_files()
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, unet=unet,
-        tokenizer=CLIPTokenizer(str(files.vocab), str(files.merges), model_max_length=77, pad_token=cfg.pad_token),
-        scheduler=PNDMScheduler.from_config(scheduler_config(cfg.scheduler)),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    scheduler = PNDMScheduler.from_config(scheduler_config(cfg.scheduler))
+
+    def tokenizer(spec):
+        return CLIPTokenizer(str(files.vocab), str(files.merges), model_max_length=77, pad_token=spec.pad_token)
+
+    specs = {s.component: s for s in cfg.spec.text_encoders}
+    if len(specs) > 1:  # SDXL: the pipeline diffusers saves two text encoders with
+        pipe = StableDiffusionXLPipeline(vae=mods["vae"], text_encoder=mods["text_encoder"],
+                                         text_encoder_2=mods["text_encoder_2"], unet=mods["unet"],
+                                         tokenizer=tokenizer(specs["text_encoder"]),
+                                         tokenizer_2=tokenizer(specs["text_encoder_2"]), scheduler=scheduler)
+    else:
+        spec = next(iter(specs.values()))
+        pipe = StableDiffusionPipeline(
+            vae=mods["vae"], text_encoder=mods[spec.component], unet=mods["unet"],
+            tokenizer=CLIPTokenizer(str(files.vocab), str(files.merges), model_max_length=77, pad_token=cfg.pad_token),
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     from coreml_sd.outputs import replacing
 
     folder = Path(folder)
@@ -108,7 +136,9 @@ def write_random_model(folder: Path, config_name: str = "sd1", *, seed: int = 0,
     with replacing(folder) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         for src in (files.vocab, files.merges):  # plain tokenizer files, as community folders have them
-            shutil.copy(src, tmp / "tokenizer" / src.name)
+            for sub in ("tokenizer", "tokenizer_2"):
+                if (tmp / sub).is_dir():
+                    shutil.copy(src, tmp / sub / src.name)
     return folder
 
 

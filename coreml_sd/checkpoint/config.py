@@ -10,8 +10,9 @@ model) names its config explicitly. Both are the same JSON format, one object:
       "family": "sd1",                  # a registered family: how the file's keys are laid out
       "unet": {...},                    # diffusers UNet2DConditionModel config (constructor arguments)
       "vae": {...},                     # diffusers AutoencoderKL config (scaling_factor included)
-      "text_encoder": {...},            # transformers CLIPTextConfig arguments
-      "text_encoder_2": {...},          # the second text encoder's, for two-encoder families
+      "text_encoder": {...},            # transformers CLIPTextConfig arguments, one per text encoder
+      "text_encoder_2": {...},          # of the family, by component name (SDXL: both; its refiner:
+                                        # text_encoder_2 alone, as diffusers and Apple name it)
       "scheduler": {...},               # diffusers scheduler_config.json keys (see coreml_sd.config)
       "tokenizer": {"pad_token": "<|endoftext|>"}   # optional; default: the family's (SD 2.x pads with "!")
     }
@@ -48,7 +49,7 @@ class CheckpointConfig:
     family: str
     unet: Mapping[str, Any]
     vae: Mapping[str, Any]
-    text_encoder: Mapping[str, Any]
+    text_encoder: Mapping[str, Any] | None = None
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     pad_token: str | None = None  # None: the family's
     description: str = ""
@@ -59,15 +60,20 @@ class CheckpointConfig:
             raise ModelError(f"checkpoint config: family is {self.family!r}; supported: {choices_text(family_names())}")
         if self.pad_token is None:
             object.__setattr__(self, "pad_token", self.spec.text_encoders[0].pad_token)
-        for spec in self.spec.text_encoders:
-            if self.text_config(spec.component) is None:
-                raise ModelError(f"checkpoint config: family {self.family} needs a {spec.component!r} config")
-        for name in ("unet", "vae", "text_encoder"):
+        encoders = [spec.component for spec in self.spec.text_encoders]
+        for name in ("text_encoder", "text_encoder_2"):
+            if name in encoders and self.text_config(name) is None:
+                raise ModelError(f"checkpoint config: family {self.family} needs a {name!r} config "
+                                 f"(its text encoders: {choices_text(encoders)})")
+            if name not in encoders and self.text_config(name) is not None:
+                raise ModelError(f"checkpoint config: family {self.family} has no {name}; its text encoders: "
+                                 f"{choices_text(encoders)}")
+        for name in ("unet", "vae", *encoders):
             if not isinstance(getattr(self, name), Mapping):
                 raise ModelError(f"checkpoint config: {name!r} must be an object of constructor arguments")
         for name, keys in (("unet", ("block_out_channels", "layers_per_block", "cross_attention_dim")),
                            ("vae", ("block_out_channels",)),
-                           ("text_encoder", ("hidden_size", "num_hidden_layers"))):
+                           *((e, ("hidden_size", "num_hidden_layers")) for e in encoders)):
             missing = [k for k in keys if k not in getattr(self, name)]
             if missing:
                 raise ModelError(f"checkpoint config: {name} needs {choices_text(missing)}")
@@ -78,7 +84,7 @@ class CheckpointConfig:
         if unknown:
             raise ModelError(f"checkpoint config: unknown keys {choices_text(unknown)}; "
                              f"known: {choices_text(_TOP_KEYS)}")
-        missing = [k for k in ("family", "unet", "vae", "text_encoder") if k not in data]
+        missing = [k for k in ("family", "unet", "vae") if k not in data]
         if missing:
             raise ModelError(f"checkpoint config: missing {choices_text(missing)}")
         tok = dict(data.get("tokenizer") or {})
@@ -88,7 +94,7 @@ class CheckpointConfig:
             family=data["family"],
             unet=dict(data["unet"]),
             vae=dict(data["vae"]),
-            text_encoder=dict(data["text_encoder"]),
+            text_encoder=dict(data["text_encoder"]) if data.get("text_encoder") else None,
             scheduler=SchedulerConfig.from_dict(dict(data.get("scheduler") or {})),
             pad_token=tok.get("pad_token"),
             description=str(data.get("description", "")),
@@ -105,12 +111,12 @@ class CheckpointConfig:
             "family": self.family,
             "unet": dict(self.unet),
             "vae": dict(self.vae),
-            "text_encoder": dict(self.text_encoder),
             "scheduler": self.scheduler.to_dict(),
             "tokenizer": {"pad_token": self.pad_token},
         }
-        if self.text_encoder_2 is not None:
-            out["text_encoder_2"] = dict(self.text_encoder_2)
+        for name in ("text_encoder", "text_encoder_2"):
+            if self.text_config(name) is not None:
+                out[name] = dict(self.text_config(name))
         return out
 
     @property

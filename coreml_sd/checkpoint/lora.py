@@ -1,7 +1,9 @@
 """kohya / AUTOMATIC1111 LoRA files merged into the weights: W += strength * alpha/rank * up @ down.
 
 Key format: `<module>.lora_down.weight`, `<module>.lora_up.weight`, `<module>.alpha`, where
-`<module>` is a layer's dotted path with underscores, prefixed `lora_unet_` or `lora_te_`. UNet
+`<module>` is a layer's dotted path with underscores, prefixed `lora_unet_` or, for a text encoder,
+its family's prefix (`TextEncoderSpec.lora_prefix`: `lora_te_`; SDXL's `lora_te1_` CLIP ViT-L and
+`lora_te2_` OpenCLIP bigG, both named as transformers' CLIP text models name them). UNet
 layers are named either as diffusers names them (`lora_unet_down_blocks_0_attentions_0_..._to_q`,
 kohya's sd-scripts) or as the original UNet does (`lora_unet_input_blocks_1_1_..._to_q`, LyCORIS);
 both are matched through the key tables of `keymap`. Text-encoder layers carry transformers'
@@ -14,6 +16,7 @@ that matches nothing, or whose shapes disagree, is refused as made for another m
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -62,25 +65,31 @@ def load_lora(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
         for suffix, kind in _UNSUPPORTED.items():
             if key.endswith(suffix):
                 raise ModelError(f"{path} is a {kind} file ({key}); supported: kohya/A1111 LoRA and LoCon")
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in sd):
-        raise ModelError(f"{path} is an SDXL LoRA (two text encoders, lora_te1_/lora_te2_); "
-                         f"SD 1.x/2.x models take SD 1.x/2.x LoRAs")
     if not any(k.endswith(_SUFFIXES[0]) for k in sd):
         raise ModelError(f"{path} is not a LoRA: expected keys ending in .lora_down.weight / .lora_up.weight; "
                          f"found {sorted(sd)[:3]}")
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, metadata
 
 
+def _text_encoders(text_encoder) -> dict[str, Any]:
+    """{LoRA prefix: text encoder}: a mapping as given, or one module under SD's `lora_te_`."""
+    if isinstance(text_encoder, Mapping):
+        return {prefix: m for prefix, m in text_encoder.items() if m is not None}
+    return {"lora_te_": text_encoder}
+
+
 def lora_targets(text_encoder, unet) -> dict[str, Any]:
-    """LoRA layer name -> Linear/Conv2d module, under every spelling a file may use."""
+    """LoRA layer name -> Linear/Conv2d module, under every spelling a file may use. `text_encoder`:
+    one module (SD 1.x/2.x: `lora_te_`) or {LoRA prefix: module} (SDXL: lora_te1_, lora_te2_)."""
     import torch
 
     kinds = (torch.nn.Linear, torch.nn.Conv2d)
     targets = {}
-    te_prefix = "" if hasattr(text_encoder, "text_model") else "text_model."
-    for name, mod in text_encoder.named_modules():
-        if isinstance(mod, kinds):
-            targets["lora_te_" + (te_prefix + name).replace(".", "_")] = mod
+    for lora_prefix, encoder in _text_encoders(text_encoder).items():
+        te_prefix = "" if hasattr(encoder, "text_model") else "text_model."
+        for name, mod in encoder.named_modules():
+            if isinstance(mod, kinds):
+                targets[lora_prefix + (te_prefix + name).replace(".", "_")] = mod
     table = keymap._unet_table(unet.config)
     for name, mod in unet.named_modules():
         if isinstance(mod, kinds):
@@ -91,9 +100,11 @@ def lora_targets(text_encoder, unet) -> dict[str, Any]:
 
 
 def merge_lora(text_encoder, unet, path: str | Path, strength: float = 1.0) -> LoraReport:
-    """Merge one LoRA file into the modules in place and report what matched."""
+    """Merge one LoRA file into the modules in place and report what matched. `text_encoder`: one
+    module or {LoRA prefix: module} (see `lora_targets`)."""
     path = Path(path).expanduser()
     sd, metadata = load_lora(path)
+    _check_text_prefixes(sd, _text_encoders(text_encoder), path)
     report = LoraReport(path.stem, path, float(strength), lora_hash(path, metadata))
     targets = lora_targets(text_encoder, unet)
     bases = sorted({k[: -len(s)] for k in sd for s in _SUFFIXES if k.endswith(s)})
@@ -116,6 +127,21 @@ def merge_lora(text_encoder, unet, path: str | Path, strength: float = 1.0) -> L
         log.warning("LoRA %s: %d keys match no layer of this model and were ignored: %s", path.name,
                     len(report.unmatched), ", ".join(report.unmatched[:5]))
     return report
+
+
+_TE_PREFIX = re.compile(r"^(lora_te\d?_)")
+_KINDS = {"lora_te_": "an SD 1.x/2.x LoRA (one text encoder, lora_te_)",
+          "lora_te1_": "an SDXL LoRA (two text encoders, lora_te1_/lora_te2_)",
+          "lora_te2_": "an SDXL LoRA (two text encoders, lora_te1_/lora_te2_)"}
+
+
+def _check_text_prefixes(sd: Mapping[str, Any], encoders: Mapping[str, Any], path: Path) -> None:
+    """A LoRA whose text-encoder keys are another family's is refused by name, not half merged."""
+    found = sorted({m.group(1) for k in sd if (m := _TE_PREFIX.match(k))})
+    foreign = [p for p in found if p not in encoders]
+    if foreign:
+        raise ModelError(f"{path} is {_KINDS.get(foreign[0], 'a LoRA for another model')}; this model's text "
+                         f"encoder layers are {', '.join(p + '*' for p in encoders)}: use a LoRA made for its family")
 
 
 def _delta(sd: Mapping[str, Any], base: str, shape, path: Path):

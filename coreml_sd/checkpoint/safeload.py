@@ -208,30 +208,35 @@ def _is_int(value) -> bool:
 
 
 def load_safetensors(path: Path) -> dict[str, Any]:
-    """All tensors of a .safetensors file, in their stored dtype, as views of one private memory map.
+    """All tensors of a .safetensors file, in their stored dtype, as views of private memory maps.
 
     Nothing is read until a tensor is used, and writing to a tensor (merging a LoRA) copies only
     the pages it touches (copy-on-write); the file itself is never modified. (The `safetensors`
     library's loader touches part of every tensor's pages while opening, about a quarter of an
-    SD 1.5 file, which is why the mapping is done here.)
+    SD 1.5 file, which is why the mapping is done here.) Each tensor has its own mapping, so the
+    pages of tensors that are freed (a text encoder once converted) leave memory with them: with
+    one mapping for the file, every page once read stays resident until the last tensor goes,
+    6.9 GB of an SDXL file while only its 5.1 GB UNet is still in use.
     """
     import mmap
 
     import torch
 
     entries, _, data_start = _safetensors_layout(path)
-    if not entries:
-        return {}
-    with open(path, "rb") as fh:
-        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-    whole = torch.frombuffer(mapped, dtype=torch.uint8)  # (file bytes,) sharing the mapping
     out = {}
-    for key, (dtype, shape, start, stop) in entries.items():
-        torch_dtype = _torch_dtype(dtype, path)
-        raw = whole[data_start + start: data_start + stop]
-        if (data_start + start) % torch_dtype.itemsize:  # not aligned for a view: copy this one tensor
-            raw = raw.clone()
-        out[key] = raw.view(torch_dtype).reshape(shape) if stop > start else torch.empty(shape, dtype=torch_dtype)
+    with open(path, "rb") as fh:
+        for key, (dtype, shape, start, stop) in entries.items():
+            torch_dtype = _torch_dtype(dtype, path)
+            if stop == start:
+                out[key] = torch.empty(shape, dtype=torch_dtype)
+                continue
+            first = data_start + start
+            base = first - first % mmap.ALLOCATIONGRANULARITY  # mappings start on a page boundary
+            mapped = mmap.mmap(fh.fileno(), data_start + stop - base, access=mmap.ACCESS_COPY, offset=base)
+            raw = torch.frombuffer(mapped, dtype=torch.uint8)[first - base:]  # keeps `mapped` alive
+            if first % torch_dtype.itemsize:  # not aligned for a view: copy this one tensor
+                raw = raw.clone()
+            out[key] = raw.view(torch_dtype).reshape(shape)
     return out
 
 

@@ -26,7 +26,7 @@ from coreml_sd.checkpoint.safeload import SAFETENSORS, TensorInfo, sha256_file, 
 from coreml_sd.config import PREDICTION_TYPES
 from coreml_sd.errors import ModelError, choices_text
 from coreml_sd.families import get_family, layout_base, variants_of
-from coreml_sd.model_source import ModelInfo, ModelSource, Origin, SourceBase, TorchModules
+from coreml_sd.model_source import ModelInfo, ModelSource, Origin, SourceBase, TorchModules, first_text_encoder
 from coreml_sd.tokenizer import CLIPTokenizer, bundled_files
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class Modified(SourceBase):
                 raise ModelError(f"LoRA not found: {w.path}")
         self.embeddings = [emb_mod.load_embedding(p) for p in embeddings]
         for e in self.embeddings:
-            emb_mod.check_width(e, base.info.text_hidden_size)
+            emb_mod.check_fits(e, base.info.spec, base.info.text_hidden_size)
         _unique_names([e.name for e in self.embeddings])
         self.hypernetworks = [(hn_mod.load_hypernetwork(w.path), w.strength) for w in hypernetworks]
         self.lora_reports: list = []
@@ -208,7 +208,10 @@ class Modified(SourceBase):
     def trigger_ids(self) -> dict[str, list[int]]:
         from coreml_sd.checkpoint.embeddings import assign_ids
 
-        return assign_ids(self.embeddings, len(self.base.tokenizer().encoder))
+        return assign_ids(self.embeddings, len(self._base_tokenizer().encoder))
+
+    def _base_tokenizer(self) -> CLIPTokenizer:
+        return self.base.tokenizer(first_text_encoder(self.info))
 
     def tokenizer(self, component: str = "text_encoder") -> CLIPTokenizer:
         tok = self.base.tokenizer(component)
@@ -230,13 +233,16 @@ class Modified(SourceBase):
             mods = self.base.torch_modules(device=device, dtype=dtype)
         if self.vae is not None:
             mods.vae = self.vae.module(self._vae_config(mods), dtype=dtype, device=device)
-        self.lora_reports = [merge_lora(mods.text_encoder, mods.unet, w.path, w.strength) for w in self.loras]
-        if self.embeddings:
-            vocab = mods.text_encoder.get_input_embeddings().num_embeddings
-            if vocab != len(self.base.tokenizer().encoder):
-                raise ModelError(f"the text encoder has {vocab} token embeddings, the tokenizer "
-                                 f"{len(self.base.tokenizer().encoder)}: embeddings cannot be added")
-            emb_mod.extend_text_encoder(mods.text_encoder, self.embeddings)
+        specs = self.info.spec.text_encoders
+        encoders = {spec.lora_prefix: mods.module(spec.component) for spec in specs}
+        self.lora_reports = [merge_lora(encoders, mods.unet, w.path, w.strength) for w in self.loras]
+        for spec in specs if self.embeddings else ():
+            module, words = mods.module(spec.component), len(self._base_tokenizer().encoder)
+            vocab = module.get_input_embeddings().num_embeddings
+            if vocab != words:
+                raise ModelError(f"the {spec.component} has {vocab} token embeddings, the tokenizer {words}: "
+                                 f"embeddings cannot be added")
+            emb_mod.extend_text_encoder(module, self.embeddings, spec)
         for net, strength in self.hypernetworks:
             hn_mod.install(mods.unet, net, strength)
         return mods

@@ -29,15 +29,22 @@ TEXT_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_atten
 def original_state_dict(text_encoder, unet, vae, *, family: str = "sd1", ema_unet=None,
                         text_encoder_2=None) -> dict[str, Any]:
     """All weights under their original names, text encoders laid out as `family` says;
-    `ema_unet` adds the flat `model_ema.*` copy."""
+    `ema_unet` adds the flat `model_ema.*` copy; `vae` None leaves the VAE out (a file without one)."""
+    import torch
+
     spec = get_family(family)
     out = keymap.apply_mapper(keymap.unet_to_original(unet.config), unet.state_dict())
-    out.update(keymap.apply_mapper(keymap.vae_to_original(vae.config), vae.state_dict()))
+    if vae is not None:
+        out.update(keymap.apply_mapper(keymap.vae_to_original(vae.config), vae.state_dict()))
     encoders = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     for te in spec.text_encoders:
         if encoders[te.component] is None:
             raise InputError(f"family {family} needs a {te.component} module")
         out.update(keymap.text_to_original(encoders[te.component].state_dict(), te))
+        if te.layout == "openclip" and te.pooled:
+            # OpenCLIP files keep the whole CLIP text tower, its contrastive temperature too
+            # (ln 100 once trained); nothing reads it for generation.
+            out[te.prefix + "logit_scale"] = torch.tensor(4.6052)
     if ema_unet is not None:
         import torch
 
@@ -50,12 +57,15 @@ def original_state_dict(text_encoder, unet, vae, *, family: str = "sd1", ema_une
 
 def write_original_checkpoint(text_encoder, unet, vae, path: str | Path, *, dtype: str = "fp16", ema: bool = False,
                               fmt: str = "safetensors", family: str = "sd1", ema_unet=None,
-                              metadata: dict[str, str] | None = None, text_encoder_2=None) -> Path:
+                              metadata: dict[str, str] | None = None, text_encoder_2=None,
+                              with_vae: bool = True) -> Path:
     """Save (text_encoder, unet, vae) as one original-layout file.
 
     `ema=True` also writes the UNet's EMA copy (`model_ema.*`, flat names as CompVis does): the
     weights of `ema_unet` when given, else of `unet`. `fmt="ckpt"` writes a torch zip pickle wrapped
-    in `{"state_dict": ...}` like CompVis/Lightning files.
+    in `{"state_dict": ...}` like CompVis/Lightning files. `with_vae=False` leaves the VAE out, as
+    some community files do. Two-encoder families (SDXL) take `text_encoder_2`; a family without a
+    first text encoder (the SDXL refiner) takes `text_encoder=None`.
     """
     import torch
 
@@ -64,7 +74,8 @@ def write_original_checkpoint(text_encoder, unet, vae, path: str | Path, *, dtyp
     if fmt not in FORMATS:
         raise InputError(f"fmt is {fmt!r}; expected one of {choices_text(FORMATS)}")
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
-    state = original_state_dict(text_encoder, unet, vae, family=family, text_encoder_2=text_encoder_2,
+    state = original_state_dict(text_encoder, unet, vae if with_vae else None, family=family,
+                                text_encoder_2=text_encoder_2,
                                 ema_unet=(ema_unet if ema_unet is not None else unet) if ema else None)
     state = {k: (t.to(torch_dtype) if t.is_floating_point() and t.ndim > 0 else t).contiguous()
              for k, t in state.items()}
@@ -92,7 +103,7 @@ def config_from_modules(text_encoder, unet, vae, *, family: str = "sd1", schedul
         family=family,
         unet={k: _plain(v) for k, v in unet.config.items() if not k.startswith("_")},
         vae={k: _plain(v) for k, v in vae.config.items() if not k.startswith("_")},
-        text_encoder=text_config(text_encoder),
+        text_encoder=text_config(text_encoder) if text_encoder is not None else None,
         text_encoder_2=text_config(text_encoder_2) if text_encoder_2 is not None else None,
         scheduler=scheduler or SchedulerConfig(),
         pad_token=pad_token,

@@ -148,7 +148,7 @@ def _pending(kernel, op, op_type: str, keeps_values: bool, precision: Precision,
 def _constant_plan(const_vars: dict, pending: list[_Pending], precision: Precision) -> dict:
     """slot -> (value, MIL dtype, storage dtype). An fp16 constant is stored in fp32 when every
     reader computes in fp32 (the time-embedding weights, say), else in the half dtype: cast once
-    here rather than on every call."""
+    here rather than on every call. In exact mode big fp16 constants stay fp16 (cast per call)."""
     fp32_only: dict[int, bool] = {}
     for p in pending:
         if p.compute is None:
@@ -161,6 +161,10 @@ def _constant_plan(const_vars: dict, pending: list[_Pending], precision: Precisi
         dtype = storage_dtype(precision, var)
         if mil_dtype_name(var) == "fp16" and slot in fp32_only:
             dtype = torch.float32 if fp32_only[slot] else precision.half
+            if precision.rounds_fp16 and fp32_only[slot] and (numel(var) or 0) > SMALL:
+                # exact mode: a weight stays in fp16 and each reader upcasts it (exactly) for its op,
+                # so a package's weights take their fp16 size, not twice that (SDXL's UNet: 5.1 GB).
+                dtype = torch.float16
         plan[slot] = (var.val, mil_dtype_name(var), dtype)
     return plan
 
