@@ -24,13 +24,14 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from coreml_sd.components import KINDS, PACKAGE_NAMES, TensorSpec, entry_component
+from coreml_sd.apple_layouts import LAYOUTS, written_names
+from coreml_sd.components import KINDS, TensorSpec, entry_component
 from coreml_sd.errors import choices_text
 from coreml_sd.families import PROVIDER_WIDTHS
 from coreml_sd.model_folder import Manifest, PackageInfo
 from coreml_sd.model_source import ModelSource
 from conversion.ane.attention import ATTENTION_IMPLEMENTATIONS
-from conversion.atomic import atomic_folder, check_target
+from conversion.atomic import atomic_folder, check_target, link_copy
 from conversion.export import (MIN_TARGETS, WEIGHT_MODES, ConversionError, TensorIO, build_program,
                                compile_package, compress, to_mlmodel)
 from conversion.progress import StageRecord, StageTimer, release_memory
@@ -44,6 +45,11 @@ DEFAULT_COMPONENTS = ("text_encoder", "unet", "vae_decoder")  # a model's own li
 COMPRESSIBLE = ("text_encoder", "unet")
 TEXT_LENGTH = 77
 PRECISIONS = ("fp16", "fp32")
+MAX_ENUMERATED = 128  # Core ML's limit on enumerated shapes (coremltools' flexible-inputs guide)
+
+
+def format_sizes(sizes) -> str:
+    return ", ".join(f"{w}x{h}" for w, h in sizes)
 
 
 @dataclass(frozen=True)
@@ -59,20 +65,41 @@ class ConvertOptions:
     compile: bool = False
     components: tuple[str, ...] = DEFAULT_COMPONENTS
     threshold_db: float = MIN_PSNR_DB
+    # (width, height) pixels: one UNet/VAE set taking each (Core ML enumerated shapes); the first
+    # is the default. Empty: the one size width x height.
+    sizes: tuple[tuple[int, int], ...] = ()
+    layout: str = "swift"  # package names: Apple's Swift resources, its Python pipeline's, or both
 
     def validate(self) -> None:
         for name, value, valid in (("attention", self.attention, ATTENTION_IMPLEMENTATIONS),
                                    ("weights", self.weights, WEIGHT_MODES), ("precision", self.precision, PRECISIONS),
                                    ("min_target", self.min_target, MIN_TARGETS),
-                                   ("batch", self.batch, (1, 2))):
+                                   ("batch", self.batch, (1, 2)), ("layout", self.layout, LAYOUTS)):
             if value not in valid:
                 raise ConversionError(f"{name} {value!r} is not supported; valid: {choices_text(valid)}")
         unknown = [c for c in self.components if c not in COMPONENTS]
         if unknown:
             raise ConversionError(f"unknown component {unknown[0]!r}; valid: {choices_text(COMPONENTS)}")
+        self._validate_sizes()
         if self.compile and sys.platform != "darwin":
             raise ConversionError("--compile needs macOS (Core ML's compiler runs only there); convert without "
                                   "--compile here: the packages compile on the Mac when first loaded")
+
+    def _validate_sizes(self) -> None:
+        if not self.sizes:
+            return
+        if self.width or self.height:
+            raise ConversionError("give either --sizes or --width/--height, not both (the first of --sizes is the "
+                                  "default size)")
+        if len(set(self.sizes)) != len(self.sizes):
+            raise ConversionError(f"--sizes lists a size twice: {format_sizes(self.sizes)}")
+        if len(self.sizes) > 1 and self.chunk_unet:
+            raise ConversionError("--sizes with --chunk-unet is not supported: every input of the second chunk would "
+                                  "have a flexible size, and Core ML takes several enumerated inputs only from "
+                                  "iOS 18 / macOS 15 on")
+        if len(self.sizes) > MAX_ENUMERATED:
+            raise ConversionError(f"--sizes lists {len(self.sizes)} sizes; Core ML takes at most {MAX_ENUMERATED} "
+                                  "enumerated shapes")
 
     def weights_for(self, component: str) -> str:
         return self.weights if component in COMPRESSIBLE else "fp16"
@@ -99,25 +126,47 @@ class ConversionResult:
 
 @dataclass(frozen=True)
 class Shapes:
-    width: int
-    height: int
-    latent: tuple[int, int, int]  # (channels, h, w)
+    sizes: tuple[tuple[int, int], ...]  # (width, height) pixels, the default first
+    vae_factor: int
+    latent_channels: int
     batch: int
     text_hidden: int
+
+    @property
+    def width(self) -> int:
+        return self.sizes[0][0]
+
+    @property
+    def height(self) -> int:
+        return self.sizes[0][1]
+
+    @property
+    def latent(self) -> tuple[int, int, int]:
+        """(channels, h, w) at the default size."""
+        return self.latents[0]
+
+    @property
+    def latents(self) -> list[tuple[int, int, int]]:
+        """(channels, h, w) at each size."""
+        f = self.vae_factor
+        return [(self.latent_channels, h // f, w // f) for w, h in self.sizes]
+
+    def label(self, i: int) -> str:
+        """How a figure of size i is named in the parity record (plain when there is one size)."""
+        return "" if len(self.sizes) == 1 else " {}x{}".format(*self.sizes[i])
 
 
 def _shapes(source: ModelSource, options: ConvertOptions, unet_downscale: int) -> Shapes:
     info = source.info
     f = info.vae_scale_factor
     multiple = f * unet_downscale
-    width = options.width or info.sample_size
-    height = options.height or info.sample_size
-    for name, v in (("width", width), ("height", height)):
-        if v < multiple or v % multiple:
-            raise ConversionError(f"{name} must be a positive multiple of {multiple} for this model "
-                                  f"(VAE factor {f} x UNet downscale {unet_downscale}); got {v}")
-    return Shapes(width, height, (info.latent_channels, height // f, width // f), options.batch,
-                  info.text_hidden_size)
+    sizes = options.sizes or ((options.width or info.sample_size, options.height or info.sample_size),)
+    for width, height in sizes:
+        for name, v in (("width", width), ("height", height)):
+            if v < multiple or v % multiple:
+                raise ConversionError(f"{name} must be a positive multiple of {multiple} for this model "
+                                      f"(VAE factor {f} x UNet downscale {unet_downscale}); got {v}")
+    return Shapes(tuple(sizes), f, info.latent_channels, options.batch, info.text_hidden_size)
 
 
 def _check_source(source: ModelSource) -> None:
@@ -149,17 +198,21 @@ class Converter:
             with self.timer(component, "compress", weights):
                 compress(prog, weights)
                 dense = _dequantized(prog, const_names)
-        package = self.folder / f"{PACKAGE_NAMES[component]}.mlpackage"
+        names = written_names(opts.layout, self.source.info.name, component)
+        package = self.folder / names.package
         with self.timer(component, "convert"):
             to_mlmodel(prog, min_target=opts.min_target, package_dir=package,
                        description=f"coreml-sd {component} of {self.source.info.name}",
                        metadata={"coreml_sd.component": component, "coreml_sd.attention": opts.attention,
-                                 "coreml_sd.weights": weights})
+                                 "coreml_sd.weights": weights}, inputs=inputs)
+            for alias in names.aliases:
+                link_copy(package, self.folder / alias)
         del prog
         release_memory()
         self.packages[component] = PackageInfo(
             package=package.name, inputs=tuple(_spec(io) for io in inputs),
-            outputs=tuple(_spec(io) for io in outputs), weights=weights, size_bytes=_folder_size(package))
+            outputs=tuple(_spec(io) for io in outputs), weights=weights, size_bytes=_folder_size(package),
+            aliases=names.aliases)
         return outputs, dense
 
     def gate(self, component: str, outputs: dict[str, np.ndarray], references: dict[str, np.ndarray],
@@ -245,6 +298,15 @@ def _reference_outputs(rewrite, inputs: dict[str, np.ndarray], names: list[str])
 
 
 # -- the components ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    """One seeded parity check: package inputs and the upstream references (`label`: its size)."""
+
+    label: str
+    inputs: dict[str, np.ndarray]
+    refs: dict[str, np.ndarray]
+
+
 def _run_chain(conv: Converter, chain: list[str], inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run packages in order, each taking its inputs by name from the inputs and earlier outputs."""
     values = dict(inputs)
@@ -257,20 +319,31 @@ def _run_chain(conv: Converter, chain: list[str], inputs: dict[str, np.ndarray])
     return {s.name: values[s.name] for s in conv.packages[chain[-1]].outputs}
 
 
-def _verify(conv: Converter, component: str, chain: list[str], inputs: dict[str, np.ndarray],
-            refs: dict[str, np.ndarray], dequantized_ref: dict[str, np.ndarray] | None) -> None:
+def _labelled(values: dict[str, np.ndarray], label: str) -> dict[str, np.ndarray]:
+    return {f"{k}{label}": v for k, v in values.items()}
+
+
+def _verify(conv: Converter, component: str, chain: list[str], cases: list[Case],
+            dequantized_refs: list[dict[str, np.ndarray]] | None) -> None:
+    """Every case through the package(s); one parity record over all of them (per output and size)."""
+    outputs, refs, deq = {}, {}, {} if dequantized_refs is not None else None
     with conv.timer(component, "verify", conv.runner.name):
-        outputs = _run_chain(conv, chain, inputs)
-        conv.gate(component, outputs, refs, dequantized_reference=dequantized_ref)
+        with conv.runner.keep_loaded(len(cases) > 1):
+            for i, case in enumerate(cases):
+                outputs.update(_labelled(_run_chain(conv, chain, case.inputs), case.label))
+                refs.update(_labelled(case.refs, case.label))
+                if deq is not None:
+                    deq.update(_labelled(dequantized_refs[i], case.label))
+        conv.gate(component, outputs, refs, dequantized_reference=deq)
 
 
 def _dequantized_reference(conv: Converter, component: str, rewrite, dense: dict[str, np.ndarray],
-                           inputs: dict[str, np.ndarray], names: list[str]):
+                           cases: list[Case]) -> list[dict[str, np.ndarray]] | None:
     if not dense:
         return None
     with conv.timer(component, "reference", "dequantized weights"):
         _set_weights(rewrite, dense)
-        return _reference_outputs(rewrite, inputs, names)
+        return [_reference_outputs(rewrite, c.inputs, list(c.refs)) for c in cases]
 
 
 def convert_text_encoder(conv: Converter, mods, shapes: Shapes) -> None:
@@ -279,17 +352,17 @@ def convert_text_encoder(conv: Converter, mods, shapes: Shapes) -> None:
 
     module, mods.text_encoder = mods.text_encoder, None
     with conv.timer("text_encoder", "reference"), in_fp32(module, conv.options):
-        inputs, refs = text_encoder_case(module, conv.source.tokenizer(), extra_words=list(conv.source.trigger_ids()))
+        case = Case("", *text_encoder_case(module, conv.source.tokenizer(), extra_words=list(conv.source.trigger_ids())))
     rewrite = text_encoder_from_transformers(module, attention=conv.options.attention)
     del module
     c = shapes.text_hidden
     ins = [TensorIO("input_ids", (1, TEXT_LENGTH), "fp32")]
     outs = [TensorIO("last_hidden_state", (1, TEXT_LENGTH, c), "fp32"), TensorIO("pooled_outputs", (1, c), "fp32")]
     _, dense = conv.export("text_encoder", rewrite, lambda ops, ids: rewrite(ids, ops), ins, outs)
-    deq = _dequantized_reference(conv, "text_encoder", rewrite, dense, inputs, list(refs))
+    deq = _dequantized_reference(conv, "text_encoder", rewrite, dense, [case])
     del rewrite
     release_memory()
-    _verify(conv, "text_encoder", ["text_encoder"], inputs, refs, deq)
+    _verify(conv, "text_encoder", ["text_encoder"], [case], deq)
 
 
 def convert_unet(conv: Converter, mods, shapes: Shapes) -> None:
@@ -299,25 +372,26 @@ def convert_unet(conv: Converter, mods, shapes: Shapes) -> None:
     module, mods.unet = mods.unet, None
     extras = unet_extra_inputs(conv.source, module.config, shapes.batch)
     with conv.timer("unet", "reference"), in_fp32(module, conv.options):
-        inputs, refs = unet_case(module, batch=shapes.batch, latent_shape=shapes.latent,
-                                 context_dim=shapes.text_hidden, extra=extras)
+        cases = [Case(shapes.label(i), *unet_case(module, batch=shapes.batch, latent_shape=latent,
+                                                  context_dim=shapes.text_hidden, extra=extras))
+                 for i, latent in enumerate(shapes.latents)]
     rewrite = unet_from_diffusers(module, attention=conv.options.attention)
     del module
     release_memory()
-    b, latent, p = shapes.batch, shapes.latent, conv.options.precision
-    ins = [TensorIO("sample", (b, *latent), p), TensorIO("timestep", (b,), p),
+    b, p = shapes.batch, conv.options.precision
+    ins = [TensorIO.enumerated("sample", [(b, *latent) for latent in shapes.latents], p), TensorIO("timestep", (b,), p),
            TensorIO("encoder_hidden_states", (b, shapes.text_hidden, 1, TEXT_LENGTH), p),
            *(TensorIO(e.name, e.shape, p) for e in extras)]
-    out = TensorIO("noise_pred", (b, *latent), "fp32")
+    out = TensorIO("noise_pred", ins[0].shape, "fp32")
     if conv.options.chunk_unet:
         chain, dense = _export_unet_chunks(conv, rewrite, ins, out)
     else:
         chain = ["unet"]
         _, dense = conv.export("unet", rewrite, lambda ops, s, t, c, *x: [rewrite(s, t, c, *x, ops=ops)], ins, [out])
-    deq = _dequantized_reference(conv, "unet", rewrite, dense, inputs, list(refs))
+    deq = _dequantized_reference(conv, "unet", rewrite, dense, cases)
     del rewrite
     release_memory()
-    _verify(conv, "unet", chain, inputs, refs, deq)
+    _verify(conv, "unet", chain, cases, deq)
 
 
 def unet_extra_inputs(source: ModelSource, unet_config, batch: int) -> list[ExtraIO]:
@@ -378,27 +452,34 @@ def convert_vae(conv: Converter, mods, shapes: Shapes, components: list[str]) ->
     from conversion.verify import vae_decoder_case, vae_encoder_case
 
     vae, mods.vae = mods.vae, None
-    c, h, w = shapes.latent
-    cases = {}
+    cases: dict[str, list[Case]] = {}
     with in_fp32(vae, conv.options):
         for component in components:
             with conv.timer(component, "reference"):
-                if component == "vae_decoder":
-                    cases[component] = vae_decoder_case(vae, latent_shape=shapes.latent)
-                else:
-                    cases[component] = vae_encoder_case(vae, image_shape=(3, shapes.height, shapes.width))
+                cases[component] = [
+                    Case(shapes.label(i), *(vae_decoder_case(vae, latent_shape=latent) if component == "vae_decoder"
+                                            else vae_encoder_case(vae, image_shape=(3, h, w))))
+                    for i, ((w, h), latent) in enumerate(zip(shapes.sizes, shapes.latents))]
+    p = conv.options.precision
     for component in components:
         if component == "vae_decoder":
+            # z in the program precision (fp16: as Apple's VAEDecoder takes it), so folders interchange
             rewrite = vae_decoder_from_diffusers(vae, attention=conv.options.attention)
-            ins, outs = [TensorIO("z", (1, c, h, w), "fp32")], [TensorIO("image", (1, 3, shapes.height, shapes.width), "fp32")]
+            ins = [TensorIO.enumerated("z", [(1, *latent) for latent in shapes.latents], p)]
+            outs = [TensorIO("image", (1, 3, *_spatial(shapes, 1)), "fp32")]
         else:
             rewrite = vae_encoder_from_diffusers(vae, attention=conv.options.attention)
-            ins, outs = [TensorIO("x", (1, 3, shapes.height, shapes.width), "fp32")], [TensorIO("latent", (1, 2 * c, h, w), "fp32")]
+            ins = [TensorIO.enumerated("x", [(1, 3, h, w) for w, h in shapes.sizes], "fp32")]
+            outs = [TensorIO("latent", (1, 2 * shapes.latent_channels, *_spatial(shapes, shapes.vae_factor)), "fp32")]
         conv.export(component, rewrite, lambda ops, x: [rewrite(x, ops)], ins, outs)
         del rewrite
         release_memory()
-        inputs, refs = cases[component]
-        _verify(conv, component, [component], inputs, refs, None)
+        _verify(conv, component, [component], cases[component], None)
+
+
+def _spatial(shapes: Shapes, factor: int) -> tuple:
+    """(h, w) of an output at the pixel size divided by `factor`; flexible (None) with several sizes."""
+    return (shapes.height // factor, shapes.width // factor) if len(shapes.sizes) == 1 else (None, None)
 
 
 # -- the whole model --------------------------------------------------------------------------
@@ -438,22 +519,30 @@ def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = 
             _compile_all(conv)
         with timer("model", "write"):
             manifest = _manifest(conv, shapes, source_record(source))
-            _copy_tokenizer(source, folder)
+            _copy_tokenizer(source, folder, conv.packages)
             manifest.write(folder)
     return ConversionResult(target, manifest, conv.parity, timer.records, timer.summary())
 
 
 def _compile_all(conv: Converter) -> None:
+    """`.mlmodelc` of every package where Apple's Swift pipeline looks for it: beside the packages
+    (swift layout) or in Resources/ (python and both: Apple's Python pipeline refuses a folder
+    mixing packages and compiled models), under its Swift resource name."""
     for component, info in list(conv.packages.items()):
+        target = conv.folder / written_names(conv.options.layout, conv.source.info.name, component).compiled
+        target.parent.mkdir(parents=True, exist_ok=True)
         with conv.timer(component, "compile"):
-            compiled = compile_package(conv.folder / info.package, conv.folder)
-        conv.packages[component] = replace(info, compiled=compiled.name)
+            compile_package(conv.folder / info.package, target)
+        conv.packages[component] = replace(info, compiled=target.relative_to(conv.folder).as_posix())
 
 
-def _copy_tokenizer(source: ModelSource, folder: Path) -> None:
+def _copy_tokenizer(source: ModelSource, folder: Path, packages: dict[str, PackageInfo]) -> None:
+    """vocab.json and merges.txt beside the packages, and beside compiled models kept in a subfolder."""
     files = source.info.tokenizer_files
-    shutil.copyfile(files.vocab, folder / "vocab.json")
-    shutil.copyfile(files.merges, folder / "merges.txt")
+    places = {folder} | {(folder / p.compiled).parent for p in packages.values() if p.compiled}
+    for place in places:
+        shutil.copyfile(files.vocab, place / "vocab.json")
+        shutil.copyfile(files.merges, place / "merges.txt")
 
 
 def _manifest(conv: Converter, shapes: Shapes, source: dict) -> Manifest:
@@ -467,6 +556,7 @@ def _manifest(conv: Converter, shapes: Shapes, source: dict) -> Manifest:
               "components": {k: {**v.to_dict(), **conv.extra_parity.get(k, {})} for k, v in conv.parity.items()}}
     return Manifest(
         name=info.name, family=info.family, scheduler=info.scheduler, width=shapes.width, height=shapes.height,
+        sizes=[list(size) for size in shapes.sizes], layout=opts.layout,
         batch=shapes.batch, latent_channels=info.latent_channels, vae_scale_factor=info.vae_scale_factor,
         scaling_factor=info.scaling_factor, text_hidden_size=info.text_hidden_size, attention=opts.attention,
         weights=opts.weights, precision=opts.precision, min_target=opts.min_target, components=packages, pad_token=info.pad_token,

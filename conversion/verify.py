@@ -9,6 +9,7 @@ component below 35 dB fails the conversion.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -77,11 +78,27 @@ class PackageRunner:
         from coreml_sd.backends.coreml_backend import runtime_unavailable_reason
 
         self.name = "coreml (cpu)" if runtime_unavailable_reason() is None else "mil exact (cpu)"
+        self._loaded: dict[Path, object] | None = None
+
+    @contextlib.contextmanager
+    def keep_loaded(self, enabled: bool = True):
+        """Within the block each package is loaded once (several sizes through one package); outside
+        it every run loads and frees its package, so only one is in memory at a time."""
+        self._loaded = {} if enabled else None
+        try:
+            yield
+        finally:
+            self._loaded = None
 
     def run(self, package: Path, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         from coreml_sd import arrays
 
-        outputs = package_runner([package]).run({k: np.ascontiguousarray(v) for k, v in inputs.items()})
+        runner = None if self._loaded is None else self._loaded.get(Path(package))
+        if runner is None:
+            runner = package_runner([package])
+            if self._loaded is not None:
+                self._loaded[Path(package)] = runner
+        outputs = runner.run({k: np.ascontiguousarray(v) for k, v in inputs.items()})
         return {k: arrays.to_numpy(v).astype(np.float32) for k, v in outputs.items()}
 
 

@@ -43,7 +43,8 @@ class PackageInfo:
     weights: str
     size_bytes: int
     psnr_db: float | None = None  # parity gate, package vs the torch reference
-    compiled: str | None = None  # "<Name>.mlmodelc" when compiled at conversion (macOS)
+    compiled: str | None = None  # "<Name>.mlmodelc" (or "Resources/<Name>.mlmodelc") when compiled (macOS)
+    aliases: tuple[str, ...] = ()  # the same package under other names (--layout both: Swift names)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str) -> "PackageInfo":
@@ -56,12 +57,16 @@ class PackageInfo:
             size_bytes=int(d["size_bytes"]),
             psnr_db=None if d.get("psnr_db") is None else float(d["psnr_db"]),
             compiled=d.get("compiled"),
+            aliases=tuple(str(a) for a in d.get("aliases") or ()),
         )
 
     def to_dict(self) -> dict:
-        return {"package": self.package, "inputs": [t.to_dict() for t in self.inputs],
-                "outputs": [t.to_dict() for t in self.outputs], "weights": self.weights,
-                "size_bytes": self.size_bytes, "psnr_db": self.psnr_db, "compiled": self.compiled}
+        out = {"package": self.package, "inputs": [t.to_dict() for t in self.inputs],
+               "outputs": [t.to_dict() for t in self.outputs], "weights": self.weights,
+               "size_bytes": self.size_bytes, "psnr_db": self.psnr_db, "compiled": self.compiled}
+        if self.aliases:
+            out["aliases"] = list(self.aliases)
+        return out
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,14 @@ class Manifest:
     tools: dict[str, str] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)  # threshold, executor, per-component figures
     created: str = ""
+    # Every (width, height) the UNet and VAE take (enumerated shapes), the default first; empty in
+    # folders written before multi-size conversion: width x height only.
+    sizes: list = field(default_factory=list)
+    layout: str = "swift"  # package names: coreml_sd.apple_layouts.LAYOUTS
+
+    @property
+    def all_sizes(self) -> tuple[tuple[int, int], ...]:
+        return tuple((int(w), int(h)) for w, h in self.sizes) or ((self.width, self.height),)
 
     @property
     def prediction_type(self) -> str:
@@ -139,6 +152,10 @@ class Manifest:
             raise ModelError(f"{where}: family {self.family!r} is not one of {choices_text(family_names())}")
         if self.batch not in (1, 2):
             raise ModelError(f"{where}: batch must be 1 or 2; found {self.batch}")
+        if self.sizes and (not all(isinstance(s, (list, tuple)) and len(s) == 2 for s in self.sizes)
+                           or tuple(self.sizes[0]) != (self.width, self.height)):
+            raise ModelError(f"{where}: sizes must be [width, height] pairs, the first {self.width}x{self.height}; "
+                             f"found {self.sizes!r}")
         unknown = sorted(set(self.components) - set(PACKAGE_NAMES))
         if unknown:
             raise ModelError(f"{where}: unknown component(s) {', '.join(unknown)}; "
@@ -209,7 +226,7 @@ class ConvertedModel(SourceBase):
             sample_size=m.width, vae_scale_factor=m.vae_scale_factor, latent_channels=m.latent_channels,
             scaling_factor=m.scaling_factor, text_hidden_size=m.text_hidden_size,
             tokenizer_files=TokenizerFiles(self.path / "vocab.json", self.path / "merges.txt"),
-            pad_token=m.pad_token, hash=m.source.get("hash"), sizes=((m.width, m.height),),
+            pad_token=m.pad_token, hash=m.source.get("hash"), sizes=m.all_sizes,
             max_prompt_tokens=m.max_length,
         )
         self.generation_extras = dict(m.source.get("generation_extras") or {})
