@@ -53,6 +53,7 @@ class ModelDescription:
     outputs: tuple[TensorSpec, ...]
     shapes: dict[str, tuple[tuple[int, ...], ...]] = field(default_factory=dict)  # enumerated, per input
     ranges: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)  # ranged: (lo, hi) per dim
+    defaults: dict[str, tuple[int, ...]] = field(default_factory=dict)  # a flexible input's default shape
     op_counts: dict[str, int] = field(default_factory=dict)  # op type (snake_case, no opset) -> count
     specification_version: int | None = None
     user_metadata: dict[str, str] = field(default_factory=dict)
@@ -99,8 +100,8 @@ def _describe_package(path: Path) -> ModelDescription:
         spec = ct.utils.load_spec(str(path))
     except Exception as exc:  # coremltools raises bare Exceptions for unreadable packages
         raise ModelError(f"{path}: the model description could not be read: {type(exc).__name__}: {exc}") from exc
-    inputs, shapes, ranges = _features(spec.description.input)
-    outputs, _, _ = _features(spec.description.output)
+    inputs, shapes, ranges, defaults = _features(spec.description.input)
+    outputs, _, _, _ = _features(spec.description.output)
     counts: dict[str, int] = {}
     bits: set[int] = set()
     if spec.WhichOneof("Type") == "mlProgram":
@@ -108,12 +109,12 @@ def _describe_package(path: Path) -> ModelDescription:
             for block in function.block_specializations.values():
                 _count_ops(block, counts, bits)
     meta = spec.description.metadata
-    return ModelDescription(path, False, inputs, outputs, shapes, ranges, counts, spec.specificationVersion,
+    return ModelDescription(path, False, inputs, outputs, shapes, ranges, defaults, counts, spec.specificationVersion,
                             dict(meta.userDefined), meta.author, folder_size(path), tuple(sorted(bits)))
 
 
-def _features(features) -> tuple[tuple[TensorSpec, ...], dict, dict]:
-    specs, shapes, ranges = [], {}, {}
+def _features(features) -> tuple[tuple[TensorSpec, ...], dict, dict, dict]:
+    specs, shapes, ranges, defaults = [], {}, {}, {}
     for f in features:
         array = f.type.multiArrayType
         default = tuple(int(d) for d in array.shape)
@@ -127,8 +128,10 @@ def _features(features) -> tuple[tuple[TensorSpec, ...], dict, dict]:
             bounds = tuple((int(r.lowerBound), int(r.upperBound)) for r in array.shapeRange.sizeRanges)
             ranges[f.name] = bounds
             shape = tuple(lo if lo == hi else None for lo, hi in bounds)
+        if flexibility is not None:
+            defaults[f.name] = default
         specs.append(TensorSpec(f.name, shape, ARRAY_TYPES.get(array.dataType, f"array type {array.dataType}")))
-    return tuple(specs), shapes, ranges
+    return tuple(specs), shapes, ranges, defaults
 
 
 def flexible_shape(shapes) -> tuple:
@@ -165,7 +168,7 @@ def _describe_compiled(path: Path) -> ModelDescription:
 
     meta = read_metadata(path)
     raw_inputs = {f.get("name"): f for f in meta.raw.get("inputSchema") or [] if isinstance(f, dict)}
-    inputs, shapes, ranges = [], {}, {}
+    inputs, shapes, ranges, defaults = [], {}, {}, {}
     for spec in meta.inputs:
         listed, bounds = _compiled_flexibility(raw_inputs.get(spec.name) or {}, len(spec.shape))
         shape = spec.shape
@@ -177,12 +180,14 @@ def _describe_compiled(path: Path) -> ModelDescription:
             shape = tuple(lo if lo == hi else None for lo, hi in bounds)
         elif str((raw_inputs.get(spec.name) or {}).get("hasShapeFlexibility")) == "1":
             shape = tuple(None for _ in spec.shape)  # flexible, in a form not understood here
+        if shape != spec.shape:
+            defaults[spec.name] = spec.shape
         inputs.append(TensorSpec(spec.name, shape, spec.dtype))
     counts = _histogram(meta.raw.get("mlProgramOperationTypeHistogram"))
     if not counts and (path / PROGRAM_FILE).is_file():
         counts = _ops_in_text((path / PROGRAM_FILE).read_text(encoding="utf-8", errors="replace"))
     author = str((meta.raw.get("author") or ""))
-    return ModelDescription(path, True, tuple(inputs), meta.outputs, shapes, ranges, counts,
+    return ModelDescription(path, True, tuple(inputs), meta.outputs, shapes, ranges, defaults, counts,
                             meta.specification_version, {str(k): str(v) for k, v in meta.user_metadata.items()},
                             author, folder_size(path))
 

@@ -194,6 +194,17 @@ def is_converted_folder(path: Path | None) -> bool:
     return path is not None and Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
 
 
+def is_core_ml_folder(path: Path | None) -> bool:
+    """Whether `path` is a folder of Core ML models without our manifest that coreml-sd can open
+    (Apple's Swift or Python layout, Guernika, Mochi Diffusion: `coreml_sd.foreign_folder`); the one
+    test every caller uses, beside `is_converted_folder`."""
+    if path is None or not Path(path).is_dir() or is_converted_folder(path):
+        return False
+    from coreml_sd.foreign_folder import recognised_entries
+
+    return bool(recognised_entries(Path(path)))
+
+
 def _check_inside(folder: Path, names: list[str]) -> None:
     """A manifest names packages inside its own folder; a path that leaves it is refused, not followed."""
     root = folder.resolve()
@@ -208,26 +219,33 @@ class ConvertedModel(SourceBase):
     """A converted model folder as a model source: its Core ML packages (it is its own `PackageSet`),
     and torch weights only through its recorded source, opened again with `reopen` (open_model)."""
 
+    # How each fact of the manifest is known, where it was not recorded by the converter
+    # (a folder of another tool's: see coreml_sd.foreign_folder); empty here.
+    facts: Mapping[str, Any] = {}
+
     def __init__(self, path: Path, *, reopen: Callable[..., Any] | None = None, partial: bool = False):
-        self.path = Path(path)
-        self.manifest = Manifest.read(self.path)
-        self._reopen = reopen
-        _check_inside(self.path, [p.package for p in self.manifest.components.values()]
-                      + [p.compiled for p in self.manifest.components.values() if p.compiled])
-        missing = [f for f in TOKENIZER_FILES if not (self.path / f).is_file()]
-        missing += [p.package for p in self.manifest.components.values() if not (self.path / p.package).is_dir()]
+        path = Path(path)
+        self._open(path, Manifest.read(path), TokenizerFiles(path / "vocab.json", path / "merges.txt"),
+                   reopen=reopen, partial=partial)
+
+    def _open(self, path: Path, manifest: Manifest, tokenizer_files: TokenizerFiles, *,
+              reopen: Callable[..., Any] | None, partial: bool, what: str = "converted model") -> None:
+        """Check the folder holds what `manifest` lists and set up the source's facts."""
+        self.path, self.manifest, self._reopen = path, manifest, reopen
+        _check_inside(self.path, [p.package for p in manifest.components.values()]
+                      + [p.compiled for p in manifest.components.values() if p.compiled])
+        missing = [f.name for f in (tokenizer_files.vocab, tokenizer_files.merges) if not f.is_file()]
+        missing += [p.package for p in manifest.components.values() if not (self.path / p.package).is_dir()]
         if not partial:  # a partial conversion (--components) can be verified, not generated from
-            missing += [f"a {c} package (converted with --components)" for c in self.manifest.missing_for_generation()]
+            missing += [f"a {c} package (converted with --components)" for c in manifest.missing_for_generation()]
         if missing:
-            raise ModelError(f"{self.path}: incomplete converted model, missing {', '.join(missing)}")
-        m = self.manifest
+            raise ModelError(f"{self.path}: incomplete {what}, missing {', '.join(missing)}")
+        m = manifest
         self.info = ModelInfo(
             name=m.name, kind="coreml", path=self.path, scheduler=m.scheduler, family=m.family,
             sample_size=m.width, vae_scale_factor=m.vae_scale_factor, latent_channels=m.latent_channels,
-            scaling_factor=m.scaling_factor, text_hidden_size=m.text_hidden_size,
-            tokenizer_files=TokenizerFiles(self.path / "vocab.json", self.path / "merges.txt"),
-            pad_token=m.pad_token, hash=m.source.get("hash"), sizes=m.all_sizes,
-            max_prompt_tokens=m.max_length,
+            scaling_factor=m.scaling_factor, text_hidden_size=m.text_hidden_size, tokenizer_files=tokenizer_files,
+            pad_token=m.pad_token, hash=m.source.get("hash"), sizes=m.all_sizes, max_prompt_tokens=m.max_length,
         )
         self.generation_extras = dict(m.source.get("generation_extras") or {})
         self.packages = self
