@@ -254,6 +254,10 @@ class ConvertedModel(SourceBase):
     def batch(self) -> int:
         return self.manifest.batch
 
+    def contents(self) -> dict[str, Any]:
+        """Models the folder holds beyond the components it runs (a converted folder: none)."""
+        return {"extras": {}, "controlnets": {}}
+
     @property
     def origin(self) -> Origin:
         src = self.manifest.source

@@ -81,3 +81,17 @@ def _converted_folder(path: Path, **modifiers) -> ModelSource:
         raise ModelError(f"{path} is a converted model: {', '.join(given)} cannot be applied to it; pass them to "
                          f"`coreml-sd convert` instead")
     return ConvertedModel(path, reopen=open_model)
+
+
+def model_paths(paths) -> list[Path]:
+    """The models at `paths`: a path that is a model stands for itself, a folder that is not for the
+    models inside it (as `coreml-sd serve --models-dir` lists them)."""
+    from coreml_sd.serve.catalog import folder_kind, scan
+
+    out: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_file() or folder_kind(path):
+            out.append(path)
+        else:
+            out += [e.path for e in scan(path) if e.path is not None]
+    return out
