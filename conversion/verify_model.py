@@ -18,7 +18,7 @@ passes when it still comes that close (less a 1 dB margin for a different execut
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,21 +106,35 @@ def _expected(manifest: Manifest, component: str, threshold: float) -> float:
 
 
 # -- the checks -----------------------------------------------------------------------------------
-def _case(component: str, mods, source, manifest: Manifest):
+def _cases(component: str, mods, source, manifest: Manifest) -> list[tuple[str, dict, dict]]:
+    """(label, package inputs, references) per size the package takes (one for a text encoder)."""
+    if role(component) == "text_encoder":  # textual-inversion words baked in: checked too
+        return [("", *text_encoder_case(mods.module(component), source.tokenizer(component),
+                                        extra_words=list(source.trigger_ids())))]
+    sizes = manifest.all_sizes
+    return [("" if len(sizes) == 1 else f" {w}x{h}", *_case(component, mods, source, manifest, w, h))
+            for w, h in sizes]
+
+
+def _case(component: str, mods, source, manifest: Manifest, width: int, height: int):
     from conversion.convert import unet_extra_inputs
 
-    latent = (manifest.latent_channels, manifest.height // manifest.vae_scale_factor,
-              manifest.width // manifest.vae_scale_factor)
+    latent = (manifest.latent_channels, height // manifest.vae_scale_factor, width // manifest.vae_scale_factor)
     kind = role(component)
-    if kind == "text_encoder":  # textual-inversion words baked in: checked too
-        return text_encoder_case(mods.module(component), source.tokenizer(component),
-                                 extra_words=list(source.trigger_ids()))
     if kind == "unet":
         return unet_case(mods.unet, batch=manifest.batch, latent_shape=latent, context_dim=manifest.text_hidden_size,
                          extra=unet_extra_inputs(source, mods.unet.config, manifest.batch))
     if kind == "vae_decoder":
         return vae_decoder_case(mods.vae, latent_shape=latent)
-    return vae_encoder_case(mods.vae, image_shape=(3, manifest.height, manifest.width))
+    return vae_encoder_case(mods.vae, image_shape=(3, height, width))
+
+
+# Output names other tools' packages use for the same tensor (Apple's SDXL text encoders).
+REFERENCE_NAMES = {"hidden_embeds": "last_hidden_state"}
+
+
+def _reference_named(outputs: dict[str, np.ndarray], references: dict) -> dict[str, np.ndarray]:
+    return {(REFERENCE_NAMES.get(k, k) if k not in references else k): v for k, v in outputs.items()}
 
 
 def manifest_packages(folder: ConvertedModel) -> dict[str, list[Path]]:
@@ -139,12 +153,15 @@ def check_components(folder: ConvertedModel, source, options: VerifyOptions, rep
     with torch.inference_mode():
         for component, paths in manifest_packages(folder).items():
             module = mods.module(component).float()
-            inputs, refs = _case(component, mods, source, manifest)
+            cases = _cases(component, mods, source, manifest)
             module.to(dtype)
             runner = package_runner(paths, options.compute_units)
             report.executor = runner.describe()
             report.packages[component] = ", ".join(p.name for p in paths)
-            outputs = _run(runner, inputs)
+            outputs, refs = {}, {}
+            for label, inputs, case_refs in cases:
+                outputs.update({k + label: v for k, v in _reference_named(_run(runner, inputs), case_refs).items()})
+                refs.update({k + label: v for k, v in case_refs.items()})
             del runner
             report.results[component] = compare(component, outputs, refs, executor=report.executor,
                                                 threshold_db=_expected(manifest, component, options.threshold_db))
@@ -178,19 +195,41 @@ def _package_components(folder: ConvertedModel, options: VerifyOptions):
     return load_components(folder, parse_backend("mil"), LoadOptions(device="cpu", mil_mode="exact"))
 
 
+def open_folder(folder: Path, against: str | Path | None):
+    """(the folder as a source, the source model): a converted folder and its recorded (or given)
+    source; a folder of another tool's Core ML models and the source given with `against`, whose
+    prediction type and scheduler replace the folder's assumed ones."""
+    from coreml_sd.model_folder import is_core_ml_folder
+
+    if not is_core_ml_folder(folder):
+        manifest = Manifest.read(folder)
+        missing = [p.package for p in manifest.components.values() if not (folder / p.package).is_dir()]
+        if missing:
+            raise ModelError(f"{folder}: the manifest lists {', '.join(missing)}, which is not in the folder")
+        return ConvertedModel(folder, partial=True), open_source(manifest, against)
+    from coreml_sd.foreign_folder import ForeignFolder
+
+    if against is None:
+        raise ModelError(f"{folder} has no coreml-sd manifest, so no source model is recorded; pass the checkpoint or "
+                         "diffusers folder it was converted from with --against SOURCE")
+    from coreml_sd.sources import open_model
+
+    source = open_model(against)
+    converted = ForeignFolder(folder, partial=True, prediction_type=source.info.prediction_type)
+    converted.info = replace(converted.info, scheduler=source.info.scheduler)
+    return converted, source
+
+
 def verify_model(folder: str | Path, *, against: str | Path | None = None,
                  options: VerifyOptions = VerifyOptions()) -> VerifyReport:
-    """Check every package of a converted folder, and an end-to-end image, against the torch source."""
+    """Check every package of a converted folder (ours, or another tool's given its source), and an
+    end-to-end image, against the torch source."""
     if not math.isfinite(options.threshold_db):
         raise ModelError(f"threshold must be a finite number of dB; got {options.threshold_db}")
     folder = Path(folder)
-    manifest = Manifest.read(folder)
-    missing = [p.package for p in manifest.components.values() if not (folder / p.package).is_dir()]
-    if missing:
-        raise ModelError(f"{folder}: the manifest lists {', '.join(missing)}, which is not in the folder")
+    converted, source = open_folder(folder, against)
+    manifest = converted.manifest
     lacking = manifest.missing_for_generation()
-    converted = ConvertedModel(folder, partial=True)
-    source = open_source(manifest, against)
     report = VerifyReport(folder, str(source.info.path), executor="")
     check_components(converted, source, options, report)
     if options.steps <= 0:
