@@ -271,11 +271,11 @@ def _default_shape(model, name: str) -> tuple:
 
 
 def _scheduler(family: str, guernika: dict, prediction_type, facts):
-    from coreml_sd.checkpoint.config import shipped_config
+    from coreml_sd.checkpoint.config import shipped_scheduler
     from coreml_sd.config import SchedulerConfig
 
     spec = get_family(family)
-    base = shipped_config(spec.config).scheduler if spec.config else SchedulerConfig()
+    base = shipped_scheduler(spec.config) if spec.config else SchedulerConfig()
     # Apple's Swift PNDM scheduler spaces its steps "leading" with offset 1 (and diffusers writes
     # that into a PNDM config it saves): the schedule Apple-converted folders were made to run with.
     base = replace(base, timestep_spacing=base.timestep_spacing or "leading", steps_offset=base.steps_offset or 1)

@@ -237,7 +237,8 @@ class ConvertedModel(SourceBase):
         missing = [f.name for f in (tokenizer_files.vocab, tokenizer_files.merges) if not f.is_file()]
         missing += [p.package for p in manifest.components.values() if not (self.path / p.package).is_dir()]
         if not partial:  # a partial conversion (--components) can be verified, not generated from
-            missing += [f"a {c} package (converted with --components)" for c in manifest.missing_for_generation()]
+            why = " (converted with --components)" if what == "converted model" else ""
+            missing += [f"a {c} package{why}" for c in manifest.missing_for_generation()]
         if missing:
             raise ModelError(f"{self.path}: incomplete {what}, missing {', '.join(missing)}")
         m = manifest
