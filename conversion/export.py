@@ -129,8 +129,8 @@ def _resolve(value, io: TensorIO) -> TensorIO:
     from coremltools.converters.mil.mil.types.symbolic import is_symbolic
 
     shape = tuple(None if is_symbolic(d) else int(d) for d in value.shape)
-    if io.shape is not None and any(a is not None and a != b for a, b in zip(shape, io.shape)) \
-            or io.shape is not None and len(shape) != len(io.shape):
+    if io.shape is not None and (len(shape) != len(io.shape)
+                                 or any(b is not None and a != b for a, b in zip(shape, io.shape))):
         raise ConversionError(f"output {io.name}: the module computes shape {shape}, the contract says {io.shape}")
     return TensorIO(io.name, shape, io.dtype)
 
