@@ -83,8 +83,8 @@ def describe_model(path) -> ModelDescription:
         return _describe_compiled(path)
     if path.is_dir() and (path / "Manifest.json").is_file():
         return _describe_package(path)
-    raise ModelError(f"expected a Core ML model (.mlpackage or .mlmodelc folder) at {path}, found "
-                     + ("a file" if path.is_file() else "a folder that is neither" if path.is_dir() else "nothing"))
+    raise ModelError(f"expected a Core ML package (.mlpackage folder) or compiled model (.mlmodelc folder) at {path}, "
+                     "found " + ("a file" if path.is_file() else "a folder that is neither" if path.is_dir() else "nothing"))
 
 
 def folder_size(path: Path) -> int:

@@ -86,6 +86,6 @@ def test_compiled_op_counts_from_histogram_or_text(tmp_path):
 
 def test_describe_refuses_what_is_not_a_model(tmp_path):
     (tmp_path / "file.bin").write_bytes(b"x")
-    with pytest.raises(ModelError, match=r"expected a Core ML model \(.mlpackage or .mlmodelc folder\) at .*file.bin, "
-                                         "found a file"):
+    with pytest.raises(ModelError, match=r"expected a Core ML package \(.mlpackage folder\) or compiled model "
+                                         r"\(.mlmodelc folder\) at .*file.bin, found a file"):
         describe_model(tmp_path / "file.bin")
