@@ -2,13 +2,15 @@
 
 An exception, Ctrl-C or SIGTERM/SIGHUP removes the partial folder; a SIGKILL cannot be caught,
 so its partial folder (hidden, named after the target and the process id) is removed by the next
-conversion to the same target once that process is gone. The target itself only ever appears
-complete.
+conversion into the same parent folder once that process is gone (`coreml_sd.outputs`). The
+target itself only ever appears complete. An OS error while writing (a full disk, a file-size
+limit, a read-only folder) is one OutputError naming the path and the cause.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -18,8 +20,9 @@ from pathlib import Path
 from typing import Iterator
 
 from coreml_sd.errors import CoreMLSDError
-
-PARTIAL_TAG = ".partial-"
+from coreml_sd.outputs import check_output_dir, write_failure
+from coreml_sd.outputs import remove_stale_partials as remove_stale_in
+from coreml_sd.outputs import temporary_name
 
 
 class OutputExists(CoreMLSDError):
@@ -31,30 +34,12 @@ class Terminated(KeyboardInterrupt):
 
 
 def partial_name(target: Path, pid: int) -> Path:
-    return target.parent / f".{target.name}{PARTIAL_TAG}{pid}-{secrets.token_hex(3)}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return temporary_name(target, pid)
 
 
 def remove_stale_partials(target: Path) -> list[Path]:
-    """Delete partial folders of `target` left by processes that no longer exist."""
-    removed = []
-    if not target.parent.is_dir():
-        return removed
-    for p in target.parent.glob(f".{target.name}{PARTIAL_TAG}*"):
-        pid_text = p.name[len(f".{target.name}{PARTIAL_TAG}"):].split("-")[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
+    """Delete partial folders (of any target) in `target`'s parent left by processes that no longer exist."""
+    return remove_stale_in(target.parent) if target.parent.is_dir() else []
 
 
 def check_target(target: Path, *, force: bool) -> Path:
@@ -87,23 +72,52 @@ def _signals_as_exceptions() -> Iterator[None]:
 def atomic_folder(target: Path, *, force: bool) -> Iterator[Path]:
     """Yield a fresh hidden folder beside `target`; on success it becomes `target`."""
     target = check_target(target, force=force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(target)
-    tmp = partial_name(target, os.getpid())
-    tmp.mkdir()
+    check_output_dir(target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(target)
+        tmp = partial_name(target, os.getpid())
+        tmp.mkdir()
+    except OSError as exc:
+        raise _output_error(exc, target) from None
     try:
         with _signals_as_exceptions():
             yield tmp
-            _replace(tmp, target)
-    except BaseException:
+            _replace(tmp, target, force)
+    except BaseException as exc:
+        inner = write_failure(exc, tmp)  # before the partial folder goes: a full disk is still full now
         shutil.rmtree(tmp, ignore_errors=True)
+        if inner is not None and _about_output(inner, tmp, target, exc):
+            raise _output_error(inner, target) from None
         raise
 
 
-def _replace(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(tmp, target)
+def _about_output(inner: OSError, tmp: Path, target: Path, raised: BaseException) -> bool:
+    """Whether an OS error concerns the folder being written (not, say, the source being read)."""
+    if inner.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+        return True  # only writing runs into these
+    where = str(inner.filename or "") if inner is raised else str(raised)
+    return str(tmp) in where or str(target) in where
+
+
+def _output_error(exc: OSError, target: Path) -> CoreMLSDError:
+    from coreml_sd.outputs import describe_os_error
+
+    return describe_os_error(exc, "the model folder", target)
+
+
+def _replace(tmp: Path, target: Path, force: bool) -> None:
+    """Rename the finished folder into place. Without `force` a folder that appeared meanwhile (another
+    conversion to the same -o) is never replaced: this one fails and the other's stays whole."""
+    try:
+        os.rename(tmp, target)  # refused if target is a non-empty folder
         return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    if not force:
+        raise OutputExists(f"{target} appeared while converting (another conversion to the same folder?); it was "
+                           f"left as it is: pass --force to replace it, or choose another -o folder")
     old = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(3)}"
     os.rename(target, old)
     try:

@@ -15,13 +15,14 @@ import click
 
 from coreml_sd.cli_checkpoint import model_source_options, source_kwargs
 from coreml_sd.apple_layouts import LAYOUTS
+from coreml_sd.cli_checks import threads_option
 from coreml_sd.components import KINDS
 # The choices' one (light) owner, so `--help` needs no torch or coremltools import.
 from coreml_sd.conversion_names import ATTENTION_IMPLEMENTATIONS as ATTENTIONS
 from coreml_sd.conversion_names import MIN_TARGETS
 from coreml_sd.conversion_names import WEIGHT_MODES as WEIGHTS
 
-COMPONENTS = tuple(KINDS)
+COMPONENTS = tuple(k for k in KINDS if not KINDS[k].multiple)  # ControlNets come with --controlnet
 DEFAULT_COMPONENTS = "text_encoder,unet,vae_decoder"
 
 
@@ -51,9 +52,17 @@ def _sizes(ctx, param, value):
 
 
 def _side(ctx, param, value):
-    if value is not None and (value < 8 or value % 8):
-        raise click.BadParameter(f"must be a positive multiple of 8 (of 64 for SD 1.x/2.x); got {value}")
-    return value
+    """The same rule and message as `generate` (a multiple of 8 up to 8192): the UNet's own, stricter
+    rule (a multiple of 64 for SD 1.x/2.x) is checked once the model is known."""
+    if value is None:
+        return None
+    from coreml_sd.errors import InputError
+    from coreml_sd.pipeline import check_side
+
+    try:
+        return check_side(value, param.name)
+    except InputError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @contextlib.contextmanager
@@ -108,39 +117,51 @@ def _quiet_libraries(enabled: bool):
                    "packages (swift layout) or in Resources/ (python, both).")
 @click.option("--components", default=DEFAULT_COMPONENTS, show_default=True, callback=_components,
               help=f"Which packages: {', '.join(COMPONENTS)}.")
+@click.option("--img2img", is_flag=True,
+              help="Also convert the VAE encoder (img2img, inpainting, hires fix need it): adds vae_encoder to "
+                   "--components.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--controlnet", "controlnets", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Also convert this ControlNet (.pth/.safetensors or diffusers folder) into controlnet/<Name>."
+                   "mlpackage, with the ControlledUnet that takes its residuals. Repeatable.")
 @model_source_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+@threads_option
 def convert(source, output, attention, width, height, sizes, layout, batch, weights, precision, chunk_unet, min_target,
-            compile_, components, force, vae, loras, embeddings, hypernetwork, prediction_type, as_json, quiet):
+            compile_, components, img2img, force, controlnets, vae, loras, embeddings, hypernetwork, prediction_type,
+            as_json, quiet, threads):
     """Convert SOURCE (a .safetensors/.ckpt checkpoint or a diffusers folder) into Core ML packages.
 
     Every package is checked against the torch model before the folder appears (PSNR >= 35 dB).
     """
+    from coreml_sd.outputs import check_output_dir
     from coreml_sd.sources import open_model
+    from coreml_sd.threads import apply_threads, estimate_params
+    from conversion.atomic import check_target
     from conversion.convert import ConvertOptions, convert_model
-    from conversion.progress import StageRecord
 
+    if img2img and "vae_encoder" not in components:
+        components = (*components, "vae_encoder")
     options = ConvertOptions(attention=attention, width=width, height=height, batch=int(batch), weights=weights,
                              precision=precision, chunk_unet=chunk_unet, min_target=min_target, compile=compile_,
                              components=components, sizes=sizes, layout=layout)
     options.validate()
 
-    def show(r: StageRecord) -> None:
-        if not quiet:
-            detail = f"  ({r.detail})" if r.detail else ""
-            click.echo(f"  {r.component:<13} {r.stage:<10} {r.seconds:7.1f} s   peak {r.peak_rss_gib:5.2f} GiB{detail}",
-                       err=True)
+    show = _stage_printer(quiet)
 
+    check_target(output, force=force)  # an existing or unwritable -o fails before the model is opened
+    check_output_dir(output.expanduser().absolute().parent)
     verbose = click.get_current_context().find_root().params.get("verbose", 0)
     with _quiet_libraries(not verbose):
         model = open_model(source, **source_kwargs(vae=vae, loras=loras, embeddings=embeddings,
                                                    hypernetwork=hypernetwork, prediction_type=prediction_type))
+        apply_threads(threads, estimate_params(model.info.path))
         if not quiet:
-            click.echo(f"converting {model.info.name} -> {output} ({', '.join(components)}; {attention}, {weights}, "
-                       f"batch {batch})", err=True)
-        result = convert_model(model, output, options, force=force, on_stage=show)
+            nets = "".join(f", ControlNet {Path(c).name}" for c in controlnets)
+            click.echo(f"converting {model.info.name} -> {output} ({', '.join(components)}{nets}; {attention}, "
+                       f"{weights}, batch {batch})", err=True)
+        result = convert_model(model, output, options, force=force, on_stage=show, controlnets=controlnets)
     if as_json:
         click.echo(json.dumps({
             "path": str(result.path), "components": {k: v.to_dict() for k, v in result.manifest.components.items()},
@@ -151,4 +172,47 @@ def convert(source, output, attention, width, height, sizes, layout, batch, weig
         for name, p in result.parity.items():
             click.echo(f"{name:<13} PSNR {p.min_psnr_db:6.1f} dB (>= {p.threshold_db:g})  {p.executor}", err=True)
         click.echo(str(result.path))
+    sys.stdout.flush()
+
+
+def _stage_printer(quiet: bool):
+    def show(r) -> None:
+        if not quiet:
+            detail = f"  ({r.detail})" if r.detail else ""
+            click.echo(f"  {r.component:<13} {r.stage:<10} {r.seconds:7.1f} s   peak {r.peak_rss_gib:5.2f} GiB{detail}",
+                       err=True)
+
+    return show
+
+
+@click.command("convert-controlnet")
+@click.argument("controlnet", type=click.Path(exists=True, path_type=Path))
+@click.option("--into", "folder", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A folder written by `coreml-sd convert`; the ControlNet is added to it.")
+@click.option("--force", is_flag=True, help="Replace a ControlNet of the same name in the folder.")
+@click.option("--compile", "compile_", is_flag=True, help="Also write .mlmodelc folders (macOS only).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+def convert_controlnet(controlnet, folder, force, compile_, as_json, quiet):
+    """Add CONTROLNET (.pth/.safetensors or diffusers folder) to a converted model folder.
+
+    It is converted with the folder's own size, batch, attention and weights, checked against the torch
+    ControlNet (PSNR >= 35 dB), and written as controlnet/<Name>.mlpackage (with a ControlledUnet if the
+    folder has none yet); the folder's other packages are not touched, and a failure changes nothing.
+    """
+    from conversion.controlnet import add_controlnet
+
+    if compile_ and sys.platform != "darwin":
+        raise click.UsageError("--compile needs macOS (Core ML's compiler runs only there)")
+    verbose = click.get_current_context().find_root().params.get("verbose", 0)
+    with _quiet_libraries(not verbose):
+        result = add_controlnet(folder, controlnet, force=force, compile=compile_, on_stage=_stage_printer(quiet))
+    if as_json:
+        click.echo(json.dumps({"path": str(result.path), "name": result.name, "added": result.added,
+                               "parity": result.parity}, indent=2))
+    else:
+        for name, p in result.parity.items():
+            click.echo(f"{name:<13} PSNR {p['min_psnr_db']:6.1f} dB (>= {p['threshold_db']:g})  {p['executor']}",
+                       err=True)
+        click.echo(str(result.path / f"controlnet/{result.name}.mlpackage"))
     sys.stdout.flush()

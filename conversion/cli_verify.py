@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import click
 
+from coreml_sd.cli_checks import finite_float
+from coreml_sd.cli_paths import InputPath
 from conversion.cli import _quiet_libraries
 
 COMPUTE_UNITS = ("cpu", "gpu", "ane", "all")  # coreml_sd.backends.coreml_backend.COMPUTE_UNITS
@@ -29,27 +30,29 @@ def _table(report) -> str:
 
 
 @click.command("verify")
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--against", type=click.Path(exists=True, path_type=Path), default=None,
+@click.argument("model_dir", type=InputPath(file_okay=False))
+@click.option("--against", type=InputPath(), default=None,
               help="Source model to compare with (a checkpoint or diffusers folder). Default: the manifest's source.")
-@click.option("--threshold", type=float, default=35.0, show_default=True,
+@click.option("--threshold", type=float, default=35.0, show_default=True, callback=finite_float,
               help="Minimum PSNR in dB for each package and for the end-to-end image.")
 @click.option("--steps", type=click.IntRange(min=0), default=8, show_default=True,
               help="Sampler steps of the end-to-end image (0: check the packages only).")
 @click.option("--compute-units", type=click.Choice(COMPUTE_UNITS), default="cpu", show_default=True,
               help="Core ML compute units (macOS); elsewhere the mil executor runs the packages (exact mode).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def verify(model_dir, against, threshold, steps, compute_units, as_json):
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+def verify(model_dir, against, threshold, steps, compute_units, as_json, quiet):
     """Check a converted MODEL_DIR against its source: PSNR per package and for one image.
 
     Exit status 1 when any check is under its threshold (compressed packages: what the conversion
     measured against the source, less 1 dB).
     """
+    from coreml_sd.status import StatusLine
     from conversion.verify_model import VerifyOptions, verify_model
 
     verbose = click.get_current_context().find_root().params.get("verbose", 0)
-    with _quiet_libraries(not verbose):
-        report = verify_model(model_dir, against=against,
+    with _quiet_libraries(not verbose), StatusLine.for_terminal(quiet=quiet, as_json=as_json) as status:
+        report = verify_model(model_dir, against=against, progress=status,
                               options=VerifyOptions(threshold_db=threshold, steps=steps, compute_units=compute_units))
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

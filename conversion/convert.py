@@ -20,15 +20,15 @@ import sys
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from coreml_sd.apple_layouts import LAYOUTS, written_names
+from coreml_sd.apple_layouts import LAYOUTS, WrittenNames, controlnet_written_names, written_names
 from coreml_sd.components import KINDS, TensorSpec, entry_component
 from coreml_sd.errors import choices_text
 from coreml_sd.families import PROVIDER_WIDTHS
-from coreml_sd.model_folder import Manifest, PackageInfo
+from coreml_sd.model_folder import ControlNetPackage, Manifest, PackageInfo
 from coreml_sd.model_source import ModelSource
 from conversion.ane.attention import ATTENTION_IMPLEMENTATIONS
 from conversion.atomic import atomic_folder, check_target, link_copy
@@ -39,10 +39,13 @@ from conversion.verify import MIN_PSNR_DB, ExtraIO, PackageRunner, ParityResult,
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = tuple(KINDS)  # convertible components, in conversion order
+# Convertible components of a model, in conversion order (ControlNets, one per file, are given apart).
+COMPONENTS = tuple(k for k in KINDS if not KINDS[k].multiple)
 DEFAULT_COMPONENTS = ("text_encoder", "unet", "vae_decoder")  # a model's own list: its family's component_names
-# --weights compresses these; the VAE stays fp16 (small, and its errors show directly in pixels).
-COMPRESSIBLE = ("text_encoder", "unet")
+# --weights compresses these (Apple's converter quantizes the ControlledUnet and ControlNets too); the
+# VAE stays fp16 (small, and its errors show directly in pixels).
+COMPRESSIBLE = ("text_encoder", "unet", "controlled_unet", "controlnet")
+CONTROLNET_KEY = "controlnet:"  # a ControlNet's component key during conversion: controlnet:<Name>
 TEXT_LENGTH = 77
 PRECISIONS = ("fp16", "fp32")
 MAX_ENUMERATED = 128  # Core ML's limit on enumerated shapes (coremltools' flexible-inputs guide)
@@ -102,7 +105,7 @@ class ConvertOptions:
                                   "enumerated shapes")
 
     def weights_for(self, component: str) -> str:
-        return self.weights if component in COMPRESSIBLE else "fp16"
+        return self.weights if component.split(":")[0] in COMPRESSIBLE else "fp16"
 
     @property
     def torch_dtype(self):
@@ -184,6 +187,7 @@ class Converter:
         self.packages: dict[str, PackageInfo] = {}
         self.parity: dict[str, ParityResult] = {}
         self.extra_parity: dict[str, dict] = {}
+        self.controlnets: dict[str, tuple[dict, dict]] = {}  # package name -> (source record, config)
 
     # -- one component ------------------------------------------------------------------------
     def export(self, component: str, rewrite, forward: Callable, inputs: list[TensorIO],
@@ -198,8 +202,9 @@ class Converter:
             with self.timer(component, "compress", weights):
                 compress(prog, weights)
                 dense = _dequantized(prog, const_names)
-        names = written_names(opts.layout, self.source.info.name, component)
+        names = package_names(opts.layout, self.source.info.name, component)
         package = self.folder / names.package
+        package.parent.mkdir(parents=True, exist_ok=True)
         with self.timer(component, "convert"):
             to_mlmodel(prog, min_target=opts.min_target, package_dir=package,
                        description=f"coreml-sd {component} of {self.source.info.name}",
@@ -210,7 +215,7 @@ class Converter:
         del prog
         release_memory()
         self.packages[component] = PackageInfo(
-            package=package.name, inputs=tuple(_spec(io) for io in inputs),
+            package=package.relative_to(self.folder).as_posix(), inputs=tuple(_spec(io) for io in inputs),
             outputs=tuple(_spec(io) for io in outputs), weights=weights, size_bytes=_folder_size(package),
             aliases=names.aliases)
         return outputs, dense
@@ -229,6 +234,14 @@ class Converter:
             raise ConversionError(f"parity gate failed for {component}: {figures} (minimum {result.threshold_db:g} dB) "
                                   f"against the torch reference; nothing was written")
         return result
+
+
+def package_names(layout: str, version: str, component: str) -> WrittenNames:
+    """Where a component's package (and its compiled model) goes in the folder, in `layout`: Apple's
+    Swift resource names (a ControlNet's in controlnet/) or its Python pipeline's."""
+    if component.startswith(CONTROLNET_KEY):
+        return controlnet_written_names(layout, component[len(CONTROLNET_KEY):])
+    return written_names(layout, version, component)
 
 
 def _dequantized(prog, const_names: dict[str, str]) -> dict[str, np.ndarray]:
@@ -283,14 +296,17 @@ def _folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def _reference_outputs(rewrite, inputs: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
-    """The rewrite in fp32 compute (weights as they are) on the package inputs."""
+def _reference_outputs(rewrite, inputs: dict[str, np.ndarray], names: list[str],
+                       call: Callable | None = None) -> dict[str, np.ndarray]:
+    """The rewrite in fp32 compute (weights as they are) on the package inputs (`call(rewrite, *inputs)`:
+    how to call it, default positionally)."""
     import torch
 
     rewrite.compute_dtype_override = torch.float32
+    call = call or (lambda module, *xs: module(*xs))
     try:
         with torch.inference_mode():
-            out = rewrite(*[torch.from_numpy(np.asarray(v, dtype=np.float32)) for v in inputs.values()])
+            out = call(rewrite, *[torch.from_numpy(np.asarray(v, dtype=np.float32)) for v in inputs.values()])
     finally:
         rewrite.compute_dtype_override = None
     out = out if isinstance(out, tuple) else (out,)
@@ -338,12 +354,12 @@ def _verify(conv: Converter, component: str, chain: list[str], cases: list[Case]
 
 
 def _dequantized_reference(conv: Converter, component: str, rewrite, dense: dict[str, np.ndarray],
-                           cases: list[Case]) -> list[dict[str, np.ndarray]] | None:
+                           cases: list[Case], call: Callable | None = None) -> list[dict[str, np.ndarray]] | None:
     if not dense:
         return None
     with conv.timer(component, "reference", "dequantized weights"):
         _set_weights(rewrite, dense)
-        return [_reference_outputs(rewrite, c.inputs, list(c.refs)) for c in cases]
+        return [_reference_outputs(rewrite, c.inputs, list(c.refs), call) for c in cases]
 
 
 def convert_text_encoder(conv: Converter, mods, shapes: Shapes) -> None:
@@ -365,33 +381,52 @@ def convert_text_encoder(conv: Converter, mods, shapes: Shapes) -> None:
     _verify(conv, "text_encoder", ["text_encoder"], [case], deq)
 
 
-def convert_unet(conv: Converter, mods, shapes: Shapes) -> None:
+def convert_unet(conv: Converter, mods, shapes: Shapes, component: str = "unet") -> None:
+    """The UNet, or (component "controlled_unet") Apple's ControlledUnet: the same network taking
+    ControlNet residuals as inputs additional_residual_0..N. The UNet module is freed by the last."""
     from conversion.ane import unet_from_diffusers
+    from conversion.ane.config import UNetConfig
+    from conversion.ane.unet import residual_shapes
     from conversion.verify import unet_case
 
-    module, mods.unet = mods.unet, None
+    module = mods.unet
+    if component == "unet":
+        mods.unet = None
     extras = unet_extra_inputs(conv.source, module.config, shapes.batch)
-    with conv.timer("unet", "reference"), in_fp32(module, conv.options):
-        cases = [Case(shapes.label(i), *unet_case(module, batch=shapes.batch, latent_shape=latent,
-                                                  context_dim=shapes.text_hidden, extra=extras))
+    b, p = shapes.batch, conv.options.precision
+    # An inpainting UNet takes mask and masked-image latents beside the latents: 9 input channels.
+    channels = int(module.config.in_channels)
+    config = UNetConfig.from_diffusers(module.config)
+    residuals = [residual_shapes(config, b, latent[1:]) if component == "controlled_unet" else []
+                 for latent in shapes.latents]
+    with conv.timer(component, "reference"), in_fp32(module, conv.options):
+        cases = [Case(shapes.label(i), *unet_case(module, batch=b, latent_shape=(channels, *latent[1:]),
+                                                  context_dim=shapes.text_hidden, extra=extras, residuals=residuals[i]))
                  for i, latent in enumerate(shapes.latents)]
     rewrite = unet_from_diffusers(module, attention=conv.options.attention)
     del module
     release_memory()
-    b, p = shapes.batch, conv.options.precision
-    ins = [TensorIO.enumerated("sample", [(b, *latent) for latent in shapes.latents], p), TensorIO("timestep", (b,), p),
-           TensorIO("encoder_hidden_states", (b, shapes.text_hidden, 1, TEXT_LENGTH), p),
-           *(TensorIO(e.name, e.shape, p) for e in extras)]
-    out = TensorIO("noise_pred", ins[0].shape, "fp32")
+    ins = [TensorIO.enumerated("sample", [(b, channels, *latent[1:]) for latent in shapes.latents], p),
+           TensorIO("timestep", (b,), p), TensorIO("encoder_hidden_states", (b, shapes.text_hidden, 1, TEXT_LENGTH), p),
+           *(TensorIO(e.name, e.shape, p) for e in extras),
+           *(TensorIO(f"additional_residual_{i}", shape, p) for i, shape in enumerate(residuals[0]))]
+    out = TensorIO.enumerated("noise_pred", [(b, *latent) for latent in shapes.latents], "fp32")
+    out = TensorIO(out.name, out.shape, out.dtype)  # an output: its flexible sizes as the program computes them
+    n = len(extras)
+
+    def call(module, s, t, c, *rest):
+        return module(s, t, c, *rest[:n], residuals=rest[n:])
+
     if conv.options.chunk_unet:
-        chain, dense = _export_unet_chunks(conv, rewrite, ins, out)
+        chain, dense = _export_unet_chunks(conv, rewrite, ins, out, component, n)
     else:
-        chain = ["unet"]
-        _, dense = conv.export("unet", rewrite, lambda ops, s, t, c, *x: [rewrite(s, t, c, *x, ops=ops)], ins, [out])
-    deq = _dequantized_reference(conv, "unet", rewrite, dense, cases)
+        chain = [component]
+        _, dense = conv.export(component, rewrite, lambda ops, *xs: [rewrite(*xs[:3 + n], residuals=xs[3 + n:],
+                                                                             ops=ops)], ins, [out])
+    deq = _dequantized_reference(conv, component, rewrite, dense, cases, call)
     del rewrite
     release_memory()
-    _verify(conv, "unet", chain, cases, deq)
+    _verify(conv, component, chain, cases, deq)
 
 
 def unet_extra_inputs(source: ModelSource, unet_config, batch: int) -> list[ExtraIO]:
@@ -419,8 +454,10 @@ def unet_extra_inputs(source: ModelSource, unet_config, batch: int) -> list[Extr
     return out
 
 
-def _export_unet_chunks(conv: Converter, rewrite, ins: list[TensorIO], out: TensorIO):
-    """UnetChunk1 (inputs -> features, time embedding, open skips) and UnetChunk2 (-> noise_pred)."""
+def _export_unet_chunks(conv: Converter, rewrite, ins: list[TensorIO], out: TensorIO, component: str = "unet",
+                        n_extra: int = 0):
+    """<Unet>Chunk1 (inputs -> features, time embedding, open skips) and <Unet>Chunk2 (-> noise_pred);
+    a ControlledUnet's residual inputs go to the chunk that runs the middle block."""
     from conversion.ane.unet import UNetState, chunk_boundary
 
     stages = rewrite.stages()
@@ -428,23 +465,28 @@ def _export_unet_chunks(conv: Converter, rewrite, ins: list[TensorIO], out: Tens
     open_skips = 1 + sum({"down": 1, "downsample": 1, "up": -1}.get(s.kind, 0) for s in stages[1:k])
     # After a down stage the features are also the newest skip: send them once.
     h_is_skip = stages[k - 1].kind in ("down", "downsample")
+    base, residual_ins = ins[:3 + n_extra], ins[3 + n_extra:]
+    mid_first = any(s.kind == "mid" for s in stages[1:k])
 
-    def first(ops, sample, timestep, context, *extra):
-        state = rewrite.run(rewrite.begin(sample, timestep, extra, ops), context, stages[1:k], ops)
+    def first(ops, sample, timestep, context, *rest):
+        extra, residuals = rest[:n_extra], rest[n_extra:]
+        state = rewrite.run(rewrite.begin(sample, timestep, extra, ops), context, stages[1:k], ops, residuals)
         return ([] if h_is_skip else [state.h]) + [state.emb, *state.skips]
 
     names = ([] if h_is_skip else ["hidden_states"]) + ["time_embedding"] + [f"skip_{i}" for i in range(open_skips)]
-    outs1, dense1 = conv.export("unet_chunk1", rewrite, first, ins,
+    outs1, dense1 = conv.export(f"{component}_chunk1", rewrite, first, base + (residual_ins if mid_first else []),
                                 [TensorIO(n, None, conv.options.precision) for n in names])
+    late = [] if mid_first else residual_ins
 
     def second(ops, *values):
-        values, context = list(values[:-1]), values[-1]
+        values, residuals = list(values[:len(values) - len(late)]), values[len(values) - len(late):]
+        values, context = values[:-1], values[-1]
         h = values[-1] if h_is_skip else values.pop(0)
         emb, skips = values[0], tuple(values[1:])
-        return [rewrite.run(UNetState(h, emb, skips), context, stages[k:], ops).h]
+        return [rewrite.run(UNetState(h, emb, skips), context, stages[k:], ops, residuals).h]
 
-    _, dense2 = conv.export("unet_chunk2", rewrite, second, outs1 + [ins[2]], [out])
-    return ["unet_chunk1", "unet_chunk2"], {**dense1, **dense2}
+    _, dense2 = conv.export(f"{component}_chunk2", rewrite, second, outs1 + [ins[2]] + late, [out])
+    return [f"{component}_chunk1", f"{component}_chunk2"], {**dense1, **dense2}
 
 
 def convert_vae(conv: Converter, mods, shapes: Shapes, components: list[str]) -> None:
@@ -484,15 +526,26 @@ def _spatial(shapes: Shapes, factor: int) -> tuple:
 
 # -- the whole model --------------------------------------------------------------------------
 def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = ConvertOptions(), *,
-                  force: bool = False, on_stage: Callable[[StageRecord], None] | None = None) -> ConversionResult:
-    """Convert `source` into a verified model folder at `out_dir` (see the module docstring)."""
+                  force: bool = False, on_stage: Callable[[StageRecord], None] | None = None,
+                  controlnets: Sequence[Any] = ()) -> ConversionResult:
+    """Convert `source` into a verified model folder at `out_dir` (see the module docstring).
+    `controlnets`: ControlNet files or folders to convert too (controlnet/<Name>.mlpackage each, and the
+    ControlledUnet that takes their residuals; see conversion/controlnet.py)."""
     import torch
+
+    from conversion.controlnet import convert_controlnet, open_controlnets
 
     options.validate()
     _check_source(source)
+    nets = open_controlnets(controlnets, source)
+    if nets and len(options.sizes) > 1:
+        raise ConversionError("--sizes with --controlnet is not supported: the ControlledUnet's residual inputs would "
+                              "all have flexible sizes, and Core ML takes several enumerated inputs only from iOS 18 / "
+                              "macOS 15 on")
     target = check_target(Path(out_dir), force=force)
     timer = StageTimer(on_stage)
-    components = [c for c in COMPONENTS if c in options.components]
+    wanted = set(options.components) | ({"controlled_unet"} if nets else set())
+    components = [c for c in COMPONENTS if c in wanted]
     with atomic_folder(target, force=force) as folder:
         with timer("model", "load"):
             mods = source.torch_modules(device="cpu", dtype=options.torch_dtype)
@@ -511,10 +564,14 @@ def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = 
                 convert_vae(conv, mods, shapes, vae_parts)
             mods.vae = mods.text_encoder = None
             release_memory()
+            if "controlled_unet" in components:  # before the UNet, which frees the module
+                convert_unet(conv, mods, shapes, "controlled_unet")
             if "unet" in components:
                 convert_unet(conv, mods, shapes)
-        del mods
-        gc.collect()
+            del mods
+            gc.collect()
+            for net in nets:
+                convert_controlnet(conv, net, shapes)
         if options.compile:
             _compile_all(conv)
         with timer("model", "write"):
@@ -529,7 +586,7 @@ def _compile_all(conv: Converter) -> None:
     (swift layout) or in Resources/ (python and both: Apple's Python pipeline refuses a folder
     mixing packages and compiled models), under its Swift resource name."""
     for component, info in list(conv.packages.items()):
-        target = conv.folder / written_names(conv.options.layout, conv.source.info.name, component).compiled
+        target = conv.folder / package_names(conv.options.layout, conv.source.info.name, component).compiled
         target.parent.mkdir(parents=True, exist_ok=True)
         with conv.timer(component, "compile"):
             compile_package(conv.folder / info.package, target)
@@ -547,8 +604,14 @@ def _copy_tokenizer(source: ModelSource, folder: Path, packages: dict[str, Packa
 
 def _manifest(conv: Converter, shapes: Shapes, source: dict) -> Manifest:
     info, opts = conv.source.info, conv.options
-    packages = {k: replace(v, psnr_db=round(conv.parity[_parity_key(k)].min_psnr_db, 2))
+    from coreml_sd.model_folder import package_hash
+
+    measured = {k: replace(v, psnr_db=round(conv.parity[_parity_key(k)].min_psnr_db, 2),
+                           sha256=package_hash(conv.folder / v.package))
                 for k, v in conv.packages.items()}
+    packages = {k: v for k, v in measured.items() if not k.startswith(CONTROLNET_KEY)}
+    controlnets = {k[len(CONTROLNET_KEY):]: ControlNetPackage(v, *conv.controlnets[k[len(CONTROLNET_KEY):]])
+                   for k, v in measured.items() if k.startswith(CONTROLNET_KEY)}
     parity = {"threshold_db": opts.threshold_db, "executor": conv.runner.name,
               "reference": "upstream torch modules (diffusers/transformers) computing in fp32 with the weights "
                            "the package stores (fp16/fp32), seeded inputs; compressed packages: the rewritten "
@@ -562,6 +625,7 @@ def _manifest(conv: Converter, shapes: Shapes, source: dict) -> Manifest:
         weights=opts.weights, precision=opts.precision, min_target=opts.min_target, components=packages, pad_token=info.pad_token,
         max_length=TEXT_LENGTH, trigger_words=conv.source.trigger_ids(), source=source,
         tools=tool_versions(), parity=parity, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        controlnets=controlnets,
     )
 
 

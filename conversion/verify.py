@@ -148,30 +148,69 @@ def extra_case(name: str, shape: tuple[int, int], seed: int) -> np.ndarray:
     return _randn(shape, seed)
 
 
+def _extra_kwargs(extra: Sequence[ExtraIO], values: dict[str, np.ndarray]) -> dict:
+    """The extra inputs as diffusers' UNet and ControlNet take them."""
+    import torch
+
+    kwargs: dict = {}
+    for e in extra:
+        value = torch.from_numpy(values[e.name])
+        if e.diffusers_arg == "added_cond_kwargs":
+            kwargs.setdefault("added_cond_kwargs", {})[e.name] = value
+        else:
+            kwargs[e.diffusers_arg] = value
+    return kwargs
+
+
+RESIDUAL_INPUT = "additional_residual_{}"
+
+
 def unet_case(module, *, batch: int, latent_shape: tuple[int, int, int], context_dim: int, seq_len: int = 77,
-              seed: int = 0, extra: Sequence[ExtraIO] = ()):
+              seed: int = 0, extra: Sequence[ExtraIO] = (), residuals: Sequence[tuple[int, ...]] = ()):
     """(package inputs, references): seeded latents and text embedding, a mid-schedule timestep, and the
-    extra inputs, given to diffusers where its UNet takes them."""
+    extra inputs, given to diffusers where its UNet takes them; a ControlledUnet's also seeded residuals
+    of unit scale (`residuals`: their shapes), as diffusers' down/mid additional residuals."""
     import torch
 
     sample = _randn((batch, *latent_shape), seed)
     context = _randn((batch, seq_len, context_dim), seed + 1)
     timestep = np.full((batch,), VERIFY_TIMESTEP, dtype=np.float32)
     extras = {e.name: extra_case(e.name, e.shape, seed + 10 + i) for i, e in enumerate(extra)}
-    kwargs: dict = {}
-    for e in extra:
-        value = torch.from_numpy(extras[e.name])
-        if e.diffusers_arg == "added_cond_kwargs":
-            kwargs.setdefault("added_cond_kwargs", {})[e.name] = value
-        else:
-            kwargs[e.diffusers_arg] = value
+    kwargs = _extra_kwargs(extra, extras)
+    res = {RESIDUAL_INPUT.format(i): _randn(shape, seed + 100 + i) for i, shape in enumerate(residuals)}
+    if res:
+        tensors = [torch.from_numpy(r) for r in res.values()]
+        kwargs.update(down_block_additional_residuals=tuple(tensors[:-1]), mid_block_additional_residual=tensors[-1])
     with torch.inference_mode():
         out = module(torch.from_numpy(sample), torch.from_numpy(timestep),
                      encoder_hidden_states=torch.from_numpy(context), **kwargs).sample
     inputs = {"sample": sample.astype(np.float16), "timestep": timestep.astype(np.float16),
               "encoder_hidden_states": context.transpose(0, 2, 1)[:, :, None, :].astype(np.float16),
-              **{k: v.astype(np.float16) for k, v in extras.items()}}
+              **{k: v.astype(np.float16) for k, v in extras.items()},
+              **{k: v.astype(np.float16) for k, v in res.items()}}
     return inputs, {"noise_pred": out.float().numpy()}
+
+
+def controlnet_case(module, *, batch: int, latent_shape: tuple[int, int, int], image_shape: tuple[int, int, int],
+                    context_dim: int, seq_len: int = 77, seed: int = 0, extra: Sequence[ExtraIO] = ()):
+    """(package inputs, references) for a ControlNet: seeded latents, text embedding and a control image in
+    [0, 1], a mid-schedule timestep; the references are diffusers' residuals at conditioning scale 1."""
+    import torch
+
+    sample = _randn((batch, *latent_shape), seed)
+    context = _randn((batch, seq_len, context_dim), seed + 1)
+    image = np.random.default_rng(seed + 4).random((batch, *image_shape), dtype=np.float32)
+    timestep = np.full((batch,), VERIFY_TIMESTEP, dtype=np.float32)
+    extras = {e.name: extra_case(e.name, e.shape, seed + 10 + i) for i, e in enumerate(extra)}
+    with torch.inference_mode():
+        down, mid = module(torch.from_numpy(sample), torch.from_numpy(timestep),
+                           encoder_hidden_states=torch.from_numpy(context), controlnet_cond=torch.from_numpy(image),
+                           conditioning_scale=1.0, return_dict=False, **_extra_kwargs(extra, extras))
+    refs = {RESIDUAL_INPUT.format(i): r.float().numpy() for i, r in enumerate((*down, mid))}
+    inputs = {"sample": sample.astype(np.float16), "timestep": timestep.astype(np.float16),
+              "encoder_hidden_states": context.transpose(0, 2, 1)[:, :, None, :].astype(np.float16),
+              "controlnet_cond": image.astype(np.float16), **{k: v.astype(np.float16) for k, v in extras.items()}}
+    return inputs, refs
 
 
 def vae_decoder_case(vae, *, latent_shape: tuple[int, int, int], seed: int = 0):

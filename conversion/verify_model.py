@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -32,6 +32,12 @@ from conversion.verify import (MIN_PSNR_DB, VERIFY_PROMPT, ParityResult, compare
                                text_encoder_case, unet_case, vae_decoder_case, vae_encoder_case)
 
 COMPRESSED_MARGIN_DB = 1.0
+
+
+def _silent(text: str) -> None:
+    pass
+
+
 IMAGE = "image"
 
 
@@ -122,8 +128,14 @@ def _case(component: str, mods, source, manifest: Manifest, width: int, height: 
     latent = (manifest.latent_channels, height // manifest.vae_scale_factor, width // manifest.vae_scale_factor)
     kind = role(component)
     if kind == "unet":
-        return unet_case(mods.unet, batch=manifest.batch, latent_shape=latent, context_dim=manifest.text_hidden_size,
-                         extra=unet_extra_inputs(source, mods.unet.config, manifest.batch))
+        from conversion.ane.config import UNetConfig
+        from conversion.ane.unet import residual_shapes
+
+        sample = (int(mods.unet.config.in_channels), *latent[1:])  # 9 channels for inpainting UNets
+        residuals = (residual_shapes(UNetConfig.from_diffusers(mods.unet.config), manifest.batch, latent[1:])
+                     if component == "controlled_unet" else ())  # its ControlNet residual inputs, seeded
+        return unet_case(mods.unet, batch=manifest.batch, latent_shape=sample, context_dim=manifest.text_hidden_size,
+                         extra=unet_extra_inputs(source, mods.unet.config, manifest.batch), residuals=residuals)
     if kind == "vae_decoder":
         return vae_decoder_case(mods.vae, latent_shape=latent)
     return vae_encoder_case(mods.vae, image_shape=(3, height, width))
@@ -142,16 +154,19 @@ def manifest_packages(folder: ConvertedModel) -> dict[str, list[Path]]:
     return {c: folder.package_paths(c) for c in KINDS if folder.has(c)}
 
 
-def check_components(folder: ConvertedModel, source, options: VerifyOptions, report: VerifyReport) -> None:
+def check_components(folder: ConvertedModel, source, options: VerifyOptions, report: VerifyReport,
+                     progress: Callable[[str], None] = _silent) -> None:
     """Each package against the upstream module on the conversion gate's seeded inputs."""
     import torch
 
     manifest = folder.manifest
     dtype = torch.float16 if manifest.precision == "fp16" else torch.float32
     # Loaded in the package precision, then computed in fp32: the weights the package stores.
+    progress(f"loading the source model's weights ({source.info.path})")
     mods = source.torch_modules(device="cpu", dtype=dtype)
     with torch.inference_mode():
         for component, paths in manifest_packages(folder).items():
+            progress(f"{component}: computing the torch reference and running {', '.join(p.name for p in paths)}")
             module = mods.module(component).float()
             cases = _cases(component, mods, source, manifest)
             module.to(dtype)
@@ -167,7 +182,8 @@ def check_components(folder: ConvertedModel, source, options: VerifyOptions, rep
                                                 threshold_db=_expected(manifest, component, options.threshold_db))
 
 
-def check_image(folder: ConvertedModel, source, options: VerifyOptions, report: VerifyReport) -> None:
+def check_image(folder: ConvertedModel, source, options: VerifyOptions, report: VerifyReport,
+                progress: Callable[[str], None] = _silent) -> None:
     """One image from the same seed through the packages and through the source in torch (fp32)."""
     from coreml_sd.backends import LoadOptions
     from coreml_sd.backends.selection import load_components, parse_backend
@@ -175,10 +191,12 @@ def check_image(folder: ConvertedModel, source, options: VerifyOptions, report: 
 
     kwargs = dict(seed=options.seed, steps=options.steps, sampler="euler", guidance_scale=options.guidance_scale,
                   width=folder.manifest.width, height=folder.manifest.height)
+    progress(f"end-to-end image: {options.steps} euler steps through the source model in torch")
     reference = Pipeline(source, load_components(source, parse_backend("torch"),
                                                  LoadOptions(device="cpu", precision="fp32")))
     expected = np.asarray(reference(VERIFY_PROMPT, **kwargs)[0].image, dtype=np.float64)
     del reference
+    progress(f"end-to-end image: {options.steps} euler steps through the packages")
     image = np.asarray(Pipeline(folder, _package_components(folder, options))(VERIFY_PROMPT, **kwargs)[0].image,
                        dtype=np.float64)
     result = ParityResult(IMAGE, {IMAGE: psnr(expected, image)}, options.threshold_db, report.executor)
@@ -191,8 +209,10 @@ def _package_components(folder: ConvertedModel, options: VerifyOptions):
     from coreml_sd.backends.selection import load_components, parse_backend
 
     if _coreml_here():
-        return load_components(folder, parse_backend("coreml"), LoadOptions(compute_units=options.compute_units))
-    return load_components(folder, parse_backend("mil"), LoadOptions(device="cpu", mil_mode="exact"))
+        return load_components(folder, parse_backend("coreml"), LoadOptions(compute_units=options.compute_units,
+                                                                            check_hashes=False))
+    return load_components(folder, parse_backend("mil"), LoadOptions(device="cpu", mil_mode="exact",
+                                                                     check_hashes=False))
 
 
 def open_folder(folder: Path, against: str | Path | None):
@@ -221,21 +241,24 @@ def open_folder(folder: Path, against: str | Path | None):
 
 
 def verify_model(folder: str | Path, *, against: str | Path | None = None,
-                 options: VerifyOptions = VerifyOptions()) -> VerifyReport:
+                 options: VerifyOptions = VerifyOptions(), progress: Callable[[str], None] = _silent) -> VerifyReport:
     """Check every package of a converted folder (ours, or another tool's given its source), and an
-    end-to-end image, against the torch source."""
+    end-to-end image, against the torch source.
+
+    `progress(text)` is told what each phase is doing as it starts (the CLI shows it on a terminal)."""
     if not math.isfinite(options.threshold_db):
         raise ModelError(f"threshold must be a finite number of dB; got {options.threshold_db}")
     folder = Path(folder)
+    progress("opening the folder and the source model")
     converted, source = open_folder(folder, against)
     manifest = converted.manifest
     lacking = manifest.missing_for_generation()
     report = VerifyReport(folder, str(source.info.path), executor="")
-    check_components(converted, source, options, report)
+    check_components(converted, source, options, report, progress)
     if options.steps <= 0:
         report.skipped[IMAGE] = "--steps 0"
     elif lacking:
         report.skipped[IMAGE] = f"a partial conversion (no {', '.join(lacking)} package) cannot generate"
     else:
-        check_image(converted, source, options, report)
+        check_image(converted, source, options, report, progress)
     return report

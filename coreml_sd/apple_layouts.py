@@ -41,8 +41,6 @@ PYTHON_PREFIX = "Stable_Diffusion_version_"
 EXTRA_SWIFT = {
     "safety_checker": "SafetyChecker",
     "unet_refiner": "UnetRefiner", "unet_refiner_chunk1": "UnetRefinerChunk1", "unet_refiner_chunk2": "UnetRefinerChunk2",
-    "controlled_unet": "ControlledUnet", "controlled_unet_chunk1": "ControlledUnetChunk1",
-    "controlled_unet_chunk2": "ControlledUnetChunk2",
     "multilingual_projection": "MultilingualTextEncoderProjection",
     "mmdit": "MultiModalDiffusionTransformer",
 }
@@ -123,3 +121,15 @@ def written_names(layout: str, version: str, entry: str) -> WrittenNames:
     python = python_name(version, entry)
     compiled = f"{RESOURCES}/{swift_name(entry, COMPILED)}"
     return WrittenNames(python, (swift,) if layout == "both" else (), compiled)
+
+
+def controlnet_written_names(layout: str, name: str) -> WrittenNames:
+    """A ControlNet `name` (Apple's resource name, e.g. LllyasvielSdControlnetCanny): Swift keeps it in
+    controlnet/, Apple's Python pipeline looks for ControlNet_<name>.mlpackage beside the model."""
+    check_layout(layout)
+    swift = f"{CONTROLNET_DIR}/{name}{PACKAGE}"
+    compiled = f"{CONTROLNET_DIR}/{name}{COMPILED}"
+    if layout == "swift":
+        return WrittenNames(swift, (), compiled)
+    python = f"{CONTROLNET_PREFIX}{name}{PACKAGE}"
+    return WrittenNames(python, (swift,) if layout == "both" else (), f"{RESOURCES}/{compiled}")

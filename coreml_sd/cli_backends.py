@@ -47,7 +47,8 @@ def backend_options(command):
 @click.argument("model", required=False)
 @backend_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
-def info(model, backend, device, precision, compute_units, as_json):
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+def info(model, backend, device, precision, compute_units, as_json, quiet):
     """What MODEL is (default: the built-in model), its manifest if converted, and what would run where.
 
     Nothing is loaded: the backends only check whether they could run each component here.
@@ -56,7 +57,12 @@ def info(model, backend, device, precision, compute_units, as_json):
     from coreml_sd.backends.selection import parse_backend
     from coreml_sd.info import model_report, render_text
     from coreml_sd.sources import open_model
+    from coreml_sd.status import StatusLine
 
-    report = model_report(open_model(model), parse_backend(backend),
-                          LoadOptions(device=device, precision=precision, compute_units=compute_units))
+    with StatusLine.for_terminal(quiet=quiet, as_json=as_json) as status:
+        status(f"opening {model or 'the built-in model'}")
+        source = open_model(model)
+        status("checking which backend could run each component here (imports torch and coremltools)")
+        report = model_report(source, parse_backend(backend),
+                              LoadOptions(device=device, precision=precision, compute_units=compute_units))
     click.echo(json.dumps(report, indent=2) if as_json else render_text(report))

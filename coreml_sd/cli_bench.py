@@ -143,6 +143,8 @@ def bench(model, backends, precision, steps, warmup, runs, e2e_steps, size, prom
         if path:
             click.echo(f"wrote {path}", err=True)
     click.echo(json.dumps(result, indent=2) if as_json else table)
+    if result.get("busy"):
+        click.echo(f"Warning: {result['busy']}", err=True)
     failed = [r["label"] for r in result["runs"] if r["status"] == "failed"]
     if failed:
         click.echo(f"Error: {len(failed)} backend(s) failed: {', '.join(failed)} (reasons in the result)", err=True)

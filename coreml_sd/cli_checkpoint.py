@@ -14,7 +14,9 @@ from pathlib import Path
 
 import click
 
+from coreml_sd.cli_paths import InputPath
 from coreml_sd.config import PREDICTION_TYPES
+from coreml_sd.paths import describe_missing
 
 SOURCE_OPTION_NAMES = ("vae", "loras", "embeddings", "hypernetwork", "prediction_type")
 
@@ -26,7 +28,8 @@ def parse_weighted(value: str, what: str) -> tuple[Path, float]:
         return Path(value).expanduser(), 1.0
     head, sep, tail = value.rpartition(":")
     if not sep or not head or any(c in tail for c in "/\\"):
-        raise click.BadParameter(f"{value}: no such file (expected {what} FILE[:STRENGTH])")
+        raise click.BadParameter(f"{describe_missing(Path(value).expanduser()) or value + ' is not a file'} "
+                                 f"(expected {what} FILE[:STRENGTH])")
     try:
         strength = float(tail)
     except ValueError:
@@ -36,7 +39,8 @@ def parse_weighted(value: str, what: str) -> tuple[Path, float]:
         raise click.BadParameter(f"strength in {value!r} must be a finite number; got {tail}")
     path = Path(head).expanduser()
     if not path.is_file():
-        raise click.BadParameter(f"{head}: no such file (expected {what} FILE[:STRENGTH])")
+        raise click.BadParameter(f"{describe_missing(path) or head + ' is not a file'} "
+                                 f"(expected {what} FILE[:STRENGTH])")
     return path, strength
 
 
@@ -51,13 +55,13 @@ def _weighted_one(ctx, param, value):
 def model_source_options(command):
     """Decorator: the options that modify the model a command opens."""
     options = (
-        click.option("--vae", type=click.Path(exists=True, path_type=Path), default=None,
+        click.option("--vae", type=InputPath(), default=None,
                      help="Replacement VAE: a .safetensors/.pt file (original or diffusers layout) "
                           "or a diffusers VAE folder."),
         click.option("--lora", "loras", multiple=True, metavar="FILE[:STRENGTH]", callback=_weighted_many,
                      help="kohya/A1111 LoRA or LoCon merged into the weights (strength default 1). Repeatable."),
         click.option("--embedding", "embeddings", multiple=True,
-                     type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     type=InputPath(dir_okay=False),
                      help="Textual-inversion embedding; its file name is the trigger word. Repeatable."),
         click.option("--hypernetwork", metavar="FILE[:STRENGTH]", default=None, callback=_weighted_one,
                      help="AUTOMATIC1111 hypernetwork (.pt) on the attention context (strength default 1); "
@@ -92,7 +96,7 @@ def checkpoint() -> None:
 
 
 @checkpoint.command("inspect")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", type=InputPath(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--no-probe", is_flag=True, help="Do not run an SD 2.x UNet once to find its prediction type.")
 def inspect_command(file: Path, as_json: bool, no_probe: bool) -> None:
@@ -104,7 +108,7 @@ def inspect_command(file: Path, as_json: bool, no_probe: bool) -> None:
 
 
 @checkpoint.command("to-safetensors")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", type=InputPath(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output file. Default: FILE with the extension .safetensors.")
 def to_safetensors_command(file: Path, output: Path | None) -> None:

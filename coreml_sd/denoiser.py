@@ -24,7 +24,7 @@ class Denoiser:
     """D(x, sigma) -> x0 estimate, with classifier-free guidance; epsilon or v-prediction models."""
 
     def __init__(self, unet, plan, *, prediction_type: str, cond: Conditioning, uncond: Conditioning | None = None,
-                 guidance_scale: float = 7.5):
+                 guidance_scale: float = 7.5, control=None):
         if prediction_type not in PREDICTION_TYPES:
             raise InputError(
                 f"prediction_type is {prediction_type!r}; supported: {choices_text(PREDICTION_TYPES)}"
@@ -43,6 +43,16 @@ class Denoiser:
         self.cond = _as_conditioning(cond)
         self.uncond = None if uncond is None else _as_conditioning(uncond)
         self.calls = 0  # guided model evaluations so far: where prompt editing stands
+        # Channels concatenated to the latents at every call (a 9-channel inpainting UNet's mask and
+        # masked-image latents), one row per latent; set by the pipeline once it has drawn them.
+        self.latent_extra = None
+        # ControlNet (coreml_sd.control.ControlStage): adds the residuals to the conditioning of each UNet call.
+        self.control = control
+
+    def at_step(self, step: int) -> None:
+        """The sampler is about to run step `step` (0-based); ControlNet's guidance start/end follow it."""
+        if self.control is not None:
+            self.control.at_step(step)
 
     def __call__(self, x, sigma: float):
         """x0 from a sigma-space latent x = x0 + sigma * eps."""
@@ -65,16 +75,22 @@ class Denoiser:
         batch = model_input.shape[0]
         cond = self.cond(self.calls).repeat(batch)
         uncond = self.uncond(self.calls).repeat(batch) if self.guided else None
+        if self.latent_extra is not None:
+            cond = cond.with_(latent_extra=self.latent_extra)
+            uncond = None if uncond is None else uncond.with_(latent_extra=self.latent_extra)
         self.calls += 1
         if not self.guided:
             return self._predict(model_input, t, cond)
         # Unconditional first: the order of Apple's Core ML UNet packages and of diffusers.
-        both = self._predict(arrays.concat([model_input, model_input]), t, Conditioning.concat([uncond, cond]))
+        both = self._predict(arrays.concat([model_input, model_input]), t, Conditioning.concat([uncond, cond]),
+                             uncond_rows=batch)
         out_uncond, out_cond = arrays.split(both, 2)
         return out_uncond + (out_cond - out_uncond) * self.guidance_scale
 
-    def _predict(self, sample, t: float, cond: Conditioning):
+    def _predict(self, sample, t: float, cond: Conditioning, uncond_rows: int = 0):
         timestep = arrays.full_like(sample, t, (sample.shape[0],))
+        if self.control is not None:
+            cond = self.control.apply(sample, timestep, cond, uncond_rows)
         return _float32(self.unet.predict(sample, timestep, cond))
 
 

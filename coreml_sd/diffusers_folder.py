@@ -50,6 +50,7 @@ class DiffusersFolder(SourceBase):
             latent_channels=int(unet.get("out_channels", 4)),
             scaling_factor=float(vae.get("scaling_factor", family.scaling_factor)),
             text_hidden_size=int(unet.get("cross_attention_dim", family.context_dim)),
+            unet_block_widths=tuple(int(c) for c in unet.get("block_out_channels", ())) or None,
             tokenizer_files=files, pad_token=pad or family.text_encoders[0].pad_token,
         )
 
@@ -74,6 +75,9 @@ class DiffusersFolder(SourceBase):
     def torch_modules(self, *, device: str, dtype: Any) -> TorchModules:
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
+        from coreml_sd.checkpoint.safeload import check_folder_weights
+
+        check_folder_weights(self.path)  # a hostile .bin is refused with our message, before transformers sees it
         kw = dict(torch_dtype=dtype, local_files_only=True)
         try:
             encoders = {t.component: self._text_encoder(t.component, kw) for t in self.info.spec.text_encoders}

@@ -106,7 +106,7 @@ def dpm_fast(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None =
         t_down, sigma_up = _ancestral_target(t, t_next, ts[-1], eta)
         x = solver.step(order, x, t, t_down, {})
         x = x + noise(math.exp(-t), math.exp(-t_next)) * sigma_up
-        yield x
+        x = arrays.landed(x, (yield x))
 
 
 class PIDStepSizeController:
@@ -163,7 +163,7 @@ def dpm_adaptive(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | No
             x = x_high + noise(math.exp(-s), math.exp(-t)) * sigma_up
             s = t
             cache = {}
-            yield x
+            x = arrays.landed(x, (yield x))
         else:
             cache = {"eps": cache["eps"]}
 

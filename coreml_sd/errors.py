@@ -17,6 +17,10 @@ class InputError(CoreMLSDError):
     """An input tensor or option does not match what a component expects."""
 
 
+class OutputError(CoreMLSDError):
+    """An output could not be written: the disk is full, a size limit, no permission, a file in the way."""
+
+
 class BackendUnavailable(CoreMLSDError):
     """A backend cannot run here (engine not installed, wrong OS, device absent)."""
 

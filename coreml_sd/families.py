@@ -93,6 +93,9 @@ class Family:
     variant_of: str | None = None  # same layout as that family, other defaults (sd2-v of sd2)
     unet_prefix: str = "model.diffusion_model."
     vae_prefix: str = "first_stage_model."
+    # A full-size UNet's block widths (block_out_channels): with context_dim, what tells which family
+    # a ControlNet (a copy of the UNet's down half) was trained for.
+    unet_block_widths: tuple[int, ...] = ()
 
     @property
     def component_names(self) -> tuple[str, ...]:
@@ -187,9 +190,26 @@ def match_single_file(text_prefixes: Iterable[str], context_dim: int | None,
     return best, context_dim == best.context_dim
 
 
-def variants_of(family: Family) -> list[Family]:
-    """`family` and the registered variants that share its layout (sd2 -> sd2, sd2-v)."""
-    return [family] + [f for f in _REGISTRY.values() if f.variant_of == family.name]
+def variants_of(family: Family, *, in_channels: int | None = None) -> list[Family]:
+    """`family` and the registered variants that share its layout (sd2 -> sd2, sd2-v, sd2-inpainting),
+    those whose UNet takes `in_channels` where given."""
+    found = [family] + [f for f in _REGISTRY.values() if f.variant_of == family.name]
+    return [f for f in found if in_channels is None or f.unet_in_channels == in_channels]
+
+
+def match_controlnet(context_dim: int | None, block_widths: Iterable[int]) -> Family | None:
+    """The family a ControlNet of this cross-attention width and these block widths was made for
+    (a base family, not a variant: an sd2 ControlNet fits sd2-v too), or None (a non-standard size)."""
+    widths = tuple(int(w) for w in block_widths)
+    for f in _REGISTRY.values():
+        if f.variant_of is None and f.context_dim == context_dim and f.unet_block_widths == widths:
+            return f
+    return None
+
+
+def same_layout(a: Family | str, b: Family | str) -> bool:
+    """Whether two families share one UNet layout (a family and its variants do)."""
+    return layout_base(get_family(a)) is layout_base(get_family(b))
 
 
 def match_diffusers(num_text_encoders: int, unet_config: Mapping[str, Any]) -> Family:
@@ -203,7 +223,7 @@ def match_diffusers(num_text_encoders: int, unet_config: Mapping[str, Any]) -> F
     channels = int(unet_config.get("in_channels", 4))
     candidates = []
     for f in _REGISTRY.values():
-        if f.variant_of is not None or len(f.text_encoders) != num_text_encoders or f.unet_in_channels != channels:
+        if len(f.text_encoders) != num_text_encoders or f.unet_in_channels != channels:
             continue
         if any(unet_config.get(k) != v for k, v in f.unet_config.items()):
             continue
@@ -211,7 +231,9 @@ def match_diffusers(num_text_encoders: int, unet_config: Mapping[str, Any]) -> F
     if not candidates:
         raise ModelError(f"no known model family has {num_text_encoders} text encoder(s) and a UNet with "
                          f"{channels} input channels and this config; known: {choices_text(_REGISTRY)}")
-    candidates.sort(key=lambda f: (-len(f.unet_config), f.context_dim != ctx))
+    # A folder's scheduler config says its prediction type: among equals, the base family, not a
+    # variant that differs only in defaults (sd2, not sd2-v).
+    candidates.sort(key=lambda f: (-len(f.unet_config), f.context_dim != ctx, f.variant_of is not None))
     return candidates[0]
 
 
@@ -260,14 +282,21 @@ def _same_extras(family: Family, extra_inputs: Mapping[str, int]) -> bool:
 SD1 = register_family(Family(
     "sd1", "Stable Diffusion 1.x (CLIP ViT-L text encoder, 512x512)",
     (TextEncoderSpec("text_encoder", "clip", 768, prefix="cond_stage_model.transformer."),),
-    context_dim=768, config="sd1"))
+    context_dim=768, config="sd1", unet_block_widths=(320, 640, 1280, 1280)))
 SD2 = register_family(Family(
     "sd2", "Stable Diffusion 2.x base (OpenCLIP ViT-H text encoder up to its penultimate layer, 512x512)",
     (TextEncoderSpec("text_encoder", "openclip", 1024, prefix="cond_stage_model.model.", pad_token="!"),),
-    context_dim=1024, config="sd2"))
+    context_dim=1024, config="sd2", unet_block_widths=(320, 640, 1280, 1280)))
 SD2_V = register_family(Family(
     "sd2-v", "Stable Diffusion 2.x 768-v (v-prediction, 768x768)", SD2.text_encoders, context_dim=1024,
     default_size=768, prediction_type="v_prediction", config="sd2-v", variant_of="sd2"))
+# Inpainting models: the same layouts with a 9-channel UNet input (latents, mask, masked-image latents).
+SD1_INPAINTING = register_family(Family(
+    "sd1-inpainting", "Stable Diffusion 1.x inpainting (9-channel UNet)", SD1.text_encoders, context_dim=768,
+    unet_in_channels=9, config="sd1-inpainting", variant_of="sd1"))
+SD2_INPAINTING = register_family(Family(
+    "sd2-inpainting", "Stable Diffusion 2.x inpainting (9-channel UNet)", SD2.text_encoders, context_dim=1024,
+    unet_in_channels=9, config="sd2-inpainting", variant_of="sd2"))
 # SDXL: CLIP ViT-L and OpenCLIP ViT-bigG side by side (768 + 1280 = 2048), both at their
 # penultimate layer without the final norm; bigG's projected pooled output and the size
 # micro-conditioning enter through the UNet's text_time embedding.
@@ -279,7 +308,7 @@ SDXL = register_family(Family(
                      hidden_layer=-2, final_norm=False, pooled=True)),
     context_dim=2048, extra_inputs=(ExtraInput("text_embeds", "pooled"), ExtraInput("time_ids", "time_ids")),
     unet_config={"addition_embed_type": "text_time"}, scaling_factor=0.13025, default_size=1024, config="sdxl",
-    zero_empty_negative=True, align_your_steps="sdxl"))
+    zero_empty_negative=True, align_your_steps="sdxl", unet_block_widths=(320, 640, 1280)))
 # The refiner: bigG alone (diffusers and Apple name it the second text encoder), and an
 # aesthetic score in place of the target size.
 SDXL_REFINER = register_family(Family(
@@ -288,4 +317,4 @@ SDXL_REFINER = register_family(Family(
                      hidden_layer=-2, final_norm=False, pooled=True),),
     context_dim=1280, extra_inputs=(ExtraInput("text_embeds", "pooled"), ExtraInput("time_ids", "aesthetic_time_ids")),
     unet_config={"addition_embed_type": "text_time"}, scaling_factor=0.13025, default_size=1024,
-    config="sdxl-refiner", align_your_steps="sdxl"))
+    config="sdxl-refiner", align_your_steps="sdxl", unet_block_widths=(384, 768, 1536, 1536)))

@@ -8,11 +8,11 @@ that exists already is never overwritten.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import re
-import tempfile
 import unicodedata
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -181,21 +181,32 @@ def read_parameters(path: str | Path) -> str | None:
 
 def save_image(image, directory: str | Path, stem: str, fmt: str, params: GenerationParams,
                quality: int = 95) -> Path:
-    """Write atomically to `directory/stem.ext` (or `stem-2.ext`, ... if taken); return the path."""
+    """Write atomically to `directory/stem.ext` (or `stem-2.ext`, ... if taken); return the path.
+
+    The file gets the umask's mode like any new file; an OS error (disk full, a size limit, no
+    permission) is an OutputError naming the path and the cause, and leaves no temporary behind.
+    """
+    from coreml_sd.outputs import create_temporary, output_errors, publish
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     data = encode_image(image, fmt, params, quality)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=FORMATS[fmt], dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        for n in range(1, 10_000):
-            path = directory / f"{stem}{'' if n == 1 else f'-{n}'}{FORMATS[fmt]}"
-            try:
-                os.link(tmp, path)  # fails if the name exists: never overwrite an earlier image
-                return path
-            except FileExistsError:
-                continue
-        raise FileExistsError(f"no free file name for {stem} in {directory}")
-    finally:
-        os.unlink(tmp)
+    with output_errors("the image", directory / f"{stem}{FORMATS[fmt]}"):
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = create_temporary(directory / f"{stem}{FORMATS[fmt]}")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            return _publish_free_name(tmp, directory, stem, FORMATS[fmt], publish)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _publish_free_name(tmp: Path, directory: Path, stem: str, ext: str, publish) -> Path:
+    for n in range(1, 10_000):
+        path = directory / f"{stem}{'' if n == 1 else f'-{n}'}{ext}"
+        try:
+            publish(tmp, path)  # fails if the name exists: never overwrite an earlier image
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free file name for {stem} in {directory}", str(directory))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from coreml_sd.components import CHUNK_ENTRIES
+from coreml_sd.components import entry_component
 
 from coreml_sd.backends import LoadOptions
 from coreml_sd.backends.selection import BackendRequest, plan_components
@@ -50,8 +50,9 @@ def folder_contents(packages) -> dict[str, Any]:
                              "weights": p.weights, "size_bytes": p.size_bytes,
                              "inputs": [t.describe() for t in p.inputs], "outputs": [t.describe() for t in p.outputs]}
     extra = packages.contents()
-    unet = m.components.get("unet") or m.components.get(next(iter(CHUNK_ENTRIES)))
-    residuals = [t.name for t in (unet.inputs if unet else ()) if t.name.startswith("additional_residual_")]
+    controlled = next((e for e in m.components if entry_component(e) == "controlled_unet"), None)
+    residuals = [t.name for t in (m.components[controlled].inputs if controlled else ())
+                 if t.name.startswith("additional_residual_")]
     return {
         "converted_by": (m.source or {}).get("tool") or ("coreml-sd " + m.tools.get("coreml_sd", "")).strip(),
         "layout": m.layout,
@@ -60,8 +61,8 @@ def folder_contents(packages) -> dict[str, Any]:
         "compression": {k: v["weights"] for k, v in components.items()},
         "chunked_unet": m.chunked,
         "controlnet": {"unet_takes_residuals": len(residuals),
-                       "controlled_unet": extra["extras"].get("controlled_unet"),
-                       "controlnets": sorted(extra["controlnets"])},
+                       "controlled_unet": m.components[controlled].package if controlled else None,
+                       "controlnets": sorted(set(m.controlnets) | set(extra["controlnets"]))},
         "other_models": extra["extras"],
         "components": components,
     }
@@ -146,6 +147,9 @@ def _manifest_lines(m: dict[str, Any]) -> list[str]:
         lines.append(f"  baked in     {', '.join(f'{k}: {v}' for k, v in mods.items())}")
     if figures:
         lines.append(f"  parity       {figures} (>= {parity.get('threshold_db')} dB, {parity.get('executor')})")
+    for name, p in (m.get("controlnets") or {}).items():  # --controlnet NAME picks one
+        lines.append(f"  {'controlnet':<13} {p['package']}  {p['size_bytes'] / 2**20:.1f} MiB  {p['weights']}  from "
+                     f"{p['source'].get('name')} ({p['source'].get('family') or 'non-standard size'})")
     return lines
 
 

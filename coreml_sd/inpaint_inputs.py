@@ -61,10 +61,11 @@ class InpaintInputs:
 
 
 def prepare_inpaint(image: Any, mask: Any, width: int, height: int,
-                    settings: InpaintSettings = InpaintSettings()) -> InpaintInputs:
-    """Init image and mask (paths or PIL) -> InpaintInputs for a width x height generation."""
-    if width % LATENT_FACTOR or height % LATENT_FACTOR:
-        raise InputError(f"inpainting size must be multiples of {LATENT_FACTOR}, got {width}x{height}")
+                    settings: InpaintSettings = InpaintSettings(), *, latent_factor: int = LATENT_FACTOR) -> InpaintInputs:
+    """Init image and mask (paths or PIL) -> InpaintInputs for a width x height generation
+    (`latent_factor`: the VAE's pixels per latent cell)."""
+    if width % latent_factor or height % latent_factor:
+        raise InputError(f"inpainting size must be multiples of {latent_factor}, got {width}x{height}")
     content = parse_masked_content(settings.masked_content)
     init = load_image(image)
     user_mask = load_mask(mask, init.size, invert=settings.invert)
@@ -84,7 +85,7 @@ def prepare_inpaint(image: Any, mask: Any, width: int, height: int,
         model_image = fill_masked(model_image, model_mask)
     pixels, mask_array = image_to_array(model_image), mask_to_array(model_mask)
     return InpaintInputs(image=pixels, mask=mask_array, masked_image=masked_image(pixels, mask_array),
-                         latent_mask=mask_to_latent(mask_array, (height // LATENT_FACTOR, width // LATENT_FACTOR)),
+                         latent_mask=mask_to_latent(mask_array, (height // latent_factor, width // latent_factor)),
                          masked_content=content, original=original, alpha=alpha, box=box)
 
 

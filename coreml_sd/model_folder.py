@@ -5,7 +5,12 @@ Layout (resource names of Apple's Swift `StableDiffusion` package, so its apps c
     manifest.json        what was converted, how, from what, and how well it matched (below)
     TextEncoder.mlpackage  Unet.mlpackage (or UnetChunk1/2.mlpackage)  VAEDecoder.mlpackage
     [VAEEncoder.mlpackage] [*.mlmodelc when compiled on macOS]
+    [ControlledUnet.mlpackage (or ControlledUnetChunk1/2)  controlnet/<Name>.mlpackage ...]
     vocab.json  merges.txt
+
+ControlNets are listed apart from the components (`Manifest.controlnets`, by package name), each
+with the file it was converted from, so one folder can hold several and gain more later
+(`coreml-sd convert-controlnet`).
 
 `Manifest` is the one reader and writer of `manifest.json`; `ConvertedModel` is the model source
 the runtime opens for such a folder. Nothing here imports torch or coremltools.
@@ -18,7 +23,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from coreml_sd.components import CHUNK_ENTRIES, PACKAGE_NAMES, TensorSpec, entry_component
+from coreml_sd.components import CHUNKS_OF, PACKAGE_NAMES, TensorSpec, entry_component
 from coreml_sd.config import SchedulerConfig, read_json
 from coreml_sd.errors import BackendUnavailable, ModelError, choices_text
 from coreml_sd.families import family_names, get_family
@@ -44,6 +49,7 @@ class PackageInfo:
     size_bytes: int
     psnr_db: float | None = None  # parity gate, package vs the torch reference
     compiled: str | None = None  # "<Name>.mlmodelc" (or "Resources/<Name>.mlmodelc") when compiled (macOS)
+    sha256: str | None = None  # package_hash of the package as written (absent in older manifests)
     aliases: tuple[str, ...] = ()  # the same package under other names (--layout both: Swift names)
 
     @classmethod
@@ -57,16 +63,37 @@ class PackageInfo:
             size_bytes=int(d["size_bytes"]),
             psnr_db=None if d.get("psnr_db") is None else float(d["psnr_db"]),
             compiled=d.get("compiled"),
+            sha256=d.get("sha256"),
             aliases=tuple(str(a) for a in d.get("aliases") or ()),
         )
 
     def to_dict(self) -> dict:
         out = {"package": self.package, "inputs": [t.to_dict() for t in self.inputs],
                "outputs": [t.to_dict() for t in self.outputs], "weights": self.weights,
-               "size_bytes": self.size_bytes, "psnr_db": self.psnr_db, "compiled": self.compiled}
+               "size_bytes": self.size_bytes, "psnr_db": self.psnr_db, "compiled": self.compiled,
+               "sha256": self.sha256}
         if self.aliases:
             out["aliases"] = list(self.aliases)
         return out
+
+
+@dataclass(frozen=True)
+class ControlNetPackage:
+    """A converted ControlNet: its package (`controlnet/<Name>.mlpackage`), the file it came from
+    (path, kind, sha256, A1111's short hash) and its diffusers ControlNetModel config."""
+
+    info: PackageInfo
+    source: Mapping[str, Any]
+    config: Mapping[str, Any]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> "ControlNetPackage":
+        _require(d, ("source", "config"), where)
+        info = PackageInfo.from_dict({k: v for k, v in d.items() if k not in ("source", "config")}, where)
+        return cls(info, dict(d["source"]), dict(d["config"]))
+
+    def to_dict(self) -> dict:
+        return {**self.info.to_dict(), "source": dict(self.source), "config": dict(self.config)}
 
 
 @dataclass(frozen=True)
@@ -95,6 +122,7 @@ class Manifest:
     tools: dict[str, str] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)  # threshold, executor, per-component figures
     created: str = ""
+    controlnets: dict[str, ControlNetPackage] = field(default_factory=dict)  # by package name (Apple's)
     # Every (width, height) the UNet and VAE take (enumerated shapes), the default first; empty in
     # folders written before multi-size conversion: width x height only.
     sizes: list = field(default_factory=list)
@@ -110,7 +138,10 @@ class Manifest:
 
     @property
     def chunked(self) -> bool:
-        return set(CHUNK_ENTRIES) <= set(self.components)
+        return self.is_chunked("unet")
+
+    def is_chunked(self, component: str) -> bool:
+        return bool(CHUNKS_OF.get(component)) and set(CHUNKS_OF[component]) <= set(self.components)
 
     def to_dict(self) -> dict:
         out = {"format": FORMAT, "format_version": FORMAT_VERSION}
@@ -118,7 +149,7 @@ class Manifest:
             value = getattr(self, f.name)
             if f.name == "scheduler":
                 value = value.to_dict()
-            elif f.name == "components":
+            elif f.name in ("components", "controlnets"):
                 value = {k: v.to_dict() for k, v in value.items()}
             out[f.name] = value
         out["prediction_type"] = self.prediction_type
@@ -140,6 +171,8 @@ class Manifest:
         kwargs["scheduler"] = SchedulerConfig.from_dict(d["scheduler"])
         kwargs["components"] = {k: PackageInfo.from_dict(v, f"{where} component {k}")
                                 for k, v in d["components"].items()}
+        kwargs["controlnets"] = {k: ControlNetPackage.from_dict(v, f"{where} controlnet {k}")
+                                 for k, v in (d.get("controlnets") or {}).items()}
         manifest = cls(**kwargs)
         manifest.validate(where)
         if d.get("prediction_type", manifest.prediction_type) != manifest.prediction_type:
@@ -160,9 +193,10 @@ class Manifest:
         if unknown:
             raise ModelError(f"{where}: unknown component(s) {', '.join(unknown)}; "
                              f"valid: {choices_text(PACKAGE_NAMES)}")
-        chunks = set(CHUNK_ENTRIES) & set(self.components)
-        if chunks and chunks != set(CHUNK_ENTRIES):
-            raise ModelError(f"{where}: a chunked UNet needs both {' and '.join(CHUNK_ENTRIES)}")
+        for component, entries in CHUNKS_OF.items():
+            chunks = set(entries) & set(self.components)
+            if chunks and chunks != set(entries):
+                raise ModelError(f"{where}: a chunked {component} needs both {' and '.join(entries)}")
 
     def has(self, component: str) -> bool:
         return any(entry_component(e) == component for e in self.components)
@@ -187,6 +221,19 @@ def _require(d: Mapping[str, Any], keys, where: str) -> None:
     missing = [k for k in keys if k not in d]
     if missing:
         raise ModelError(f"{where}: missing key(s) {', '.join(missing)}")
+
+
+def package_hash(package: Path) -> str:
+    """sha256 over a package folder's files ("<relative path> <file sha256>" lines, sorted); each
+    file's hash is remembered by size and mtime, so checking an unchanged package costs a stat."""
+    import hashlib
+
+    from coreml_sd.checkpoint.safeload import sha256_file
+
+    package = Path(package)
+    lines = [f"{p.relative_to(package).as_posix()} {sha256_file(p)}\n"
+             for p in sorted(package.rglob("*")) if p.is_file()]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def is_converted_folder(path: Path | None) -> bool:
@@ -232,10 +279,10 @@ class ConvertedModel(SourceBase):
               reopen: Callable[..., Any] | None, partial: bool, what: str = "converted model") -> None:
         """Check the folder holds what `manifest` lists and set up the source's facts."""
         self.path, self.manifest, self._reopen = path, manifest, reopen
-        _check_inside(self.path, [p.package for p in manifest.components.values()]
-                      + [p.compiled for p in manifest.components.values() if p.compiled])
+        packages = [*manifest.components.values(), *(c.info for c in manifest.controlnets.values())]
+        _check_inside(self.path, [p.package for p in packages] + [p.compiled for p in packages if p.compiled])
         missing = [f.name for f in (tokenizer_files.vocab, tokenizer_files.merges) if not f.is_file()]
-        missing += [p.package for p in manifest.components.values() if not (self.path / p.package).is_dir()]
+        missing += [p.package for p in packages if not (self.path / p.package).is_dir()]
         if not partial:  # a partial conversion (--components) can be verified, not generated from
             why = " (converted with --components)" if what == "converted model" else ""
             missing += [f"a {c} package{why}" for c in manifest.missing_for_generation()]
@@ -269,8 +316,8 @@ class ConvertedModel(SourceBase):
         return self.manifest.has(component)
 
     def _entries(self, component: str) -> list[str]:
-        if component == "unet" and self.manifest.chunked:
-            return list(CHUNK_ENTRIES)
+        if self.manifest.is_chunked(component):
+            return list(CHUNKS_OF[component])
         if component not in self.manifest.components:
             raise BackendUnavailable(f"{self.path.name} has no {component} package; it has "
                                      f"{choices_text(self.manifest.components)}")
@@ -279,6 +326,17 @@ class ConvertedModel(SourceBase):
     def package_paths(self, component: str) -> list[Path]:
         """The package(s) of `component` (a chunked UNet: both chunks, in order)."""
         return [self.path / self.manifest.components[e].package for e in self._entries(component)]
+
+    def checked_package_paths(self, component: str) -> list[Path]:
+        """`package_paths`, each checked against the hash the manifest recorded: a package edited or
+        swapped in from another model is named, never run silently."""
+        for entry in self._entries(component):
+            info = self.manifest.components[entry]
+            if info.sha256 and package_hash(self.path / info.package) != info.sha256:
+                raise ModelError(f"{self.path / info.package} is not the package this folder was converted with "
+                                 f"(its contents changed since: sha256 differs from the manifest's); convert the "
+                                 f"model again, or run `coreml-sd verify {self.path}` to see what it computes")
+        return self.package_paths(component)
 
     def compiled_paths(self, component: str) -> list[Path | None]:
         """Per package, its `.mlmodelc` compiled at conversion, where it exists."""

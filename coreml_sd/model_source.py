@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Protocol, runtime_checkable
 
+from coreml_sd.components import kind
 from coreml_sd.config import SchedulerConfig
 from coreml_sd.errors import BackendUnavailable
 from coreml_sd.families import Family, get_family
@@ -39,6 +40,7 @@ class ModelInfo:
     pad_token: str = EOS  # the first text encoder's; others pad as their family spec says
     hash: str | None = None  # AUTOMATIC1111-style short hash (sha256[:10]) of a single file
     sizes: tuple[tuple[int, int], ...] | None = None  # (width, height) a converted model takes; None: any
+    unet_block_widths: tuple[int, ...] | None = None  # the UNet's block_out_channels, where known (ControlNet fit)
     max_prompt_tokens: int | None = None  # the UNet's longest text context (77 per chunk); None: any
 
     @property
@@ -60,10 +62,11 @@ class TorchModules:
     text_encoder_2: Any = None  # the second text encoder of two-encoder families
 
     def module(self, component: str):
-        """The module behind a component name (both VAE components share the autoencoder)."""
+        """The module behind a component name (both VAE components share the autoencoder; the
+        ControlledUnet is the UNet itself: diffusers' UNet takes ControlNet residuals as arguments)."""
         if component in ("vae_decoder", "vae_encoder"):
             return self.vae
-        return getattr(self, component)
+        return getattr(self, kind(component).torch_module or component)
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ class PackageSet(Protocol):
     def has(self, component: str) -> bool: ...
 
     def package_paths(self, component: str) -> list[Path]: ...
+
+    def checked_package_paths(self, component: str) -> list[Path]: ...
 
     def compiled_paths(self, component: str) -> list[Path | None]: ...
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -20,8 +21,12 @@ import numpy as np
 from coreml_sd import arrays
 from coreml_sd.backends import Components, LoadOptions
 from coreml_sd.conditioning import Conditioning, TextEncoding
-from coreml_sd.errors import InputError
+from coreml_sd.errors import BackendUnavailable, InputError
+from coreml_sd.image_conditioning import HiresFix, ImageRequest, ImageStart, Prepared, prepare, truncate
+from coreml_sd.image_input import parse_resize_mode
 from coreml_sd.images import GenerationParams
+from coreml_sd.inpaint_inputs import InpaintSettings, finish_inpaint
+from coreml_sd.masks import parse_masked_content
 from coreml_sd.model_source import ModelSource
 from coreml_sd.rng import NoiseSource
 from coreml_sd.text_conditioning import (PromptEncoder, PromptOptions, Scheduled, SizeConditioning, conditioning,
@@ -41,6 +46,7 @@ class Progress:
     steps: int
     seed: int  # of image `image_index`
     batch: int = 1  # images sampled together in this step: image_index .. image_index + batch - 1
+    phase: str = "sampling"  # "sampling", or "hires" for the hires fix's second pass
 
 
 @dataclass(frozen=True)
@@ -119,10 +125,16 @@ class Pipeline:
         components = load_components(source, request, options, reduce_memory=reduce_memory)
         return cls(source, components, reduce_memory=reduce_memory)
 
-    def _size(self, width: int | None, height: int | None) -> tuple[int, int]:
-        # Converted Core ML packages take exactly the sizes they were converted for.
+    def _size(self, width: int | None, height: int | None, image=None) -> tuple[int, int]:
+        # Converted Core ML packages take exactly the sizes they were converted for; an init image
+        # gives its own size (to a multiple of 8) where the model takes any.
         sizes = self.info.sizes
         default_w, default_h = sizes[0] if sizes else (self.info.sample_size, self.info.sample_size)
+        if image is not None and not sizes:
+            from coreml_sd.image_input import load_image
+
+            w, h = load_image(image.init_image).size
+            default_w, default_h = max(8, w // 8 * 8), max(8, h // 8 * 8)
         width = check_side(width or default_w, "width")
         height = check_side(height or default_h, "height")
         if sizes and (width, height) not in sizes:
@@ -148,13 +160,34 @@ class Pipeline:
                  guidance_scale: float = 7.5, width: int | None = None,
                  height: int | None = None, eta: float | None = None, ensd: int = 0,
                  a1111: bool = False, clip_skip: int = 1, emphasis: str = "Original",
+                 init_image: Any = None, strength: float | None = None, resize_mode: str = "stretch",
+                 mask: Any = None, mask_blur: int = 4, inpaint_full_res: bool = False, inpaint_padding: int = 32,
+                 masked_content: str = "original", invert_mask: bool = False,
+                 outpaint: str | None = None, outpaint_fill: str = "edge",
+                 hires_scale: float | None = None, hires_steps: int | None = None, hires_denoise: float = 0.7,
+                 hires_upscaler: str = "latent", controlnets: Sequence[Any] = (), control_mode: str = "balanced",
+                 control_resize_mode: str = "crop",
                  ) -> Iterator[Progress | GeneratedImage]:
         """`prompt`/`negative_prompt`: one text for every image, or a list with one per image.
         `num_images` defaults to the length of such a list, else 1. `sampler`/`schedule`: our keys
         or A1111's names ("DPM++ 2M Karras"); `eta`, `ensd` (A1111's "Eta noise seed delta") and
         `a1111` (A1111's plans throughout): see `coreml_sd.samplers.sample` and `schedules.make_plan`.
         Prompts are read in AUTOMATIC1111's syntax (emphasis, BREAK, long prompts, prompt editing and
-        alternation); `clip_skip` and `emphasis` as its settings of those names."""
+        alternation); `clip_skip` and `emphasis` as its settings of those names.
+
+        From a picture (`coreml_sd.image_conditioning`): `init_image` (path or PIL) with `strength`
+        (A1111's denoising strength, default 0.75) and `resize_mode` is img2img; with a `mask`
+        (white = repaint) inpainting, with A1111's `mask_blur`, `inpaint_full_res` ("Only masked"),
+        `inpaint_padding`, `masked_content` and `invert_mask` ("Inpaint not masked"). `outpaint`
+        ("left=128,right=128,up=0,down=64") grows the init image's canvas (`outpaint_fill` edge or
+        noise) and inpaints the new area. `hires_scale` is A1111's hires fix: generate, upscale the
+        latents (`hires_upscaler` latent) or the image (lanczos) by the scale, then img2img at that size
+        with `hires_steps` (default: steps) and `hires_denoise`.
+
+        `controlnets`: (model, image[, weight[, start[, end]]]) tuples or `coreml_sd.control.ControlUnit`s,
+        summed; `control_mode` (balanced, prompt, controlnet) and `control_resize_mode` (stretch,
+        crop, fill) apply to units that do not set their own (see `coreml_sd.control`). The hires
+        pass runs without them."""
         from coreml_sd.denoiser import Denoiser
         from coreml_sd.samplers import SAMPLERS, sampling_extras
         from coreml_sd.sampler_names import resolve_sampler_and_schedule
@@ -164,7 +197,12 @@ class Pipeline:
         sampler, schedule = resolve_sampler_and_schedule(sampler, schedule)
         sampling = dict(eta=eta, ensd=ensd)
         # --- end sampler wiring ---
-        width, height = self._size(width, height)
+        image = self._image_request(init_image, strength, resize_mode, mask, InpaintSettings(
+            mask_blur=mask_blur, only_masked=inpaint_full_res, padding=inpaint_padding,
+            masked_content=parse_masked_content(masked_content), invert=invert_mask), outpaint, outpaint_fill, seed)
+        width, height = self._size(width, height, image)
+        hires = None if hires_scale is None else HiresFix.checked(hires_scale, hires_steps or steps, hires_denoise,
+                                                                  hires_upscaler, width, height, self.info.sizes)
         check_positive(steps, "steps")
         lists = [len(p) for p in (prompt, negative_prompt) if not isinstance(p, str)]
         num_images = num_images if num_images is not None else (lists[0] if lists else 1)
@@ -177,11 +215,20 @@ class Pipeline:
             raise InputError(f"seed must be between 0 and {MAX_SEED - num_images + 1}; got {seed}")
 
         plan = make_plan(self.info.scheduler, sampler, steps, schedule, family=self.info.family, a1111=a1111)
+        prepared = None
+        if image is not None:
+            encoder = self._vae_encoder()
+            prepared = prepare(image, width, height, self.info.vae_scale_factor)
+            plan = truncate(plan, image.strength)
         size = SizeConditioning.for_size(width, height)
         # Prompt editing counts denoiser calls; A1111 counts two per step for second-order samplers.
         calls = steps * (2 if SAMPLERS[sampler].second_order else 1)
         prompt_options = PromptOptions(emphasis=emphasis, clip_skip=clip_skip)
         conds = self.conditionings(prompts, negatives, size, steps=calls, options=prompt_options)
+        # --- ControlNet wiring (issue #16): a stage the denoiser calls before each UNet call ---
+        control = self._control(controlnets, width, height, plan.steps, control_mode, control_resize_mode, a1111)
+        unet_name = "controlled_unet" if control is not None else "unet"
+        # --- end ControlNet wiring ---
         f = self.info.vae_scale_factor
         params = dict(steps=steps, sampler=SAMPLERS[sampler].display_name, schedule=schedule,
                       guidance_scale=guidance_scale, width=width, height=height, model=self.info.name,
@@ -194,28 +241,52 @@ class Pipeline:
         for group in groups:
             latents = []
             for batch in group:
-                denoiser = Denoiser(self.components["unet"], plan, prediction_type=self.info.prediction_type,
+                denoiser = Denoiser(self.components[unet_name], plan, prediction_type=self.info.prediction_type,
                                     cond=Scheduled.rows([conds[(prompts[i], False)] for i in batch], Conditioning.concat),
                                     uncond=Scheduled.rows([conds[(negatives[i], True)] for i in batch],
                                                           Conditioning.concat),
-                                    guidance_scale=guidance_scale)
+                                    guidance_scale=guidance_scale, control=control)
                 shape = (len(batch), self.info.latent_channels, height // f, width // f)
-                start = Progress(batch[0], num_images, 0, steps, seed + batch[0], len(batch))
-                x = yield from self._sample(sampler, denoiser, plan, shape, start, **sampling)
+                start = Progress(batch[0], num_images, 0, plan.steps, seed + batch[0], len(batch))
+                begin = None if prepared is None else partial(
+                    ImageStart, prepared, encode=encoder.encode, plan=plan, model_scale=self._model_scale(sampler, plan),
+                    unet_channels=self.unet_in_channels, latent_channels=self.info.latent_channels,
+                    scaling_factor=self.info.scaling_factor, vae_factor=f, batch=len(batch))
+                x = yield from self._sample(sampler, denoiser, plan, shape, start, begin=begin, **sampling)
                 latents += [(i, x[k:k + 1]) for k, i in enumerate(batch)]
+            if hires is not None:
+                latents = yield from self._hires(latents, hires, prompts, negatives, seed, num_images, sampler,
+                                                 schedule, a1111, guidance_scale, prompt_options, sampling)
             if self.reduce_memory:
-                self.components.release("unet")
+                self._release_unet(unet_name, control)
             for i, x in latents:
-                image = to_pil(self.components["vae_decoder"].decode(x / self.info.scaling_factor))
+                picture = to_pil(self.components["vae_decoder"].decode(x / self.info.scaling_factor))
+                if prepared is not None and prepared.inpaint is not None:
+                    picture = finish_inpaint(picture, prepared.inpaint)  # every pixel outside the mask kept
                 extras = {**sampling_extras(sampler, **sampling), **prompt_extras(prompt_options),
-                                          **self.generation_extras()}
+                          **(image.a1111_params() if image is not None else {}),
+                          **(hires.a1111_params() if hires is not None else {}),
+                          **(control.extras() if control is not None else {}), **self.generation_extras()}
                 meta = GenerationParams(seed=seed + i, prompt=prompts[i], negative_prompt=negatives[i],
                                         extras=extras, **params)
-                results.append(GeneratedImage(image, i, seed + i, meta, arrays.to_numpy(x)))
+                results.append(GeneratedImage(picture, i, seed + i, meta, arrays.to_numpy(x)))
                 yield results[-1]
-        self.components.release("unet")
+        self._release_unet(unet_name, control)
         self.components.release("vae_decoder")
         return results
+
+    def _control(self, controlnets, width: int, height: int, steps: int, mode: str, resize_mode: str, a1111: bool):
+        """The request's ControlNet stage (coreml_sd.control), or None without ControlNets."""
+        if not controlnets:
+            return None
+        from coreml_sd.control import prepare_control
+
+        return prepare_control(self.components, self.source, list(controlnets), width=width, height=height,
+                               steps=steps, mode=mode, resize_mode=resize_mode, a1111=a1111)
+
+    def _release_unet(self, unet_name: str, control) -> None:
+        for name in [unet_name, *(control.keys if control is not None else [])]:
+            self.components.release(name)
 
     def conditionings(self, prompts: list[str], negatives: list[str], size: SizeConditioning, *, steps: int = 1,
                       options: PromptOptions = PromptOptions()) -> dict[tuple[str, bool], Scheduled]:
@@ -239,17 +310,112 @@ class Pipeline:
                                                            negative=key[1]))
                 for key, s in encoded.items()}
 
-    def _sample(self, sampler: str, denoiser, plan, shape, start: Progress, *, eta=None, ensd: int = 0):
+    def _sample(self, sampler: str, denoiser, plan, shape, start: Progress, *, eta=None, ensd: int = 0,
+                begin=None):
         """Yields a Progress per step and returns the final latents of images start.image_index ..
-        + shape[0] - 1 (image i's noise from its own source, seed + i)."""
+        + shape[0] - 1 (image i's noise from its own source, seed + i). `begin(noise=...)`: an
+        `ImageStart` for a request that starts from a picture (it draws from the same streams first)."""
         from coreml_sd.samplers import noise_from_sources, sample
 
         sources = [NoiseSource(start.seed + k) for k in range(shape[0])]
         noise = noise_from_sources(sources, self.components.asarray)
-        x = noise(shape) * plan.init_noise_sigma
-        for step, x in enumerate(sample(sampler, denoiser, x, plan, noise, eta=eta, ensd=ensd), start=1):
+        if begin is not None:
+            begin = begin(noise=noise)
+            x, denoiser.latent_extra = begin.start, begin.latent_extra
+        else:
+            x = noise(shape) * plan.init_noise_sigma
+        steps, sent, step = sample(sampler, denoiser, x, plan, noise, eta=eta, ensd=ensd), None, 0
+        denoiser.at_step(0)
+        while True:
+            try:
+                x = steps.send(sent)
+            except StopIteration:
+                return x
+            sent = None if begin is None else begin.blend(step, x)  # a 4-channel inpaint's blend
+            x = x if sent is None else sent
+            step += 1
+            denoiser.at_step(step)  # before the caller resumes the sampler into step `step` (0-based)
             yield replace(start, step=step)
-        return x
+
+    # -- starting from a picture --------------------------------------------------------------
+    @property
+    def unet_in_channels(self) -> int:
+        return self.family.unet_in_channels
+
+    def _image_request(self, init_image, strength, resize_mode, mask, inpaint, outpaint=None, outpaint_fill="edge",
+                       seed=None) -> ImageRequest | None:
+        if init_image is None:
+            given = [n for n, v in (("a mask", mask), ("strength", strength), ("outpaint", outpaint)) if v is not None]
+            if given:
+                raise InputError(f"{given[0]} needs an init image (init_image)")
+            if self.unet_in_channels != self.info.latent_channels:
+                raise InputError(f"{self.info.name} is an inpainting model: it needs an init image and a mask")
+            return None
+        if outpaint is not None:
+            if mask is not None:
+                raise InputError("outpainting makes its own mask (the new area): give either a mask or outpaint")
+            from coreml_sd.image_input import load_image
+            from coreml_sd.outpaint import outpaint_canvas, parse_outpaint
+
+            sides = parse_outpaint(outpaint)
+            init_image, mask = outpaint_canvas(load_image(init_image), sides.left, sides.right, sides.up, sides.down,
+                                               fill=outpaint_fill, seed=0 if seed is None else int(seed) % 2**32)
+            strength = 1.0 if strength is None else strength  # the new area has nothing to keep
+        return ImageRequest(init_image, 0.75 if strength is None else strength, parse_resize_mode(resize_mode),
+                            mask, inpaint, outpaint=outpaint)
+
+    def _vae_encoder(self):
+        try:
+            return self.components["vae_encoder"]
+        except BackendUnavailable as exc:
+            raise InputError(f"starting from an image needs a VAE encoder, and {self.info.name} has none it can run "
+                             f"({exc}); convert the model again with --components "
+                             f"{','.join(self.family.component_names)},vae_encoder") from None
+
+    def _hires(self, latents, hires, prompts, negatives, seed, num_images, sampler, schedule, a1111, guidance_scale,
+               prompt_options, sampling):
+        """A1111's hires fix, second pass: each image's latents upscaled (or its image, re-encoded) and
+        denoised again at the target size by img2img; noise from the same seeds."""
+        from coreml_sd.denoiser import Denoiser
+        from coreml_sd.samplers import SAMPLERS
+        from coreml_sd.schedules import make_plan
+
+        f = self.info.vae_scale_factor
+        plan = truncate(make_plan(self.info.scheduler, sampler, hires.steps, schedule, family=self.info.family,
+                                  a1111=a1111), hires.denoise)
+        size = SizeConditioning.for_size(hires.width, hires.height)
+        calls = hires.steps * (2 if SAMPLERS[sampler].second_order else 1)
+        conds = self.conditionings(prompts, negatives, size, steps=calls, options=prompt_options)
+        request = ImageRequest(init_image=True, strength=hires.denoise)
+        out = []
+        for i, x in latents:
+            prepared = Prepared(request, None, latents=hires.upscale_latents(x, f)) if hires.upscaler == "latent" \
+                else Prepared(request, self._upscaled_pixels(x, hires))
+            denoiser = Denoiser(self.components["unet"], plan, prediction_type=self.info.prediction_type,
+                                cond=conds[(prompts[i], False)], uncond=conds[(negatives[i], True)],
+                                guidance_scale=guidance_scale)
+            begin = partial(ImageStart, prepared, encode=self._vae_encoder().encode if prepared.latents is None else None,
+                            plan=plan, model_scale=self._model_scale(sampler, plan), unet_channels=self.unet_in_channels,
+                            latent_channels=self.info.latent_channels, scaling_factor=self.info.scaling_factor,
+                            vae_factor=f, batch=1)
+            shape = (1, self.info.latent_channels, hires.height // f, hires.width // f)
+            start = Progress(i, num_images, 0, plan.steps, seed + i, 1, phase="hires")
+            x = yield from self._sample(sampler, denoiser, plan, shape, start, begin=begin, **sampling)
+            out.append((i, x))
+        return out
+
+    def _upscaled_pixels(self, x, hires) -> np.ndarray:
+        """The image decoded, Lanczos-resized to the hires size, as the VAE encoder's input."""
+        from coreml_sd.image_input import image_to_array, resize_image
+
+        picture = to_pil(self.components["vae_decoder"].decode(x / self.info.scaling_factor))
+        return image_to_array(resize_image(picture, hires.width, hires.height, "stretch"))
+
+    @staticmethod
+    def _model_scale(sampler: str, plan) -> bool:
+        from coreml_sd.samplers import SAMPLERS
+
+        return SAMPLERS[sampler].model_scale if plan.model_scale is None else plan.model_scale
 
     def generation_extras(self) -> dict[str, str]:
         extras = dict(self.source.generation_extras)

@@ -16,3 +16,29 @@ def import_coremltools():
     finally:
         log.setLevel(level)
     return coremltools
+
+
+THIRD_PARTY_LOGGERS = ("diffusers", "transformers", "coremltools", "torch", "huggingface_hub", "safetensors")
+# Both libraries read these when they set up their loggers (at their first import), overriding a
+# level set earlier, so the variables are what keeps them quiet.
+VERBOSITY_VARIABLES = ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY")
+
+
+def quiet_third_party(verbose: int, environ=None) -> None:
+    """Without -v, other libraries' warnings stay out of the output: diffusers' "modules that should
+    be kept in float32: []" on every cast, transformers' notes about torchvision, torch's and
+    coremltools' UserWarnings. coreml-sd's own warnings (a fallback, a dropped LoRA key) still show;
+    with -v everything does. A user's own *_VERBOSITY setting wins."""
+    import os
+    import warnings
+
+    if verbose:
+        return
+    environ = os.environ if environ is None else environ
+    for name in VERBOSITY_VARIABLES:
+        environ.setdefault(name, "error")
+    environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # Python warnings raised from any module but coreml-sd's own (the regex is matched at the start).
+    warnings.filterwarnings("ignore", module=r"(?!coreml_sd|conversion|benchmarks)")

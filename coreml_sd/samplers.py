@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from numpy.polynomial import Polynomial
 
-from coreml_sd import dpm_solver, samplers_kdiffusion as kd, samplers_timesteps as ts
+from coreml_sd import arrays, dpm_solver, samplers_kdiffusion as kd, samplers_timesteps as ts
 from coreml_sd.errors import InputError, choices_text
 from coreml_sd.sampler_noise import ImageNoise, zero_noise
 from coreml_sd.samplers_kdiffusion import ancestral_step
@@ -47,7 +47,7 @@ def euler(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = No
         denoised = denoiser(x, sigma)
         derivative = (x - denoised) / sigma
         x = x + derivative * (sigma_next - sigma)
-        yield x
+        x = arrays.landed(x, (yield x))
 
 
 def euler_a(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = None, *,
@@ -61,7 +61,7 @@ def euler_a(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = 
         x = x + (x - denoised) / sigma * (sigma_down - sigma)
         if sigma_next > 0:
             x = x + noise(sigma, sigma_next) * sigma_up
-        yield x
+        x = arrays.landed(x, (yield x))
 
 
 def ddim(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = None, *,
@@ -81,7 +81,7 @@ def ddim(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = Non
             std = eta * math.sqrt((1.0 - alpha_to) / (1.0 - alpha) * (1.0 - alpha / alpha_to))
             x = (denoised * math.sqrt(alpha_to) + eps * math.sqrt(max(1.0 - alpha_to - std**2, 0.0))
                  + noise(sigma, target) * std)
-        yield x
+        x = arrays.landed(x, (yield x))
 
 
 def dpmpp_2m(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = None) -> Iterator:
@@ -107,7 +107,7 @@ def dpmpp_2m(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None =
                 x = x - (denoised - old_denoised) * (0.5 * coef / r)
             h_last = h
         old_denoised = denoised
-        yield x
+        x = arrays.landed(x, (yield x))
 
 
 def heun(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = None) -> Iterator:
@@ -122,7 +122,7 @@ def heun(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = Non
             x_euler = x + derivative * dt
             derivative_next = (x_euler - denoiser(x_euler, sigma_next)) / sigma_next
             x = x + (derivative + derivative_next) / 2 * dt
-        yield x
+        x = arrays.landed(x, (yield x))
 
 
 def lms(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = None, *, order: int = 4) -> Iterator:
@@ -137,7 +137,7 @@ def lms(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = None
         for coefficient, derivative in zip(coefficients[1:], derivatives[1:]):
             update = update + derivative * coefficient
         x = x + update
-        yield x
+        x = arrays.landed(x, (yield x))
 
 
 def lms_coefficients(sigmas: Sequence[float], i: int, order: int) -> list[float]:
@@ -182,7 +182,7 @@ def dpmpp_2m_sde(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | No
                 x = x + noise(sigma, sigma_next) * (s_next * math.sqrt(-math.expm1(-2.0 * eta_h)))
             h_last = h
         old_denoised = denoised
-        yield x
+        x = arrays.landed(x, (yield x))
 
 
 @dataclass(frozen=True)
@@ -322,8 +322,21 @@ def _in_plan_form(function, denoiser, x, sigmas, noise_sampler, options, *, to_m
     """Run a sampler whose latents are in the other form than the plan's: convert on the way in and out."""
     factors = [math.sqrt(float(s) ** 2 + 1.0) for s in sigmas]  # sigma-space latent = model-scale * factor
     x = x / factors[0] if to_model else x * factors[0]
-    for factor, latent in zip(factors[1:], function(denoiser, x, sigmas, noise_sampler, **options)):
-        yield latent * factor if to_model else latent / factor
+    inner = function(denoiser, x, sigmas, noise_sampler, **options)
+    latent = next(inner, None)
+    for factor in factors[1:]:
+        if latent is None:
+            return
+        sent = yield latent * factor if to_model else latent / factor
+        back = None if sent is None else (sent / factor if to_model else sent * factor)
+        latent = _send(inner, back)
+
+
+def _send(generator, value):
+    try:
+        return generator.send(value)
+    except StopIteration:
+        return None
 
 
 def sampling_extras(name: str, *, eta: float | None = None, ensd: int = 0) -> dict[str, str]:

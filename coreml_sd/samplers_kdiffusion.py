@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterator, Sequence
 
+from coreml_sd import arrays
 from coreml_sd.sigma_schedules import karras_sigmas
 
 # noise(sigma, sigma_next) -> standard-normal array like the latents
@@ -51,7 +52,7 @@ def dpm2(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = Non
             x_mid = x + derivative * (sigma_mid - sigma)
             derivative_mid = (x_mid - denoiser(x_mid, sigma_mid)) / sigma_mid
             x = x + derivative_mid * (sigma_next - sigma)
-        yield x
+        x = arrays.landed(x, (yield x))
 
 
 def dpm2_a(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = None, *,
@@ -69,7 +70,7 @@ def dpm2_a(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = N
             derivative_mid = (x_mid - denoiser(x_mid, sigma_mid)) / sigma_mid
             x = x + derivative_mid * (sigma_down - sigma)
             x = x + noise(sigma, sigma_next) * sigma_up
-        yield x
+        x = arrays.landed(x, (yield x))
 
 
 def dpmpp_2s_a(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = None, *,
@@ -90,7 +91,7 @@ def dpmpp_2s_a(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None
             x = x * (sigma_down / sigma) - denoised_mid * math.expm1(-h)
         if sigma_next > 0:
             x = x + noise(sigma, sigma_next) * sigma_up
-        yield x
+        x = arrays.landed(x, (yield x))
 
 
 def dpmpp_sde(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = None, *,
@@ -101,7 +102,7 @@ def dpmpp_sde(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None 
         denoised = denoiser(x, sigma)
         if sigma_next == 0:
             x = x + (x - denoised) / sigma * (sigma_next - sigma)
-            yield x
+            x = arrays.landed(x, (yield x))
             continue
         t, t_next = -math.log(sigma), -math.log(sigma_next)
         sigma_s = math.exp(-(t + (t_next - t) * r))
@@ -116,7 +117,7 @@ def dpmpp_sde(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None 
         denoised_d = denoised * (1.0 - fac) + denoised_s * fac
         x = x * (sigma_down / sigma) - denoised_d * math.expm1(t + math.log(sigma_down))
         x = x + noise(sigma, sigma_next) * sigma_up
-        yield x
+        x = arrays.landed(x, (yield x))
 
 
 def dpmpp_3m_sde(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = None, *,
@@ -149,7 +150,7 @@ def dpmpp_3m_sde(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | No
                 x = x + noise(sigma, sigma_next) * (sigma_next * math.sqrt(-math.expm1(-2.0 * h * eta)))
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
-        yield x
+        x = arrays.landed(x, (yield x))
 
 
 def lcm(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = None, *,
@@ -167,7 +168,7 @@ def lcm(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = None
         x = denoised * c_out + x * c_skip
         if sigma_next > 0:
             x = x + noise(sigma, sigma_next) * sigma_next
-        yield x
+        x = arrays.landed(x, (yield x))
 
 
 def restart(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = None, *,
@@ -182,7 +183,7 @@ def restart(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = 
             x = x + noise(last_sigma, old_sigma) * (s_noise * math.sqrt(old_sigma**2 - last_sigma**2))
         x = _heun_step(denoiser, x, old_sigma, new_sigma)
         last_sigma = new_sigma
-        yield x
+        x = arrays.landed(x, (yield x))
 
 
 def _heun_step(denoiser, x, sigma: float, sigma_next: float):

@@ -18,6 +18,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from coreml_sd import arrays
+
 IntervalNoise = Callable[[float, float], object]
 # Adams-Bashforth weights on eps, newest first, for 2, 3 and 4 stored values.
 _ADAMS_BASHFORTH = {2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
@@ -56,7 +58,7 @@ def plms(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = Non
                 eps_prime = eps_prime + old * weight
         x = _ddim_step(x, eps_prime, sigma, sigma_next)
         history = (history + [eps])[-3:]
-        yield x
+        x = arrays.landed(x, (yield x))
 
 
 def unipc(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = None, *, order: int = 3,
@@ -74,7 +76,7 @@ def unipc(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = No
         use_corrector = i < steps
         x, model_x = _unipc_update(denoiser, x, models, levels, float(sigmas[i]), step_order,
                                    variant, use_corrector)
-        yield x
+        x = arrays.landed(x, (yield x))
         if i < steps:
             models = (models + [model_x if model_x is not None else denoiser.scaled(x, sigmas[i])])[-order:]
             levels = (levels + [float(sigmas[i])])[-order:]

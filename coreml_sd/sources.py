@@ -14,6 +14,7 @@ from pathlib import Path
 
 from coreml_sd.errors import ModelError
 from coreml_sd.model_source import ModelSource
+from coreml_sd.paths import describe_input
 
 BUILTIN = "builtin"
 BUILTIN_NAMES = (BUILTIN, "digits")
@@ -43,8 +44,9 @@ def open_model(path: str | Path | None = None, *, vae: str | Path | None = None,
     if path is None or str(path) in BUILTIN_NAMES:
         path = builtin_checkpoint()
     p = Path(path).expanduser()
-    if not p.exists():
-        raise ModelError(f"model not found: {p} (expected a converted Core ML model folder, a diffusers model "
+    problem = describe_input(p)  # a missing path, a symlink loop, a FIFO, ... each said as what it is
+    if problem:
+        raise ModelError(f"model not found: {problem} (expected a converted Core ML model folder, a diffusers model "
                          f"folder or a .safetensors/.ckpt file; without --model the built-in model is used)")
     modifiers = dict(vae=vae, loras=loras, embeddings=embeddings, hypernetworks=hypernetworks,
                      prediction_type=prediction_type)

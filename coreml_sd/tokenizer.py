@@ -16,6 +16,8 @@ from pathlib import Path
 
 import regex
 
+from coreml_sd.errors import ModelError
+
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 MAX_LENGTH = 77
@@ -61,23 +63,59 @@ def bundled_files() -> TokenizerFiles:
     return TokenizerFiles(Path(str(base / "vocab.json")), Path(str(base / "merges.txt")))
 
 
+def read_vocab(path: Path) -> dict[str, int]:
+    """vocab.json: a JSON object of token -> id; anything else is a ModelError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            vocab = json.load(fh)
+    except OSError as exc:
+        raise ModelError(f"cannot read the tokenizer vocabulary {path}: {exc.strerror}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ModelError(f"{path} is not a tokenizer vocabulary: expected a JSON object of token -> id "
+                         f"({exc})") from None
+    if not isinstance(vocab, dict) or not vocab:
+        raise ModelError(f"{path} is not a tokenizer vocabulary: expected a JSON object of token -> id, found "
+                         f"{'an empty object' if vocab == {} else type(vocab).__name__}")
+    bad = next((k for k, v in vocab.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0), None)
+    if bad is not None:
+        raise ModelError(f"{path} is not a tokenizer vocabulary: token {bad[:40]!r} has id {str(vocab[bad])[:40]}, "
+                         f"expected a non-negative integer")
+    return vocab
+
+
+def read_merges(path: Path) -> list[tuple[str, str]]:
+    """merges.txt: a `#version` line, then one `left right` pair per line."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().split("\n")
+    except OSError as exc:
+        raise ModelError(f"cannot read the tokenizer merges {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"{path} is not a BPE merges file: not UTF-8 text ({exc})") from None
+    # The first line is a "#version" header; the file ends with a newline.
+    merges = [tuple(line.split()) for line in lines[1:] if line and not line.startswith("#version")]
+    bad = next((i for i, pair in enumerate(merges) if len(pair) != 2), None)
+    if bad is not None:
+        raise ModelError(f"{path} is not a BPE merges file: merge {bad + 1} is {' '.join(merges[bad])[:60]!r}, "
+                         f"expected two symbols separated by a space")
+    return merges
+
+
 class CLIPTokenizer:
     """`tokenizer(text)` -> 77 ids: BOS, the BPE tokens (truncated), EOS, then padding."""
 
     def __init__(self, files: TokenizerFiles | None = None, *, pad_token: str = EOS, max_length: int = MAX_LENGTH):
         files = files or bundled_files()
-        with open(files.vocab, encoding="utf-8") as fh:
-            self.encoder: dict[str, int] = json.load(fh)
-        with open(files.merges, encoding="utf-8") as fh:
-            lines = fh.read().split("\n")
-        # The first line is a "#version" header; the file ends with a newline.
-        merges = [tuple(line.split()) for line in lines[1:] if line and not line.startswith("#version")]
-        self.ranks = {pair: i for i, pair in enumerate(merges)}
+        self.encoder: dict[str, int] = read_vocab(Path(files.vocab))
+        self.ranks = {pair: i for i, pair in enumerate(read_merges(Path(files.merges)))}
         self.byte_encoder = _byte_to_unicode()
+        for token in (BOS, EOS, pad_token):
+            if token not in self.encoder:
+                what = "pad token" if token == pad_token else "token"
+                raise ModelError(f"{files.vocab}: the {what} {token!r} is not in the vocabulary (a CLIP vocab.json "
+                                 f"has {BOS!r} and {EOS!r})")
         self.bos_id = self.encoder[BOS]
         self.eos_id = self.encoder[EOS]
-        if pad_token not in self.encoder:
-            raise ValueError(f"pad token {pad_token!r} is not in the vocabulary")
         self.pad_id = self.encoder[pad_token]
         self.max_length = max_length
         self._cache: dict[str, list[str]] = {BOS: [BOS], EOS: [EOS]}

@@ -60,6 +60,10 @@ def test_each_result_says_what_produced_it(bench_run, tiny_diffusers_dir):
     machine = result["machine"]
     assert machine["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert machine["os"] and machine["cpu"] and machine["accelerator"] and len(machine["load_average"]) == 3
+    from coreml_sd.bench.machine import busy_note
+
+    # A busy machine is flagged in the result (and the table) from the load before the run.
+    assert result["busy"] == busy_note(result["load_average"]["before"])
     assert result["model"]["path"] == str(Path(tiny_diffusers_dir).resolve())
     runs = by_label(result)
     ours, base, mil = runs["torch-cpu:fp32"], runs["diffusers"], runs["mil:fp32"]

@@ -42,6 +42,13 @@ def test_full_size_sd1_and_sd2_are_recognised(sd1_shapes):
     detect.require_model(sd2, "sd2.safetensors")
 
 
+def test_a_9_channel_unet_is_the_inpainting_variant(sd1_shapes):
+    inpaint = {**sd1_shapes, keymap.UNET_PREFIX + "input_blocks.0.0.weight": TensorInfo("F16", (320, 9, 3, 3))}
+    det = detect.classify(inpaint)
+    assert (det.family, det.in_channels, det.standard) == ("sd1-inpainting", 9, True)
+    detect.require_model(det, "sd-v1-5-inpainting.safetensors")
+
+
 def test_ema_and_missing_parts_are_seen(sd1_shapes):
     with_ema = dict(sd1_shapes)
     for key, info in list(sd1_shapes.items()):
@@ -54,7 +61,8 @@ def test_ema_and_missing_parts_are_seen(sd1_shapes):
 
 
 @pytest.mark.parametrize("change, needle", [
-    (lambda s: {**s, keymap.UNET_PREFIX + "input_blocks.0.0.weight": TensorInfo("F16", (320, 9, 3, 3))}, "inpainting"),
+    (lambda s: {**s, keymap.UNET_PREFIX + "input_blocks.0.0.weight": TensorInfo("F16", (320, 8, 3, 3))},
+     "instruct-pix2pix"),
     (lambda s: {**s, keymap.UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight":
                 TensorInfo("F16", (320, 1024))}, "unknown Stable Diffusion variant"),
     (lambda s: {k: v for k, v in s.items() if k.startswith(keymap.VAE_PREFIX)}, "VAE"),

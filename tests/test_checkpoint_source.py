@@ -193,8 +193,8 @@ def test_parse_weighted(tmp_path):
     assert parse_weighted(str(colon), "lora") == (colon, 1.0)
     assert parse_weighted(f"{colon}:.5", "lora") == (colon, 0.5)
     for bad, needle in ((f"{plain}:strong", "is not a number"), (f"{plain}:inf", "finite"),
-                        (str(tmp_path / "missing.safetensors:0.5"), "no such file"),
-                        (str(tmp_path / "missing.safetensors"), "no such file")):
+                        (str(tmp_path / "missing.safetensors:0.5"), "does not exist"),
+                        (str(tmp_path / "missing.safetensors"), "does not exist")):
         with pytest.raises(click.BadParameter, match=needle):
             parse_weighted(bad, "lora")
     result = CliRunner().invoke(main, ["generate", "a fox", "--lora", f"{plain}:lots"])

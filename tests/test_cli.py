@@ -28,9 +28,9 @@ def test_version_and_help():
     (["--width", "500"], "multiple of 8"),
     (["--height", "4"], "multiple of 8"),
     (["--width", "100000"], "multiple of 8"),
-    (["--steps", "0"], "x>=1"),
-    (["--num-images", "0"], "x>=1"),
-    (["--seed", "-3"], "0<=x"),
+    (["--steps", "0"], "1<=x<=1000"),
+    (["--num-images", "0"], "1<=x<=100"),
+    (["--seed", "-3"], "-1 (random) or between 0 and 2**64-1"),
     (["--device", "tpu"], "cuda"),
 ])
 def test_usage_errors_exit_2_with_the_rule(tmp_path, args, needle):

@@ -38,7 +38,7 @@ def test_round_trip(tmp_path):
     (lambda d: d.update(format_version=99), "format version 99 is not supported"),
     (lambda d: d.update(surprise=1), "unknown key.*surprise"),
     (lambda d: d.pop("width"), "missing key.*width"),
-    (lambda d: d.update(family="sdxl"), "family 'sdxl'"),
+    (lambda d: d.update(family="sd9"), "family 'sd9'"),
     (lambda d: d.update(prediction_type="epsilon"), "disagrees with the scheduler"),
     (lambda d: d["components"].update(unet_chunk1=d["components"]["unet"]), "needs both unet_chunk1 and unet_chunk2"),
     (lambda d: d["components"]["unet"]["inputs"][0].update(dtype="int64"), "dtype 'int64'"),

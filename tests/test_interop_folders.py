@@ -198,10 +198,14 @@ def test_apple_sd15_interface_opens_with_its_facts(apple_sd15):
     assert (facts["weights"], facts["precision"], facts["scaling_factor"]) == ("fp16", "fp16", 0.18215)
     assert folder.info.name == "runwayml_stable-diffusion-v1-5"
     assert folder.info.scheduler.prediction_type == "epsilon" and folder.facts["prediction_type"].how == "assumed"
-    contents = folder.contents()
-    assert contents["extras"] == {"controlled_unet": python_name("runwayml/stable-diffusion-v1-5", "controlled_unet")}
-    assert contents["controlnets"] == {"lllyasviel_sd-controlnet-canny": "ControlNet_lllyasviel_sd-controlnet-canny.mlpackage"}
-    assert set(folder.manifest.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    assert folder.contents()["controlnets"] == {
+        "lllyasviel_sd-controlnet-canny": "ControlNet_lllyasviel_sd-controlnet-canny.mlpackage"}
+    assert set(folder.manifest.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder", "controlled_unet"}
+    from coreml_sd.info import folder_contents
+
+    control = folder_contents(folder)["controlnet"]
+    assert control == {"unet_takes_residuals": 13, "controlnets": ["lllyasviel_sd-controlnet-canny"],
+                       "controlled_unet": python_name("runwayml/stable-diffusion-v1-5", "controlled_unet")}
 
 
 def test_apple_sdxl_interface_opens_with_its_facts(apple_sdxl):

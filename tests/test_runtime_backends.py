@@ -55,11 +55,12 @@ def test_backend_syntax():
     assert parse_backend("coreml,mil,torch").chains["vae_decoder"] == ("coreml", "mil", "torch")
     mixed = parse_backend("mil,unet=coreml/mil,text_encoder=torch")
     assert mixed.chains == {"text_encoder": ("torch",), "text_encoder_2": ("mil",), "unet": ("coreml", "mil"),
-                            "vae_decoder": ("mil",), "vae_encoder": ("mil",)}
+                            "vae_decoder": ("mil",), "vae_encoder": ("mil",), "controlled_unet": ("mil",),
+                            "controlnet": ("mil",)}
     assert parse_backend("unet=coreml").chains["text_encoder"] == ("auto",)
     for text, needle in [("gpu", "unknown backend 'gpu'; valid: auto, coreml, mil, torch"),
                          ("vae=mil", "unknown component 'vae'; valid: text_encoder, text_encoder_2, unet, "
-                                     "vae_decoder, vae_encoder"),
+                                     "vae_decoder, vae_encoder, controlled_unet, controlnet"),
                          ("unet=mil,unet=torch", "unet is given twice"), ("auto,mil", "auto stands alone"),
                          ("mil,,torch", "empty entry"), ("mil,mil", "named twice")]:
         with pytest.raises(InputError, match=re.escape(needle)):
@@ -68,7 +69,8 @@ def test_backend_syntax():
     assert example in BACKEND_HELP
     assert parse_backend(example).chains == {"text_encoder": ("torch",), "text_encoder_2": ("auto",),
                                              "unet": ("coreml", "mil"), "vae_decoder": ("auto",),
-                                             "vae_encoder": ("auto",)}
+                                             "vae_encoder": ("auto",), "controlled_unet": ("auto",),
+                                             "controlnet": ("auto",)}
 
 
 def test_cli_backend_errors_are_usage_errors(tiny):
@@ -257,3 +259,19 @@ def _units(short: str) -> str:
     from coreml_sd.backends.coreml_backend import COMPUTE_UNITS
 
     return COMPUTE_UNITS[short]
+
+
+def test_a_changed_or_swapped_package_is_named_not_run(tiny, tmp_path):
+    """The manifest records each package's hash; a package changed since (same size, other bytes),
+    as one swapped in from another model would be, stops the load naming the package."""
+    from coreml_sd.errors import ModelError
+
+    folder = copy_model(tiny[1], tmp_path / "m")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert all(len(p["sha256"]) == 64 for p in manifest["components"].values())
+    weights = next((folder / "TextEncoder.mlpackage").rglob("weight.bin"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="TextEncoder.mlpackage is not the package this folder was converted with"):
+        Pipeline.load(folder, backend="mil", device="cpu")

@@ -2,6 +2,7 @@
 
 import pytest
 
+from coreml_sd.errors import ModelError
 from coreml_sd.tokenizer import CLIPTokenizer, bundled_files
 
 PROMPTS = [
@@ -47,5 +48,5 @@ def test_sd2_padding_token():
 
 
 def test_unknown_pad_token_is_rejected():
-    with pytest.raises(ValueError, match="pad token"):
+    with pytest.raises(ModelError, match="pad token"):
         CLIPTokenizer(pad_token="<|nope|>")

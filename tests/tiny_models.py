@@ -85,12 +85,12 @@ def build_tiny_modules(seed: int = 0, *, unet_config: dict | None = None, text_c
 
 
 def write_tiny_diffusers_folder(path: Path, *, seed: int = 0, prediction_type: str = "epsilon",
-                                scheduler: dict | None = None) -> Path:
+                                scheduler: dict | None = None, unet_config: dict | None = None) -> Path:
     """Save a tiny SD1-architecture model as a diffusers folder with the bundled tokenizer files."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    text_encoder, unet, vae = build_tiny_modules(seed)
+    text_encoder, unet, vae = build_tiny_modules(seed, unet_config=unet_config)
     sched_cfg = dict(scheduler or SD15_SCHEDULER)
     sched_cfg["prediction_type"] = prediction_type
     sched_cfg.pop("_class_name", None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from coreml_sd.errors import ModelError, choices_text
 from conversion.ane.attention import ATTENTION_IMPLEMENTATIONS
-from conversion.ane.config import TextEncoderConfig, UNetConfig, VAEConfig
+from conversion.ane.config import ControlNetConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from conversion.ane.loading import load_rewrite, strip_prefix, with_prefix
 
 # Buffers that upstream modules register but that are not weights (recomputed here).
@@ -29,6 +29,14 @@ def unet_from_diffusers(unet, *, attention: str = "split_einsum_v2"):
     config = UNetConfig.from_diffusers(unet.config)
     return load_rewrite(lambda: UNet(config, attention=check_attention(attention)), unet.state_dict(),
                         what="UNet")
+
+
+def controlnet_from_diffusers(controlnet, *, attention: str = "split_einsum_v2"):
+    from conversion.ane.controlnet import ControlNet
+
+    config = ControlNetConfig.from_diffusers(controlnet.config)
+    return load_rewrite(lambda: ControlNet(config, attention=check_attention(attention)), controlnet.state_dict(),
+                        what="ControlNet")
 
 
 def vae_decoder_from_diffusers(vae, *, attention: str = "split_einsum_v2"):

@@ -156,6 +156,45 @@ class UNetConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
 
+_CONTROLNET_OWN = ("conditioning_channels", "conditioning_embedding_out_channels", "global_pool_conditions",
+                   "controlnet_conditioning_channel_order")
+_UP_OF = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """What the rewritten ControlNet needs of diffusers' ControlNetModel config: the UNet config of the
+    input half it copies, and its conditioning-image embedding."""
+
+    unet: UNetConfig  # up-block entries mirror the down blocks; the ControlNet builds none
+    conditioning_channels: int
+    hint_channels: tuple[int, ...]  # conditioning_embedding_out_channels
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any]) -> "ControlNetConfig":
+        config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+        order = config.get("controlnet_conditioning_channel_order", "rgb")
+        if order != "rgb":
+            raise ModelError(f"ControlNet config: controlnet_conditioning_channel_order={order!r} is not supported by "
+                             f"the converter (only 'rgb'); run this ControlNet with the torch backend")
+        down = tuple(config["down_block_types"])
+        bad = [t for t in down if t not in _UP_OF]
+        if bad:
+            raise ModelError(f"ControlNet config: down block type {bad[0]!r} is not supported; "
+                             f"supported: {choices_text(_UP_OF)}")
+        hint = config.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)
+        return cls(UNetConfig.from_diffusers(cls.unet_part(config)), int(config.get("conditioning_channels", 3)),
+                   tuple(int(c) for c in hint))
+
+    @staticmethod
+    def unet_part(config: Mapping[str, Any]) -> dict[str, Any]:
+        """The config of the UNet whose input half the ControlNet copies (its up blocks mirrored)."""
+        unet = {k: v for k, v in config.items() if k not in _CONTROLNET_OWN and not k.startswith("_")}
+        unet.update(up_block_types=[_UP_OF.get(t, t) for t in reversed(config["down_block_types"])],
+                    out_channels=config.get("in_channels", 4))
+        return unet
+
+
 @dataclass(frozen=True)
 class VAEConfig:
     """What the rewritten VAE encoder/decoder need of diffusers' AutoencoderKL config."""

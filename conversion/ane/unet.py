@@ -81,7 +81,23 @@ class MidBlock(nn.Module):
 class UNet(Rewrite):
     def __init__(self, config: UNetConfig, *, attention: str):
         super().__init__()
-        self.config = c = config
+        self.config = config
+        self._build_encoder(config, attention)
+        self._build_decoder(config, attention)
+
+    def _resnet(self, cin: int, cout: int) -> ResnetBlock:
+        c = self.config
+        return ResnetBlock(cin, cout, temb_channels=c.block_out_channels[0] * 4, groups=c.norm_num_groups,
+                           eps=c.norm_eps)
+
+    def _transformer(self, ch: int, block: int, attention: str) -> SpatialTransformer:
+        c = self.config
+        return SpatialTransformer(ch, heads=c.heads[block], cross_attention_dim=c.cross_attention_dim, impl=attention,
+                                  groups=c.norm_num_groups, num_layers=c.transformer_layers[block])
+
+    def _build_encoder(self, c: UNetConfig, attention: str) -> None:
+        """The input half (conv_in, time and extra embeddings, down blocks, middle block): all a
+        ControlNet has of a UNet."""
         ch0 = c.block_out_channels[0]
         temb = ch0 * 4
         self.conv_in = Conv2d(c.in_channels, ch0, 3, padding=1)
@@ -90,36 +106,31 @@ class UNet(Rewrite):
             self.class_embedding = TimestepEmbedding(c.projection_dim, temb)
         if c.addition_embed_type:
             self.add_embedding = TimestepEmbedding(c.projection_dim, temb)
-
-        def resnet(cin, cout):
-            return ResnetBlock(cin, cout, temb_channels=temb, groups=c.norm_num_groups, eps=c.norm_eps)
-
-        def transformer(ch, block):
-            return SpatialTransformer(ch, heads=c.heads[block], cross_attention_dim=c.cross_attention_dim,
-                                      impl=attention, groups=c.norm_num_groups,
-                                      num_layers=c.transformer_layers[block])
-
         n = len(c.block_out_channels)
         self.down_blocks = nn.ModuleList()
         cout = ch0
         for i, kind in enumerate(c.down_block_types):
             cin, cout = cout, c.block_out_channels[i]
             self.down_blocks.append(_Block(
-                [resnet(cin if j == 0 else cout, cout) for j in range(c.layers_per_block)],
-                [transformer(cout, i) for _ in range(c.layers_per_block)] if kind.startswith("CrossAttn") else None,
+                [self._resnet(cin if j == 0 else cout, cout) for j in range(c.layers_per_block)],
+                [self._transformer(cout, i, attention) for _ in range(c.layers_per_block)]
+                if kind.startswith("CrossAttn") else None,
                 downsampler=Downsample(cout, padding=1) if i < n - 1 else None,
             ))
         top = c.block_out_channels[-1]
-        self.mid_block = MidBlock([resnet(top, top), resnet(top, top)], [transformer(top, n - 1)])
+        self.mid_block = MidBlock([self._resnet(top, top), self._resnet(top, top)], [self._transformer(top, n - 1, attention)])
+
+    def _build_decoder(self, c: UNetConfig, attention: str) -> None:
+        n, ch0 = len(c.block_out_channels), c.block_out_channels[0]
         rev = tuple(reversed(c.block_out_channels))
         self.up_blocks = nn.ModuleList()
-        prev = top
+        prev = c.block_out_channels[-1]
         for i, kind in enumerate(c.up_block_types):
             cout, cskip_in = rev[i], rev[min(i + 1, n - 1)]
             layers = c.layers_per_block + 1
-            resnets = [resnet((prev if j == 0 else cout) + (cskip_in if j == layers - 1 else cout), cout)
+            resnets = [self._resnet((prev if j == 0 else cout) + (cskip_in if j == layers - 1 else cout), cout)
                        for j in range(layers)]
-            attns = ([transformer(cout, n - 1 - i) for _ in range(layers)]
+            attns = ([self._transformer(cout, n - 1 - i, attention) for _ in range(layers)]
                      if kind.startswith("CrossAttn") else None)
             self.up_blocks.append(_Block(resnets, attns, upsampler=Upsample(cout) if i < n - 1 else None))
             prev = cout
@@ -127,13 +138,17 @@ class UNet(Rewrite):
         self.conv_out = Conv2d(ch0, c.out_channels, 3, padding=1)
 
     # -- stages ---------------------------------------------------------------------------------
-    def stages(self) -> list[Stage]:
+    def encoder_stages(self) -> list[Stage]:
+        """The input half's stages, up to and including the middle block."""
         out = [Stage("in")]
         for i, block in enumerate(self.down_blocks):
             out += [Stage("down", i, j) for j in range(len(block.resnets))]
             if hasattr(block, "downsamplers"):
                 out.append(Stage("downsample", i))
-        out.append(Stage("mid"))
+        return out + [Stage("mid")]
+
+    def stages(self) -> list[Stage]:
+        out = self.encoder_stages()
         for i, block in enumerate(self.up_blocks):
             out += [Stage("up", i, j) for j in range(len(block.resnets))]
             if hasattr(block, "upsamplers"):
@@ -218,17 +233,43 @@ class UNet(Rewrite):
         parts = [ops.cos(args), ops.sin(args)] if c.flip_sin_to_cos else [ops.sin(args), ops.cos(args)]
         return ops.concat(parts, 1)
 
-    def run(self, state: UNetState, context, stages: list[Stage], ops=TORCH) -> UNetState:
+    def run(self, state: UNetState, context, stages: list[Stage], ops=TORCH, residuals=None) -> UNetState:
+        """Run `stages` from `state`. `residuals` (a ControlledUnet's, ControlNet's order: one per skip, then
+        the middle block's): as diffusers, added to the skips once the down blocks are done and to the
+        middle block's output."""
         context = ops.cast(context, self.compute_dtype)
         for stage in stages:
-            state = self.run_stage(stage, state, context, ops)
+            if residuals and stage.kind == "mid":
+                res = [ops.cast(r, self.compute_dtype) for r in residuals]
+                state = UNetState(state.h, state.emb, tuple(ops.add(s, r) for s, r in zip(state.skips, res[:-1])))
+                state = self.run_stage(stage, state, context, ops)
+                state = UNetState(ops.add(state.h, res[-1]), state.emb, state.skips)
+            else:
+                state = self.run_stage(stage, state, context, ops)
         return state
 
-    def forward(self, sample, timestep, encoder_hidden_states, *extra, ops=TORCH):
+    def forward(self, sample, timestep, encoder_hidden_states, *extra, residuals=(), ops=TORCH):
         """sample (B, 4, h, w), timestep (B,), encoder_hidden_states (B, C, 1, 77), and the extra inputs
-        in `config.extra_inputs` order (class_labels, or text_embeds and time_ids) -> (B, 4, h, w)."""
+        in `config.extra_inputs` order (class_labels, or text_embeds and time_ids) -> (B, 4, h, w).
+        `residuals`: ControlNet residuals (a ControlledUnet)."""
         state = self.begin(sample, timestep, extra, ops)
-        return self.run(state, encoder_hidden_states, self.stages()[1:], ops).h
+        return self.run(state, encoder_hidden_states, self.stages()[1:], ops, residuals).h
+
+    def residual_shapes(self, batch: int, latent_hw: tuple[int, int]) -> list[tuple[int, ...]]:
+        return residual_shapes(self.config, batch, latent_hw)
+
+
+def residual_shapes(c: UNetConfig, batch: int, latent_hw: tuple[int, int]) -> list[tuple[int, ...]]:
+    """Shapes of the ControlNet residuals a UNet takes at a latent size: one per skip (conv_in's, each
+    down layer's, each downsampler's), then the middle block's (Apple's additional_residual_0..N)."""
+    h, w = latent_hw
+    shapes = [(batch, c.block_out_channels[0], h, w)]
+    for i, ch in enumerate(c.block_out_channels):
+        shapes += [(batch, ch, h, w)] * c.layers_per_block
+        if i < len(c.block_out_channels) - 1:
+            h, w = (h + 1) // 2, (w + 1) // 2  # 3x3, stride 2, padding 1
+            shapes.append((batch, ch, h, w))
+    return shapes + [(batch, c.block_out_channels[-1], h, w)]
 
 
 def parameter_bytes(modules: list[nn.Module]) -> int:

@@ -8,6 +8,8 @@ adapting is the component's job, so the pipeline and the samplers never know whi
     TextEncoder.encode(input_ids int64 (B, 77))    -> TextEncoding(hidden (B, 77, C), pooled (B, P) | None)
     UNet.predict(sample (B, 4, h, w), timestep (B,) float32, cond: Conditioning)
                                                    -> model output (B, 4, h, w), float32
+    ControlNet.residuals(sample (B, 4, h, w), timestep (B,), cond: Conditioning, image (B, 3, H, W) in [0, 1])
+                                                   -> residuals, down blocks then middle block, float32
     VAEDecoder.decode(z (B, 4, h, w), already / scaling_factor) -> image (B, 3, H, W) in [-1, 1], float32
     VAEEncoder.encode(x (B, 3, H, W) in [-1, 1])   -> mean and log-variance (B, 8, h, w), float32
 
@@ -43,6 +45,12 @@ class UNet(Protocol):
     def predict(self, sample, timestep, cond: Conditioning) -> Any: ...
 
 
+class ControlNet(Protocol):
+    batch_size: int | None
+
+    def residuals(self, sample, timestep, cond: Conditioning, image) -> tuple: ...
+
+
 class VAEDecoder(Protocol):
     def decode(self, z) -> Any: ...
 
@@ -60,6 +68,7 @@ class LoadOptions:
     compute_units: str = "all"  # coreml: ane | gpu | cpu | all (or Core ML's names)
     compile: str | None = None  # torch: a torch.compile mode for the UNet (torch_compile.COMPILE_MODES)
     mil_mode: str = "fast"  # mil: fast, or exact (Core ML's fp16 rounding, to verify packages)
+    check_hashes: bool = True  # packages must match the hashes their manifest recorded (verify measures any)
 
 
 @dataclass
@@ -98,8 +107,14 @@ class Components:
     fallbacks: dict[str, list[Fallback]] = field(default_factory=dict)  # component -> what it fell back from
     backends: dict[str, str] = field(default_factory=dict)  # component -> backend name that runs it
     load_more: Callable[[str], Any] | None = None
+    # (source, component, key) -> a component of another model source (a ControlNet file) loaded on
+    # this load's route, request and array kind, kept under `key`
+    load_other: Callable[[Any, str, str], Any] | None = None
+    origins: dict[str, str] = field(default_factory=dict)  # key -> where a load_other component came from
 
     def __getitem__(self, name: str):
+        if name not in self.parts and ":" in name:
+            raise BackendUnavailable(f"the {name} was not loaded; loaded: {choices_text(self.parts)}")
         if name not in self.parts:
             if name not in KINDS:
                 raise InputError(f"unknown component {name!r}; valid: {choices_text(KINDS)}")

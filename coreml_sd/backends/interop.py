@@ -71,6 +71,8 @@ def _convert_any(value, kind: ArrayKind):
         return value.map(lambda a: convert(a, kind))
     if isinstance(value, TextEncoding):
         return TextEncoding(convert(value.hidden, kind), convert(value.pooled, kind))
+    if isinstance(value, tuple):  # a ControlNet's residuals
+        return tuple(convert(v, kind) for v in value)
     return convert(value, kind)
 
 
@@ -103,6 +105,9 @@ class Boundary:
 
     def decode(self, *args):
         return self._call("decode", *args)
+
+    def residuals(self, *args):
+        return self._call("residuals", *args)
 
 
 def at_boundary(component: Any, *, native: ArrayKind, loop: ArrayKind) -> Any:

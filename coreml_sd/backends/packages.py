@@ -241,7 +241,46 @@ class PackageUNet(_Adapter):
                  "encoder_hidden_states": context, **cond.extra}
         for i, residual in enumerate(cond.control or ()):
             feeds[CONTROL_INPUT.format(i)] = residual
+        if cond.control is None:  # a ControlledUnet at a step without control: adding zeros changes nothing
+            feeds.update(self._zero_residuals(batch))
         return call_package(self.package, feeds)[self.output]
+
+    def _zero_residuals(self, batch: int) -> dict[str, np.ndarray]:
+        return {s.name: np.zeros((batch, *s.shape[1:]), np.float32) for s in self.package.inputs
+                if s.name.startswith(CONTROL_INPUT.format(""))}
+
+
+class PackageControlNet:
+    """A ControlNet package (Apple's `controlnet/<Name>`: sample, timestep, encoder_hidden_states,
+    controlnet_cond -> additional_residual_0..N) behind the ControlNet contract."""
+
+    role = "controlnet"
+    INPUTS = ("sample", "timestep", "encoder_hidden_states", "controlnet_cond")
+
+    def __init__(self, package: PackageRunner):
+        self.package = package
+        self.runs_on = package.describe()
+        names = {s.name: s for s in package.inputs}
+        if not set(self.INPUTS) <= set(names):
+            raise ModelError(f"{package.name}: a ControlNet package needs inputs {', '.join(self.INPUTS)}; found "
+                             f"{choices_text(names)}")
+        outputs = {s.name for s in package.outputs}
+        self.outputs = [CONTROL_INPUT.format(i) for i in range(len(outputs))]
+        if set(self.outputs) != outputs:
+            raise ModelError(f"{package.name}: a ControlNet package's outputs are {CONTROL_INPUT.format('0')}.."
+                             f"{CONTROL_INPUT.format(len(outputs) - 1)}; found {choices_text(sorted(outputs))}")
+        self.batch_size = package.batch_size
+        self._channels_first = len(names["encoder_hidden_states"].shape) == 4
+
+    def residuals(self, sample, timestep, cond: Conditioning, image) -> tuple:
+        batch = sample.shape[0]
+        t = arrays.to_numpy(timestep).astype(np.float32).reshape(-1)
+        context = cond.context.swapaxes(1, 2)[:, :, None, :] if self._channels_first else cond.context
+        feeds = {"sample": sample, "timestep": t if t.size == batch else np.full(batch, t[0], np.float32),
+                 "encoder_hidden_states": context, "controlnet_cond": image,
+                 **{k: v for k, v in cond.extra.items() if k in {s.name for s in self.package.inputs}}}
+        out = call_package(self.package, feeds)
+        return tuple(out[name] for name in self.outputs)
 
 
 class PackageVAEDecoder(_Adapter):
@@ -260,7 +299,8 @@ class PackageVAEEncoder(_Adapter):
         return self._call_one(x)
 
 
-ADAPTERS = {a.role: a for a in (PackageTextEncoder, PackageUNet, PackageVAEDecoder, PackageVAEEncoder)}
+ADAPTERS = {a.role: a for a in (PackageTextEncoder, PackageUNet, PackageVAEDecoder, PackageVAEEncoder,
+                                 PackageControlNet)}
 
 
 def check_role(role: str) -> None:

@@ -8,7 +8,7 @@ The `--backend` value (`BACKEND_HELP` says the same to users):
     coreml                    one backend for every component; an error if it cannot run here
     coreml,mil,torch          a fallback order for every component
     unet=coreml,text_encoder=torch
-                              per component (text_encoder, unet, vae_decoder); a component's
+                              per component (text_encoder, unet, vae_decoder, controlnet ...); a component's
                               fallback order is written with "/" (unet=coreml/mil); components not
                               named take the bare names given (mil,unet=coreml: the rest on mil),
                               or auto
@@ -42,7 +42,8 @@ AUTO = "auto"
 BACKEND_HELP = (
     "auto (default): a converted folder runs on coreml, else mil, else torch; any other model on torch. "
     "One name (coreml, mil, torch): every component there, or an error. A comma list (coreml,mil): a "
-    "fallback order. Per component (text_encoder, text_encoder_2, unet, vae_decoder, vae_encoder): "
+    "fallback order. Per component (text_encoder, text_encoder_2, unet, vae_decoder, vae_encoder, "
+    "controlled_unet, controlnet): "
     "unet=coreml/mil,text_encoder=torch ('/' separates one component's fallbacks; components not named take "
     "the plain names given, or auto).")
 
@@ -204,7 +205,7 @@ class Loader:
     def load(self, names: Sequence[str]) -> Components:
         plan = {c: resolve(self.source, c, self.request, self.options) for c in names}
         loop = _array_kind(plan["unet"].backend, self.options) if "unet" in plan else None
-        comps = Components(parts={}, asarray=None, load_more=self.load_more)
+        comps = Components(parts={}, asarray=None, load_more=self.load_more, load_other=self.load_other)
         self.components = comps
         if self.reduce_memory:
             log_fallbacks({c: (r.skipped, r.backend) for c, r in plan.items()})  # known now: said once, here
@@ -227,17 +228,36 @@ class Loader:
         self.loop = loop
         return comps
 
-    def _loader(self, res: Resolution) -> Callable[[], Loaded]:
+    def _loader(self, res: Resolution, source=None, key: str | None = None) -> Callable[[], Loaded]:
+        source, key = source or self.source, key or res.component
+
         def load() -> Loaded:
             # Fresh shared state per load: nothing of another component is kept alive.
-            loaded, skipped, final = _load_one(self.source, res, self.options, {})
+            loaded, skipped, final = _load_one(source, res, self.options, {})
             if final != res.backend:  # a load failed: a fallback not announced yet
-                log_fallbacks({res.component: (skipped, final)})
-                self.components.fallbacks[res.component] = skipped
-                self.components.backends[res.component] = final
+                log_fallbacks({key: (skipped, final)})
+                self.components.fallbacks[key] = skipped
+                self.components.backends[key] = final
             return loaded
 
         return load
+
+    def load_other(self, source, component: str, key: str):
+        """A component of another source (a ControlNet file beside the model) on this load's request,
+        options and array kind, kept as `key` in the components (just in time with reduce_memory)."""
+        res = resolve(source, component, self.request, self.options)
+        comps = self.components
+        if self.reduce_memory:
+            comps.runs_on[key], comps.backends[key] = f"{res.backend} (loaded when used)", res.backend
+            comps.fallbacks[key] = list(res.skipped)
+            log_fallbacks({key: (res.skipped, res.backend)})
+            comps.parts[key] = JustInTime(key, self._loader(res, source, key), self.loop, comps)
+            return comps.parts[key]
+        loaded, skipped, final = _load_one(source, res, self.options, {})
+        log_fallbacks({key: (skipped, final)})
+        comps.backends[key], comps.fallbacks[key], comps.runs_on[key] = final, skipped, loaded.runs_on
+        comps.parts[key] = at_boundary(loaded.component, native=loaded.array, loop=self.loop or loaded.array)
+        return comps.parts[key]
 
     def load_more(self, name: str):
         """A component the first load did not include (e.g. the VAE encoder for an init image)."""
@@ -259,7 +279,7 @@ class Loader:
         mods = self.shared.get("torch_modules")
         if mods is None:
             return
-        used = {c for c, b in comps.backends.items() if b == "torch"}
+        used = {KINDS[c].torch_module or c for c, b in comps.backends.items() if b == "torch" and c in KINDS}
         if not used:
             self.shared.pop("torch_modules")
             return
@@ -314,6 +334,9 @@ class JustInTime:
 
     def decode(self, *args):
         return self.loaded.decode(*args)
+
+    def residuals(self, *args):
+        return self.loaded.residuals(*args)
 
 
 def _array_kind(backend: str, options: LoadOptions) -> ArrayKind:

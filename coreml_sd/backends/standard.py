@@ -30,6 +30,13 @@ def _package_reason(source, component: str, backend: str) -> str | None:
     return None
 
 
+def _paths(source, component: str, options: LoadOptions):
+    """The component's packages, checked against the manifest's hashes unless the options say not to."""
+    if options.check_hashes:
+        return source.packages.checked_package_paths(component)
+    return source.packages.package_paths(component)
+
+
 def _resolved_torch(options: LoadOptions) -> tuple[str, str]:
     """(device, precision) as torch would choose them here (imports torch, loads no weights)."""
     from coreml_sd.devices import resolve_device, resolve_precision
@@ -63,7 +70,7 @@ class CoreMLBackend:
     def load(self, source, component: str, options: LoadOptions, shared: dict) -> Loaded:
         from coreml_sd.backends.coreml_backend import load_coreml_component
 
-        part = load_coreml_component(source.packages.package_paths(component), role(component),
+        part = load_coreml_component(_paths(source, component, options), role(component),
                                      compute_units=options.compute_units,
                                      compiled=source.packages.compiled_paths(component))
         return Loaded(part, part.runs_on, NUMPY)
@@ -86,7 +93,7 @@ class MilBackend:
         from coreml_sd.backends.mil_backend import load_mil_component
 
         fast_dtype = None if options.precision == "auto" else options.precision
-        part = load_mil_component(source.packages.package_paths(component), role(component), device=options.device,
+        part = load_mil_component(_paths(source, component, options), role(component), device=options.device,
                                   precision_mode=options.mil_mode, fast_dtype=fast_dtype)
         return Loaded(part, part.runs_on, torch_kind(part.package.runners[0].device))
 
@@ -110,7 +117,9 @@ class TorchBackend:
         from coreml_sd.backends.torch_backend import load_component
 
         device, precision = _resolved_torch(options)
-        if "torch_modules" not in shared:
+        # Load the source's modules once per load; again if a module this component needs was freed
+        # (e.g. the UNet, when only the ControlledUnet falls back to torch later).
+        if "torch_modules" not in shared or shared["torch_modules"].module(component) is None:
             from coreml_sd.devices import torch_dtype
 
             shared["torch_modules"] = source.torch_modules(device=device, dtype=torch_dtype(precision))

@@ -101,6 +101,31 @@ class TorchVAEEncoder:
         return self.module.encode(x.to(self.dtype)).latent_dist.parameters.float()
 
 
+class TorchControlNet:
+    """diffusers' ControlNetModel behind the ControlNet contract: the unscaled residuals (conditioning
+    scale 1), down blocks then middle block; the control stage weights and sums them."""
+
+    batch_size = None
+
+    def __init__(self, module, dtype):
+        self.module, self.dtype = module, dtype
+
+    def _kwargs(self, cond: Conditioning) -> dict:
+        config = self.module.config
+        if config.get("class_embed_type") and "class_labels" in cond.extra:
+            return {"class_labels": cond.extra["class_labels"].to(self.dtype)}
+        if config.get("addition_embed_type"):  # SDXL ControlNets: text_embeds and time_ids
+            return {"added_cond_kwargs": {k: v.to(self.dtype) for k, v in cond.extra.items()}}
+        return {}
+
+    @torch.inference_mode()
+    def residuals(self, sample, timestep, cond: Conditioning, image) -> tuple:
+        down, mid = self.module(sample.to(self.dtype), timestep, encoder_hidden_states=cond.context.to(self.dtype),
+                                controlnet_cond=image.to(self.dtype), conditioning_scale=1.0, guess_mode=False,
+                                return_dict=False, **self._kwargs(cond))
+        return tuple(r.float() for r in (*down, mid))
+
+
 def load_component(source: ModelSource, component: str, *, device: str = "auto", precision: str = "auto",
                    compile: str | None = None, modules: TorchModules | None = None):
     """One component on torch: (component, runs_on, device). `modules`: the source's modules when
@@ -124,6 +149,8 @@ def load_component(source: ModelSource, component: str, *, device: str = "auto",
         return TorchVAEDecoder(module, dtype), where, device
     if kind == "vae_encoder":
         return TorchVAEEncoder(module, dtype), where, device
+    if kind == "controlnet":
+        return TorchControlNet(module, dtype), where, device
     if compile:
         from coreml_sd.backends.torch_compile import compile_unet, uses_cuda_graphs
 

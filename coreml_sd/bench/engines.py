@@ -62,6 +62,9 @@ def load_diffusers(task):
     source = open_model(task.model_path)
     require_torch(source)
     if source.info.kind == "diffusers":
+        from coreml_sd.checkpoint.safeload import check_folder_weights
+
+        check_folder_weights(source.info.path)  # refused with our message, before torch's unpickler sees a .bin
         with _quiet_diffusers():
             pipe = StableDiffusionPipeline.from_pretrained(source.info.path, torch_dtype=dtype, local_files_only=True,
                                                            safety_checker=None, requires_safety_checker=False)

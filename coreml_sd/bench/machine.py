@@ -54,6 +54,23 @@ def load_average() -> list[float] | None:
         return None
 
 
+# Other work keeping half the cores busy already distorts latencies: torch's thread team waits for
+# its slowest member, and a core shared with another process makes every parallel op slower.
+BUSY_LOAD_PER_CORE = 0.5
+
+
+def busy_note(load_before: list[float] | None, cores: int | None = None) -> str | None:
+    """A warning when the machine was busy before a measurement started (None when it was quiet
+    or the OS reports no load). The load before the run is other processes' alone."""
+    if not load_before:
+        return None
+    cores = cores or os.cpu_count() or 1
+    if load_before[0] < BUSY_LOAD_PER_CORE * cores:
+        return None
+    return (f"busy machine: 1-minute load average {load_before[0]} on {cores} cores before the run; latencies are "
+            f"inflated and vary between runs, so compare ratios within one run and measure again when it is quiet")
+
+
 def accelerator() -> str:
     """What could run the model besides the CPU: a CUDA GPU, Apple's GPU and Neural Engine, or none."""
     if sys.platform == "darwin" and platform.machine() == "arm64":

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from coreml_sd.errors import CoreMLSDError, ModelError, choices_text
+from coreml_sd.sources import BUILTIN_NAMES
 
 DEFAULT_MODEL = "sd15-random"
 # name -> shipped checkpoint config (coreml_sd/data/configs) whose architecture gets random weights.
@@ -67,7 +68,7 @@ def resolve_model(model: str | None, cache_dir: Path, *,
             (make_random or (lambda f, c, s: write_random_model(f, c, seed=s)))(folder, config, seed)
         return BenchModel(model, folder, f"{config} architecture ({model}), random weights (seed {seed}), "
                                          f"fp16 diffusers folder", random_weights=True)
-    if model == BUILTIN:
+    if model in BUILTIN_NAMES:
         return BenchModel(BUILTIN, None, "the built-in model")
     path = Path(model).expanduser()
     if not path.exists():

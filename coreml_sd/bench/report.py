@@ -54,7 +54,8 @@ def _header(result: dict) -> list[str]:
         f"Model: {result['model']['description']}.",
         f"Machine: {m['cpu']} ({m['cpu_count']} cores, {m['memory_gib']} GiB), {m['os']}, accelerator: "
         f"{m['accelerator']}; {libs}.",
-        f"Load average (1/5/15 min) before {load.get('before')}, after {load.get('after')}.",
+        f"Load average (1/5/15 min) before {load.get('before')}, after {load.get('after')}."
+        + (f" **Warning: {result['busy']}.**" if result.get("busy") else ""),
         f"Settings: {s['warmup']} warm-up + {s['steps']} timed UNet steps, {s['runs']} timed text-encoder/VAE "
         f"runs, end to end {s['e2e_steps']} {s['sampler']} steps, guidance {s['guidance_scale']}, each backend "
         f"{'in its own process' if s['isolation'] == 'process' else 'in one process'}.",

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from coreml_sd.conversion_names import ATTENTION_IMPLEMENTATIONS
-from coreml_sd.bench.machine import load_average, machine_info
+from coreml_sd.bench.machine import busy_note, load_average, machine_info
 from coreml_sd.bench.measure import Settings, Task, measure_run, new_entry, skipped_entry
 from coreml_sd.bench.models import (BenchModel, ConversionFailed, ConvertOptions, converted_folder, is_converted,
                                     resolve_model)
@@ -136,6 +136,7 @@ def run_bench(request: BenchRequest, progress: Callable[[str], None] = lambda s:
         "settings": {**request.settings.to_dict(), "attention": request.attention, "weights": request.weights,
                      "isolation": request.isolation},
         "load_average": {"before": before, "after": load_average()},
+        "busy": busy_note(before),
         "seconds": time.perf_counter() - start,
         "runs": runs,
     }

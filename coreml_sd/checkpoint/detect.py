@@ -5,7 +5,8 @@ Sentinel keys tell the layout (`model.diffusion_model.` UNet, `first_stage_model
 `conditioner.embedders.` = SDXL); shapes confirm the family (the width of the cross-attention
 context: 768 SD 1.x, 1024 SD 2.x, 2048 SDXL) and the UNet's input channels (4; 9 inpainting;
 8 instruct-pix2pix). SD 2.x files do not say whether they predict noise or velocity; see
-`probe_v_prediction`.
+`probe_v_prediction`. ControlNets (`control_model.*`, or their keys at the top level) are named by
+the family whose context width and UNet block widths they have (`families.match_controlnet`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Mapping
 
 from coreml_sd import families
-from coreml_sd.checkpoint import keymap
+from coreml_sd.checkpoint import controlnet_keymap, keymap
 from coreml_sd.checkpoint.safeload import TensorInfo
 from coreml_sd.errors import ModelError, choices_text
 
@@ -30,7 +31,7 @@ _DTYPE_NAMES = {"F16": "fp16", "F32": "fp32", "BF16": "bf16", "F64": "fp64"}
 
 @dataclass(frozen=True)
 class Detection:
-    """What a file holds. `kind`: model | vae | lora | embedding | unknown."""
+    """What a file holds. `kind`: model | controlnet | vae | lora | embedding | unknown."""
 
     kind: str
     family: str | None = None  # a coreml_sd.families name (variants such as sd2-v are told apart later)
@@ -45,6 +46,8 @@ class Detection:
     dtype: str = "?"
     params: Mapping[str, int] = field(default_factory=dict)
     found: str = ""  # a short account of the keys, for messages about unknown files
+    block_widths: tuple[int, ...] = ()  # a ControlNet's (its UNet's block_out_channels)
+    layout: str | None = None  # a ControlNet's key prefix in the file ("control_model." or "")
 
 
 def _numel(shape) -> int:
@@ -93,6 +96,9 @@ def classify(shapes: Mapping[str, TensorInfo]) -> Detection:
     """Describe a file from its key -> (dtype, shape) table; never raises."""
     keys = list(shapes)
     common = dict(dtype=_dominant_dtype(shapes), params=_params(shapes), found=_account(shapes))
+    control = controlnet_keymap.controlnet_prefix(keys)
+    if control is not None:  # before the model test: ControlNet 1.0 files hold a whole SD model too
+        return _controlnet(shapes, control, common)
     has_unet = any(k.startswith(keymap.UNET_PREFIX) for k in keys)
     prefixes = _text_prefixes(keys)
     if not has_unet and not prefixes and any(_LORA.search(k) for k in keys):
@@ -115,6 +121,9 @@ def _model(shapes, has_unet: bool, prefixes: list[str], common: dict) -> Detecti
     in_channels = int(conv_in.shape[1]) if conv_in and len(conv_in.shape) == 4 else None
     family, standard = families.match_single_file(prefixes, ctx, None)
     layouts = None
+    if family is not None and in_channels is not None and in_channels != family.unet_in_channels:
+        # an inpainting (or other) variant of the layout, told apart by the UNet's input channels
+        family = next(iter(families.variants_of(family, in_channels=in_channels)), family)
     if family is not None:
         layouts = "+".join(t.layout for t in family.text_encoders)
         # A text encoder of one family with the UNet context width of another is no known model.
@@ -128,6 +137,22 @@ def _model(shapes, has_unet: bool, prefixes: list[str], common: dict) -> Detecti
         context_dim=ctx, standard=standard, **common)
 
 
+def _controlnet(shapes, prefix: str, common: dict) -> Detection:
+    ctx = controlnet_keymap.context_width(shapes, prefix)
+    try:
+        widths, _ = controlnet_keymap.block_widths(shapes, prefix)
+    except (ModelError, KeyError):
+        widths = ()
+    family = families.match_controlnet(ctx, widths)
+    conv_in = shapes.get(controlnet_keymap.conv_in_key(prefix))
+    within = controlnet_keymap.key_prefix(prefix)
+    params = {"controlnet": sum(_numel(i.shape) for k, i in shapes.items() if k.startswith(within))}
+    common = dict(common, params={**params, **{k: v for k, v in common["params"].items() if k != "other"}})
+    return Detection("controlnet", family=family.name if family else None, context_dim=ctx, block_widths=widths,
+                     in_channels=int(conv_in.shape[1]) if conv_in and len(conv_in.shape) == 4 else None,
+                     standard=family is not None, layout=prefix, **common)
+
+
 def _looks_like_embedding(shapes: Mapping[str, TensorInfo]) -> bool:
     if "emb_params" in shapes or any(k.startswith("string_to_param") for k in shapes):
         return True
@@ -137,9 +162,10 @@ def _looks_like_embedding(shapes: Mapping[str, TensorInfo]) -> bool:
 
 def require_model(det: Detection, path: Path) -> None:
     """Refuse anything that is not a text-to-image checkpoint of a registered family, saying what it is."""
-    what = {"vae": "a VAE", "lora": "a LoRA", "embedding": "a textual-inversion embedding"}.get(det.kind)
+    what = {"vae": "a VAE", "lora": "a LoRA", "embedding": "a textual-inversion embedding",
+            "controlnet": "a ControlNet"}.get(det.kind)
     if what:
-        flag = {"vae": "--vae", "lora": "--lora", "embedding": "--embedding"}[det.kind]
+        flag = {"vae": "--vae", "lora": "--lora", "embedding": "--embedding", "controlnet": "--controlnet"}[det.kind]
         raise ModelError(f"{path} is {what}, not a Stable Diffusion model; pass it with {flag} next to a model")
     if det.kind != "model":
         raise ModelError(f"{path} is not a Stable Diffusion checkpoint: expected a model's keys "

@@ -18,6 +18,7 @@ from coreml_sd.checkpoint.safeload import (
     tensor_shapes,
 )
 from coreml_sd.errors import ModelError
+from coreml_sd.outputs import check_output_dir
 
 FORMAT_NAMES = {SAFETENSORS: "safetensors", "torch-zip": "pickle (torch zip)", "pickle": "pickle (legacy torch)"}
 
@@ -43,11 +44,32 @@ def inspect_file(path: str | Path, *, probe: bool = True) -> dict[str, Any]:
             report["supported"], report["problem"] = True, None
         except ModelError as exc:
             report["supported"], report["problem"] = False, str(exc)
+    if det.kind == "controlnet":
+        report.update(controlnet_report(path, det, shapes))
     if det.kind == "unknown":
         report["found"] = det.found
     if metadata:
         report["metadata"] = {k: (v if len(v) < 200 else v[:200] + "...") for k, v in metadata.items()}
     return report
+
+
+def controlnet_report(path: Path, det: detect.Detection, shapes) -> dict[str, Any]:
+    """What a ControlNet file is made for, and whether it opens (its config known, not a "diff" file)."""
+    from coreml_sd.checkpoint import controlnet_keymap
+    from coreml_sd.controlnet_source import ControlNetFile
+
+    out: dict[str, Any] = {"context_dim": det.context_dim, "block_widths": list(det.block_widths),
+                           "in_channels": det.in_channels,
+                           "layout": {"": "top-level keys (extracted)", controlnet_keymap.DIFFUSERS: "diffusers names"}
+                           .get(det.layout, f"{det.layout}*"),
+                           "residuals": None}
+    try:
+        cn = ControlNetFile(path, shapes=shapes, detection=det)
+        out["residuals"] = controlnet_keymap.residual_count(cn.config)
+        out["family"], out["supported"], out["problem"] = cn.family, True, None
+    except ModelError as exc:
+        out["supported"], out["problem"] = False, str(exc)
+    return out
 
 
 def _prediction_type(path: Path, det: detect.Detection, probe: bool) -> str | None:
@@ -89,23 +111,44 @@ def to_safetensors(path: str | Path, output: str | Path | None = None, *, overwr
     Embeddings become AUTOMATIC1111's safetensors form (`emb_params`). Hypernetworks have no
     safetensors form that AUTOMATIC1111 reads, so they are refused.
     """
-    from safetensors.torch import save_file
-
     path = Path(path).expanduser()
     if sniff(path) == SAFETENSORS:
         raise ModelError(f"{path} is already a safetensors file")
     out = Path(output).expanduser() if output else path.with_suffix(".safetensors")
     if out.exists() and not overwrite:
         raise ModelError(f"{out} exists; choose another output or remove it first")
+    check_output_dir(out.parent)  # before the (long) load: a missing or read-only folder fails now
     obj = load_pickle(path)
     tensors = _tensors_for_safetensors(obj, path)
-    tmp = out.with_name(out.name + ".partial")
-    try:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "converted_from": path.name})
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_safetensors(tensors, out, {"format": "pt", "converted_from": path.name}, overwrite=overwrite)
     return out
+
+
+def _write_safetensors(tensors: dict[str, Any], out: Path, metadata: dict[str, str], *, overwrite: bool) -> None:
+    """Write under a hidden temporary name, give it the umask's mode (safetensors creates files 0600),
+    then publish it: never over a file that appeared meanwhile unless `overwrite`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    from coreml_sd.outputs import default_file_mode, output_errors, publish, remove_stale_partials, temporary_name
+
+    with output_errors("the safetensors file", out, library_errors=(SafetensorError,)):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(out.parent)
+        tmp = temporary_name(out)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+            os.chmod(tmp, default_file_mode())
+            if overwrite:
+                os.replace(tmp, out)
+            else:
+                try:
+                    publish(tmp, out)
+                except FileExistsError:
+                    raise ModelError(f"{out} appeared while converting; choose another output or remove it first") \
+                        from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _tensors_for_safetensors(obj: Any, path: Path) -> dict[str, Any]:

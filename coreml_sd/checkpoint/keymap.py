@@ -38,13 +38,13 @@ _OPENCLIP_RENAMES = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "m
 
 # ---------------------------------------------------------------- diffusers -> original (writing)
 
-def _unet_table(config: Mapping) -> dict[str, tuple[str, dict]]:
-    """diffusers module prefix -> (original prefix, renames of the next name part) for a UNet config."""
+def encoder_table(config: Mapping) -> dict[str, tuple[str, dict]]:
+    """The UNet's input half (conv_in, time and extra embeddings, down blocks, middle block): diffusers
+    module prefix -> (original prefix, renames of the next name part). A ControlNet is a copy of it."""
     lpb, n = int(config["layers_per_block"]), len(config["block_out_channels"])
     res, plain = _RESNET_RENAMES, {}
     table = {"conv_in": ("input_blocks.0.0", plain), "time_embedding.linear_1": ("time_embed.0", plain),
-             "time_embedding.linear_2": ("time_embed.2", plain), "conv_norm_out": ("out.0", plain),
-             "conv_out": ("out.2", plain), "mid_block.resnets.0": ("middle_block.0", res),
+             "time_embedding.linear_2": ("time_embed.2", plain), "mid_block.resnets.0": ("middle_block.0", res),
              "mid_block.attentions.0": ("middle_block.1", plain), "mid_block.resnets.1": ("middle_block.2", res),
              # an embedding of extra inputs added to the time embedding (class labels; SDXL's text_time)
              "class_embedding.linear_1": ("label_emb.0.0", plain), "class_embedding.linear_2": ("label_emb.0.2", plain),
@@ -56,6 +56,16 @@ def _unet_table(config: Mapping) -> dict[str, tuple[str, dict]]:
             table[f"down_blocks.{i}.attentions.{j}"] = (f"input_blocks.{k}.1", plain)
         if i < n - 1:
             table[f"down_blocks.{i}.downsamplers.0.conv"] = (f"input_blocks.{1 + i * (lpb + 1) + lpb}.0.op", plain)
+    return table
+
+
+def _unet_table(config: Mapping) -> dict[str, tuple[str, dict]]:
+    """diffusers module prefix -> (original prefix, renames of the next name part) for a UNet config."""
+    lpb, n = int(config["layers_per_block"]), len(config["block_out_channels"])
+    res, plain = _RESNET_RENAMES, {}
+    table = encoder_table(config)
+    table.update({"conv_norm_out": ("out.0", plain), "conv_out": ("out.2", plain)})
+    for i in range(n):
         for j in range(lpb + 1):  # output_blocks: per level lpb+1 layers, the last with the upsampler
             k = i * (lpb + 1) + j
             table[f"up_blocks.{i}.resnets.{j}"] = (f"output_blocks.{k}.0", res)

@@ -18,20 +18,20 @@ theirs runs, and they are never imported.
 
 from __future__ import annotations
 
-import _compat_pickle
 import io
 import json
 import logging
 import math
 import os
-import pickletools
 import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coreml_sd.checkpoint.pickle_scan import BoundedReader, PickleScan, PickleTooLarge, Storage, scan_one_pickle
 from coreml_sd.errors import ModelError, UnsafeFileError
+from coreml_sd.paths import os_error_text, require_regular_file
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,13 @@ PICKLE = "pickle"
 # Element sizes of safetensors dtypes, for the size check of each entry.
 _ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                    "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
-_MAX_HEADER = 100 * 1024 * 1024
+# The format's own limit (the safetensors library refuses longer headers). A file may also not
+# declare more tensors than MAX_TENSORS, nor more JSON members than MAX_HEADER_ITEMS (counted as
+# ':' bytes before parsing), so a hostile header is refused in milliseconds instead of building a
+# Python object per entry: no SD-family file comes near either.
+MAX_HEADER_BYTES = 100_000_000
+MAX_TENSORS = 100_000
+MAX_HEADER_ITEMS = 2_000_000
 
 _TORCH_STORAGES = ("Float", "Half", "BFloat16", "Double", "Long", "Int", "Short", "Char", "Byte", "Bool",
                    "ComplexFloat", "ComplexDouble", "Untyped")
@@ -83,22 +89,26 @@ _INERT_CLASSES = {name: _inert_class(name) for name in INERT_GLOBALS}
 
 
 def sniff(path: Path) -> str:
-    """The container format of `path` from its first bytes (the extension is not trusted)."""
+    """The container format of `path` from its first bytes (the extension is not trusted).
+
+    Only a regular file is opened: a FIFO named `.safetensors` would block a reader forever.
+    """
+    path = Path(path)
+    if Path(path).is_dir():
+        raise ModelError(f"{path} is a folder; expected a .safetensors, .ckpt or .pt file")
+    require_regular_file(path, "a .safetensors, .ckpt or .pt file")
     try:
         with open(path, "rb") as fh:
             head = fh.read(16)
-    except IsADirectoryError:
-        raise ModelError(f"{path} is a folder; expected a .safetensors, .ckpt or .pt file") from None
     except OSError as exc:
-        raise ModelError(f"cannot read {path}: {exc.strerror}") from None
+        raise ModelError(f"cannot read {path}: {os_error_text(exc)}") from None
     if len(head) < 9:
         raise ModelError(f"{path} is empty or truncated ({len(head)} bytes); expected a tensor file")
     if head[:4] == b"PK\x03\x04":
         return TORCH_ZIP
     if head[0] == 0x80 and head[1] <= 5:  # pickle PROTO opcode
         return PICKLE
-    (header_len,) = struct.unpack("<Q", head[:8])
-    if head[8:9] == b"{" and header_len < _MAX_HEADER:
+    if head[8:9] == b"{":
         return SAFETENSORS
     raise ModelError(
         f"{path} is not a tensor file: expected safetensors (a length and a JSON header), a torch zip "
@@ -114,42 +124,87 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
 
 def _safetensors_layout(path: Path) -> tuple[dict[str, tuple], dict[str, str], int]:
     """(key -> (dtype, shape, start, stop) within the data section, metadata, where the data section starts)."""
-    size = os.path.getsize(path)
+    size = require_regular_file(path, "a .safetensors file").st_size
     with open(path, "rb") as fh:
         raw_len = fh.read(8)
         if len(raw_len) < 8:
             raise ModelError(f"{path} is truncated: {size} bytes, no safetensors header")
         (n,) = struct.unpack("<Q", raw_len)
-        if n > min(size - 8, _MAX_HEADER):
+        if n > size - 8:
             raise ModelError(f"{path} is truncated or corrupt: header of {n} bytes in a file of {size} bytes")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelError(f"{path} is corrupt: its safetensors header is not JSON ({exc})") from None
+        if n > MAX_HEADER_BYTES:
+            raise ModelError(f"{path} is not a usable safetensors file: its header is {n / 1e6:.0f} MB; the format "
+                             f"allows at most {MAX_HEADER_BYTES / 1e6:.0f} MB (a full SDXL checkpoint needs 0.3 MB)")
+        header = _parse_header(path, fh.read(n))
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ModelError(f"{path} is corrupt: its __metadata__ is a {type(metadata).__name__}, "
+                         f"expected a JSON object of strings")
+    entries = _check_entries(path, header, size - 8 - n)
+    return entries, {str(k): str(v) for k, v in (metadata or {}).items()}, 8 + n
+
+
+def _parse_header(path: Path, raw: bytes) -> dict:
+    """The JSON header, refused before parsing when it declares more tensors than any model has."""
+    declared, members = raw.count(b'"data_offsets"'), raw.count(b":")
+    if declared > MAX_TENSORS or members > MAX_HEADER_ITEMS:
+        found = f"{declared} tensors" if declared > MAX_TENSORS else f"about {members} JSON members"
+        raise ModelError(f"{path} is not a usable safetensors file: its header declares {found}; at most "
+                         f"{MAX_TENSORS} tensors are accepted (an SDXL checkpoint with EMA weights has about 5,000)")
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path} is corrupt: its safetensors header is not JSON ({exc})") from None
+    except RecursionError:
+        raise ModelError(f"{path} is corrupt: its safetensors header nests deeper than JSON parsing allows") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path} is corrupt: its safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    entries = _check_entries(path, header, size - 8 - n)
-    return entries, {str(k): str(v) for k, v in metadata.items()}, 8 + n
+    return header
 
 
 def _check_entries(path: Path, header: dict, data_size: int) -> dict[str, tuple]:
-    entries, end = {}, 0
-    for key, entry in header.items():
-        try:
-            dtype, shape, (start, stop) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-            start, stop = int(start), int(stop)
-            expected = math.prod(shape) * _ST_DTYPE_BYTES[dtype]
-        except (KeyError, TypeError, ValueError):
-            raise ModelError(f"{path} is corrupt: bad header entry for {key!r}: {entry!r}") from None
-        if stop - start != expected or start < 0:
-            raise ModelError(f"{path} is corrupt: {key!r} occupies {stop - start} bytes, its shape needs {expected}")
-        entries[key] = (dtype, shape, start, stop)
-        end = max(end, stop)
+    entries = {key: _check_entry(path, key, entry) for key, entry in header.items()}
+    spans = sorted((start, stop, key) for key, (_, _, start, stop) in entries.items() if stop > start)
+    for (start_a, stop_a, key_a), (start_b, stop_b, key_b) in zip(spans, spans[1:]):
+        if start_b < stop_a:
+            raise ModelError(f"{path} is corrupt: tensors {key_a!r} (bytes {start_a}..{stop_a}) and {key_b!r} "
+                             f"(bytes {start_b}..{stop_b}) overlap; each tensor must have its own bytes")
+    end = spans[-1][1] if spans else 0
     if end > data_size:
         raise ModelError(f"{path} is truncated: its header describes {end} bytes of tensor data, "
                          f"the file holds {data_size}")
     return entries
+
+
+def _check_entry(path: Path, key: str, entry) -> tuple:
+    """(dtype, shape, start, stop) of one header entry, each part checked."""
+    def bad(why: str) -> ModelError:
+        return ModelError(f"{path} is corrupt: header entry {key!r} {why}")
+
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise bad(f"is not an object with dtype, shape and data_offsets: {str(entry)[:200]}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPE_BYTES:
+        raise bad(f"has dtype {str(dtype)[:40]!r}; supported: {', '.join(_ST_DTYPE_BYTES)}")
+    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2**63 for d in shape) or len(shape) > 64:
+        raise bad(f"has shape {str(shape)[:200]}; expected a list of at most 64 non-negative integers")
+    if math.prod(max(d, 1) for d in shape) >= 2**63:
+        raise bad(f"has shape {shape}, whose element count overflows 64 bits even ignoring its zero dimensions")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise bad(f"has data_offsets {str(offsets)[:100]}; expected [start, stop], two integers")
+    start, stop = offsets
+    if start < 0 or stop < start:
+        raise bad(f"has data_offsets [{start}, {stop}]; offsets count bytes from the start of the data section, "
+                  f"so they must satisfy 0 <= start <= stop")
+    expected = math.prod(shape) * _ST_DTYPE_BYTES[dtype]
+    if stop - start != expected:
+        raise ModelError(f"{path} is corrupt: {key!r} occupies {stop - start} bytes, its shape {shape} of {dtype} "
+                         f"needs {expected}")
+    return dtype, tuple(shape), start, stop
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def load_safetensors(path: Path) -> dict[str, Any]:
@@ -192,97 +247,126 @@ def _torch_dtype(name: str, path: Path):
     return table[name]
 
 
-def pickle_globals(stream: io.BufferedIOBase, *, max_pickles: int = 6) -> list[str]:
-    """Every `module.name` a pickle stream (or a run of pickles) would import, without executing it.
+def scan_pickles(stream: io.BufferedIOBase, *, max_pickles: int = 6, required: int = 5) -> PickleScan:
+    """The globals and declared storages of a pickle stream (or a run of pickles), without executing it.
 
-    A STACK_GLOBAL whose operands are not plain strings is reported as `<unresolved global>`.
+    The first `required` pickles must be well formed (a legacy torch file has five: magic number,
+    protocol, system info, the object, the storage keys; then raw storage bytes follow, which may
+    or may not look like a pickle). A STACK_GLOBAL whose operands are not plain strings is reported
+    as `<unresolved global>`.
     """
-    found: list[str] = []
+    found = PickleScan([], [])
     for index in range(max_pickles):
         start = stream.tell()
         if not stream.read(1):
             break
         stream.seek(start)
         try:
-            found.extend(_globals_of_one_pickle(stream))
+            one = scan_one_pickle(stream)
+        except PickleTooLarge as exc:
+            raise ModelError(f"not a checkpoint pickle: {exc}") from None
         except Exception:  # noqa: BLE001 - pickletools raises many kinds on non-pickle data
-            if index == 0:
-                raise ModelError("not a pickle stream (corrupt or truncated)") from None
+            if index < max(required, 1):
+                raise ModelError(f"not a pickle stream (corrupt or truncated in pickle {index + 1})") from None
             break  # a legacy torch file continues with raw storage bytes after its pickles
+        found.globals.extend(one.globals)
+        found.storages.extend(one.storages)
     return found
 
 
-_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
-_MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
-_GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
-_NO_PUSH_OPS = {"PROTO", "FRAME", "STOP", "MEMOIZE", "POP", "POP_MARK"} | _MEMO_OPS
+def pickle_globals(stream: io.BufferedIOBase, *, max_pickles: int = 6) -> list[str]:
+    """Every `module.name` a pickle stream (or a run of pickles) would import, without executing it."""
+    return scan_pickles(stream, max_pickles=max_pickles, required=1).globals
 
 
-def _globals_of_one_pickle(stream) -> list[str]:
-    found, stack, memo = [], [], {}
-    for op, arg, _pos in pickletools.genops(stream):
-        name = op.name
-        if name in ("GLOBAL", "INST"):
-            found.append(_py3_name(*str(arg).split(" ", 1)))
-        elif name == "STACK_GLOBAL":
-            mod, attr = (stack[-2], stack[-1]) if len(stack) >= 2 else (None, None)
-            ok = isinstance(mod, str) and isinstance(attr, str)
-            found.append(_py3_name(mod, attr) if ok else "<unresolved global>")
-            stack[-2:] = [None]
-        elif name in _STRING_OPS:
-            stack.append(arg)
-        elif name == "MEMOIZE":
-            memo[len(memo)] = stack[-1] if stack else None
-        elif name in _MEMO_OPS:
-            memo[arg] = stack[-1] if stack else None
-        elif name in _GET_OPS:
-            stack.append(memo.get(arg))
-        elif name not in _NO_PUSH_OPS:
-            stack.append(None)
-    return found
-
-
-def _py3_name(module: str, name: str) -> str:
-    """The name the unpickler would really import: protocol-2 pickles spell `builtins` as `__builtin__`."""
-    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}"
-
-
-def _zip_pickle_globals(path: Path) -> list[str]:
+def _scan_zip(path: Path) -> PickleScan:
+    """Scan a torch zip's pickle(s); each declared storage must fit in its `data/<key>` record."""
     try:
         with zipfile.ZipFile(path) as zf:
             names = [n for n in zf.namelist() if n.endswith(".pkl")]
             if not names:
                 raise ModelError(f"{path} is a zip archive without a pickle (data.pkl): not a torch file")
-            found = []
+            found = PickleScan([], [])
             for name in names:
                 with zf.open(name) as member:
-                    found.extend(pickle_globals(io.BufferedReader(member), max_pickles=1))
+                    one = scan_pickles(BoundedReader(member, zf.getinfo(name).file_size), max_pickles=1,
+                                       required=1)
+                found.globals.extend(one.globals)
+                found.storages.extend(one.storages)
+                _check_zip_storages(path, zf, name.rpartition("/")[0], one.storages)
             return found
-    except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as exc:
-        raise ModelError(f"{path} is truncated or corrupt: {exc}") from None
+    except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile, NotImplementedError, ValueError, struct.error,
+            OSError, KeyError) as exc:  # zipfile's reactions to a damaged directory
+        raise ModelError(f"{path} is truncated or corrupt: {_first_line(exc)}") from None
+
+
+def _check_zip_storages(path: Path, zf: zipfile.ZipFile, prefix: str, storages: list[Storage]) -> None:
+    sizes = {info.filename: info.file_size for info in zf.infolist()}
+    for st in storages:
+        record = f"{prefix}/data/{st.key}" if prefix else f"data/{st.key}"
+        if record not in sizes:
+            raise ModelError(f"{path} is truncated or corrupt: its pickle refers to storage {record}, which the "
+                             f"archive does not hold")
+        if not 0 <= st.nbytes <= sizes[record]:
+            raise ModelError(f"{path} is corrupt: storage {record} declares {st.nbytes} bytes but holds "
+                             f"{sizes[record]}; refused before allocating anything")
+
+
+def _check_legacy_storages(path: Path, storages: list[Storage]) -> None:
+    """Legacy files hold every storage's bytes after the pickles, so together they fit in the file."""
+    size = path.stat().st_size
+    declared = {}
+    for st in storages:
+        if st.nbytes < 0:
+            raise ModelError(f"{path} is corrupt: storage {st.key} declares {st.numel} elements")
+        declared[st.key] = max(st.nbytes, declared.get(st.key, 0))
+    total = sum(declared.values())
+    if total > size:
+        raise ModelError(f"{path} is truncated or corrupt: its storages declare {total} bytes but the file has "
+                         f"{size}; refused before allocating anything")
 
 
 def check_pickle(path: Path) -> list[str]:
-    """The globals of a pickled file; raises UnsafeFileError naming any that is not allow-listed."""
+    """The globals of a pickled file; raises UnsafeFileError naming any that is not allow-listed, and
+    ModelError when its storages declare more bytes than the file holds (torch would allocate them)."""
+    path = Path(path)
     kind = sniff(path)
     if kind == TORCH_ZIP:
-        found = _zip_pickle_globals(path)
+        found = _scan_zip(path)
     elif kind == PICKLE:
         try:
             with open(path, "rb") as fh:
-                found = pickle_globals(fh)
+                found = scan_pickles(BoundedReader(fh, os.fstat(fh.fileno()).st_size))
         except ModelError as exc:
             raise ModelError(f"{path}: {exc}") from None
     else:
         raise ModelError(f"{path} is a safetensors file, not a pickle")
-    refused = sorted({g for g in found if g not in ALLOWED_GLOBALS and g not in INERT_GLOBALS})
+    refused = sorted({g for g in found.globals if g not in ALLOWED_GLOBALS and g not in INERT_GLOBALS})
     if refused:
         raise UnsafeFileError(
             f"refusing to load {path}: it references {', '.join(refused)}; a checkpoint may only hold "
             f"tensors and plain containers, and these globals could run code. Nothing from the file was executed."
         )
-    return found
+    if kind == PICKLE:
+        _check_legacy_storages(path, found.storages)
+    return found.globals
+
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+
+def check_folder_weights(folder: str | Path) -> list[Path]:
+    """Check every pickled weight file under a (diffusers) folder with `check_pickle`; return them.
+
+    transformers and diffusers load `pytorch_model.bin` / `diffusion_pytorch_model.bin` with torch's
+    own unpickler, whose refusal ends in advice to turn the safety off; a hostile file is refused
+    here first, with this module's message.
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
+    for path in files:
+        check_pickle(path)
+    return files
 
 
 def load_pickle(path: Path) -> Any:
@@ -298,12 +382,26 @@ def load_pickle(path: Path) -> Any:
         with torch.serialization.safe_globals(inert + _numpy_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == TORCH_ZIP)
     except pickle.UnpicklingError as exc:
-        # torch's message is long; keep the line that names what it refused.
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        named = [ln for ln in lines if "GLOBAL" in ln or "got <" in ln or "Unsupported" in ln] or lines[-1:]
-        raise UnsafeFileError(f"refusing to load {path}: {named[0]}; nothing from the file was executed") from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
-        raise ModelError(f"{path} is truncated or corrupt: {str(exc).splitlines()[0]}") from None
+        # Every global was allow-listed above, so torch's own refusal means a damaged stream; its message
+        # is long and ends in advice to switch the safety off, so only the line naming the problem is kept.
+        reason = _torch_refusal(str(exc))
+        error = UnsafeFileError if "GLOBAL" in reason else ModelError
+        raise error(f"cannot load {path}: torch's restricted unpickler stopped at: {reason}; the file is "
+                    f"corrupt or not a checkpoint, and nothing from it was executed") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises IndexError, KeyError, TypeError, ... on damaged data
+        raise ModelError(f"{path} is truncated or corrupt: {_first_line(exc)}") from None
+
+
+def _torch_refusal(message: str) -> str:
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if "weights_only" not in ln and "torch.load" not in ln and "file an issue" not in ln]
+    named = [ln for ln in lines if "GLOBAL" in ln or "got <" in ln or "Unsupported" in ln]
+    return (named or lines or ["an unreadable opcode"])[0]
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _numpy_globals() -> list:

@@ -69,7 +69,7 @@ class SingleFileCheckpoint(SourceBase):
             config = sidecar_path(self.path)
         if config is not None:
             cfg = as_config(config)
-            if layout_base(cfg.spec) is not family:
+            if layout_base(cfg.spec) is not layout_base(family):
                 raise ModelError(f"{self.path} is {det.family} (text encoder {det.text_encoder}), but its "
                                  f"config says {cfg.family}")
         elif not det.standard:
@@ -84,7 +84,8 @@ class SingleFileCheckpoint(SourceBase):
 
     def _variant(self, family, prediction_type: str | None):
         """The family or its variant that fits the file (sd2 / sd2-v by prediction type, probed if not given)."""
-        variants = [v for v in variants_of(family) if v.config]
+        variants = [v for v in variants_of(layout_base(family)) if v.config
+                    and v.unet_in_channels == family.unet_in_channels]
         if len({v.prediction_type for v in variants}) < 2:
             return variants[0]
         wanted = prediction_type or ("v_prediction" if self._probe_v(variants[0]) else "epsilon")
@@ -106,6 +107,7 @@ class SingleFileCheckpoint(SourceBase):
             sample_size=cfg.sample_size, vae_scale_factor=cfg.vae_scale_factor,
             latent_channels=int(cfg.unet.get("out_channels", 4)), scaling_factor=cfg.scaling_factor,
             text_hidden_size=int(cfg.unet.get("cross_attention_dim", cfg.spec.context_dim)),
+            unet_block_widths=tuple(int(c) for c in cfg.unet["block_out_channels"]),
             tokenizer_files=bundled_files(), pad_token=cfg.pad_token, hash=sha256_file(self.path)[:10],
         )
 
