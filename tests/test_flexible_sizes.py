@@ -1,9 +1,10 @@
 """`convert --sizes`: one UNet/VAE set taking several image sizes (Core ML enumerated shapes).
 
-The tiny model (images 16x16, latents 8x8) is converted once for 16x16, 16x24 and 24x16. Each size
-generates on the mil executor within 30 dB of the torch backend on the source (the packages
-compute in fp16, so equality is to fp16's precision), the parity gate measured every size, an
-unlisted size is refused naming the sizes, and compiled copies keep the sizes. Also here: query
+The tiny model (images 16x16, latents 8x8) is converted once for 16x16, 16x24, 24x16 and 24x24.
+Each size generates on the mil executor within 30 dB of the torch backend on the source (the
+packages compute in fp16, so equality is to fp16's precision), and so does the hires fix from
+16x16 to 24x24; the parity gate measured every size, an unlisted size is refused naming the
+sizes, and compiled copies keep the sizes. Also here: query
 chunking over a flexible length, the option checks, `--layout`, earlier folders whose VAE decoder
 takes fp32 `z`, and `--compile` where the Swift pipeline looks (macOS only).
 """
@@ -24,7 +25,7 @@ from coreml_sd.model_description import describe_model
 from coreml_sd.sources import open_model
 from conversion.convert import ConversionError, ConvertOptions, convert_model
 
-SIZES = ((16, 16), (16, 24), (24, 16))
+SIZES = ((16, 16), (16, 24), (24, 16), (24, 24))
 KW = dict(seed=5, steps=4, sampler="euler", guidance_scale=7.5)
 
 
@@ -50,19 +51,32 @@ def test_every_listed_size_generates_as_torch(size, multi, tiny_diffusers_dir):
     assert image_psnr(reference, image) >= 30.0
 
 
+def test_hires_fix_between_listed_sizes(multi, tiny_diffusers_dir):
+    """A1111's hires fix (latent upscaler) from 16x16 to 24x24 runs both passes through the one UNet."""
+    from coreml_sd.pipeline import Pipeline
+
+    hires = dict(hires_scale=1.5, hires_steps=2, hires_denoise=0.5, hires_upscaler="latent")
+    images = [np.asarray(Pipeline.load(model, backend=backend, device="cpu", precision=precision)(
+        "a handwritten digit seven", width=16, height=16, **hires, **KW)[0].image)
+        for model, backend, precision in ((str(multi.path), "mil", "fp16"), (str(tiny_diffusers_dir), "torch", "fp32"))]
+    assert images[0].shape == (24, 24, 3)
+    assert image_psnr(images[1], images[0]) >= 30.0
+
+
 def test_unlisted_size_is_a_clear_error(multi):
     from coreml_sd.backends.mil_backend import load_mil_component
     from coreml_sd.conditioning import Conditioning
     from coreml_sd.pipeline import Pipeline
 
     pipe = Pipeline.load(str(multi.path), backend="mil", device="cpu")
-    with pytest.raises(InputError, match=r"converted for 16x16, 16x24, 24x16; got 24x24 \(convert again with --sizes"):
-        pipe("a 7", width=24, height=24, **KW)
+    with pytest.raises(InputError, match=r"converted for 16x16, 16x24, 24x16, 24x24; got 32x32 \(convert again with "
+                                         r"--sizes"):
+        pipe("a 7", width=32, height=32, **KW)
     unet = load_mil_component(multi.path / "Unet.mlpackage", "unet", device="cpu")
     cond = Conditioning(context=torch.zeros(2, 77, 32))
     with pytest.raises(InputError, match=r"input 'sample' takes the shapes \(2, 4, 8, 8\), \(2, 4, 12, 8\), "
-                                         r"\(2, 4, 8, 12\) \(enumerated\); found \(2, 4, 12, 12\)"):
-        unet.predict(torch.zeros(2, 4, 12, 12), torch.tensor([500.0, 500.0]), cond)
+                                         r"\(2, 4, 8, 12\), \(2, 4, 12, 12\) \(enumerated\); found \(2, 4, 10, 10\)"):
+        unet.predict(torch.zeros(2, 4, 10, 10), torch.tensor([500.0, 500.0]), cond)
 
 
 def test_manifest_parity_and_description_cover_every_size(multi):
@@ -79,7 +93,7 @@ def test_manifest_parity_and_description_cover_every_size(multi):
     z = describe_model(multi.path / "VAEDecoder.mlpackage").input("z")
     assert (z.shape, z.dtype) == ((1, 4, None, None), "fp16")  # fp16 z, as Apple's VAEDecoder
     info = CliRunner().invoke(main, ["info", str(multi.path)]).output
-    assert "sizes        16x16, 16x24, 24x16 (enumerated: any other size is refused)" in info
+    assert "sizes        16x16, 16x24, 24x16, 24x24 (enumerated: any other size is refused)" in info
 
 
 def test_compiled_copy_keeps_the_sizes(multi, tmp_path):
