@@ -368,7 +368,8 @@ def convert_text_encoder(conv: Converter, mods, shapes: Shapes) -> None:
 
     module, mods.text_encoder = mods.text_encoder, None
     with conv.timer("text_encoder", "reference"), in_fp32(module, conv.options):
-        case = Case("", *text_encoder_case(module, conv.source.tokenizer(), extra_words=list(conv.source.trigger_ids())))
+        case = Case("", *text_encoder_case(module, conv.source.tokenizer(),
+                                           extra_words=list(conv.source.trigger_ids())))
     rewrite = text_encoder_from_transformers(module, attention=conv.options.attention)
     del module
     c = shapes.text_hidden
@@ -622,7 +623,8 @@ def _manifest(conv: Converter, shapes: Shapes, source: dict) -> Manifest:
         sizes=[list(size) for size in shapes.sizes], layout=opts.layout,
         batch=shapes.batch, latent_channels=info.latent_channels, vae_scale_factor=info.vae_scale_factor,
         scaling_factor=info.scaling_factor, text_hidden_size=info.text_hidden_size, attention=opts.attention,
-        weights=opts.weights, precision=opts.precision, min_target=opts.min_target, components=packages, pad_token=info.pad_token,
+        weights=opts.weights, precision=opts.precision, min_target=opts.min_target, components=packages,
+        pad_token=info.pad_token,
         max_length=TEXT_LENGTH, trigger_words=conv.source.trigger_ids(), source=source,
         tools=tool_versions(), parity=parity, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         controlnets=controlnets,

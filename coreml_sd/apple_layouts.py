@@ -40,7 +40,8 @@ PYTHON_PREFIX = "Stable_Diffusion_version_"
 # Models of a Stable Diffusion folder that coreml-sd recognises but does not run.
 EXTRA_SWIFT = {
     "safety_checker": "SafetyChecker",
-    "unet_refiner": "UnetRefiner", "unet_refiner_chunk1": "UnetRefinerChunk1", "unet_refiner_chunk2": "UnetRefinerChunk2",
+    "unet_refiner": "UnetRefiner", "unet_refiner_chunk1": "UnetRefinerChunk1",
+    "unet_refiner_chunk2": "UnetRefinerChunk2",
     "multilingual_projection": "MultilingualTextEncoderProjection",
     "mmdit": "MultiModalDiffusionTransformer",
 }

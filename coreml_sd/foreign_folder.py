@@ -178,7 +178,8 @@ def infer(scan: FolderScan, described: Mapping[str, Any], *,
         scaling_factor=scaling, text_hidden_size=_context_width(described, unet, facts),
         attention=_attention(unet or next(iter(described.values())), facts), weights=_weights(unet, described, facts),
         precision=_precision(unet, facts), min_target=_min_target(unet or next(iter(described.values())), facts),
-        components=components, pad_token=spec.text_encoders[0].pad_token, max_length=_max_length(described, unet, facts),
+        components=components, pad_token=spec.text_encoders[0].pad_token,
+        max_length=_max_length(described, unet, facts),
         source={"path": None, "kind": "foreign", "tool": _tool(scan, described, guernika),
                 "layout": "+".join(sorted(scan.layouts))},
         layout="both" if scan.layouts == {"swift", "python"} else next(iter(scan.layouts)),
@@ -193,7 +194,7 @@ def _family(described, unet, guernika: dict, prediction_type, facts) -> str:
     extras, channels, context = None, None, None
     if unet is not None:
         extras = {s.name: (s.shape[1] if len(s.shape) > 1 else 1) for s in unet.inputs
-                  if s.name not in UNET_INPUTS and not s.name.startswith(CONTROL_PREFIXES) and s.name != "timestep_cond"}
+                  if s.name not in (*UNET_INPUTS, "timestep_cond") and not s.name.startswith(CONTROL_PREFIXES)}
         sample = unet.input("sample")
         channels = sample.shape[1] if sample is not None else None
         context = _context(unet)

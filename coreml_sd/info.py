@@ -129,7 +129,7 @@ def contents_lines(c: dict[str, Any]) -> list[str]:
     for name, comp in c["components"].items():
         ins = "; ".join(comp["inputs"])
         lines.append(f"  {name:<13}{comp['path']}  {comp['size_bytes'] / 2**20:.1f} MiB  {comp['weights']}"
-                     + (f"  compiled {comp['compiled']}" if comp["compiled"] and comp["compiled"] != comp["path"] else "")
+                     + (f"  compiled {comp['compiled']}" if comp["compiled"] not in (None, comp["path"]) else "")
                      + f"  <- {ins}")
     return lines
 

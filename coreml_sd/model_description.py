@@ -83,8 +83,9 @@ def describe_model(path) -> ModelDescription:
         return _describe_compiled(path)
     if path.is_dir() and (path / "Manifest.json").is_file():
         return _describe_package(path)
+    found = "a file" if path.is_file() else "a folder that is neither" if path.is_dir() else "nothing"
     raise ModelError(f"expected a Core ML package (.mlpackage folder) or compiled model (.mlmodelc folder) at {path}, "
-                     "found " + ("a file" if path.is_file() else "a folder that is neither" if path.is_dir() else "nothing"))
+                     f"found {found}")
 
 
 def folder_size(path: Path) -> int:

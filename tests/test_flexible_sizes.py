@@ -143,7 +143,8 @@ def test_flexible_program_chunks_queries_evenly_at_every_size(monkeypatch):
     rng = np.random.default_rng(1)
     for shape in shapes:
         sample = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
-        t, context = torch.tensor([700.0, 300.0]), torch.from_numpy(rng.standard_normal((2, 32, 1, 77)).astype(np.float32))
+        t = torch.tensor([700.0, 300.0])
+        context = torch.from_numpy(rng.standard_normal((2, 32, 1, 77)).astype(np.float32))
         rewrite.compute_dtype_override = torch.float32  # fp32 compute over the stored fp16 weights
         with torch.inference_mode():
             reference = rewrite(sample, t, context).float().numpy()

@@ -121,7 +121,8 @@ def test_not_a_model_folder_names_every_kind(tmp_path):
 
 def test_python_names_of_several_models_are_refused(variants, tmp_path):
     for version in ("a/one", "b/two"):
-        shutil.copytree(variants["python-names"] / python_name(VERSION, "unet"), tmp_path / python_name(version, "unet"))
+        shutil.copytree(variants["python-names"] / python_name(VERSION, "unet"),
+                        tmp_path / python_name(version, "unet"))
     with pytest.raises(ModelError, match="several Apple-converted models.*a_one, b_two"):
         open_model(tmp_path)
 

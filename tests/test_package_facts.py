@@ -64,8 +64,8 @@ def test_compiled_metadata_flexible_forms(tmp_path):
     text = describe_model(_compiled(tmp_path / "b", [_sample(hasShapeFlexibility="1",
                                                                shapeFlexibility="2 x 4 x 32...96 x 64")]))
     assert text.ranges == {"sample": ((2, 2), (4, 4), (32, 96), (64, 64))}
-    listed = describe_model(_compiled(tmp_path / "c", [_sample(hasShapeFlexibility="1",
-                                                                 shapeFlexibility="2 × 4 × 64 × 64 | 2 × 4 × 96 × 64")]))
+    enumerated = "2 × 4 × 64 × 64 | 2 × 4 × 96 × 64"
+    listed = describe_model(_compiled(tmp_path / "c", [_sample(hasShapeFlexibility="1", shapeFlexibility=enumerated)]))
     assert listed.shapes == {"sample": ((2, 4, 64, 64), (2, 4, 96, 64))}
     assert listed.input("sample").shape == (2, 4, None, 64)
     unknown = describe_model(_compiled(tmp_path / "d", [_sample(hasShapeFlexibility="1")]))
@@ -73,14 +73,15 @@ def test_compiled_metadata_flexible_forms(tmp_path):
 
 
 def test_compiled_op_counts_from_histogram_or_text(tmp_path):
-    counted = describe_model(_compiled(tmp_path / "a", [_sample()],
-                                       {"Ios16.einsum": 3, "Ios16.constexprLutToDense": 2, "Ios17.einsum": 1, "Tile": 1}))
+    histogram = {"Ios16.einsum": 3, "Ios16.constexprLutToDense": 2, "Ios17.einsum": 1, "Tile": 1}
+    counted = describe_model(_compiled(tmp_path / "a", [_sample()], histogram))
     assert counted.op_counts == {"einsum": 4, "constexpr_lut_to_dense": 2, "tile": 1}
     assert counted.user_metadata == {"prediction_type": "v_prediction"}
     folder = _compiled(tmp_path / "b", [_sample()])
-    (folder / "model.mil").write_text('program(1.0)\n{\n  func main<ios16>(tensor<fp16, [1]> x) {\n'
-                                      '    tensor<fp16, [1]> y = einsum(equation = "a", values = (x, x))[name = "y"];\n'
-                                      '    tensor<fp16, [1]> z = softmax(axis = 0, x = y)[name = "z"];\n  } -> (z);\n}\n')
+    (folder / "model.mil").write_text(
+        'program(1.0)\n{\n  func main<ios16>(tensor<fp16, [1]> x) {\n'
+        '    tensor<fp16, [1]> y = einsum(equation = "a", values = (x, x))[name = "y"];\n'
+        '    tensor<fp16, [1]> z = softmax(axis = 0, x = y)[name = "z"];\n  } -> (z);\n}\n')
     assert describe_model(folder).op_counts == {"einsum": 1, "softmax": 1}
 
 

@@ -144,7 +144,8 @@ def _einsum_layout(first, second, probs):
         return None
     shapes = [tuple(t.shape) for t in (q, k, v)]
     # (the sequence axes 1 and 3 may be flexible: a program taking several image sizes)
-    if not all(len(sh) == 4 and _static((sh[0], sh[2])) for sh in shapes) or len({(sh[0], sh[2]) for sh in shapes}) != 1:
+    if not all(len(sh) == 4 and _static((sh[0], sh[2])) for sh in shapes) \
+            or len({(sh[0], sh[2]) for sh in shapes}) != 1:
         return None  # SDPA needs one batch and head layout; MIL's size-1 broadcasting is left op by op
 
     def heads_first(x):  # (n, a, h, b) -> (n, h, a, b)
@@ -325,7 +326,8 @@ def match_channel_layer_norm(reduce_op, keep: set[int]) -> Fusion | None:
     =>  F.layer_norm over the channels."""
     x = reduce_op.inputs["x"]
     axes = _const(reduce_op.inputs.get("axes"))
-    if len(x.shape) != 4 or not _static(x.shape[:2]) or axes is None or not bool(_const(reduce_op.inputs.get("keep_dims"))):
+    keep_dims = bool(_const(reduce_op.inputs.get("keep_dims")))
+    if len(x.shape) != 4 or not _static(x.shape[:2]) or axes is None or not keep_dims:
         return None
     if sorted(int(a) % 4 for a in np.asarray(axes).reshape(-1)) != [1]:
         return None
