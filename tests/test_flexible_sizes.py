@@ -63,6 +63,30 @@ def test_hires_fix_between_listed_sizes(multi, tiny_diffusers_dir):
     assert image_psnr(images[1], images[0]) >= 30.0
 
 
+def test_coreml_backend_path_takes_every_listed_size(multi, tmp_path, monkeypatch):
+    """The coreml backend's own code (specs with flexible sizes, input checks, numpy arrays; Core ML's
+    predict stood in for by the exact mil executor, tests/helpers_runtime.py) runs each listed size
+    and gives the mil backend's exact-mode image."""
+    from helpers_runtime import MilCoreML, as_macos
+
+    from coreml_sd.backends.coreml_backend import read_specs
+    from coreml_sd.pipeline import Pipeline
+
+    inputs, _ = read_specs(multi.path / "Unet.mlpackage")
+    assert inputs[0].shape == (2, 4, None, None)
+    from coreml_sd.backends import LoadOptions
+    from coreml_sd.backends.selection import load_components, parse_backend
+
+    source = open_model(multi.path)
+    exact = Pipeline(source, load_components(source, parse_backend("mil"), LoadOptions(device="cpu", mil_mode="exact")))
+    as_macos(monkeypatch, MilCoreML(tmp_path / "cache"))
+    coreml = Pipeline.load(str(multi.path), backend="coreml", compute_units="cpu")
+    for width, height in SIZES[1:3]:
+        got, want = (np.asarray(p("a handwritten digit seven", width=width, height=height, **KW)[0].image)
+                     for p in (coreml, exact))
+        assert got.shape == (height, width, 3) and np.array_equal(got, want)
+
+
 def test_unlisted_size_is_a_clear_error(multi):
     from coreml_sd.backends.mil_backend import load_mil_component
     from coreml_sd.conditioning import Conditioning
