@@ -44,8 +44,12 @@ def convert(source: Path, out: Path, sizes) -> dict:
         ["-W", str(sizes[0][0]), "-H", str(sizes[0][1])]
     load = os.getloadavg()
     summary, wall, peak, command = run_convert(source, out, extra)
+    stages: dict[str, dict[str, float]] = {}
+    for r in summary["stages"]:
+        per = stages.setdefault(r["component"], {})
+        per[r["stage"]] = round(per.get(r["stage"], 0.0) + r["seconds"], 1)
     return {"command": command, "wall_s": round(wall, 1), "peak_rss_gib": round(peak, 2),
-            "per_component": summary["summary"],
+            "per_component": summary["summary"], "stage_seconds": stages,
             "parity_db": {k: v["psnr_db"] for k, v in summary["parity"].items()},
             "package_bytes": {k: v["size_bytes"] for k, v in summary["components"].items()},
             "folder_bytes": _folder_bytes(out), "load_average_before_after": [list(load), list(os.getloadavg())]}
