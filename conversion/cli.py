@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from coreml_sd.cli_checkpoint import model_source_options, source_kwargs
+from coreml_sd.apple_layouts import LAYOUTS
 from coreml_sd.cli_checks import side, threads_option
 from coreml_sd.components import FOLDER_KINDS
 # The choices' one (light) owner, so `--help` needs no torch or coremltools import.
@@ -34,6 +35,22 @@ def _components(ctx, param, value: str | None) -> tuple[str, ...] | None:
         raise click.BadParameter(f"{bad[0] if bad else value!r} is not a component; choose from "
                                  f"{', '.join(COMPONENTS)} (comma-separated)")
     return names
+
+
+def _sizes(ctx, param, value):
+    """"512x512,512x768" -> ((512, 512), (512, 768)) (width x height, pixels)."""
+    if not value:
+        return ()
+    sizes = []
+    for part in (p.strip() for p in value.split(",")):
+        width, sep, height = part.lower().partition("x")
+        if not sep or not width.strip().isdigit() or not height.strip().isdigit():
+            raise click.BadParameter(f"{part!r} is not WIDTHxHEIGHT; write e.g. 512x512,512x768,768x512")
+        size = (int(width), int(height))
+        for v in size:
+            side(ctx, param, v)
+        sizes.append(size)
+    return tuple(sizes)
 
 
 @contextlib.contextmanager
@@ -68,6 +85,12 @@ def _quiet_libraries(enabled: bool):
               help="split_einsum(_v2): Neural Engine; original: GPU.")
 @click.option("-W", "--width", type=int, default=None, callback=side, help="Pixels. Default: the model's size.")
 @click.option("-H", "--height", type=int, default=None, callback=side, help="Pixels. Default: the model's size.")
+@click.option("--sizes", default=None, callback=_sizes,
+              help="Several image sizes, WIDTHxHEIGHT,... (e.g. 512x512,512x768,768x512): one UNet/VAE set takes "
+                   "each (Core ML enumerated shapes; the first is the default). Instead of --width/--height.")
+@click.option("--layout", type=click.Choice(LAYOUTS), default="swift", show_default=True,
+              help="Package names: swift (Apple's Swift StableDiffusion resources), python (Apple's Python "
+                   "pipeline: Stable_Diffusion_version_<name>_<component>.mlpackage), or both.")
 @click.option("--batch", type=click.Choice(("2", "1")), default="2", show_default=True,
               help="UNet batch: 2 for classifier-free guidance, 1 without.")
 @click.option("--weights", type=click.Choice(WEIGHTS), default="fp16", show_default=True,
@@ -77,7 +100,9 @@ def _quiet_libraries(enabled: bool):
 @click.option("--chunk-unet", is_flag=True, help="Split the UNet into UnetChunk1/2 (iOS; compressed too).")
 @click.option("--min-target", type=click.Choice(MIN_TARGETS), default="macOS13", show_default=True,
               help="Oldest OS the packages must load on.")
-@click.option("--compile", "compile_", is_flag=True, help="Also write .mlmodelc folders (macOS only).")
+@click.option("--compile", "compile_", is_flag=True,
+              help="Also write .mlmodelc folders, what Apple's Swift pipeline loads (macOS only): beside the "
+                   "packages (swift layout) or in Resources/ (python, both).")
 @click.option("--components", default=None, callback=_components,
               help=f"Which packages: {', '.join(COMPONENTS)}. Default: the model's own (its text encoder(s), unet, "
                    "vae_decoder; unet_refiner with --refiner).")
@@ -95,10 +120,9 @@ def _quiet_libraries(enabled: bool):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 @threads_option
-def convert(source, output, attention, width, height, batch, weights, precision, chunk_unet, min_target, compile_,
-            components, refiner, img2img, force, controlnets, vae, loras, embeddings, hypernetwork, prediction_type,
-            as_json,
-            quiet, threads):
+def convert(source, output, attention, width, height, sizes, layout, batch, weights, precision, chunk_unet, min_target,
+            compile_, components, refiner, img2img, force, controlnets, vae, loras, embeddings, hypernetwork,
+            prediction_type, as_json, quiet, threads):
     """Convert SOURCE (a .safetensors/.ckpt checkpoint or a diffusers folder) into Core ML packages.
 
     Every package is checked against the torch model before the folder appears (PSNR >= 35 dB).
@@ -112,9 +136,8 @@ def convert(source, output, attention, width, height, batch, weights, precision,
     if img2img and components is not None and "vae_encoder" not in components:
         components = (*components, "vae_encoder")
     options = ConvertOptions(attention=attention, width=width, height=height, batch=int(batch), weights=weights,
-                             precision=precision,
-                             chunk_unet=chunk_unet, min_target=min_target, compile=compile_,
-                             components=components)
+                             precision=precision, chunk_unet=chunk_unet, min_target=min_target, compile=compile_,
+                             components=components, sizes=sizes, layout=layout)
     options.validate()
 
     show = _stage_printer(quiet)

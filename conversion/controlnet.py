@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from conversion.convert import (CONTROLNET_KEY, TEXT_LENGTH, ConversionError, ConvertOptions, Converter, Shapes,
+from conversion.convert import (CONTROLNET_KEY, TEXT_LENGTH, Case, ConversionError, ConvertOptions, Converter, Shapes,
                                 _compile_all, _dequantized_reference, _parity_key, _verify, convert_unet, in_fp32,
                                 release_memory, unet_extra_inputs)
 from conversion.export import TensorIO
@@ -96,20 +96,20 @@ def convert_controlnet(conv: Converter, net, shapes: Shapes) -> None:
     extras = unet_extra_inputs(conv.source, ControlNetConfig.unet_part(module.config), b)
     image = (config.conditioning_channels, shapes.height, shapes.width)
     with conv.timer(key, "reference"), in_fp32(module, conv.options), _unpooled(module):
-        inputs, refs = controlnet_case(module, batch=b, latent_shape=latent, image_shape=image,
-                                       context_dim=shapes.text_hidden, extra=extras)
+        case = Case("", *controlnet_case(module, batch=b, latent_shape=latent, image_shape=image,
+                                         context_dim=shapes.text_hidden, extra=extras))
     rewrite = controlnet_from_diffusers(module, attention=conv.options.attention)
     del module
     release_memory()
     ins = [TensorIO("sample", (b, *latent), p), TensorIO("timestep", (b,), p),
            TensorIO("encoder_hidden_states", (b, shapes.text_hidden, 1, TEXT_LENGTH), p),
            TensorIO("controlnet_cond", (b, *image), p), *(TensorIO(e.name, e.shape, p) for e in extras)]
-    outs = [TensorIO(k, tuple(v.shape), "fp32") for k, v in refs.items()]
+    outs = [TensorIO(k, tuple(v.shape), "fp32") for k, v in case.refs.items()]
     _, dense = conv.export(key, rewrite, lambda ops, *xs: list(rewrite(*xs, ops=ops)), ins, outs)
-    deq = _dequantized_reference(conv, key, rewrite, dense, inputs, list(refs))
+    deq = _dequantized_reference(conv, key, rewrite, dense, [case])
     del rewrite
     release_memory()
-    _verify(conv, key, [key], inputs, refs, deq)
+    _verify(conv, key, [key], [case], deq)
     conv.controlnets[name] = (controlnet_record(net), dict(net.info.config))
 
 
@@ -145,9 +145,13 @@ def add_controlnet(folder: str | Path, controlnet: Any, *, force: bool = False, 
     if needs_unet and model.torch_unavailable():
         raise ConversionError(f"{folder} has no ControlledUnet yet, and converting one needs the model's source: "
                               f"{model.torch_unavailable()}. Convert the model again with --controlnet")
+    if len(m.all_sizes) > 1:
+        raise ConversionError(f"{folder} takes several sizes ({', '.join(f'{w}x{h}' for w, h in m.all_sizes)}); a "
+                              "ControlledUnet's residual inputs would all be flexible, which Core ML takes only from "
+                              "iOS 18 / macOS 15 on: convert a single-size folder for ControlNet")
     options = ConvertOptions(attention=m.attention, width=m.width, height=m.height, batch=m.batch, weights=m.weights,
                              precision=m.precision, chunk_unet=m.chunked, min_target=m.min_target, compile=compile,
-                             components=())
+                             components=(), layout=m.layout)
     options.validate()
     timer = StageTimer(on_stage)
     staging = folder / f".add-controlnet-{name}-{os.getpid()}.partial"
@@ -156,8 +160,7 @@ def add_controlnet(folder: str | Path, controlnet: Any, *, force: bool = False, 
     try:
         conv = Converter(model, staging, options, timer)
         f = m.vae_scale_factor
-        shapes = Shapes(m.width, m.height, (m.latent_channels, m.height // f, m.width // f), m.batch,
-                        m.text_hidden_size)
+        shapes = Shapes(((m.width, m.height),), f, m.latent_channels, m.batch, m.text_hidden_size)
         with torch.no_grad():
             if needs_unet:
                 _convert_controlled_unet(conv, model, shapes)
@@ -200,7 +203,7 @@ def _commit(folder: Path, staging: Path, conv: Converter, manifest) -> list[str]
                             **{k: v.to_dict() for k, v in conv.parity.items()}}
     updated = replace(manifest, components=components, controlnets=controlnets, parity=parity)
     updated.validate()
-    moved = [p for info in measured.values() for p in (info.package, info.compiled) if p]
+    moved = [p for info in measured.values() for p in (info.package, info.compiled, *info.aliases) if p]
     aside, done = staging / ".replaced", []
     try:
         for rel in moved:

@@ -24,17 +24,18 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from coreml_sd.components import FOLDER_KINDS, KINDS, PACKAGE_NAMES, TensorSpec, entry_component
+from coreml_sd.apple_layouts import LAYOUTS, WrittenNames, controlnet_written_names, written_names
+from coreml_sd.components import FOLDER_KINDS, TensorSpec, entry_component
 from coreml_sd.errors import choices_text
 from coreml_sd.families import PROVIDER_WIDTHS
 from coreml_sd.model_folder import ControlNetPackage, Manifest, PackageInfo
 from coreml_sd.model_source import ModelSource
 from conversion.ane.attention import ATTENTION_IMPLEMENTATIONS
-from conversion.atomic import atomic_folder, check_target
+from conversion.atomic import atomic_folder, check_target, link_copy
 from conversion.export import (MIN_TARGETS, WEIGHT_MODES, ConversionError, TensorIO, build_program,
                                compile_package, compress, to_mlmodel)
 from conversion.progress import StageRecord, StageTimer, release_memory
-from conversion.verify import MIN_PSNR_DB, ExtraIO, PackageRunner, ParityResult, compare
+from conversion.verify import MIN_PSNR_DB, ExtraIO, PackageRunner, ParityResult, compare, to_8bit
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,11 @@ COMPRESSIBLE = ("text_encoder", "text_encoder_2", "unet", "unet_refiner", "contr
 CONTROLNET_KEY = "controlnet:"  # a ControlNet's component key during conversion: controlnet:<Name>
 TEXT_LENGTH = 77
 PRECISIONS = ("fp16", "fp32")
+MAX_ENUMERATED = 128  # Core ML's limit on enumerated shapes (coremltools' flexible-inputs guide)
+
+
+def format_sizes(sizes) -> str:
+    return ", ".join(f"{w}x{h}" for w, h in sizes)
 
 
 @dataclass(frozen=True)
@@ -66,20 +72,41 @@ class ConvertOptions:
     # Rescale the VAE decoder's activations where fp16 would overflow (conversion.vae_fp16); off
     # only to show the failure it prevents.
     vae_fp16_fix: bool = True
+    # (width, height) pixels: one UNet/VAE set taking each (Core ML enumerated shapes); the first
+    # is the default. Empty: the one size width x height.
+    sizes: tuple[tuple[int, int], ...] = ()
+    layout: str = "swift"  # package names: Apple's Swift resources, its Python pipeline's, or both
 
     def validate(self) -> None:
         for name, value, valid in (("attention", self.attention, ATTENTION_IMPLEMENTATIONS),
                                    ("weights", self.weights, WEIGHT_MODES), ("precision", self.precision, PRECISIONS),
                                    ("min_target", self.min_target, MIN_TARGETS),
-                                   ("batch", self.batch, (1, 2))):
+                                   ("batch", self.batch, (1, 2)), ("layout", self.layout, LAYOUTS)):
             if value not in valid:
                 raise ConversionError(f"{name} {value!r} is not supported; valid: {choices_text(valid)}")
         unknown = [c for c in self.components or () if c not in COMPONENTS]
         if unknown:
             raise ConversionError(f"unknown component {unknown[0]!r}; valid: {choices_text(COMPONENTS)}")
+        self._validate_sizes()
         if self.compile and sys.platform != "darwin":
             raise ConversionError("--compile needs macOS (Core ML's compiler runs only there); convert without "
                                   "--compile here: the packages compile on the Mac when first loaded")
+
+    def _validate_sizes(self) -> None:
+        if not self.sizes:
+            return
+        if self.width or self.height:
+            raise ConversionError("give either --sizes or --width/--height, not both (the first of --sizes is the "
+                                  "default size)")
+        if len(set(self.sizes)) != len(self.sizes):
+            raise ConversionError(f"--sizes lists a size twice: {format_sizes(self.sizes)}")
+        if len(self.sizes) > 1 and self.chunk_unet:
+            raise ConversionError("--sizes with --chunk-unet is not supported: every input of the second chunk would "
+                                  "have a flexible size, and Core ML takes several enumerated inputs only from "
+                                  "iOS 18 / macOS 15 on")
+        if len(self.sizes) > MAX_ENUMERATED:
+            raise ConversionError(f"--sizes lists {len(self.sizes)} sizes; Core ML takes at most {MAX_ENUMERATED} "
+                                  "enumerated shapes")
 
     def weights_for(self, component: str) -> str:
         return self.weights if component.split(":")[0] in COMPRESSIBLE else "fp16"
@@ -106,25 +133,47 @@ class ConversionResult:
 
 @dataclass(frozen=True)
 class Shapes:
-    width: int
-    height: int
-    latent: tuple[int, int, int]  # (channels, h, w)
+    sizes: tuple[tuple[int, int], ...]  # (width, height) pixels, the default first
+    vae_factor: int
+    latent_channels: int
     batch: int
     text_hidden: int
+
+    @property
+    def width(self) -> int:
+        return self.sizes[0][0]
+
+    @property
+    def height(self) -> int:
+        return self.sizes[0][1]
+
+    @property
+    def latent(self) -> tuple[int, int, int]:
+        """(channels, h, w) at the default size."""
+        return self.latents[0]
+
+    @property
+    def latents(self) -> list[tuple[int, int, int]]:
+        """(channels, h, w) at each size."""
+        f = self.vae_factor
+        return [(self.latent_channels, h // f, w // f) for w, h in self.sizes]
+
+    def label(self, i: int) -> str:
+        """How a figure of size i is named in the parity record (plain when there is one size)."""
+        return "" if len(self.sizes) == 1 else " {}x{}".format(*self.sizes[i])
 
 
 def _shapes(source: ModelSource, options: ConvertOptions, unet_downscale: int) -> Shapes:
     info = source.info
     f = info.vae_scale_factor
     multiple = f * unet_downscale
-    width = options.width or info.sample_size
-    height = options.height or info.sample_size
-    for name, v in (("width", width), ("height", height)):
-        if v < multiple or v % multiple:
-            raise ConversionError(f"{name} must be a positive multiple of {multiple} for this model "
-                                  f"(VAE factor {f} x UNet downscale {unet_downscale}); got {v}")
-    return Shapes(width, height, (info.latent_channels, height // f, width // f), options.batch,
-                  info.text_hidden_size)
+    sizes = options.sizes or ((options.width or info.sample_size, options.height or info.sample_size),)
+    for width, height in sizes:
+        for name, v in (("width", width), ("height", height)):
+            if v < multiple or v % multiple:
+                raise ConversionError(f"{name} must be a positive multiple of {multiple} for this model "
+                                      f"(VAE factor {f} x UNet downscale {unet_downscale}); got {v}")
+    return Shapes(tuple(sizes), f, info.latent_channels, options.batch, info.text_hidden_size)
 
 
 def _check_source(source: ModelSource) -> None:
@@ -157,18 +206,22 @@ class Converter:
             with self.timer(component, "compress", weights):
                 compress(prog, weights)
                 dense = _dequantized(prog, const_names)
-        package = self.folder / package_path(component)
+        names = package_names(opts.layout, self.source.info.name, component)
+        package = self.folder / names.package
         package.parent.mkdir(parents=True, exist_ok=True)
         with self.timer(component, "convert"):
             to_mlmodel(prog, min_target=opts.min_target, package_dir=package,
                        description=f"coreml-sd {component} of {self.source.info.name}",
                        metadata={"coreml_sd.component": component, "coreml_sd.attention": opts.attention,
-                                 "coreml_sd.weights": weights})
+                                 "coreml_sd.weights": weights}, inputs=inputs)
+            for alias in names.aliases:
+                link_copy(package, self.folder / alias)
         del prog
         release_memory()
         self.packages[component] = PackageInfo(
             package=package.relative_to(self.folder).as_posix(), inputs=tuple(_spec(io) for io in inputs),
-            outputs=tuple(_spec(io) for io in outputs), weights=weights, size_bytes=_folder_size(package))
+            outputs=tuple(_spec(io) for io in outputs), weights=weights, size_bytes=_folder_size(package),
+            aliases=names.aliases)
         return outputs, dense
 
     def gate(self, component: str, outputs: dict[str, np.ndarray], references: dict[str, np.ndarray],
@@ -192,11 +245,12 @@ class Converter:
         return result
 
 
-def package_path(component: str) -> str:
-    """Where a component's package goes in the folder: Apple's resource names (a ControlNet's in controlnet/)."""
+def package_names(layout: str, version: str, component: str) -> WrittenNames:
+    """Where a component's package (and its compiled model) goes in the folder, in `layout`: Apple's
+    Swift resource names (a ControlNet's in controlnet/) or its Python pipeline's."""
     if component.startswith(CONTROLNET_KEY):
-        return f"{KINDS['controlnet'].package}/{component[len(CONTROLNET_KEY):]}.mlpackage"
-    return f"{PACKAGE_NAMES[component]}.mlpackage"
+        return controlnet_written_names(layout, component[len(CONTROLNET_KEY):])
+    return written_names(layout, version, component)
 
 
 def _dequantized(prog, const_names: dict[str, str]) -> dict[str, np.ndarray]:
@@ -309,6 +363,16 @@ def _reference_outputs(rewrite, inputs: dict[str, np.ndarray], names: list[str],
 
 
 # -- the components ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    """One seeded parity check: package inputs and the upstream references (`label`: its size)."""
+
+    label: str
+    inputs: dict[str, np.ndarray]
+    refs: dict[str, np.ndarray]
+    pixels: bool = False  # also compare the outputs as 8-bit pixels (an image's pass mark is its pixels)
+
+
 def _run_chain(conv: Converter, chain: list[str], inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run packages in order, each taking its inputs by name from the inputs and earlier outputs."""
     values = dict(inputs)
@@ -321,29 +385,36 @@ def _run_chain(conv: Converter, chain: list[str], inputs: dict[str, np.ndarray])
     return {s.name: values[s.name] for s in conv.packages[chain[-1]].outputs}
 
 
-def _verify(conv: Converter, component: str, chain: list[str], inputs: dict[str, np.ndarray],
-            refs: dict[str, np.ndarray], dequantized_ref: dict[str, np.ndarray] | None) -> None:
+def _labelled(values: dict[str, np.ndarray], label: str) -> dict[str, np.ndarray]:
+    return {f"{k}{label}": v for k, v in values.items()}
+
+
+def _verify(conv: Converter, component: str, chain: list[str], cases: list[Case],
+            dequantized_refs: list[dict[str, np.ndarray]] | None) -> None:
+    """Every case through the package(s); one parity record over all of them (per output and size)."""
+    outputs, refs, deq = {}, {}, {} if dequantized_refs is not None else None
     with conv.timer(component, "verify", conv.runner.name):
-        outputs = _run_chain(conv, chain, inputs)
-        conv.gate(component, outputs, refs, dequantized_reference=dequantized_ref)
-
-
-def _verify_cases(conv: Converter, component: str, cases) -> None:
-    """One package called on several cases [(label, inputs, references)], gated together (run_cases)."""
-    from conversion.verify import run_cases
-
-    with conv.timer(component, "verify", conv.runner.name):
-        outputs, refs = run_cases(lambda inputs: _run_chain(conv, [component], inputs), cases)
-        conv.gate(component, outputs, refs)
+        with conv.runner.keep_loaded(len(cases) > 1):
+            for i, case in enumerate(cases):
+                got = _labelled(_run_chain(conv, chain, case.inputs), case.label)
+                want = _labelled(case.refs, case.label)
+                outputs.update(got)
+                refs.update(want)
+                if case.pixels:
+                    outputs.update({f"{k} 8-bit": to_8bit(got[k]) for k in want})
+                    refs.update({f"{k} 8-bit": to_8bit(v) for k, v in want.items()})
+                if deq is not None:
+                    deq.update(_labelled(dequantized_refs[i], case.label))
+        conv.gate(component, outputs, refs, dequantized_reference=deq)
 
 
 def _dequantized_reference(conv: Converter, component: str, rewrite, dense: dict[str, np.ndarray],
-                           inputs: dict[str, np.ndarray], names: list[str], call: Callable | None = None):
+                           cases: list[Case], call: Callable | None = None) -> list[dict[str, np.ndarray]] | None:
     if not dense:
         return None
     with conv.timer(component, "reference", "dequantized weights"):
         _set_weights(rewrite, dense)
-        return _reference_outputs(rewrite, inputs, names, call)
+        return [_reference_outputs(rewrite, c.inputs, list(c.refs), call) for c in cases]
 
 
 def convert_text_encoder(conv: Converter, mods, component: str) -> None:
@@ -356,19 +427,19 @@ def convert_text_encoder(conv: Converter, mods, component: str) -> None:
     module = mods.module(component)
     setattr(mods, component, None)
     with conv.timer(component, "reference"), in_fp32(module, conv.options):
-        inputs, refs = text_encoder_case(module, conv.source.tokenizer(component), hidden_layer=spec.hidden_layer,
-                                         final_norm=spec.final_norm, extra_words=list(conv.source.trigger_ids()))
+        case = Case("", *text_encoder_case(module, conv.source.tokenizer(component), hidden_layer=spec.hidden_layer,
+                                           final_norm=spec.final_norm, extra_words=list(conv.source.trigger_ids())))
     rewrite = text_encoder_from_transformers(module, attention=conv.options.attention, hidden_layer=spec.hidden_layer,
                                              final_norm=spec.final_norm)
     del module
-    (hidden, hidden_ref), (pooled, pooled_ref) = refs.items()
+    (hidden, hidden_ref), (pooled, pooled_ref) = case.refs.items()
     ins = [TensorIO("input_ids", (1, TEXT_LENGTH), "fp32")]
     outs = [TensorIO(hidden, tuple(hidden_ref.shape), "fp32"), TensorIO(pooled, tuple(pooled_ref.shape), "fp32")]
     _, dense = conv.export(component, rewrite, lambda ops, ids: rewrite(ids, ops), ins, outs)
-    deq = _dequantized_reference(conv, component, rewrite, dense, inputs, list(refs))
+    deq = _dequantized_reference(conv, component, rewrite, dense, [case])
     del rewrite
     release_memory()
-    _verify(conv, component, [component], inputs, refs, deq)
+    _verify(conv, component, [component], [case], deq)
 
 
 def convert_unet(conv: Converter, mods, shapes: Shapes, component: str = "unet",
@@ -385,22 +456,25 @@ def convert_unet(conv: Converter, mods, shapes: Shapes, component: str = "unet",
     if component != "controlled_unet":
         mods.unet = None
     extras = unet_extra_inputs(source or conv.source, module.config, shapes.batch)
-    b, latent, p = shapes.batch, shapes.latent, conv.options.precision
+    b, p = shapes.batch, conv.options.precision
     # An inpainting UNet takes mask and masked-image latents beside the latents: 9 input channels.
-    sample = (int(module.config.in_channels), *latent[1:])
-    residuals = (residual_shapes(UNetConfig.from_diffusers(module.config), b, latent[1:])
-                 if component == "controlled_unet" else [])
+    channels = int(module.config.in_channels)
+    config = UNetConfig.from_diffusers(module.config)
+    residuals = [residual_shapes(config, b, latent[1:]) if component == "controlled_unet" else []
+                 for latent in shapes.latents]
     with conv.timer(component, "reference"), in_fp32(module, conv.options):
-        inputs, refs = unet_case(module, batch=b, latent_shape=sample, context_dim=shapes.text_hidden, extra=extras,
-                                 residuals=residuals)
+        cases = [Case(shapes.label(i), *unet_case(module, batch=b, latent_shape=(channels, *latent[1:]),
+                                                  context_dim=shapes.text_hidden, extra=extras, residuals=residuals[i]))
+                 for i, latent in enumerate(shapes.latents)]
     rewrite = unet_from_diffusers(module, attention=conv.options.attention)
     del module
     release_memory()
-    ins = [TensorIO("sample", (b, *sample), p), TensorIO("timestep", (b,), p),
-           TensorIO("encoder_hidden_states", (b, shapes.text_hidden, 1, TEXT_LENGTH), p),
+    ins = [TensorIO.enumerated("sample", [(b, channels, *latent[1:]) for latent in shapes.latents], p),
+           TensorIO("timestep", (b,), p), TensorIO("encoder_hidden_states", (b, shapes.text_hidden, 1, TEXT_LENGTH), p),
            *(TensorIO(e.name, e.shape, p) for e in extras),
-           *(TensorIO(f"additional_residual_{i}", shape, p) for i, shape in enumerate(residuals))]
-    out = TensorIO("noise_pred", (b, *latent), "fp32")
+           *(TensorIO(f"additional_residual_{i}", shape, p) for i, shape in enumerate(residuals[0]))]
+    out = TensorIO.enumerated("noise_pred", [(b, *latent) for latent in shapes.latents], "fp32")
+    out = TensorIO(out.name, out.shape, out.dtype)  # an output: its flexible sizes as the program computes them
     n = len(extras)
 
     def call(module, s, t, c, *rest):
@@ -412,10 +486,10 @@ def convert_unet(conv: Converter, mods, shapes: Shapes, component: str = "unet",
         chain = [component]
         _, dense = conv.export(component, rewrite, lambda ops, *xs: [rewrite(*xs[:3 + n], residuals=xs[3 + n:],
                                                                              ops=ops)], ins, [out])
-    deq = _dequantized_reference(conv, component, rewrite, dense, inputs, list(refs), call)
+    deq = _dequantized_reference(conv, component, rewrite, dense, cases, call)
     del rewrite
     release_memory()
-    _verify(conv, component, chain, inputs, refs, deq)
+    _verify(conv, component, chain, cases, deq)
 
 
 def unet_extra_inputs(source: ModelSource, unet_config, batch: int) -> list[ExtraIO]:
@@ -484,37 +558,40 @@ def convert_vae(conv: Converter, mods, shapes: Shapes, components: list[str]) ->
     from conversion.vae_fp16 import calibration_latents
 
     vae, mods.vae = mods.vae, None
-    c, h, w = shapes.latent
-    cases, calibration = {}, None
+    cases: dict[str, list[Case]] = {}
+    calibration = None
     fix = conv.options.vae_fp16_fix and conv.options.precision == "fp16"
     with in_fp32(vae, conv.options, layerwise=False):  # diffusers' decoder casts to its own dtype
         for component in components:
             with conv.timer(component, "reference"):
                 if component == "vae_decoder":
-                    # Seeded latents and the latents of a test image (where big activations live).
-                    cases[component] = vae_decoder_cases(vae, latent_shape=shapes.latent)
+                    # Seeded latents and the latents of a test image (where big activations live), at each size.
+                    cases[component] = [
+                        Case(shapes.label(i) + (f" ({name})" if name else ""), inputs, refs, pixels=bool(name))
+                        for i, latent in enumerate(shapes.latents)
+                        for name, inputs, refs in vae_decoder_cases(vae, latent_shape=latent)]
                     if fix:
-                        side = calibration_side(shapes)
-                        calibration = calibration_latents(vae, *side)
+                        calibration = calibration_latents(vae, *calibration_side(shapes))
                 else:
-                    cases[component] = vae_encoder_case(vae, image_shape=(3, shapes.height, shapes.width))
+                    cases[component] = [Case(shapes.label(i), *vae_encoder_case(vae, image_shape=(3, h, w)))
+                                        for i, (w, h) in enumerate(shapes.sizes)]
+    p = conv.options.precision
     for component in components:
         if component == "vae_decoder":
+            # z in the program precision (fp16: as Apple's VAEDecoder takes it), so folders interchange
             rewrite = vae_decoder_from_diffusers(vae, attention=conv.options.attention)
             if calibration is not None:
                 _fp16_safe_decoder(conv, rewrite, calibration)
-            ins, outs = [TensorIO("z", (1, c, h, w), "fp32")], [TensorIO("image", (1, 3, shapes.height, shapes.width), "fp32")]
+            ins = [TensorIO.enumerated("z", [(1, *latent) for latent in shapes.latents], p)]
+            outs = [TensorIO("image", (1, 3, *_spatial(shapes, 1)), "fp32")]
         else:
             rewrite = vae_encoder_from_diffusers(vae, attention=conv.options.attention)
-            ins, outs = [TensorIO("x", (1, 3, shapes.height, shapes.width), "fp32")], [TensorIO("latent", (1, 2 * c, h, w), "fp32")]
+            ins = [TensorIO.enumerated("x", [(1, 3, h, w) for w, h in shapes.sizes], "fp32")]
+            outs = [TensorIO("latent", (1, 2 * shapes.latent_channels, *_spatial(shapes, shapes.vae_factor)), "fp32")]
         conv.export(component, rewrite, lambda ops, x: [rewrite(x, ops)], ins, outs)
         del rewrite
         release_memory()
-        if component == "vae_decoder":
-            _verify_cases(conv, component, cases[component])
-        else:
-            inputs, refs = cases[component]
-            _verify(conv, component, [component], inputs, refs, None)
+        _verify(conv, component, [component], cases[component], None)
 
 
 CALIBRATION_SIDE = 256  # pixels: activation peaks of a VAE hardly depend on the image size; 16x cheaper than 1024
@@ -535,6 +612,11 @@ def _fp16_safe_decoder(conv: Converter, rewrite, calibration: np.ndarray) -> Non
     if not scales.identity:
         log.info("VAE decoder: activations up to %.0f would overflow fp16; carried at scales %s (largest now %.1f)",
                  max(scales.peaks.values()), scales.streams, scales.scaled_peak())
+
+
+def _spatial(shapes: Shapes, factor: int) -> tuple:
+    """(h, w) of an output at the pixel size divided by `factor`; flexible (None) with several sizes."""
+    return (shapes.height // factor, shapes.width // factor) if len(shapes.sizes) == 1 else (None, None)
 
 
 # -- the whole model --------------------------------------------------------------------------
@@ -566,6 +648,10 @@ def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = 
     options.validate()
     _check_source(source)
     nets = open_controlnets(controlnets, source)
+    if nets and len(options.sizes) > 1:
+        raise ConversionError("--sizes with --controlnet is not supported: the ControlledUnet's residual inputs would "
+                              "all have flexible sizes, and Core ML takes several enumerated inputs only from iOS 18 / "
+                              "macOS 15 on")
     target = check_target(Path(out_dir), force=force)
     timer = StageTimer(on_stage)
     components = model_components(source, options, refiner)
@@ -611,7 +697,7 @@ def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = 
             _compile_all(conv)
         with timer("model", "write"):
             manifest = _manifest(conv, shapes, source_record(source), refined)
-            _copy_tokenizer(source, folder)
+            _copy_tokenizer(source, folder, conv.packages)
             manifest.write(folder)
     return ConversionResult(target, manifest, conv.parity, timer.records, timer.summary())
 
@@ -646,17 +732,24 @@ def convert_refiner(conv: Converter, refiner: ModelSource, shapes: Shapes, share
 
 
 def _compile_all(conv: Converter) -> None:
+    """`.mlmodelc` of every package where Apple's Swift pipeline looks for it: beside the packages
+    (swift layout) or in Resources/ (python and both: Apple's Python pipeline refuses a folder
+    mixing packages and compiled models), under its Swift resource name."""
     for component, info in list(conv.packages.items()):
-        package = conv.folder / info.package
+        target = conv.folder / package_names(conv.options.layout, conv.source.info.name, component).compiled
+        target.parent.mkdir(parents=True, exist_ok=True)
         with conv.timer(component, "compile"):
-            compiled = compile_package(package, package.parent)  # beside it (a ControlNet's in controlnet/)
-        conv.packages[component] = replace(info, compiled=compiled.relative_to(conv.folder).as_posix())
+            compile_package(conv.folder / info.package, target)
+        conv.packages[component] = replace(info, compiled=target.relative_to(conv.folder).as_posix())
 
 
-def _copy_tokenizer(source: ModelSource, folder: Path) -> None:
+def _copy_tokenizer(source: ModelSource, folder: Path, packages: dict[str, PackageInfo]) -> None:
+    """vocab.json and merges.txt beside the packages, and beside compiled models kept in a subfolder."""
     files = source.info.tokenizer_files
-    shutil.copyfile(files.vocab, folder / "vocab.json")
-    shutil.copyfile(files.merges, folder / "merges.txt")
+    places = {folder} | {(folder / p.compiled).parent for p in packages.values() if p.compiled}
+    for place in places:
+        shutil.copyfile(files.vocab, place / "vocab.json")
+        shutil.copyfile(files.merges, place / "merges.txt")
 
 
 def _manifest(conv: Converter, shapes: Shapes, source: dict, refiner: dict | None = None) -> Manifest:
@@ -676,9 +769,11 @@ def _manifest(conv: Converter, shapes: Shapes, source: dict, refiner: dict | Non
               "components": {k: {**v.to_dict(), **conv.extra_parity.get(k, {})} for k, v in conv.parity.items()}}
     return Manifest(
         name=info.name, family=info.family, scheduler=info.scheduler, width=shapes.width, height=shapes.height,
+        sizes=[list(size) for size in shapes.sizes], layout=opts.layout,
         batch=shapes.batch, latent_channels=info.latent_channels, vae_scale_factor=info.vae_scale_factor,
         scaling_factor=info.scaling_factor, text_hidden_size=info.text_hidden_size, attention=opts.attention,
-        weights=opts.weights, precision=opts.precision, min_target=opts.min_target, components=packages, pad_token=info.pad_token,
+        weights=opts.weights, precision=opts.precision, min_target=opts.min_target, components=packages,
+        pad_token=info.pad_token,
         max_length=TEXT_LENGTH, trigger_words=conv.source.trigger_ids(), source=source,
         tools=tool_versions(), parity=parity, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         controlnets=controlnets, refiner=refiner or {},

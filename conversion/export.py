@@ -45,11 +45,24 @@ class ConversionError(CoreMLSDError):
 
 @dataclass(frozen=True)
 class TensorIO:
-    """One input or output of a package: name, fixed shape, element type ("fp16" | "fp32")."""
+    """One input or output of a package: name, shape, element type ("fp16" | "fp32").
+
+    An input taking several shapes lists them in `shapes` (Core ML enumerated shapes; the first is
+    the default) and has None in `shape` where they differ. An output's None sizes are flexible."""
 
     name: str
-    shape: tuple[int, ...]
+    shape: tuple | None
     dtype: str
+    shapes: tuple[tuple[int, ...], ...] = ()
+
+    @classmethod
+    def enumerated(cls, name: str, shapes, dtype: str) -> "TensorIO":
+        """An input taking each of `shapes` (one shape: a fixed input)."""
+        shapes = tuple(dict.fromkeys(tuple(int(d) for d in s) for s in shapes))
+        if len(shapes) == 1:
+            return cls(name, shapes[0], dtype)
+        shape = tuple(dims[0] if len(set(dims)) == 1 else None for dims in zip(*shapes))
+        return cls(name, shape, dtype, shapes)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
@@ -75,9 +88,8 @@ def build_program(forward: Callable[..., Sequence[Any]], module, inputs: Sequenc
 
     from conversion.ane.ops import MilOps
 
-    placeholders = OrderedDict((io.name, mb.placeholder(shape=io.shape, dtype=_mil_type(io.dtype)))
-                               for io in inputs)
-    ops = MilOps(module)
+    placeholders, bindings = _placeholders(mb, inputs)
+    ops = MilOps(module, size_bindings=bindings)
     prog = Program()
     with Function(placeholders, opset_version=core_ml_target(min_target)) as func:
         results = forward(ops, *[func.inputs[io.name] for io in inputs])
@@ -89,9 +101,36 @@ def build_program(forward: Callable[..., Sequence[Any]], module, inputs: Sequenc
     return prog, resolved, ops.const_names()
 
 
+def _placeholders(mb, inputs: Sequence[TensorIO]):
+    """The program's inputs: a size that differs between an input's enumerated shapes is a symbol.
+    Returns them and, per enumerated shape, {symbol: size} (every enumerated input lists its shapes
+    in the same order: Core ML's rule for several enumerated inputs)."""
+    from coremltools.converters.mil.mil import get_new_symbol
+
+    counts = {len(io.shapes) for io in inputs if io.shapes}
+    if len(counts) > 1:
+        raise ConversionError(f"inputs with enumerated shapes must list as many shapes each; found {sorted(counts)}")
+    bindings = [{} for _ in range(counts.pop() if counts else 0)]
+    placeholders = OrderedDict()
+    for io in inputs:
+        shape = []
+        for axis, size in enumerate(io.shape):
+            if size is None:
+                symbol = get_new_symbol()
+                for binding, listed in zip(bindings, io.shapes):
+                    binding[symbol] = int(listed[axis])
+                size = symbol
+            shape.append(size)
+        placeholders[io.name] = mb.placeholder(shape=tuple(shape), dtype=_mil_type(io.dtype))
+    return placeholders, bindings
+
+
 def _resolve(value, io: TensorIO) -> TensorIO:
-    shape = tuple(int(d) for d in value.shape)
-    if io.shape is not None and shape != tuple(io.shape):
+    from coremltools.converters.mil.mil.types.symbolic import is_symbolic
+
+    shape = tuple(None if is_symbolic(d) else int(d) for d in value.shape)
+    if io.shape is not None and (len(shape) != len(io.shape)
+                                 or any(b is not None and a != b for a, b in zip(shape, io.shape))):
         raise ConversionError(f"output {io.name}: the module computes shape {shape}, the contract says {io.shape}")
     return TensorIO(io.name, shape, io.dtype)
 
@@ -162,18 +201,22 @@ def compress(prog, weights: str) -> None:
 
 
 def to_mlmodel(prog, *, min_target: str, package_dir: Path, description: str = "",
-               metadata: dict | None = None) -> Path:
+               metadata: dict | None = None, inputs: Sequence[TensorIO] = ()) -> Path:
     """coremltools' conversion of an already-typed program, serialized straight to `package_dir`.
 
     compute_precision=FLOAT32 tells coremltools not to re-cast: the program's types are final.
+    `inputs` with enumerated `shapes` become Core ML enumerated shapes (the first the default).
     """
     import coremltools as ct
 
     pipeline = ct.PassPipeline(pass_names=list(PASSES), pipeline_name="coreml_sd")
     package_dir = Path(package_dir)
+    flexible = [ct.TensorType(name=io.name, shape=ct.EnumeratedShapes(shapes=[list(s) for s in io.shapes],
+                                                                       default=list(io.shapes[0])))
+                for io in inputs if io.shapes]
     model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=core_ml_target(min_target),
                        compute_precision=ct.precision.FLOAT32, skip_model_load=True, pass_pipeline=pipeline,
-                       package_dir=str(package_dir))
+                       package_dir=str(package_dir), inputs=flexible or None)
     del model
     set_package_metadata(package_dir, description=description, metadata=metadata or {})
     return package_dir
@@ -200,8 +243,8 @@ def set_package_metadata(package: Path, *, description: str, metadata: dict) -> 
     spec_path.write_bytes(spec.SerializeToString())
 
 
-def compile_package(package: Path, out_dir: Path) -> Path:
-    """`.mlmodelc` next to the package (needs macOS: coremltools' compiler ships only there)."""
+def compile_package(package: Path, target: Path) -> Path:
+    """The `.mlmodelc` of `package` at `target` (needs macOS: Core ML's compiler ships only there)."""
     import sys
 
     if sys.platform != "darwin":
@@ -209,6 +252,4 @@ def compile_package(package: Path, out_dir: Path) -> Path:
                               "--compile: the packages compile on the Mac at first load")
     import coremltools as ct
 
-    target = Path(out_dir) / (Path(package).stem + ".mlmodelc")
-    compiled = ct.models.utils.compile_model(str(package), str(target))
-    return Path(compiled)
+    return Path(ct.models.utils.compile_model(str(package), str(target)))

@@ -9,6 +9,7 @@ component below 35 dB fails the conversion.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -77,11 +78,27 @@ class PackageRunner:
         from coreml_sd.backends.coreml_backend import runtime_unavailable_reason
 
         self.name = "coreml (cpu)" if runtime_unavailable_reason() is None else "mil exact (cpu)"
+        self._loaded: dict[Path, object] | None = None
+
+    @contextlib.contextmanager
+    def keep_loaded(self, enabled: bool = True):
+        """Within the block each package is loaded once (several sizes through one package); outside
+        it every run loads and frees its package, so only one is in memory at a time."""
+        self._loaded = {} if enabled else None
+        try:
+            yield
+        finally:
+            self._loaded = None
 
     def run(self, package: Path, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         from coreml_sd import arrays
 
-        outputs = package_runner([package]).run({k: np.ascontiguousarray(v) for k, v in inputs.items()})
+        runner = None if self._loaded is None else self._loaded.get(Path(package))
+        if runner is None:
+            runner = package_runner([package])
+            if self._loaded is not None:
+                self._loaded[Path(package)] = runner
+        outputs = runner.run({k: np.ascontiguousarray(v) for k, v in inputs.items()})
         return {k: arrays.to_numpy(v).astype(np.float32) for k, v in outputs.items()}
 
 
@@ -233,21 +250,6 @@ def vae_decoder_cases(vae, *, latent_shape: tuple[int, int, int], seed: int = 0)
         decoded = vae.decode(torch.from_numpy(z_image)).sample.float().numpy()
     inputs, refs = vae_decoder_case(vae, latent_shape=latent_shape, seed=seed)
     return [("", inputs, refs), ("test image", {"z": z_image}, {"image": decoded})]
-
-
-def run_cases(run, cases) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(outputs, references) of `run(inputs) -> outputs` over cases [(label, inputs, references)], gated as
-    one call: each output of a labelled case is named "<output> (<label>)" and also compared as 8-bit
-    pixels (an image's pass mark is its pixels, not only its floats)."""
-    outputs, refs = {}, {}
-    for label, inputs, case_refs in cases:
-        got = run(inputs)
-        for name, ref in case_refs.items():
-            key = f"{name} ({label})" if label else name
-            outputs[key], refs[key] = got[name], ref
-            if label:
-                outputs[f"{key} 8-bit"], refs[f"{key} 8-bit"] = to_8bit(got[name]), to_8bit(ref)
-    return outputs, refs
 
 
 def to_8bit(image: np.ndarray) -> np.ndarray:

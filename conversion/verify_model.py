@@ -18,7 +18,7 @@ passes when it still comes that close (less a 1 dB margin for a different execut
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +28,7 @@ from coreml_sd import arrays
 from coreml_sd.components import FOLDER_KINDS, role
 from coreml_sd.errors import ModelError
 from coreml_sd.model_folder import ConvertedModel, Manifest
-from conversion.verify import (MIN_PSNR_DB, VERIFY_PROMPT, ParityResult, compare, package_runner, psnr, run_cases,
+from conversion.verify import (MIN_PSNR_DB, VERIFY_PROMPT, ParityResult, compare, package_runner, psnr, to_8bit,
                                text_encoder_case, unet_case, vae_decoder_cases, vae_encoder_case)
 
 COMPRESSED_MARGIN_DB = 1.0
@@ -123,17 +123,32 @@ def _expected(manifest: Manifest, component: str, threshold: float) -> float:
 
 
 # -- the checks -----------------------------------------------------------------------------------
-def _case(component: str, mods, source, manifest: Manifest):
+def _cases(component: str, mods, source, manifest: Manifest) -> list[tuple[str, dict, dict, bool]]:
+    """(label, package inputs, references, compare as 8-bit pixels too) per size the package takes (one
+    for a text encoder; the VAE decoder's seeded latents and a test image's at each size)."""
+    if role(component) == "text_encoder":  # textual-inversion words baked in: checked too
+        spec = source.info.spec.text_encoder(component)
+        return [("", *text_encoder_case(mods.module(component), source.tokenizer(component),
+                                        extra_words=list(source.trigger_ids()), hidden_layer=spec.hidden_layer,
+                                        final_norm=spec.final_norm), False)]
+    sizes = manifest.all_sizes
+    cases = []
+    for w, h in sizes:
+        label = "" if len(sizes) == 1 else f" {w}x{h}"
+        if role(component) == "vae_decoder":
+            latent = (manifest.latent_channels, h // manifest.vae_scale_factor, w // manifest.vae_scale_factor)
+            cases += [(label + (f" ({name})" if name else ""), inputs, refs, bool(name))
+                      for name, inputs, refs in vae_decoder_cases(mods.vae, latent_shape=latent)]
+        else:
+            cases.append((label, *_case(component, mods, source, manifest, w, h), False))
+    return cases
+
+
+def _case(component: str, mods, source, manifest: Manifest, width: int, height: int):
     from conversion.convert import unet_extra_inputs
 
-    latent = (manifest.latent_channels, manifest.height // manifest.vae_scale_factor,
-              manifest.width // manifest.vae_scale_factor)
+    latent = (manifest.latent_channels, height // manifest.vae_scale_factor, width // manifest.vae_scale_factor)
     kind = role(component)
-    if kind == "text_encoder":  # textual-inversion words baked in: checked too
-        spec = source.info.spec.text_encoder(component)
-        return text_encoder_case(mods.module(component), source.tokenizer(component),
-                                 extra_words=list(source.trigger_ids()), hidden_layer=spec.hidden_layer,
-                                 final_norm=spec.final_norm)
     if kind == "unet":  # the base's (or ControlledUnet), or (unet_refiner) the refiner's from its own source
         from conversion.ane.config import UNetConfig
         from conversion.ane.unet import residual_shapes
@@ -143,9 +158,15 @@ def _case(component: str, mods, source, manifest: Manifest):
                      if component == "controlled_unet" else ())  # its ControlNet residual inputs, seeded
         return unet_case(mods.unet, batch=manifest.batch, latent_shape=sample, context_dim=source.info.text_hidden_size,
                          extra=unet_extra_inputs(source, mods.unet.config, manifest.batch), residuals=residuals)
-    if kind == "vae_decoder":  # [(label, inputs, references)]: seeded latents and a test image's
-        return vae_decoder_cases(mods.vae, latent_shape=latent)
-    return vae_encoder_case(mods.vae, image_shape=(3, manifest.height, manifest.width))
+    return vae_encoder_case(mods.vae, image_shape=(3, height, width))
+
+
+# Output names other tools' packages use for the same tensor (Apple's SDXL text encoders).
+REFERENCE_NAMES = {"hidden_embeds": "last_hidden_state"}
+
+
+def _reference_named(outputs: dict[str, np.ndarray], references: dict) -> dict[str, np.ndarray]:
+    return {(REFERENCE_NAMES.get(k, k) if k not in references else k): v for k, v in outputs.items()}
 
 
 def manifest_packages(folder: ConvertedModel) -> dict[str, list[Path]]:
@@ -171,16 +192,18 @@ def check_components(folder: ConvertedModel, source, options: VerifyOptions, rep
                 src = open_refiner_source(manifest)
                 m, component = src.torch_modules(device="cpu", dtype=dtype), "unet"
             module = m.module(component).float()
-            case = _case(component, m, src, manifest)
-            inputs, refs = (case, None) if isinstance(case, list) else case
+            cases = _cases(component, m, src, manifest)
             module.to(dtype)
             runner = package_runner(paths, options.compute_units)
             report.executor = runner.describe()
             report.packages[entry] = ", ".join(p.name for p in paths)
-            if isinstance(inputs, list):  # several cases, gated as one (as at conversion)
-                outputs, refs = run_cases(lambda feeds, r=runner: _run(r, feeds), inputs)
-            else:
-                outputs = _run(runner, inputs)
+            outputs, refs = {}, {}
+            for label, inputs, case_refs, pixels in cases:  # several cases gated as one, as at conversion
+                got = _reference_named(_run(runner, inputs), case_refs)
+                for k, ref in case_refs.items():
+                    outputs[k + label], refs[k + label] = got[k], ref
+                    if pixels:
+                        outputs[f"{k}{label} 8-bit"], refs[f"{k}{label} 8-bit"] = to_8bit(got[k]), to_8bit(ref)
             del runner, m
             report.results[entry] = compare(entry, outputs, refs, executor=report.executor,
                                             threshold_db=_expected(manifest, entry, options.threshold_db))
@@ -219,22 +242,44 @@ def _package_components(folder: ConvertedModel, options: VerifyOptions):
                                                                      check_hashes=False))
 
 
+def open_folder(folder: Path, against: str | Path | None):
+    """(the folder as a source, the source model): a converted folder and its recorded (or given)
+    source; a folder of another tool's Core ML models and the source given with `against`, whose
+    prediction type and scheduler replace the folder's assumed ones."""
+    from coreml_sd.model_folder import is_core_ml_folder
+
+    if not is_core_ml_folder(folder):
+        manifest = Manifest.read(folder)
+        missing = [p.package for p in manifest.components.values() if not (folder / p.package).is_dir()]
+        if missing:
+            raise ModelError(f"{folder}: the manifest lists {', '.join(missing)}, which is not in the folder")
+        return ConvertedModel(folder, partial=True), open_source(manifest, against)
+    from coreml_sd.foreign_folder import ForeignFolder
+
+    if against is None:
+        raise ModelError(f"{folder} has no coreml-sd manifest, so no source model is recorded; pass the checkpoint or "
+                         "diffusers folder it was converted from with --against SOURCE")
+    from coreml_sd.sources import open_model
+
+    source = open_model(against)
+    converted = ForeignFolder(folder, partial=True, prediction_type=source.info.prediction_type)
+    converted.info = replace(converted.info, scheduler=source.info.scheduler)
+    return converted, source
+
+
 def verify_model(folder: str | Path, *, against: str | Path | None = None,
                  options: VerifyOptions = VerifyOptions(), progress: Callable[[str], None] = _silent) -> VerifyReport:
-    """Check every package of a converted folder, and an end-to-end image, against the torch source.
+    """Check every package of a converted folder (ours, or another tool's given its source), and an
+    end-to-end image, against the torch source.
 
     `progress(text)` is told what each phase is doing as it starts (the CLI shows it on a terminal)."""
     if not math.isfinite(options.threshold_db):
         raise ModelError(f"threshold must be a finite number of dB; got {options.threshold_db}")
     folder = Path(folder)
-    manifest = Manifest.read(folder)
-    missing = [p.package for p in manifest.components.values() if not (folder / p.package).is_dir()]
-    if missing:
-        raise ModelError(f"{folder}: the manifest lists {', '.join(missing)}, which is not in the folder")
+    progress("opening the folder and the source model")
+    converted, source = open_folder(folder, against)
+    manifest = converted.manifest
     lacking = manifest.missing_for_generation()
-    converted = ConvertedModel(folder, partial=True)
-    progress("opening the source model")
-    source = open_source(manifest, against)
     report = VerifyReport(folder, str(source.info.path), executor="")
     check_components(converted, source, options, report, progress)
     if options.steps <= 0:

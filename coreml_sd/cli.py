@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -48,11 +49,18 @@ def main(verbose: int) -> None:
 
 
 @main.command()
+@click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
-def models(as_json):
-    """List the built-in models (used when --model is not given)."""
+def models(paths, as_json):
+    """List the built-in model (used when --model is not given) and the models at PATHS.
+
+    A PATH is a model (a Core ML folder, ours or another tool's, a diffusers folder or a checkpoint)
+    or a folder of models. For Core ML folders: components, sizes, compression, chunking, ControlNet
+    support, and who converted it.
+    """
     from coreml_sd.checkpoint.config import CheckpointConfig, sidecar_path
-    from coreml_sd.sources import BUILTIN, BUILTIN_NAMES, builtin_checkpoint
+    from coreml_sd.info import model_summary, render_summary
+    from coreml_sd.sources import BUILTIN, BUILTIN_NAMES, builtin_checkpoint, model_paths, open_model
 
     path = builtin_checkpoint()
     config = CheckpointConfig.from_json(sidecar_path(path))
@@ -60,13 +68,16 @@ def models(as_json):
              "path": str(path), "size_bytes": path.stat().st_size,
              "family": config.family, "native_size": f"{config.sample_size}x{config.sample_size}",
              "prediction_type": config.scheduler.prediction_type, "description": config.description}
+    found = [model_summary(open_model(p)) for p in model_paths(paths)]
     if as_json:
-        click.echo(json.dumps([entry], indent=2))
+        click.echo(json.dumps([entry, *found], indent=2))
         return
     also = ", ".join(entry["aliases"])
     click.echo(f"{entry['name']} (default; also: {also})  {entry['native_size']}  {entry['size_bytes'] / 1e6:.1f} MB  "
                f"{path}")
     click.echo(f"  {entry['description']}")
+    for summary in found:
+        click.echo(render_summary(summary))
 
 
 def _load_plugin_commands() -> None:

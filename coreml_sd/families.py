@@ -242,6 +242,47 @@ def match_diffusers(num_text_encoders: int, unet_config: Mapping[str, Any]) -> F
     return candidates[0]
 
 
+def match_packages(text_encoders: Iterable[str], context_dim: int | None = None,
+                   extra_inputs: Mapping[str, int] | None = None, *, in_channels: int | None = None,
+                   prediction_type: str | None = None) -> tuple[Family, bool]:
+    """(family, standard) of Core ML packages, which carry no config: the text-encoder components
+    present, the UNet's context width, its extra inputs (name -> width; None: no UNet to read) and
+    input channels. Families whose text encoders include those present and whose extra inputs are
+    exactly these (with the provider's width) qualify; a family with all of those encoders, then
+    one whose full-size context width is the UNet's, wins; among equals the first registered (a
+    tiny test model of SD 1.x layout is "sd1"). `prediction_type` picks among a family's variants
+    (sd2 -> sd2-v for v_prediction). `standard`: the width is the family's full size."""
+    present = set(text_encoders)
+    candidates = []
+    for f in _REGISTRY.values():
+        encoders = {t.component for t in f.text_encoders}
+        if f.variant_of is not None or not present <= encoders:
+            continue
+        if in_channels is not None and f.unet_in_channels != in_channels:
+            continue
+        if extra_inputs is not None and not _same_extras(f, extra_inputs):
+            continue
+        candidates.append(f)
+    if not candidates:
+        extras = "unknown" if extra_inputs is None else choices_text(extra_inputs) or "none"
+        raise ModelError(f"no known model family has text encoder(s) {choices_text(sorted(present)) or 'none'}, "
+                         f"UNet inputs beyond the text: {extras}, and {in_channels or 4} input channels; known: "
+                         f"{choices_text(_REGISTRY)}")
+    candidates.sort(key=lambda f: ({t.component for t in f.text_encoders} != present, f.context_dim != context_dim))
+    base = candidates[0]
+    family = base
+    if prediction_type is not None and base.prediction_type != prediction_type:
+        family = next((v for v in variants_of(base) if v.prediction_type == prediction_type), base)
+    return family, context_dim == base.context_dim
+
+
+def _same_extras(family: Family, extra_inputs: Mapping[str, int]) -> bool:
+    if {e.name for e in family.extra_inputs} != set(extra_inputs):
+        return False
+    return all(extra_inputs[e.name] == PROVIDER_WIDTHS[e.provider] for e in family.extra_inputs
+               if e.provider in PROVIDER_WIDTHS)
+
+
 # -- the families -------------------------------------------------------------------------------
 SD1 = register_family(Family(
     "sd1", "Stable Diffusion 1.x (CLIP ViT-L text encoder, 512x512)",

@@ -48,8 +48,9 @@ class PackageInfo:
     weights: str
     size_bytes: int
     psnr_db: float | None = None  # parity gate, package vs the torch reference
-    compiled: str | None = None  # "<Name>.mlmodelc" when compiled at conversion (macOS)
+    compiled: str | None = None  # "<Name>.mlmodelc" (or "Resources/<Name>.mlmodelc") when compiled (macOS)
     sha256: str | None = None  # package_hash of the package as written (absent in older manifests)
+    aliases: tuple[str, ...] = ()  # the same package under other names (--layout both: Swift names)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str) -> "PackageInfo":
@@ -63,13 +64,17 @@ class PackageInfo:
             psnr_db=None if d.get("psnr_db") is None else float(d["psnr_db"]),
             compiled=d.get("compiled"),
             sha256=d.get("sha256"),
+            aliases=tuple(str(a) for a in d.get("aliases") or ()),
         )
 
     def to_dict(self) -> dict:
-        return {"package": self.package, "inputs": [t.to_dict() for t in self.inputs],
-                "outputs": [t.to_dict() for t in self.outputs], "weights": self.weights,
-                "size_bytes": self.size_bytes, "psnr_db": self.psnr_db, "compiled": self.compiled,
-                "sha256": self.sha256}
+        out = {"package": self.package, "inputs": [t.to_dict() for t in self.inputs],
+               "outputs": [t.to_dict() for t in self.outputs], "weights": self.weights,
+               "size_bytes": self.size_bytes, "psnr_db": self.psnr_db, "compiled": self.compiled,
+               "sha256": self.sha256}
+        if self.aliases:
+            out["aliases"] = list(self.aliases)
+        return out
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,14 @@ class Manifest:
     # folder's TextEncoder2): its family, name, hash, scheduler, text width and source record.
     refiner: dict[str, Any] = field(default_factory=dict)
     controlnets: dict[str, ControlNetPackage] = field(default_factory=dict)  # by package name (Apple's)
+    # Every (width, height) the UNet and VAE take (enumerated shapes), the default first; empty in
+    # folders written before multi-size conversion: width x height only.
+    sizes: list = field(default_factory=list)
+    layout: str = "swift"  # package names: coreml_sd.apple_layouts.LAYOUTS
+
+    @property
+    def all_sizes(self) -> tuple[tuple[int, int], ...]:
+        return tuple((int(w), int(h)) for w, h in self.sizes) or ((self.width, self.height),)
 
     @property
     def prediction_type(self) -> str:
@@ -175,6 +188,10 @@ class Manifest:
             raise ModelError(f"{where}: family {self.family!r} is not one of {choices_text(family_names())}")
         if self.batch not in (1, 2):
             raise ModelError(f"{where}: batch must be 1 or 2; found {self.batch}")
+        if self.sizes and (not all(isinstance(s, (list, tuple)) and len(s) == 2 for s in self.sizes)
+                           or tuple(self.sizes[0]) != (self.width, self.height)):
+            raise ModelError(f"{where}: sizes must be [width, height] pairs, the first {self.width}x{self.height}; "
+                             f"found {self.sizes!r}")
         unknown = sorted(set(self.components) - set(PACKAGE_NAMES))
         if unknown:
             raise ModelError(f"{where}: unknown component(s) {', '.join(unknown)}; "
@@ -227,6 +244,17 @@ def is_converted_folder(path: Path | None) -> bool:
     return path is not None and Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
 
 
+def is_core_ml_folder(path: Path | None) -> bool:
+    """Whether `path` is a folder of Core ML models without our manifest that coreml-sd can open
+    (Apple's Swift or Python layout, Guernika, Mochi Diffusion: `coreml_sd.foreign_folder`); the one
+    test every caller uses, beside `is_converted_folder`."""
+    if path is None or not Path(path).is_dir() or is_converted_folder(path):
+        return False
+    from coreml_sd.foreign_folder import recognised_entries
+
+    return bool(recognised_entries(Path(path)))
+
+
 def _check_inside(folder: Path, names: list[str]) -> None:
     """A manifest names packages inside its own folder; a path that leaves it is refused, not followed."""
     root = folder.resolve()
@@ -241,26 +269,34 @@ class ConvertedModel(SourceBase):
     """A converted model folder as a model source: its Core ML packages (it is its own `PackageSet`),
     and torch weights only through its recorded source, opened again with `reopen` (open_model)."""
 
+    # How each fact of the manifest is known, where it was not recorded by the converter
+    # (a folder of another tool's: see coreml_sd.foreign_folder); empty here.
+    facts: Mapping[str, Any] = {}
+
     def __init__(self, path: Path, *, reopen: Callable[..., Any] | None = None, partial: bool = False):
-        self.path = Path(path)
-        self.manifest = Manifest.read(self.path)
-        self._reopen = reopen
-        packages = [*self.manifest.components.values(), *(c.info for c in self.manifest.controlnets.values())]
+        path = Path(path)
+        self._open(path, Manifest.read(path), TokenizerFiles(path / "vocab.json", path / "merges.txt"),
+                   reopen=reopen, partial=partial)
+
+    def _open(self, path: Path, manifest: Manifest, tokenizer_files: TokenizerFiles, *,
+              reopen: Callable[..., Any] | None, partial: bool, what: str = "converted model") -> None:
+        """Check the folder holds what `manifest` lists and set up the source's facts."""
+        self.path, self.manifest, self._reopen = path, manifest, reopen
+        packages = [*manifest.components.values(), *(c.info for c in manifest.controlnets.values())]
         _check_inside(self.path, [p.package for p in packages] + [p.compiled for p in packages if p.compiled])
-        missing = [f for f in TOKENIZER_FILES if not (self.path / f).is_file()]
+        missing = [f.name for f in (tokenizer_files.vocab, tokenizer_files.merges) if not f.is_file()]
         missing += [p.package for p in packages if not (self.path / p.package).is_dir()]
         if not partial:  # a partial conversion (--components) can be verified, not generated from
-            missing += [f"a {c} package (converted with --components)" for c in self.manifest.missing_for_generation()]
+            why = " (converted with --components)" if what == "converted model" else ""
+            missing += [f"a {c} package{why}" for c in manifest.missing_for_generation()]
         if missing:
-            raise ModelError(f"{self.path}: incomplete converted model, missing {', '.join(missing)}")
-        m = self.manifest
+            raise ModelError(f"{self.path}: incomplete {what}, missing {', '.join(missing)}")
+        m = manifest
         self.info = ModelInfo(
             name=m.name, kind="coreml", path=self.path, scheduler=m.scheduler, family=m.family,
             sample_size=m.width, vae_scale_factor=m.vae_scale_factor, latent_channels=m.latent_channels,
-            scaling_factor=m.scaling_factor, text_hidden_size=m.text_hidden_size,
-            tokenizer_files=TokenizerFiles(self.path / "vocab.json", self.path / "merges.txt"),
-            pad_token=m.pad_token, hash=m.source.get("hash"), sizes=((m.width, m.height),),
-            max_prompt_tokens=m.max_length,
+            scaling_factor=m.scaling_factor, text_hidden_size=m.text_hidden_size, tokenizer_files=tokenizer_files,
+            pad_token=m.pad_token, hash=m.source.get("hash"), sizes=m.all_sizes, max_prompt_tokens=m.max_length,
         )
         self.generation_extras = dict(m.source.get("generation_extras") or {})
         self.packages = self
@@ -268,6 +304,10 @@ class ConvertedModel(SourceBase):
     @property
     def batch(self) -> int:
         return self.manifest.batch
+
+    def contents(self) -> dict[str, Any]:
+        """Models the folder holds beyond the components it runs (a converted folder: none)."""
+        return {"extras": {}, "controlnets": {}}
 
     @property
     def origin(self) -> Origin:

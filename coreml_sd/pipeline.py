@@ -149,7 +149,7 @@ class Pipeline:
         if sizes and (width, height) not in sizes:
             listed = ", ".join(f"{w}x{h}" for w, h in sizes)
             raise InputError(f"{self.info.name} was converted for {listed}; got {width}x{height} "
-                             f"(convert again with --width/--height, or use the torch backend)")
+                             f"(convert again with --sizes or --width/--height, or use the torch backend)")
         return width, height
 
     def prompt_encoder(self, options: PromptOptions = PromptOptions()) -> PromptEncoder:

@@ -1,7 +1,8 @@
 """Opening a model: recognise what is at a path and return its model source.
 
 `open_model(path)` dispatches to the source kinds (each in its own module, all implementing
-`coreml_sd.model_source.ModelSource`): a converted Core ML folder (`manifest.json`), a diffusers
+`coreml_sd.model_source.ModelSource`): a converted Core ML folder (`manifest.json`), a folder of
+Core ML models another tool wrote (no manifest: `foreign_folder.py`), a diffusers
 folder (`model_index.json`), a single-file checkpoint (.safetensors/.ckpt/.pt), or the built-in
 model (no path, or the name `builtin`/`digits`). Modifiers (VAE, LoRA, embeddings, hypernetworks,
 prediction type) wrap any source with torch weights; a converted folder has them baked in.
@@ -49,10 +50,14 @@ def open_model(path: str | Path | None = None, *, vae: str | Path | None = None,
                          f"folder or a .safetensors/.ckpt file; without --model the built-in model is used)")
     modifiers = dict(vae=vae, loras=loras, embeddings=embeddings, hypernetworks=hypernetworks,
                      prediction_type=prediction_type)
-    from coreml_sd.model_folder import is_converted_folder
+    from coreml_sd.model_folder import is_converted_folder, is_core_ml_folder
 
     if is_converted_folder(p):
         return _converted_folder(p, **modifiers)
+    if is_core_ml_folder(p):  # Apple's, Guernika's, Mochi Diffusion's folders: no manifest
+        from coreml_sd.foreign_folder import open_foreign
+
+        return open_foreign(p, **modifiers)
     if p.is_dir() and (p / "model_index.json").is_file():
         from coreml_sd.diffusers_folder import DiffusersFolder
 
@@ -62,8 +67,9 @@ def open_model(path: str | Path | None = None, *, vae: str | Path | None = None,
     else:
         found = "a folder without model_index.json" if p.is_dir() else f"a file ({p.suffix or 'no extension'})"
         raise ModelError(f"{p} is not a model: expected a diffusers model folder (with model_index.json), a "
-                         f"converted model folder (with manifest.json) or a {'/'.join(CHECKPOINT_SUFFIXES)} "
-                         f"checkpoint, found {found}")
+                         f"converted model folder (with manifest.json), a folder of Core ML models (TextEncoder, "
+                         f"Unet, VAEDecoder ... .mlpackage/.mlmodelc, or Apple's Stable_Diffusion_version_* names) "
+                         f"or a {'/'.join(CHECKPOINT_SUFFIXES)} checkpoint, found {found}")
     return with_modifiers(source, **modifiers)
 
 
@@ -77,3 +83,17 @@ def _converted_folder(path: Path, **modifiers) -> ModelSource:
         raise ModelError(f"{path} is a converted model: {', '.join(given)} cannot be applied to it; pass them to "
                          f"`coreml-sd convert` instead")
     return ConvertedModel(path, reopen=open_model)
+
+
+def model_paths(paths) -> list[Path]:
+    """The models at `paths`: a path that is a model stands for itself, a folder that is not for the
+    models inside it (as `coreml-sd serve --models-dir` lists them)."""
+    from coreml_sd.serve.catalog import folder_kind, scan
+
+    out: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_file() or folder_kind(path):
+            out.append(path)
+        else:
+            out += [e.path for e in scan(path) if e.path is not None]
+    return out

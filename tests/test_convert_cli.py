@@ -28,7 +28,7 @@ CONTRACT = {
                     {"last_hidden_state": ((1, 77, 32), "fp32"), "pooled_outputs": ((1, 32), "fp32")}),
     "Unet": ({"sample": ((2, 4, 8, 8), "fp16"), "timestep": ((2,), "fp16"),
               "encoder_hidden_states": ((2, 32, 1, 77), "fp16")}, {"noise_pred": ((2, 4, 8, 8), "fp32")}),
-    "VAEDecoder": ({"z": ((1, 4, 8, 8), "fp32")}, {"image": ((1, 3, 16, 16), "fp32")}),
+    "VAEDecoder": ({"z": ((1, 4, 8, 8), "fp16")}, {"image": ((1, 3, 16, 16), "fp32")}),
     "VAEEncoder": ({"x": ((1, 3, 16, 16), "fp32")}, {"latent": ((1, 8, 8, 8), "fp32")}),
 }
 

@@ -57,10 +57,11 @@ def _split_heads(q, k, v, *, heads, ops, mask, query_chunk):
     d = c // heads
     q = ops.mul(q, 1.0 / math.sqrt(d))
     k_t = ops.transpose(k, (0, 3, 2, 1))  # (b, sk, 1, c): keys on the channel axis
-    bounds = _chunks(sq, query_chunk)
-    masks = [None if mask is None else  # one constant per chunk, shared by the heads
-             ops.const(mask[start:stop].T.reshape(1, -1, 1, stop - start), ops.dtype(q), like=q)
-             for start, stop in bounds]
+    # Queries in equal chunks: the count divides the length at every size a flexible program
+    # takes (ops.chunks), so one program chunks each of its sizes evenly.
+    n = ops.chunks(sq, query_chunk) if query_chunk else 1
+    masks = [None] * n if mask is None else [  # one constant per chunk, shared by the heads
+        ops.const(m.T.reshape(1, -1, 1, m.shape[0]), ops.dtype(q), like=q) for m in np.split(mask, n, axis=0)]
     outs = []
     for h in range(heads):
         if heads == 1:
@@ -70,8 +71,7 @@ def _split_heads(q, k, v, *, heads, ops, mask, query_chunk):
             k_h = ops.slice(k_t, 3, h * d, (h + 1) * d)  # (b, sk, 1, d)
             v_h = ops.slice(v, 1, h * d, (h + 1) * d)  # (b, d, 1, sk)
         pieces = []
-        for (start, stop), m in zip(bounds, masks):
-            q_c = q_h if len(bounds) == 1 else ops.slice(q_h, 3, start, stop)
+        for q_c, m in zip([q_h] if n == 1 else ops.split(q_h, n, 3), masks):
             w = ops.einsum("bkhc,bchq->bkhq", k_h, q_c)  # (b, sk, 1, q)
             if m is not None:
                 w = ops.add(w, m)
@@ -79,12 +79,6 @@ def _split_heads(q, k, v, *, heads, ops, mask, query_chunk):
             pieces.append(ops.einsum("bchk,bkhq->bchq", v_h, w))  # (b, d, 1, q)
         outs.append(ops.concat(pieces, 3))
     return ops.concat(outs, 1)
-
-
-def _chunks(length: int, chunk: int | None) -> list[tuple[int, int]]:
-    if chunk is None or length <= chunk:
-        return [(0, length)]
-    return [(s, min(s + chunk, length)) for s in range(0, length, chunk)]
 
 
 def causal_mask(length: int) -> np.ndarray:

@@ -9,13 +9,13 @@ nothing is traced, so converting a full UNet needs about its fp16 weight size of
 The primitives mirror MIL ops one to one, so each has a single obvious lowering:
 
     conv, pad, add, sub, mul, silu, sigmoid, gelu, sin, cos, mean, rsqrt, reshape, transpose,
-    concat, slice, split, einsum ("nchw,nwhu->nchu" family only), matmul, softmax,
+    concat, slice, split (and `chunks`, how many equal pieces), einsum ("nchw,nwhu->nchu" family only), matmul, softmax,
     upsample2x (nearest), gather, argmax, equal, cast, const
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -102,6 +102,10 @@ class TorchOps:
         return list(x.chunk(parts, dim=axis))
 
     @staticmethod
+    def chunks(length: int, limit: int) -> int:
+        return chunk_count(length, limit)
+
+    @staticmethod
     def einsum(equation: str, a, b):
         return torch.einsum(equation, a, b)
 
@@ -164,10 +168,15 @@ class MilOps:
 
     name = "mil"
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, *, size_bindings: Sequence[Mapping[Any, int]] = ()):
+        """`size_bindings`: for a program with flexible input sizes (enumerated shapes), one
+        {symbol: size} per enumerated shape, so the few decisions that depend on a size (how to
+        chunk attention queries) hold for every size the program will run at."""
         from coremltools.converters.mil import Builder as mb
 
         self.mb = mb
+        self.size_bindings = [dict(b) for b in size_bindings]
+        self._shape_sources: dict[tuple, Any] = {}  # a symbolic shape -> a value that has it
         self._names = {id(p): n for n, p in module.named_parameters()}
         self._names.update({id(b): n for n, b in module.named_buffers()})
         self._consts: dict[int, Any] = {}
@@ -219,7 +228,38 @@ class MilOps:
                   pad=[padding] * 4)
         if bias is not None:
             kw["bias"] = self._var(bias)
-        return self.mb.conv(**kw)
+        out = self.mb.conv(**kw)
+        k = tuple(weight.shape[2:])
+        self._learn(out, x, {axis: lambda n, a=axis: (n + 2 * padding - k[a - 2]) // stride + 1 for axis in (2, 3)})
+        return out
+
+    def _learn(self, out, x, sizes: Mapping[int, Any]) -> None:
+        """coremltools names a flexible output size of conv/upsample with a fresh symbol; record its
+        value at every enumerated size (`sizes`: axis -> f(input size)), so later decisions can use it."""
+        for axis, size_of in sizes.items():
+            d = out.shape[axis]
+            if _is_static(d) or not self.size_bindings or not d.is_Symbol or d in self.size_bindings[0]:
+                continue
+            for binding in self.size_bindings:
+                size = _value(size_of(None if x is None else _value(x.shape[axis], binding)), binding)
+                if isinstance(size, int):
+                    binding[d] = size
+
+    def _learn_elementwise(self, out, *inputs) -> None:
+        """Broadcasting two different symbols of one size gives a fresh symbol: it has their size."""
+        def size_at(axis):
+            def size(_):
+                values = [v for v in (self._input_size(i, axis, out) for i in inputs) if v is not None]
+                return max(values, key=lambda v: (not _is_static(v) or v != 1)) if values else None
+            return size
+        self._learn(out, None, {axis: size_at(axis) for axis in range(len(out.shape))})
+
+    def _input_size(self, value, axis: int, out):
+        from coremltools.converters.mil.mil import Var
+
+        if not isinstance(value, Var) or len(value.shape) != len(out.shape):
+            return None
+        return value.shape[axis]
 
     def pad(self, x, pads):
         left, right, top, bottom = pads
@@ -228,13 +268,19 @@ class MilOps:
                            constant_val=np.array(0, dtype=_np_dtype(x.dtype)))
 
     def add(self, x, y):
-        return self.mb.add(x=self._var(x, like=_first_var(x, y)), y=self._var(y, like=_first_var(x, y)))
+        out = self.mb.add(x=self._var(x, like=_first_var(x, y)), y=self._var(y, like=_first_var(x, y)))
+        self._learn_elementwise(out, x, y)
+        return out
 
     def sub(self, x, y):
-        return self.mb.sub(x=self._var(x, like=_first_var(x, y)), y=self._var(y, like=_first_var(x, y)))
+        out = self.mb.sub(x=self._var(x, like=_first_var(x, y)), y=self._var(y, like=_first_var(x, y)))
+        self._learn_elementwise(out, x, y)
+        return out
 
     def mul(self, x, y):
-        return self.mb.mul(x=self._var(x, like=_first_var(x, y)), y=self._var(y, like=_first_var(x, y)))
+        out = self.mb.mul(x=self._var(x, like=_first_var(x, y)), y=self._var(y, like=_first_var(x, y)))
+        self._learn_elementwise(out, x, y)
+        return out
 
     def silu(self, x):
         return self.mb.silu(x=x)
@@ -258,21 +304,47 @@ class MilOps:
         return self.mb.rsqrt(x=x, epsilon=np.array(eps, dtype=_np_dtype(x.dtype)))
 
     def reshape(self, x, shape):
-        return self.mb.reshape(x=self._var(x), shape=list(shape))
+        """A shape with flexible (symbolic) sizes: one becomes -1; several must be the shape of a
+        value seen by `shape()` (the way back from a merged view), read from it when the program runs."""
+        shape = tuple(shape)
+        flexible = [i for i, d in enumerate(shape) if not _is_static(d)]
+        if not flexible:
+            return self.mb.reshape(x=self._var(x), shape=[int(d) for d in shape])
+        if len(flexible) == 1:
+            out = self.mb.reshape(x=self._var(x), shape=[-1 if i in flexible else int(d) for i, d in enumerate(shape)])
+        else:
+            source = self._shape_sources.get(shape)
+            if source is None:
+                raise ValueError(f"reshape to {shape}: more than one flexible size, and no value of that shape to "
+                                 "read them from")
+            out = self.mb.reshape(x=self._var(x), shape=self.mb.shape(x=source))
+        self._learn(out, None, {i: (lambda _, d=shape[i]: d) for i in flexible})
+        return out
 
     def transpose(self, x, perm):
         return self.mb.transpose(x=x, perm=list(perm))
 
     def concat(self, xs, axis: int):
         xs = list(xs)
-        return xs[0] if len(xs) == 1 else self.mb.concat(values=xs, axis=axis)
+        if len(xs) == 1:
+            return xs[0]
+        out = self.mb.concat(values=xs, axis=axis)
+        sizes = {a: (lambda _, a=a: xs[0].shape[a]) for a in range(len(out.shape)) if a != axis}
+        sizes[axis] = lambda _: sum(x.shape[axis] for x in xs)
+        self._learn(out, None, sizes)
+        return out
 
     def slice(self, x, axis: int, start: int, stop: int):
         x = self._var(x)
-        begin = [0] * len(x.shape)
-        end = list(x.shape)
+        rank = len(x.shape)
+        begin, end = [0] * rank, [0] * rank
         begin[axis], end[axis] = start, stop
-        return self.mb.slice_by_index(x=x, begin=begin, end=end)
+        whole = [i != axis for i in range(rank)]  # the other axes whole, whatever their (flexible) size
+        return self.mb.slice_by_index(x=x, begin=begin, end=end, begin_mask=whole, end_mask=whole)
+
+    def chunks(self, length, limit: int) -> int:
+        """Equal pieces of at most `limit` that cut `length`, at every enumerated size (`chunk_count`)."""
+        return chunk_count(length, limit, self.size_bindings)
 
     def split(self, x, parts: int, axis: int):
         return list(self.mb.split(x=x, num_splits=parts, axis=axis))
@@ -287,7 +359,9 @@ class MilOps:
         return self.mb.softmax(x=x, axis=axis)
 
     def upsample2x(self, x):
-        return self.mb.upsample_nearest_neighbor(x=x, scale_factor_height=2, scale_factor_width=2)
+        out = self.mb.upsample_nearest_neighbor(x=x, scale_factor_height=2, scale_factor_width=2)
+        self._learn(out, x, {2: lambda n: 2 * n, 3: lambda n: 2 * n})
+        return out
 
     def gather(self, x, indices, axis: int):
         indices = self.mb.reshape(x=self.mb.cast(x=indices, dtype="int32"), shape=[-1])
@@ -306,13 +380,47 @@ class MilOps:
     def const(self, value, dtype: torch.dtype, like=None):
         return self.mb.const(val=np.asarray(value, dtype=_np_dtype_of(dtype)))
 
-    @staticmethod
-    def shape(x) -> tuple[int, ...]:
-        return tuple(int(d) for d in x.shape)
+    def shape(self, x) -> tuple:
+        """Sizes as ints; a flexible size as coremltools' symbol (or expression of symbols)."""
+        shape = tuple(int(d) if _is_static(d) else d for d in x.shape)
+        if not all(isinstance(d, int) for d in shape):
+            self._shape_sources.setdefault(shape, x)
+        return shape
 
     @staticmethod
     def dtype(x) -> torch.dtype:
         return {v: k for k, v in _MIL_DTYPES.items()}[_dtype_name(x.dtype)]
+
+
+def _is_static(d) -> bool:
+    from coremltools.converters.mil.mil.types.symbolic import is_symbolic
+
+    return not is_symbolic(d)
+
+
+def _value(d, binding: Mapping[Any, int]):
+    """`d` at one enumerated size: an int where every symbol in it is known, else an expression."""
+    if _is_static(d):
+        return int(d)
+    d = d.xreplace(binding)
+    return int(d) if getattr(d, "is_number", True) else d
+
+
+def chunk_count(length, limit: int, bindings: Sequence[Mapping[Any, int]] = ()) -> int:
+    """How many equal pieces cut `length` into pieces of at most `limit`, for every size it takes.
+
+    `length` is an int, or an expression of size symbols evaluated under each of `bindings`: the
+    count must divide every value, so that one program splits evenly at each enumerated size.
+    """
+    values = [length] if _is_static(length) else [_value(length, b) for b in bindings]
+    if not values or not all(_is_static(v) for v in values):
+        raise ValueError(f"size {length} is flexible and its value at each enumerated size is not known")
+    values = [int(v) for v in values]
+    largest = max(values)
+    for parts in range(max(1, -(-largest // limit)), largest + 1):
+        if all(v % parts == 0 for v in values):
+            return parts
+    return 1
 
 
 def _first_var(*values):

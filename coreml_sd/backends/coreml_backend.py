@@ -35,7 +35,6 @@ COMPUTE_UNITS = {"ane": "CPU_AND_NE", "gpu": "CPU_AND_GPU", "cpu": "CPU_ONLY", "
 SHORT_NAMES = {v: k for k, v in COMPUTE_UNITS.items()}
 _NUMPY = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64, "int32": np.int32, "bool": np.bool_}
 # FeatureTypes.proto ArrayDataType values
-_ARRAY_TYPES = {65552: "fp16", 65568: "fp32", 65600: "fp64", 131104: "int32", 131080: "int8"}
 
 
 def compute_units_name(value: str) -> str:
@@ -76,29 +75,11 @@ def _coremltools():
 
 def read_specs(package: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """(inputs, outputs) from the package's model description (coremltools' proto), or from a
-    compiled model's metadata.json; any OS."""
-    path = Path(package)
-    if is_compiled_model(path):
-        from coreml_sd.compiled_model import read_specs as read_compiled_specs
+    compiled model's metadata.json; any OS. A flexible size (enumerated or ranged shapes) is None."""
+    from coreml_sd.model_description import describe_model
 
-        return read_compiled_specs(path)
-    ct = _coremltools()
-    if not (path / "Manifest.json").is_file():
-        raise ModelError(f"expected a Core ML package (.mlpackage folder with Manifest.json) at {path}")
-    try:
-        spec = ct.utils.load_spec(str(path))
-    except Exception as exc:  # coremltools raises bare Exceptions for unreadable packages
-        raise ModelError(f"{path}: the model description could not be read: {type(exc).__name__}: {exc}") from exc
-
-    def convert(features) -> tuple[TensorSpec, ...]:
-        out = []
-        for f in features:
-            array = f.type.multiArrayType
-            dtype = _ARRAY_TYPES.get(array.dataType, f"array type {array.dataType}")
-            out.append(TensorSpec(f.name, tuple(int(d) for d in array.shape), dtype))
-        return tuple(out)
-
-    return convert(spec.description.input), convert(spec.description.output)
+    description = describe_model(Path(package))
+    return description.inputs, description.outputs
 
 
 class CoreMLRunner:

@@ -158,6 +158,15 @@ def shipped_config(name: str) -> CheckpointConfig:
     return CheckpointConfig.from_dict(json.loads(text))
 
 
+def shipped_scheduler(name: str) -> SchedulerConfig:
+    """Only the scheduler of a shipped config (a model without configs of its own, e.g. a Core ML
+    folder another tool wrote, needs nothing else of it)."""
+    if name not in shipped_configs():
+        raise ModelError(f"no shipped checkpoint config {name!r}; shipped: {choices_text(shipped_configs())}")
+    text = (resources.files("coreml_sd") / "data" / "configs" / f"{name}.json").read_text(encoding="utf-8")
+    return SchedulerConfig.from_dict(json.loads(text)["scheduler"])
+
+
 def as_config(config: "CheckpointConfig | Mapping | str | Path") -> CheckpointConfig:
     """Accept a CheckpointConfig, a dict in the JSON format, a shipped name, or a path to a JSON file."""
     if isinstance(config, CheckpointConfig):

@@ -50,7 +50,17 @@ def load_compiled_program(path, *, function_name: str | None = None):
     version = _specification_version(path, parsed, name)
     spec.specificationVersion = version
     program = milproto_load(path, spec, path / WEIGHTS_DIR)
-    return program_from_function(program.functions[name], name=name, path=path, specification_version=version)
+    return program_from_function(program.functions[name], name=name, path=path, specification_version=version,
+                                 enumerated=_enumerated(path))
+
+
+def _enumerated(path: Path) -> dict:
+    """Enumerated input shapes declared in metadata.json (see coreml_sd.model_description)."""
+    if not (path / METADATA_FILE).is_file():
+        return {}
+    from coreml_sd.model_description import describe_model
+
+    return describe_model(path).shapes
 
 
 def _parse(path: Path, into) -> ParsedText:
@@ -165,16 +175,21 @@ def _feature(feature) -> dict:
         raise ModelError(f"feature {feature.name!r}: only multi-arrays of {choices_text(MIL_TO_DATA_TYPE)} "
                          "can be described in metadata.json")
     data_type, shape = MIL_TO_DATA_TYPE[dtype], [int(d) for d in array.shape]
-    return {
+    out = {
         "name": feature.name,
         "type": "MultiArray",
         "dataType": data_type,
-        "shape": json.dumps(shape),  # "[2, 4, 64, 64]"
+        "shape": json.dumps(shape),  # "[2, 4, 64, 64]" (a flexible input: its default shape)
         "formattedType": f"MultiArray ({data_type} {' × '.join(map(str, shape))})",
         "hasShapeFlexibility": "0",
         "isOptional": "0",
         "shortDescription": feature.shortDescription,
     }
+    if array.WhichOneof("ShapeFlexibility") == "enumeratedShapes":
+        # The form coreml_sd.model_description reads (its docstring says what is assumed about it).
+        listed = [" × ".join(str(int(d)) for d in s.shape) for s in array.enumeratedShapes.shapes]
+        out.update(hasShapeFlexibility="1", shapeFlexibility=" | ".join(listed))
+    return out
 
 
 def _own_version() -> str:

@@ -43,6 +43,7 @@ class Executor:
         self.path = program.path
         self.inputs: tuple[TensorSpec, ...] = program.inputs
         self.outputs: tuple[TensorSpec, ...] = program.outputs
+        self.enumerated = dict(program.enumerated)  # input -> the shapes it takes (Core ML enumerated shapes)
         fusions = find_fusions(program.function) if (fuse is None and not self.precision.rounds_fp16) or fuse else {}
         graph = compile_function(program.function, self.precision, self.device, fusions)
         groups = {id(f): f for f in fusions.values()}.values()
@@ -95,6 +96,10 @@ class Executor:
                 f"{self.path.name}: input {spec.name!r} expects shape {_fmt_shape(spec.shape)}, "
                 f"found {_fmt_shape(shape)}"
             )
+        listed = self.enumerated.get(spec.name)
+        if listed and shape not in listed:
+            raise InputError(f"{self.path.name}: input {spec.name!r} takes the shapes "
+                             f"{', '.join(_fmt_shape(s) for s in listed)} (enumerated); found {_fmt_shape(shape)}")
         if _kind(tensor.dtype) != _mil_kind(spec.dtype):
             raise InputError(
                 f"{self.path.name}: input {spec.name!r} expects {_mil_kind(spec.dtype)} values ({spec.dtype}), "

@@ -143,7 +143,9 @@ def _einsum_layout(first, second, probs):
     if p is not probs or v is probs:
         return None
     shapes = [tuple(t.shape) for t in (q, k, v)]
-    if not all(len(sh) == 4 and _static(sh) for sh in shapes) or len({(sh[0], sh[2]) for sh in shapes}) != 1:
+    # (the sequence axes 1 and 3 may be flexible: a program taking several image sizes)
+    if not all(len(sh) == 4 and _static((sh[0], sh[2])) for sh in shapes) \
+            or len({(sh[0], sh[2]) for sh in shapes}) != 1:
         return None  # SDPA needs one batch and head layout; MIL's size-1 broadcasting is left op by op
 
     def heads_first(x):  # (n, a, h, b) -> (n, h, a, b)
@@ -202,9 +204,14 @@ def match_group_norm(reduce_op, keep: set[int]) -> Fusion | None:
     ops, eps, normalized = chain
     tail = _only_reader(normalized, keep)
     # the result may come back in another spatial layout, e.g. (N, C, H*W) from (N, C, H, W)
-    if tail is None or tail.op_type != "reshape" or not _same_channels(tail.outputs[0].shape, x.shape):
+    if tail is None or tail.op_type != "reshape":
         return None
-    out_shape = tuple(tail.outputs[0].shape)
+    if _shape_of(tail.inputs["shape"], x):  # flexible sizes: back to x's own shape, read when run
+        out_shape = None
+    elif _same_channels(tail.outputs[0].shape, x.shape):
+        out_shape = tuple(tail.outputs[0].shape)
+    else:
+        return None
     ops = [head] + ops + [tail]
     gamma, beta, ops = _affine_after(tail.outputs[0], ops, x.shape[1], keep)
     names = [v for v in (gamma, beta) if v is not None]
@@ -214,7 +221,7 @@ def match_group_norm(reduce_op, keep: set[int]) -> Fusion | None:
         weight = params[0].reshape(-1) if has_gamma else None
         bias = params[-1].reshape(-1) if has_beta else None
         y = F.group_norm(x, groups, weight, bias, eps)
-        return y if tuple(y.shape) == out_shape else y.reshape(out_shape)
+        return y if out_shape is None or tuple(y.shape) == out_shape else y.reshape(out_shape)
 
     return Fusion("fused_group_norm", tuple(ops), Kernel(run, (x, *names)))
 
@@ -224,11 +231,24 @@ def _static(shape) -> bool:
 
 
 def _groups_channels(x_shape, grouped_shape) -> bool:
-    """x (N, C, *spatial) viewed as (N, G, C/G, *rest) with the same number of spatial elements."""
-    if not (_static(x_shape) and _static(grouped_shape)) or len(x_shape) < 2 or len(grouped_shape) < 3:
+    """x (N, C, *spatial) viewed as (N, G, C/G, *rest) with the same number of spatial elements
+    (flexible spatial sizes: the same product of the same symbols)."""
+    if not (_static(x_shape[:2]) and _static(grouped_shape[:3])) or len(x_shape) < 2 or len(grouped_shape) < 3:
         return False
     return (grouped_shape[0] == x_shape[0] and grouped_shape[1] * grouped_shape[2] == x_shape[1]
-            and np.prod(grouped_shape[3:]) == np.prod(x_shape[2:]))
+            and _product(grouped_shape[3:]) == _product(x_shape[2:]))
+
+
+def _product(dims):
+    out = 1
+    for d in dims:
+        out = out * (int(d) if isinstance(d, (int, np.integer)) else d)
+    return out
+
+
+def _shape_of(var, x) -> bool:
+    """`var` is computed as shape(x) (a reshape back to x's flexible shape)."""
+    return var is not None and var.op is not None and var.op.op_type == "shape" and var.op.inputs["x"] is x
 
 
 def _same_channels(shape, x_shape) -> bool:
@@ -306,7 +326,8 @@ def match_channel_layer_norm(reduce_op, keep: set[int]) -> Fusion | None:
     =>  F.layer_norm over the channels."""
     x = reduce_op.inputs["x"]
     axes = _const(reduce_op.inputs.get("axes"))
-    if len(x.shape) != 4 or not _static(x.shape) or axes is None or not bool(_const(reduce_op.inputs.get("keep_dims"))):
+    keep_dims = bool(_const(reduce_op.inputs.get("keep_dims")))
+    if len(x.shape) != 4 or not _static(x.shape[:2]) or axes is None or not keep_dims:
         return None
     if sorted(int(a) % 4 for a in np.asarray(axes).reshape(-1)) != [1]:
         return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ class MilProgram:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     specification_version: int
-
+    # Inputs declared with Core ML enumerated shapes: name -> the shapes they take (any other is refused)
+    enumerated: dict = field(default_factory=dict)
 
 
 
@@ -58,11 +59,22 @@ def load_program(path, *, function_name: str | None = None) -> MilProgram:
     check_blobs(_blob_refs(spec.mlProgram, weights_dir), model=path)
     program = milproto_load(path, spec, weights_dir)
     return program_from_function(program.functions[name], name=name, path=path,
-                                 specification_version=spec.specificationVersion)
+                                 specification_version=spec.specificationVersion,
+                                 enumerated=enumerated_shapes(spec.description.input))
+
+
+def enumerated_shapes(features) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """name -> shapes, for the model-description inputs declared with enumerated shapes."""
+    out = {}
+    for f in features:
+        array = f.type.multiArrayType
+        if f.type.WhichOneof("Type") == "multiArrayType" and array.WhichOneof("ShapeFlexibility") == "enumeratedShapes":
+            out[f.name] = tuple(tuple(int(d) for d in s.shape) for s in array.enumeratedShapes.shapes)
+    return out
 
 
 def program_from_function(function, *, name: str = "main", path=Path("<in-memory program>"),
-                          specification_version: int = 0) -> MilProgram:
+                          specification_version: int = 0, enumerated=None) -> MilProgram:
     """Wrap an in-memory coremltools MIL Function (e.g. from `mb.program`) for execution."""
     return MilProgram(
         path=Path(path),
@@ -71,6 +83,7 @@ def program_from_function(function, *, name: str = "main", path=Path("<in-memory
         inputs=tuple(_tensor_spec(n, v) for n, v in function.inputs.items()),
         outputs=tuple(_tensor_spec(v.name, v) for v in function.outputs),
         specification_version=specification_version,
+        enumerated=dict(enumerated or {}),
     )
 
 

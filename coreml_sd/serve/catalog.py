@@ -30,7 +30,9 @@ class ModelEntry:
 
 
 def folder_kind(path: Path) -> str | None:
-    if (path / "manifest.json").is_file():
+    from coreml_sd.model_folder import is_converted_folder, is_core_ml_folder
+
+    if is_converted_folder(path) or is_core_ml_folder(path):  # ours, or another tool's Core ML models
         return "coreml"
     if (path / "model_index.json").is_file():
         return "diffusers"
@@ -55,7 +57,7 @@ def scan(models_dir: Path | None) -> list[ModelEntry]:
         models = [d for d in dirs if folder_kind(here / d)]
         found += [_entry(root, here / d, folder_kind(here / d)) for d in models]
         dirs[:] = sorted(d for d in dirs if d not in models and not d.startswith(".")
-                         and not d.endswith(".mlpackage") and depth < MAX_DEPTH)
+                         and not d.endswith((".mlpackage", ".mlmodelc")) and depth < MAX_DEPTH)
         found += [_entry(root, here / f, "checkpoint") for f in files
                   if Path(f).suffix.lower() in CHECKPOINT_SUFFIXES and not f.startswith(".")]
     return entries + sorted(found, key=lambda e: e.title.lower())

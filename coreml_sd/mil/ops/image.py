@@ -32,10 +32,12 @@ def _as_4d(fn):
 def upsample_nearest_neighbor(op: OpView):
     sh, sw = op.const_float("scale_factor_height", 1.0), op.const_float("scale_factor_width", 1.0)
     out_h, out_w = op.out_shape()[-2:]
-    if out_h is None or out_w is None:
-        raise op.error("needs static output sizes")
     if float(sh).is_integer() and float(sw).is_integer():
-        return op.kernel(_as_4d(lambda x: F.interpolate(x, size=(out_h, out_w), mode="nearest")), "x")
+        # Integer factors repeat each pixel: exact whatever the input size (flexible sizes too).
+        factors = (int(sh), int(sw))
+        return op.kernel(_as_4d(lambda x: F.interpolate(x, scale_factor=factors, mode="nearest")), "x")
+    if out_h is None or out_w is None:
+        raise op.error("needs static output sizes for a fractional scale factor")
 
     def run(x):
         rows = _nearest_index(x.shape[-2], out_h, 1.0 / sh, x.device)
