@@ -151,10 +151,15 @@ def _blob_ref(value, weights_dir: Path, operation) -> BlobRef:
 
 
 def milproto_load(path: Path, spec, weights_dir: Path):
+    """coremltools' loader, with the weights memory-mapped from the package (`weights.py`)."""
     from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
 
+    from coreml_sd.mil.weights import mapped_weights
+
     try:
-        return milproto_load(spec, specification_version=spec.specificationVersion, file_weights_dir=str(weights_dir))
+        with mapped_weights(weights_dir):
+            return milproto_load(spec, specification_version=spec.specificationVersion,
+                                 file_weights_dir=str(weights_dir))
     except Exception as exc:  # coremltools raises bare ValueError/RuntimeError/AssertionError here
         raise ModelError(f"{path}: the ML program or its weights could not be read: {type(exc).__name__}: {exc}") from exc
 
