@@ -23,6 +23,7 @@ import torch
 
 from coreml_sd.errors import InputError
 from coreml_sd.mil.compiler import Graph, Step, compile_function, split_constant_steps, with_frees
+from coreml_sd.mil.exact_fusion import find_exact_fusions
 from coreml_sd.mil.fusion import FUSION_KINDS, find_fusions
 from coreml_sd.mil.package import MilProgram, TensorSpec
 from coreml_sd.mil.precision import Precision, make_precision
@@ -35,16 +36,16 @@ class Executor:
 
     def __init__(self, program: MilProgram, *, device: str = "cpu", precision_mode: str = "fast",
                  fast_dtype: str | None = None, fuse: bool | None = None):
-        """`fuse` (default: on in fast mode) runs decomposed attention and GroupNorm as single
-        torch kernels (see `fusion.py`); exact mode cannot fuse."""
+        """`fuse` (default on): fast mode runs decomposed attention and GroupNorm as single torch
+        kernels (`fusion.py`); exact mode runs attention chains in query blocks that keep every
+        op's fp16 rounding (`exact_fusion.py`)."""
         self.device = torch.device(device)
         self.precision: Precision = make_precision(precision_mode, self.device, fast_dtype)
-        if fuse and self.precision.exact:
-            raise InputError("fusing ops is for precision mode 'fast'; exact mode rounds after every op")
         self.path = program.path
         self.inputs: tuple[TensorSpec, ...] = program.inputs
         self.outputs: tuple[TensorSpec, ...] = program.outputs
-        fusions = find_fusions(program.function) if (fuse is None and not self.precision.exact) or fuse else {}
+        finder = find_exact_fusions if self.precision.exact else find_fusions
+        fusions = finder(program.function) if fuse is None or fuse else {}
         graph = compile_function(program.function, self.precision, self.device, fusions)
         groups = {id(f): f for f in fusions.values()}.values()
         self.fused = {kind: sum(1 for f in groups if f.name == kind) for kind in FUSION_KINDS}
