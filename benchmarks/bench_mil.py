@@ -108,6 +108,9 @@ def phase_mil(args) -> dict:
     from coreml_sd.mil.executor import Executor
     from coreml_sd.mil.package import load_program
 
+    from coreml_sd.memory import mmap_large_allocations
+
+    mmap_large_allocations()  # as load_mil_runner does for the mil backend
     feeds = _inputs(args.batch, args.latent)
     start = time.perf_counter()
     program = load_program(args.package)

@@ -121,7 +121,7 @@ def _execute_step(step: Step, env: list) -> None:
         env[slot] = value if value.dtype == dtype else value.to(dtype)
 
 
-TRIM_BYTES = 256 * 2**20  # converted weight bytes between returning mapped file pages to the OS
+TRIM_BYTES = 32 * 2**20  # converted weight bytes between returning mapped file pages to the OS
 
 
 def _materialize(graph: Graph, prepare_steps: list[Step], device: torch.device) -> list:
