@@ -6,8 +6,10 @@ compute the upstream module's reference in fp32 on seeded inputs (an exact upcas
 weights, and back), build the Neural-Engine rewrite on the same tensors, emit the ML program
 ("trace"), optionally compress it, let coremltools convert and serialize it straight into the
 output, then run the package (Core ML on macOS, the `mil` executor elsewhere) against the
-reference: the parity gate. The folder is written under a hidden name and renamed only when
-everything passed.
+reference: the parity gate. On a full-size model the packages' gate runs go to a worker process
+(`conversion.gate`) while the next component converts, and the references are computed from the
+fp16 weights in fp32 without an fp32 copy (`conversion.reference`). The folder is written under a
+hidden name and renamed only when every gate run passed.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from conversion.ane.attention import ATTENTION_IMPLEMENTATIONS
 from conversion.atomic import atomic_folder, check_target
 from conversion.export import (MIN_TARGETS, WEIGHT_MODES, ConversionError, TensorIO, build_program,
                                compile_package, compress, to_mlmodel)
+from conversion.gate import GateRun, GateRunner
 from conversion.progress import StageRecord, StageTimer, release_memory
+from conversion.reference import fp32_compute
 from conversion.verify import MIN_PSNR_DB, ExtraIO, PackageRunner, ParityResult, compare
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,9 @@ class ConvertOptions:
     compile: bool = False
     components: tuple[str, ...] = DEFAULT_COMPONENTS
     threshold_db: float = MIN_PSNR_DB
+    # Gate runs in a worker process beside the conversion; None: when the model's weights exceed
+    # BACKGROUND_GATE_BYTES (a worker's start costs more than a small model's checks).
+    background_gate: bool | None = None
 
     def validate(self) -> None:
         for name, value, valid in (("attention", self.attention, ATTENTION_IMPLEMENTATIONS),
@@ -126,15 +133,38 @@ def _check_source(source: ModelSource) -> None:
                               "Core ML packages; convert without --hypernetwork (use it with the torch backend)")
 
 
+BACKGROUND_GATE_BYTES = 500 * 2**20
+
+
 class Converter:
     """One conversion run: the source's modules, the output folder, the options, the timer."""
 
-    def __init__(self, source: ModelSource, folder: Path, options: ConvertOptions, timer: StageTimer):
-        self.source, self.folder, self.options, self.timer = source, folder, options, timer
+    def __init__(self, source: ModelSource, folder: Path, options: ConvertOptions, timer: StageTimer,
+                 *, background_gate: bool = False):
+        self.source, self.folder, self.options = source, folder, options
         self.runner = PackageRunner()
+        self.gates = GateRunner(background=background_gate)
+        self.timer = _Balanced(timer, self)
         self.packages: dict[str, PackageInfo] = {}
         self.parity: dict[str, ParityResult] = {}
         self.extra_parity: dict[str, dict] = {}
+        self.expected: dict[str, tuple[dict, dict | None]] = {}  # component -> (references, dequantized)
+        self.last_component: str | None = None  # the gate run submitted last may use every core
+
+    def collect_gates(self, runs: list[GateRun]) -> None:
+        """Judge finished gate runs (raises ConversionError on the first that fails)."""
+        for run in runs:
+            if self.gates.background:
+                self.timer.base.record(StageRecord(run.component, "verify", run.seconds, run.peak_rss_gib,
+                                                   f"{self.runner.name}, beside the conversion"))
+            refs, deq = self.expected.pop(run.component)
+            self.gate(run.component, run.outputs, refs, dequantized_reference=deq)
+
+    def finish_gates(self) -> None:
+        try:
+            self.collect_gates(self.gates.wait())
+        except RuntimeError as exc:  # the worker could not run a package
+            raise ConversionError(str(exc)) from None
 
     # -- one component ------------------------------------------------------------------------
     def export(self, component: str, rewrite, forward: Callable, inputs: list[TensorIO],
@@ -206,20 +236,31 @@ def _set_weights(module, dense: dict[str, np.ndarray]) -> None:
                                               requires_grad=False))
 
 
+class _Balanced:
+    """The stage timer, first giving this process its torch threads for what the gate worker does
+    (`GateRunner.balance_threads`) and judging the gate runs that finished meanwhile."""
+
+    def __init__(self, base: StageTimer, conv: Converter):
+        self.base, self.conv = base, conv
+
+    def __call__(self, component: str, stage: str, detail: str = ""):
+        self.conv.collect_gates(self.conv.gates.take())
+        self.conv.gates.balance_threads()
+        return self.base(component, stage, detail)
+
+
 @contextlib.contextmanager
 def in_fp32(module, options: ConvertOptions) -> Iterator[Any]:
-    """The upstream module computing in fp32 for its reference, then back in the package precision.
+    """The upstream module computing in fp32 for its reference, with the weights it holds.
 
     Weights were loaded in the package precision (fp16: half the memory of fp32 for the whole
-    conversion), so the upcast is exact and so is the way back: the reference is the upstream
-    model with the weights the package stores, computed in fp32.
+    conversion); `fp32_compute` upcasts each where it is used (exact), so the reference is the
+    upstream model with the weights the package stores, computed in fp32, and no fp32 copy of the
+    model ever exists.
     """
-    module.float()
-    try:
+    with fp32_compute():
         yield module
-    finally:
-        options.cast(module)
-        release_memory()
+    release_memory()
 
 
 def _spec(io: TensorIO) -> TensorSpec:
@@ -245,23 +286,21 @@ def _reference_outputs(rewrite, inputs: dict[str, np.ndarray], names: list[str])
 
 
 # -- the components ---------------------------------------------------------------------------
-def _run_chain(conv: Converter, chain: list[str], inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run packages in order, each taking its inputs by name from the inputs and earlier outputs."""
-    values = dict(inputs)
-    for component in chain:
-        info = conv.packages[component]
-        feed = {s.name: np.asarray(values[s.name], dtype=np.float16 if s.dtype == "fp16" else np.float32)
-                for s in info.inputs}
-        values.update(conv.runner.run(conv.folder / info.package, feed))
-        release_memory()
-    return {s.name: values[s.name] for s in conv.packages[chain[-1]].outputs}
-
-
 def _verify(conv: Converter, component: str, chain: list[str], inputs: dict[str, np.ndarray],
             refs: dict[str, np.ndarray], dequantized_ref: dict[str, np.ndarray] | None) -> None:
+    """Run the packages of `chain` in order (each taking its inputs by name from the inputs and the
+    earlier outputs) and gate the last one's outputs: now, or in the gate worker (judged when it
+    finishes, and before anything is written)."""
+    steps = [(conv.folder / conv.packages[c].package, [(s.name, s.dtype) for s in conv.packages[c].inputs])
+             for c in chain]
+    outputs = [s.name for s in conv.packages[chain[-1]].outputs]
+    conv.expected[component] = (refs, dequantized_ref)
+    if conv.gates.background:
+        conv.gates.submit(component, steps, inputs, outputs, last=component == conv.last_component)
+        return
     with conv.timer(component, "verify", conv.runner.name):
-        outputs = _run_chain(conv, chain, inputs)
-        conv.gate(component, outputs, refs, dequantized_reference=dequantized_ref)
+        conv.gates.submit(component, steps, inputs, outputs)
+        conv.collect_gates(conv.gates.take())
 
 
 def _dequantized_reference(conv: Converter, component: str, rewrite, dense: dict[str, np.ndarray],
@@ -421,26 +460,44 @@ def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = 
         if options.weights != "fp16" and not set(components) & set(COMPRESSIBLE):
             log.warning("--weights %s compresses only %s; none of them is converted", options.weights,
                         choices_text(COMPRESSIBLE))
-        conv = Converter(source, folder, options, timer)
-        with torch.no_grad():
-            if "text_encoder" in components:
-                convert_text_encoder(conv, mods, shapes)
-            vae_parts = [c for c in components if c.startswith("vae_")]
-            if vae_parts:
-                convert_vae(conv, mods, shapes, vae_parts)
-            mods.vae = mods.text_encoder = None
-            release_memory()
-            if "unet" in components:
-                convert_unet(conv, mods, shapes)
-        del mods
-        gc.collect()
+        conv = Converter(source, folder, options, timer, background_gate=_background_gate(options, mods))
+        vae_parts = [c for c in components if c.startswith("vae_")]
+        order = [c for c in ("text_encoder", *vae_parts, "unet") if c in components]
+        conv.last_component = order[-1] if order else None
+        try:
+            with torch.no_grad():
+                if "text_encoder" in components:
+                    convert_text_encoder(conv, mods, shapes)
+                if vae_parts:
+                    convert_vae(conv, mods, shapes, vae_parts)
+                mods.vae = mods.text_encoder = None
+                release_memory()
+                if "unet" in components:
+                    convert_unet(conv, mods, shapes)
+            del mods
+            gc.collect()
+            with timer("model", "hash"):  # beside the last gate run
+                record = source_record(source)
+            with timer("model", "gate wait"):
+                conv.finish_gates()
+        finally:
+            conv.gates.close()
         if options.compile:
             _compile_all(conv)
         with timer("model", "write"):
-            manifest = _manifest(conv, shapes, source_record(source))
+            manifest = _manifest(conv, shapes, record)
             _copy_tokenizer(source, folder)
             manifest.write(folder)
     return ConversionResult(target, manifest, conv.parity, timer.records, timer.summary())
+
+
+def _background_gate(options: ConvertOptions, mods) -> bool:
+    if options.background_gate is not None:
+        return options.background_gate
+    size = sum(p.numel() * p.element_size() for m in (getattr(mods, n, None) for n in ("text_encoder", "unet", "vae"))
+               if m is not None
+               for p in m.parameters())
+    return size > BACKGROUND_GATE_BYTES
 
 
 def _compile_all(conv: Converter) -> None:
