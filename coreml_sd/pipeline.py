@@ -148,17 +148,19 @@ class Pipeline:
                  guidance_scale: float = 7.5, width: int | None = None,
                  height: int | None = None, eta: float | None = None, ensd: int = 0,
                  a1111: bool = False, clip_skip: int = 1, emphasis: str = "Original",
+                 timestep_spacing: str | None = None,
                  ) -> Iterator[Progress | GeneratedImage]:
         """`prompt`/`negative_prompt`: one text for every image, or a list with one per image.
         `num_images` defaults to the length of such a list, else 1. `sampler`/`schedule`: our keys
         or A1111's names ("DPM++ 2M Karras"); `eta`, `ensd` (A1111's "Eta noise seed delta") and
         `a1111` (A1111's plans throughout): see `coreml_sd.samplers.sample` and `schedules.make_plan`.
         Prompts are read in AUTOMATIC1111's syntax (emphasis, BREAK, long prompts, prompt editing and
-        alternation); `clip_skip` and `emphasis` as its settings of those names."""
+        alternation); `clip_skip` and `emphasis` as its settings of those names. `timestep_spacing`
+        overrides the model's ("trailing" for SD-Turbo/Hyper-SD-style few-step models)."""
         from coreml_sd.denoiser import Denoiser
         from coreml_sd.samplers import SAMPLERS, sampling_extras
         from coreml_sd.sampler_names import resolve_sampler_and_schedule
-        from coreml_sd.schedules import make_plan
+        from coreml_sd.schedules import make_plan, with_spacing
 
         # --- sampler wiring (issue #14): names, eta/ENSD, A1111 plans ---
         sampler, schedule = resolve_sampler_and_schedule(sampler, schedule)
@@ -176,7 +178,8 @@ class Pipeline:
         if not 0 <= seed <= MAX_SEED - (num_images - 1):
             raise InputError(f"seed must be between 0 and {MAX_SEED - num_images + 1}; got {seed}")
 
-        plan = make_plan(self.info.scheduler, sampler, steps, schedule, family=self.info.family, a1111=a1111)
+        plan = make_plan(with_spacing(self.info.scheduler, timestep_spacing), sampler, steps, schedule,
+                         family=self.info.family, a1111=a1111)
         size = SizeConditioning.for_size(width, height)
         # Prompt editing counts denoiser calls; A1111 counts two per step for second-order samplers.
         calls = steps * (2 if SAMPLERS[sampler].second_order else 1)
@@ -209,6 +212,8 @@ class Pipeline:
                 image = to_pil(self.components["vae_decoder"].decode(x / self.info.scaling_factor))
                 extras = {**sampling_extras(sampler, **sampling), **prompt_extras(prompt_options),
                                           **self.generation_extras()}
+                if timestep_spacing:
+                    extras["Timestep spacing"] = timestep_spacing
                 meta = GenerationParams(seed=seed + i, prompt=prompts[i], negative_prompt=negatives[i],
                                         extras=extras, **params)
                 results.append(GeneratedImage(image, i, seed + i, meta, arrays.to_numpy(x)))

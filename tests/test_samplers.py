@@ -456,7 +456,7 @@ def test_registry_names_and_display_names():
         "euler_a": "Euler a", "euler": "Euler", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M"}
     # The seven with a diffusers scheduler come first; AUTOMATIC1111's others after them.
     assert list(SAMPLERS)[:7] == list(REQUIRED + EXTRA)
-    assert [n for n in SAMPLERS if SAMPLERS[n].plan_style] == list(REQUIRED + EXTRA)
+    assert [n for n in SAMPLERS if SAMPLERS[n].plan_style] == list(REQUIRED + EXTRA) + ["lcm"]
     assert [n for n in REQUIRED + EXTRA if SAMPLERS[n].ancestral] == ["euler_a", "dpmpp_2m_sde"]
     assert DIFFUSERS_SCHEDULES == ("default", "karras") == SCHEDULES[:1] + SCHEDULES[3:4]
 
