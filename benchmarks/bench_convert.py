@@ -5,11 +5,13 @@ initialisation (so activations have realistic scale) and saved in fp16, as a dif
 as one original-layout .safetensors file (cached in --work). The conversion then runs as its own
 process, `python -m coreml_sd convert SOURCE -o OUT --json`, under `/usr/bin/time -v` where
 present; its JSON gives each stage's time and sampled peak RSS, the whole process's peak RSS
-comes from the kernel (getrusage of the child). Targets (issue 6): peak RSS <= 6 GiB, UNet trace +
-convert <= 100 s, conversion succeeds (every parity gate >= 35 dB).
+comes from the kernel (getrusage of the child) and the process tree's (the conversion and its gate
+worker, summed) from sampling. Targets: whole run <= 150 s (issue 18), peak RSS <= 6 GiB, UNet
+trace + convert <= 100 s (issue 6), conversion succeeds (every parity gate >= 35 dB).
 
     python -m benchmarks.bench_convert                     # diffusers folder source
     python -m benchmarks.bench_convert --source-kind file  # single .safetensors checkpoint
+    python -m benchmarks.bench_convert --baseline DIR      # another commit's conversion first, same run
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from benchmarks.common import machine_info, sd15_config, write_result  # noqa: E
 WORK = Path(os.environ.get("TMPDIR", "/tmp")) / "coreml-sd-bench"
 TARGET_PEAK_GIB = 6.0
 TARGET_UNET_S = 100.0
+TARGET_WALL_S = 150.0
 
 
 def make_source(kind: str, work: Path) -> Path:
@@ -58,23 +61,96 @@ def _build(kind: str, path: str) -> None:
     os.replace(tmp, target)
 
 
-def run_convert(source: Path, out: Path, extra: list[str]) -> tuple[dict, float, float, str]:
-    """(the command's JSON, wall seconds, child peak RSS GiB, command line)."""
+class TreeRSS:
+    """The summed resident memory of a process and all its descendants (the conversion and its
+    gate worker), sampled every 50 ms: the memory the conversion needs at once."""
+
+    def __init__(self, pid: int):
+        import threading
+
+        self.pid, self.peak, self.stop = pid, 0, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self.stop.wait(0.05):
+            try:
+                root = psutil.Process(self.pid)
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            total = 0
+            for proc in procs:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+
+    def finish(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        return self.peak / 2**30
+
+
+def run_convert(source: Path, out: Path, extra: list[str]) -> tuple[dict, float, dict, str]:
+    """(the command's JSON, wall seconds, {peak RSS GiB of the main process and of the process tree,
+    CPU seconds}, command line)."""
     cmd = [sys.executable, "-m", "coreml_sd", "convert", str(source), "-o", str(out), "--force", "--json", *extra]
     if Path("/usr/bin/time").exists() and sys.platform.startswith("linux"):
         cmd = ["/usr/bin/time", "-v", *cmd]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tree = TreeRSS(proc.pid)
+    stdout, stderr = proc.communicate()
     wall = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    facts = {"main_peak_rss_gib": usage.ru_maxrss / 2**20, "tree_peak_rss_gib": tree.finish(),
+             "cpu_s": (usage.ru_utime - before.ru_utime) + (usage.ru_stime - before.ru_stime)}
     if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
+        sys.stderr.write(stderr[-4000:])
         raise SystemExit(f"conversion failed with exit status {proc.returncode}")
-    for line in proc.stderr.splitlines():
+    for line in stderr.splitlines():
         if "Maximum resident set size" in line:  # /usr/bin/time -v, KiB
-            peak = int(line.split(":")[1]) / 2**20
-    stdout = proc.stdout
-    return json.loads(stdout[stdout.index("{"):]), wall, peak, " ".join(cmd)
+            facts["main_peak_rss_gib"] = int(line.split(":")[1]) / 2**20
+    return json.loads(stdout[stdout.index("{"):]), wall, facts, " ".join(cmd)
+
+
+def measure(source: Path, out: Path, extra: list[str], *, code: Path | None = None) -> dict:
+    """One conversion, as its own process; `code`: a checkout whose coreml_sd/conversion it runs
+    (another commit's, for a before/after comparison), else this one's."""
+    env_path = os.environ.get("PYTHONPATH")
+    if code is not None:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(code.resolve()), *([env_path] if env_path else [])])
+    load_before = os.getloadavg()
+    try:
+        summary, wall, facts, command = run_convert(source, out, extra)
+    finally:
+        if code is not None:
+            os.environ.pop("PYTHONPATH") if env_path is None else os.environ.__setitem__("PYTHONPATH", env_path)
+    peak = max(facts["main_peak_rss_gib"], facts["tree_peak_rss_gib"])
+    stages = summary["stages"]
+    unet_tc = sum(s["seconds"] for s in stages if s["component"].startswith("unet") and s["stage"] in ("trace", "convert"))
+    return {
+        "code": str(code) if code else "this checkout",
+        "command": command,
+        "wall_s": round(wall, 1),
+        "cpu_s": round(facts["cpu_s"], 1),  # user + system, all processes of the conversion
+        "peak_rss_gib": round(peak, 2),  # the larger of the main process's and the process tree's (summed)
+        "main_peak_rss_gib": round(facts["main_peak_rss_gib"], 2),
+        "tree_peak_rss_gib": round(facts["tree_peak_rss_gib"], 2),
+        "unet_trace_convert_s": round(unet_tc, 1),
+        "per_component": summary["summary"],
+        "stages": stages,
+        "parity_db": {k: v["min_psnr_db"] for k, v in summary["parity"].items()},
+        "package_bytes": {k: v["size_bytes"] for k, v in summary["components"].items()},
+        "targets": {"wall_s": TARGET_WALL_S, "peak_rss_gib": TARGET_PEAK_GIB, "unet_trace_convert_s": TARGET_UNET_S,
+                    "met": wall <= TARGET_WALL_S and peak <= TARGET_PEAK_GIB and unet_tc <= TARGET_UNET_S},
+        "load_average_before_after": [list(load_before), list(os.getloadavg())],
+    }
 
 
 def main() -> None:
@@ -83,38 +159,33 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=WORK)
     ap.add_argument("--name", default=None, help="result file name (default convert_sd15_<kind>)")
     ap.add_argument("--keep", action="store_true", help="keep the converted folder")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="a checkout of another commit (e.g. `git archive <commit> | tar -x -C DIR`): its "
+                         "conversion runs first, then this checkout's, one after the other in this run")
     ap.add_argument("extra", nargs="*", help="extra `coreml-sd convert` options (after --)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     source = make_source(args.source_kind, args.work)
     out = args.work / f"converted-{args.source_kind}"
-    load_before = os.getloadavg()
-    summary, wall, peak, command = run_convert(source, out, args.extra)
-    stages = summary["stages"]
-    unet_tc = sum(s["seconds"] for s in stages if s["component"].startswith("unet") and s["stage"] in ("trace", "convert"))
+    baseline = measure(source, out, args.extra, code=args.baseline) if args.baseline else None
     result = {
         "benchmark": "coreml-sd convert, SD 1.5 architecture, random weights (diffusers init), fp16 source",
-        "command": command,
         "source_kind": args.source_kind,
         "options": args.extra or "defaults (text_encoder, unet, vae_decoder; split_einsum_v2; fp16; batch 2; 512x512)",
-        "wall_s": round(wall, 1),
-        "peak_rss_gib": round(peak, 2),
-        "unet_trace_convert_s": round(unet_tc, 1),
-        "per_component": summary["summary"],
-        "stages": stages,
-        "parity_db": {k: v["min_psnr_db"] for k, v in summary["parity"].items()},
-        "package_bytes": {k: v["size_bytes"] for k, v in summary["components"].items()},
-        "targets": {"peak_rss_gib": TARGET_PEAK_GIB, "unet_trace_convert_s": TARGET_UNET_S,
-                    "met": peak <= TARGET_PEAK_GIB and unet_tc <= TARGET_UNET_S},
+        **measure(source, out, args.extra),
         "text_hidden_size": sd15_config().text_encoder["hidden_size"],
-        "load_average_before_after": [list(load_before), list(os.getloadavg())],
         "machine": machine_info(),
     }
+    if baseline:
+        result["baseline"] = baseline
+        result["speedup_wall"] = round(baseline["wall_s"] / result["wall_s"], 2)
     path = write_result(args.name or f"convert_sd15_{args.source_kind}", result)
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
-    print(json.dumps({k: result[k] for k in ("wall_s", "peak_rss_gib", "unet_trace_convert_s", "parity_db",
-                                              "per_component", "targets")}, indent=2))
+    keys = ("wall_s", "cpu_s", "peak_rss_gib", "unet_trace_convert_s", "parity_db", "per_component", "targets")
+    print(json.dumps({k: result[k] for k in keys}, indent=2))
+    if baseline:
+        print(f"baseline {baseline['wall_s']} s -> {result['wall_s']} s ({result['speedup_wall']}x)")
     print(f"wrote {path}")
 
 
