@@ -95,15 +95,17 @@ class TreeRSS:
         return self.peak / 2**30
 
 
-def run_convert(source: Path, out: Path, extra: list[str]) -> tuple[dict, float, dict, str]:
+def run_convert(source: Path, out: Path, extra: list[str], code: Path | None = None) -> tuple[dict, float, dict, str]:
     """(the command's JSON, wall seconds, {peak RSS GiB of the main process and of the process tree,
-    CPU seconds}, command line)."""
+    CPU seconds}, command line). `code`: the checkout to run (its folder is the working directory:
+    `python -m` puts that first on the import path)."""
     cmd = [sys.executable, "-m", "coreml_sd", "convert", str(source), "-o", str(out), "--force", "--json", *extra]
     if Path("/usr/bin/time").exists() and sys.platform.startswith("linux"):
         cmd = ["/usr/bin/time", "-v", *cmd]
     start = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=str(code.resolve()) if code else None)
     tree = TreeRSS(proc.pid)
     stdout, stderr = proc.communicate()
     wall = time.perf_counter() - start
@@ -127,7 +129,7 @@ def measure(source: Path, out: Path, extra: list[str], *, code: Path | None = No
         os.environ["PYTHONPATH"] = os.pathsep.join([str(code.resolve()), *([env_path] if env_path else [])])
     load_before = os.getloadavg()
     try:
-        summary, wall, facts, command = run_convert(source, out, extra)
+        summary, wall, facts, command = run_convert(source, out, extra, code)
     finally:
         if code is not None:
             os.environ.pop("PYTHONPATH") if env_path is None else os.environ.__setitem__("PYTHONPATH", env_path)

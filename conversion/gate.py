@@ -9,8 +9,10 @@ failed check still means nothing is written, and the figures are the same as run
 
 Both processes use one torch thread each while the worker is busy (two threads each on two cores
 spin and wait for each other); the check submitted last, when the conversion has nothing left to
-do, gets every core. `inline` runs the checks in this process, one at a time, for small models
-where starting a worker costs more than it saves.
+do, gets every core unless other programs keep the machine busy: exact mode's thousands of small
+ops then wait for a descheduled second thread at every op (the SD 1.5 UNet's check took 250-330 s
+with two threads at load 5, ~30 s on an idle machine). `inline` runs the checks in this process,
+one at a time, for small models where starting a worker costs more than it saves.
 """
 
 from __future__ import annotations
@@ -90,6 +92,20 @@ def _worker(jobs, results, parent: int) -> None:
             results.put(("error", (job["component"], f"{type(exc).__name__}: {exc}")))
 
 
+def others_running(samples: int = 5) -> bool:
+    """Whether other programs are running now: the runnable count of /proc/loadavg, beside this
+    process, sampled over 0.1 s (Linux; elsewhere False)."""
+    counts = []
+    for _ in range(samples):
+        try:
+            with open("/proc/loadavg", encoding="ascii") as fh:
+                counts.append(int(fh.read().split()[3].split("/")[0]))
+        except (OSError, ValueError, IndexError):
+            return False
+        time.sleep(0.02)
+    return sorted(counts)[len(counts) // 2] > 1
+
+
 class GateRunner:
     """Submit gate runs; collect them in order. `background`: in a worker process, else inline."""
 
@@ -118,8 +134,9 @@ class GateRunner:
     def submit(self, component: str, chain: list[ChainStep], inputs: dict[str, np.ndarray], outputs: list[str],
                *, last: bool = False) -> None:
         """Start a gate run; `last`: nothing else will run meanwhile, so it may use every core."""
+        every_core = last and not others_running()
         job = {"component": component, "chain": chain, "inputs": inputs, "outputs": outputs,
-               "threads": None if last or not self.background else 1}
+               "threads": None if every_core or not self.background else 1}
         if not self.background:
             job["threads"] = self.threads
             self.done.append(_run_job(job))

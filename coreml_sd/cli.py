@@ -18,6 +18,8 @@ from coreml_sd.cli_recipe import recipe
 from coreml_sd.cli_serve import serve
 from coreml_sd.images import FORMATS, save_image, slugify
 from coreml_sd.samplers import SAMPLERS
+from coreml_sd.backends.torch_compile import COMPILE_MODES
+from coreml_sd.config import TIMESTEP_SPACINGS
 from coreml_sd.schedules import SCHEDULES
 
 
@@ -56,6 +58,17 @@ def _schedule_name(ctx, param, value):
 
     try:
         return resolve_schedule(value)
+    except InputError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _compile_mode(ctx, param, value):
+    if value is None:
+        return None
+    from coreml_sd.backends.torch_compile import check_mode
+
+    try:
+        return check_mode(value)
     except InputError as exc:
         raise click.BadParameter(str(exc)) from None
 
@@ -106,26 +119,33 @@ def _side(ctx, param, value):
 @click.option("--reduce-memory", is_flag=True,
               help="Load each component when it is used and free it after (text encoder, UNet, VAE in turn): "
                    "for 8 GB Macs; slower per request.")
+@click.option("--compile", "compile_mode", is_flag=False, flag_value="auto", default=None, metavar="[MODE]",
+              callback=_compile_mode,
+              help="torch backend: torch.compile the UNet (auto, the default MODE: only where it was measured to "
+                   f"pay; or one of {', '.join(COMPILE_MODES)}). Compiled graphs are cached for later runs.")
+@click.option("--timestep-spacing", type=click.Choice(TIMESTEP_SPACINGS), default=None,
+              help="Override the model's: 'trailing' for SD-Turbo/Hyper-SD-style few-step models.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @model_source_options
 def generate(prompt, model, negative_prompt, seed, num_images, batch_size, sampler, schedule, eta, ensd, a1111, steps,
              guidance_scale, width, height, fmt, quality, output, backend, device, precision, compute_units,
-             reduce_memory, as_json, quiet, **source_options):
+             reduce_memory, compile_mode, timestep_spacing, as_json, quiet, **source_options):
     """Generate images from PROMPT."""
     from tqdm import tqdm
 
     from coreml_sd.pipeline import GeneratedImage, Pipeline, random_seed
 
     pipe = Pipeline.load(model, backend=backend, device=device, precision=precision, compute_units=compute_units,
-                         reduce_memory=reduce_memory, **pop_source_kwargs(source_options))
+                         reduce_memory=reduce_memory, compile=compile_mode, **pop_source_kwargs(source_options))
     seed = random_seed() if seed is None else seed
     if not as_json:
         click.echo(f"seed {seed}", err=True)
     bar, written = None, []
     for event in pipe.generate(prompt, negative_prompt=negative_prompt, seed=seed, num_images=num_images,
                                batch_size=batch_size, sampler=sampler, schedule=schedule, steps=steps, guidance_scale=guidance_scale,
-                               width=width, height=height, eta=eta, ensd=ensd, a1111=a1111):
+                               width=width, height=height, eta=eta, ensd=ensd, a1111=a1111,
+                               timestep_spacing=timestep_spacing):
         if isinstance(event, GeneratedImage):
             if bar:
                 bar.close()
