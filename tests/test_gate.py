@@ -133,3 +133,33 @@ def test_background_gate_gives_the_inline_figures(tiny_diffusers_dir, tmp_path):
     assert all("beside the conversion" in r.detail for r in verified)
     assert {r.stage for r in background.stages if r.component == "model"} >= {"load", "gate wait", "write"}
     assert not [p for p in multiprocessing.active_children() if p.name == "coreml-sd-gate"]
+
+
+def test_gate_worker_does_not_outlive_a_killed_conversion(tiny_diffusers_dir, tmp_path):
+    """SIGKILL to the converting process (no cleanup runs): its gate worker notices and exits."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    child = textwrap.dedent(f"""
+        from pathlib import Path
+        from conversion.convert import ConvertOptions, convert_model
+        from coreml_sd.sources import open_model
+        convert_model(open_model(Path({str(tiny_diffusers_dir)!r})), Path({str(tmp_path / 'out')!r}),
+                      ConvertOptions(components=("unet", "vae_decoder"), background_gate=True))
+        print("done", flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    workers = []
+    while time.monotonic() < deadline and not workers and proc.poll() is None:
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "python" in p.name().lower()]
+        time.sleep(0.05)
+    assert workers, "the gate worker never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    gone, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, f"gate worker(s) still running: {[p.pid for p in alive]}"
