@@ -15,6 +15,7 @@ hidden name and renamed only when every gate run passed.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import gc
 import logging
 import shutil
@@ -161,10 +162,7 @@ class Converter:
             self.gate(run.component, run.outputs, refs, dequantized_reference=deq)
 
     def finish_gates(self) -> None:
-        try:
-            self.collect_gates(self.gates.wait())
-        except RuntimeError as exc:  # the worker could not run a package
-            raise ConversionError(str(exc)) from None
+        self.collect_gates(self.gates.wait())
 
     # -- one component ------------------------------------------------------------------------
     def export(self, component: str, rewrite, forward: Callable, inputs: list[TensorIO],
@@ -258,9 +256,14 @@ def in_fp32(module, options: ConvertOptions) -> Iterator[Any]:
     upstream model with the weights the package stores, computed in fp32, and no fp32 copy of the
     model ever exists.
     """
-    with fp32_compute():
+    with fp32_compute(every=_REBALANCE.get()):
         yield module
     release_memory()
+
+
+# The running conversion's thread re-balancing (Converter.rebalance), for references computed
+# while the gate worker runs or finishes: a context variable, so in_fp32's callers stay as they are.
+_REBALANCE: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("rebalance", default=None)
 
 
 def _spec(io: TensorIO) -> TensorSpec:
@@ -464,6 +467,7 @@ def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = 
         vae_parts = [c for c in components if c.startswith("vae_")]
         order = [c for c in ("text_encoder", *vae_parts, "unet") if c in components]
         conv.last_component = order[-1] if order else None
+        token = _REBALANCE.set(conv.gates.balance_threads)
         try:
             with torch.no_grad():
                 if "text_encoder" in components:
@@ -481,6 +485,7 @@ def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = 
             with timer("model", "gate wait"):
                 conv.finish_gates()
         finally:
+            _REBALANCE.reset(token)
             conv.gates.close()
         if options.compile:
             _compile_all(conv)

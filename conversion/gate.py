@@ -27,6 +27,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from conversion.export import ConversionError
+
 log = logging.getLogger(__name__)
 
 # A chain step: (package path, [(input name, "fp16" | "fp32" | ...)]) run in order; each package
@@ -170,15 +172,15 @@ class GateRunner:
                 status, value = self.results.get(timeout=5.0) if block else self.results.get_nowait()
             except queue.Empty:
                 if block and not self.process.is_alive():
-                    raise RuntimeError(f"the gate worker stopped (exit code {self.process.exitcode}) while "
-                                       f"checking {self.pending[0]}") from None
+                    raise ConversionError(f"the gate worker stopped (exit code {self.process.exitcode}) while "
+                                          f"checking {self.pending[0]}; nothing was written") from None
                 if block:
                     continue
                 return
             self.pending.pop(0)
             if status == "error":
                 component, message = value
-                raise RuntimeError(f"the parity gate could not run {component}: {message}")
+                raise ConversionError(f"the parity gate could not run {component}: {message}; nothing was written")
             self.done.append(value)
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ time. tests/test_gate.py compares it with `.float()` on the tiny models.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def _mode_class():
@@ -35,7 +35,15 @@ def _mode_class():
         return value
 
     class FP32Compute(TorchFunctionMode):
+        def __init__(self, every: Callable[[], None] | None):
+            super().__init__()
+            self.every, self.calls = every, 0
+
         def __torch_function__(self, func, types, args=(), kwargs=None):
+            if self.every is not None:
+                self.calls += 1
+                if self.calls % CALLBACK_CALLS == 0:
+                    self.every()
             if func is torch.Tensor.half:
                 func, args = torch.Tensor.float, args[:1]
             return func(*up(args), **up(kwargs or {}))
@@ -43,8 +51,13 @@ def _mode_class():
     return FP32Compute
 
 
+CALLBACK_CALLS = 256  # torch calls between `every` callbacks (a UNet forward makes a few thousand)
+
+
 @contextlib.contextmanager
-def fp32_compute() -> Iterator[None]:
-    """Run the block as if every fp16 tensor and dtype were fp32 (see the module docstring)."""
-    with _mode_class()():
+def fp32_compute(every: Callable[[], None] | None = None) -> Iterator[None]:
+    """Run the block as if every fp16 tensor and dtype were fp32 (see the module docstring).
+    `every`: called every CALLBACK_CALLS torch calls (the conversion re-balances its threads with
+    the gate worker there: a reference takes tens of seconds)."""
+    with _mode_class()(every):
         yield

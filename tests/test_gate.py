@@ -163,3 +163,18 @@ def test_gate_worker_does_not_outlive_a_killed_conversion(tiny_diffusers_dir, tm
     proc.wait(timeout=30)
     gone, alive = psutil.wait_procs(workers, timeout=60)
     assert not alive, f"gate worker(s) still running: {[p.pid for p in alive]}"
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
+def test_a_gate_run_that_cannot_run_fails_the_conversion(tmp_path, background):
+    from conversion.gate import GateRunner
+    from coreml_sd.errors import CoreMLSDError
+
+    gates = GateRunner(background=background)
+    try:  # inline the loader's own error; from the worker, the conversion's naming the component
+        with pytest.raises(CoreMLSDError, match=r"(could not run unet|Core ML package).*missing\.mlpackage"):
+            gates.submit("unet", [(tmp_path / "missing.mlpackage", [("sample", "fp16")])],
+                         {"sample": np.zeros((1, 4), np.float32)}, ["noise_pred"], last=True)
+            gates.wait()
+    finally:
+        gates.close()
