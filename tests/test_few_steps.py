@@ -100,3 +100,21 @@ def test_turbo_style_trailing_steps_without_guidance_equal_diffusers(tiny_diffus
     assert got.params.extras["Timestep spacing"] == "trailing"
     leading = pipe("a red cat", seed=5, sampler="euler_a", steps=steps, guidance_scale=0.0)[0]
     assert np.abs(leading.latents - expected).max() > 1e-3, "the spacing changed the plan"
+
+
+@pytest.mark.parametrize("recipe", ["lcm", "turbo"])
+def test_few_step_recipes_run_on_converted_packages(tmp_path_factory, recipe):
+    """On the mil backend (a converted batch-2 UNet, one image without guidance: the batch is filled
+    up) the few-step recipes give the torch backend's image to fp16 precision."""
+    from helpers_runtime import shared_tiny_model
+
+    from coreml_sd.metrics import psnr
+
+    source, converted = shared_tiny_model(tmp_path_factory)
+    kwargs = (dict(sampler="lcm", steps=4, guidance_scale=1.0) if recipe == "lcm" else
+              dict(sampler="euler_a", steps=2, guidance_scale=0.0, timestep_spacing="trailing"))
+    torch_image = Pipeline.load(source, backend="torch", device="cpu", precision="fp32")("a red cat", seed=9, **kwargs)[0]
+    mil = Pipeline.load(converted, backend="mil", device="cpu", precision="fp32")
+    assert set(mil.components.backends.values()) == {"mil"}
+    mil_image = mil("a red cat", seed=9, **kwargs)[0]
+    assert psnr(torch_image.latents, mil_image.latents) >= 40
