@@ -6,13 +6,16 @@ compute the upstream module's reference in fp32 on seeded inputs (an exact upcas
 weights, and back), build the Neural-Engine rewrite on the same tensors, emit the ML program
 ("trace"), optionally compress it, let coremltools convert and serialize it straight into the
 output, then run the package (Core ML on macOS, the `mil` executor elsewhere) against the
-reference: the parity gate. The folder is written under a hidden name and renamed only when
-everything passed.
+reference: the parity gate. On a full-size model the packages' gate runs go to a worker process
+(`conversion.gate`) while the next component converts, and the references are computed from the
+fp16 weights in fp32 without an fp32 copy (`conversion.reference`). The folder is written under a
+hidden name and renamed only when every gate run passed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import gc
 import logging
 import shutil
@@ -34,7 +37,9 @@ from conversion.ane.attention import ATTENTION_IMPLEMENTATIONS
 from conversion.atomic import atomic_folder, check_target, link_copy
 from conversion.export import (MIN_TARGETS, WEIGHT_MODES, ConversionError, TensorIO, build_program,
                                compile_package, compress, to_mlmodel)
+from conversion.gate import GateRun, GateRunner
 from conversion.progress import StageRecord, StageTimer, release_memory
+from conversion.reference import fp32_compute
 from conversion.verify import MIN_PSNR_DB, ExtraIO, PackageRunner, ParityResult, compare, to_8bit
 
 log = logging.getLogger(__name__)
@@ -76,6 +81,9 @@ class ConvertOptions:
     # is the default. Empty: the one size width x height.
     sizes: tuple[tuple[int, int], ...] = ()
     layout: str = "swift"  # package names: Apple's Swift resources, its Python pipeline's, or both
+    # Gate runs in a worker process beside the conversion; None: when the model's weights exceed
+    # BACKGROUND_GATE_BYTES (a worker's start costs more than a small model's checks).
+    background_gate: bool | None = None
 
     def validate(self) -> None:
         for name, value, valid in (("attention", self.attention, ATTENTION_IMPLEMENTATIONS),
@@ -182,16 +190,40 @@ def _check_source(source: ModelSource) -> None:
                               "Core ML packages; convert without --hypernetwork (use it with the torch backend)")
 
 
+BACKGROUND_GATE_BYTES = 500 * 2**20
+
+
 class Converter:
     """One conversion run: the source's modules, the output folder, the options, the timer."""
 
-    def __init__(self, source: ModelSource, folder: Path, options: ConvertOptions, timer: StageTimer):
-        self.source, self.folder, self.options, self.timer = source, folder, options, timer
+    def __init__(self, source: ModelSource, folder: Path, options: ConvertOptions, timer: StageTimer,
+                 *, background_gate: bool = False):
+        self.source, self.folder, self.options = source, folder, options
         self.runner = PackageRunner()
+        self.gates = GateRunner(background=background_gate)
+        self.timer = _Balanced(timer, self)
         self.packages: dict[str, PackageInfo] = {}
         self.parity: dict[str, ParityResult] = {}
         self.extra_parity: dict[str, dict] = {}
         self.controlnets: dict[str, tuple[dict, dict]] = {}  # package name -> (source record, config)
+        # component -> (references, dequantized references, outputs also compared as 8-bit pixels)
+        self.expected: dict[str, tuple[dict, dict | None, list[str]]] = {}
+        self.last_component: str | None = None  # the gate run submitted last may use every core
+
+    def collect_gates(self, runs: list[GateRun]) -> None:
+        """Judge finished gate runs (raises ConversionError on the first that fails)."""
+        for run in runs:
+            if self.gates.background:
+                self.timer.base.record(StageRecord(run.component, "verify", run.seconds, run.peak_rss_gib,
+                                                   f"{self.runner.name}, beside the conversion"))
+            refs, deq, pixels = self.expected.pop(run.component)
+            outputs, refs = dict(run.outputs), dict(refs)
+            for key in pixels:  # an image's pass mark is its pixels as well as its floats
+                outputs[f"{key} 8-bit"], refs[f"{key} 8-bit"] = to_8bit(outputs[key]), to_8bit(refs[key])
+            self.gate(run.component, outputs, refs, dequantized_reference=deq)
+
+    def finish_gates(self) -> None:
+        self.collect_gates(self.gates.wait())
 
     # -- one component ------------------------------------------------------------------------
     def export(self, component: str, rewrite, forward: Callable, inputs: list[TensorIO],
@@ -281,60 +313,36 @@ def _set_weights(module, dense: dict[str, np.ndarray]) -> None:
                                               requires_grad=False))
 
 
+class _Balanced:
+    """The stage timer, first giving this process its torch threads for what the gate worker does
+    (`GateRunner.balance_threads`) and judging the gate runs that finished meanwhile."""
+
+    def __init__(self, base: StageTimer, conv: Converter):
+        self.base, self.conv = base, conv
+
+    def __call__(self, component: str, stage: str, detail: str = ""):
+        self.conv.collect_gates(self.conv.gates.take())
+        self.conv.gates.balance_threads()
+        return self.base(component, stage, detail)
+
+
 @contextlib.contextmanager
-def in_fp32(module, options: ConvertOptions, *, layerwise: bool = True) -> Iterator[Any]:
-    """The upstream module computing in fp32 for its reference, its weights as the package stores them.
+def in_fp32(module, options: ConvertOptions) -> Iterator[Any]:
+    """The upstream module computing in fp32 for its reference, with the weights it holds.
 
     Weights were loaded in the package precision (fp16: half the memory of fp32 for the whole
-    conversion), so their fp32 values are exact upcasts. `layerwise`: each layer's own weights are
-    upcast just for its forward and the fp16 originals put back after (`layerwise_fp32`), so an
-    SDXL UNet (5.1 GB in fp16) never exists as a 10.3 GB fp32 copy; otherwise the whole module is
-    upcast and cast back (modules that read their own dtype, as diffusers' VAE decoder does).
+    conversion); `fp32_compute` upcasts each where it is used (exact), so the reference is the
+    upstream model with the weights the package stores, computed in fp32, and no fp32 copy of the
+    model ever exists.
     """
-    if options.precision == "fp32":
+    with fp32_compute(every=_REBALANCE.get()):
         yield module
-        return
-    if layerwise:
-        with layerwise_fp32(module):
-            yield module
-        return
-    module.float()
-    try:
-        yield module
-    finally:
-        options.cast(module)
-        release_memory()
+    release_memory()
 
 
-@contextlib.contextmanager
-def layerwise_fp32(module) -> Iterator[Any]:
-    """`module` computing in fp32 with only the running layer's weights in fp32 (see `in_fp32`)."""
-    import torch
-
-    saved: dict[int, list] = {}
-
-    def upcast(mod, args):
-        originals = []
-        for name, tensor in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
-            if tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float32:
-                originals.append((tensor, tensor.data))
-                tensor.data = tensor.data.float()
-        saved.setdefault(id(mod), []).append(originals)
-
-    def restore(mod, args, output):
-        for tensor, data in saved[id(mod)].pop():
-            tensor.data = data  # the very fp16 storage (a memory-mapped file's pages stay shared)
-
-    handles = []
-    for sub in module.modules():
-        if any(True for _ in sub.parameters(recurse=False)) or any(
-                b.is_floating_point() for b in sub.buffers(recurse=False)):
-            handles += [sub.register_forward_pre_hook(upcast), sub.register_forward_hook(restore)]
-    try:
-        yield module
-    finally:
-        for handle in handles:
-            handle.remove()
+# The running conversion's thread re-balancing (Converter.rebalance), for references computed
+# while the gate worker runs or finishes: a context variable, so in_fp32's callers stay as they are.
+_REBALANCE: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("rebalance", default=None)
 
 
 def _spec(io: TensorIO) -> TensorSpec:
@@ -373,39 +381,31 @@ class Case:
     pixels: bool = False  # also compare the outputs as 8-bit pixels (an image's pass mark is its pixels)
 
 
-def _run_chain(conv: Converter, chain: list[str], inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run packages in order, each taking its inputs by name from the inputs and earlier outputs."""
-    values = dict(inputs)
-    for component in chain:
-        info = conv.packages[component]
-        feed = {s.name: np.asarray(values[s.name], dtype=np.float16 if s.dtype == "fp16" else np.float32)
-                for s in info.inputs}
-        values.update(conv.runner.run(conv.folder / info.package, feed))
-        release_memory()
-    return {s.name: values[s.name] for s in conv.packages[chain[-1]].outputs}
-
-
 def _labelled(values: dict[str, np.ndarray], label: str) -> dict[str, np.ndarray]:
     return {f"{k}{label}": v for k, v in values.items()}
 
 
 def _verify(conv: Converter, component: str, chain: list[str], cases: list[Case],
             dequantized_refs: list[dict[str, np.ndarray]] | None) -> None:
-    """Every case through the package(s); one parity record over all of them (per output and size)."""
-    outputs, refs, deq = {}, {}, {} if dequantized_refs is not None else None
+    """Run every case through the packages of `chain` in order (each taking its inputs by name from
+    the inputs and the earlier outputs) and gate the last one's outputs, all cases as one record
+    (per output and size): now, or in the gate worker (judged when it finishes, and before anything
+    is written)."""
+    steps = [(conv.folder / conv.packages[c].package, [(s.name, s.dtype) for s in conv.packages[c].inputs])
+             for c in chain]
+    outputs = [s.name for s in conv.packages[chain[-1]].outputs]
+    refs = {k: v for case in cases for k, v in _labelled(case.refs, case.label).items()}
+    deq = None if dequantized_refs is None else {
+        k: v for case, d in zip(cases, dequantized_refs) for k, v in _labelled(d, case.label).items()}
+    pixels = [f"{k}{case.label}" for case in cases if case.pixels for k in case.refs]
+    conv.expected[component] = (refs, deq, pixels)
+    runs = [(case.label, case.inputs) for case in cases]
+    if conv.gates.background:
+        conv.gates.submit(component, steps, runs, outputs, last=component == conv.last_component)
+        return
     with conv.timer(component, "verify", conv.runner.name):
-        with conv.runner.keep_loaded(len(cases) > 1):
-            for i, case in enumerate(cases):
-                got = _labelled(_run_chain(conv, chain, case.inputs), case.label)
-                want = _labelled(case.refs, case.label)
-                outputs.update(got)
-                refs.update(want)
-                if case.pixels:
-                    outputs.update({f"{k} 8-bit": to_8bit(got[k]) for k in want})
-                    refs.update({f"{k} 8-bit": to_8bit(v) for k, v in want.items()})
-                if deq is not None:
-                    deq.update(_labelled(dequantized_refs[i], case.label))
-        conv.gate(component, outputs, refs, dequantized_reference=deq)
+        conv.gates.submit(component, steps, runs, outputs)
+        conv.collect_gates(conv.gates.take())
 
 
 def _dequantized_reference(conv: Converter, component: str, rewrite, dense: dict[str, np.ndarray],
@@ -561,7 +561,7 @@ def convert_vae(conv: Converter, mods, shapes: Shapes, components: list[str]) ->
     cases: dict[str, list[Case]] = {}
     calibration = None
     fix = conv.options.vae_fp16_fix and conv.options.precision == "fp16"
-    with in_fp32(vae, conv.options, layerwise=False):  # diffusers' decoder casts to its own dtype
+    with in_fp32(vae, conv.options):
         for component in components:
             with conv.timer(component, "reference"):
                 if component == "vae_decoder":
@@ -671,32 +671,44 @@ def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = 
         if options.weights != "fp16" and not set(components) & set(COMPRESSIBLE):
             log.warning("--weights %s compresses only %s; none of them is converted", options.weights,
                         choices_text(COMPRESSIBLE))
-        conv = Converter(source, folder, options, timer)
+        conv = Converter(source, folder, options, timer, background_gate=_background_gate(options, mods))
+        vae_parts = [c for c in components if c.startswith("vae_")]
+        encoders = [spec.component for spec in source.info.spec.text_encoders if spec.component in components]
+        order = [c for c in (*encoders, *vae_parts, "controlled_unet", "unet") if c in components]
+        conv.last_component = None if nets or "unet_refiner" in components else (order[-1] if order else None)
         shared = {}  # digests of the base's text encoders a refiner must share
-        with torch.no_grad():
-            for spec in source.info.spec.text_encoders:
-                if refiner is not None and mods.module(spec.component) is not None:
-                    shared[spec.component] = module_digest(mods.module(spec.component))
-                if spec.component in components:
-                    convert_text_encoder(conv, mods, spec.component)
-            vae_parts = [c for c in components if c.startswith("vae_")]
-            if vae_parts:
-                convert_vae(conv, mods, shapes, vae_parts)
-            mods.vae = mods.text_encoder = mods.text_encoder_2 = None
-            release_memory()
-            if "controlled_unet" in components:  # before the UNet, which frees the module
-                convert_unet(conv, mods, shapes, "controlled_unet")
-            if "unet" in components:
-                convert_unet(conv, mods, shapes)
-            del mods
-            gc.collect()
-            for net in nets:
-                convert_controlnet(conv, net, shapes)
-            refined = convert_refiner(conv, refiner, shapes, shared) if "unet_refiner" in components else {}
+        token = _REBALANCE.set(conv.gates.balance_threads)
+        try:
+            with torch.no_grad():
+                for spec in source.info.spec.text_encoders:
+                    if refiner is not None and mods.module(spec.component) is not None:
+                        shared[spec.component] = module_digest(mods.module(spec.component))
+                    if spec.component in components:
+                        convert_text_encoder(conv, mods, spec.component)
+                if vae_parts:
+                    convert_vae(conv, mods, shapes, vae_parts)
+                mods.vae = mods.text_encoder = mods.text_encoder_2 = None
+                release_memory()
+                if "controlled_unet" in components:  # before the UNet, which frees the module
+                    convert_unet(conv, mods, shapes, "controlled_unet")
+                if "unet" in components:
+                    convert_unet(conv, mods, shapes)
+                del mods
+                gc.collect()
+                for net in nets:
+                    convert_controlnet(conv, net, shapes)
+                refined = convert_refiner(conv, refiner, shapes, shared) if "unet_refiner" in components else {}
+            with timer("model", "hash"):  # beside the last gate run
+                record = source_record(source)
+            with timer("model", "gate wait"):
+                conv.finish_gates()
+        finally:
+            _REBALANCE.reset(token)
+            conv.gates.close()
         if options.compile:
             _compile_all(conv)
         with timer("model", "write"):
-            manifest = _manifest(conv, shapes, source_record(source), refined)
+            manifest = _manifest(conv, shapes, record, refined)
             _copy_tokenizer(source, folder, conv.packages)
             manifest.write(folder)
     return ConversionResult(target, manifest, conv.parity, timer.records, timer.summary())
@@ -729,6 +741,15 @@ def convert_refiner(conv: Converter, refiner: ModelSource, shapes: Shapes, share
     convert_unet(conv, mods, replace(shapes, text_hidden=info.text_hidden_size), "unet_refiner", refiner)
     return {"name": info.name, "family": info.family, "hash": info.hash, "scheduler": info.scheduler.to_dict(),
             "text_hidden_size": info.text_hidden_size, "pad_token": info.pad_token, "source": source_record(refiner)}
+
+
+def _background_gate(options: ConvertOptions, mods) -> bool:
+    if options.background_gate is not None:
+        return options.background_gate
+    size = sum(p.numel() * p.element_size() for m in (getattr(mods, n, None) for n in ("text_encoder", "text_encoder_2", "unet", "vae"))
+               if m is not None
+               for p in m.parameters())
+    return size > BACKGROUND_GATE_BYTES
 
 
 def _compile_all(conv: Converter) -> None:

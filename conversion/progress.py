@@ -27,7 +27,7 @@ def current_rss_bytes() -> int | None:
 @dataclass(frozen=True)
 class StageRecord:
     component: str  # "model" for whole-model stages (load, hash, write)
-    stage: str  # load | hash | reference | trace | compress | convert | verify | compile | write
+    stage: str  # load | hash | reference | trace | compress | convert | verify | gate wait | compile | write
     seconds: float
     peak_rss_gib: float  # highest RSS seen during this stage (sampled), or the process peak so far
     detail: str = ""
@@ -77,7 +77,10 @@ class StageTimer:
         start = time.perf_counter()
         with _Sampler() as sampler:
             yield
-        record = StageRecord(component, stage, time.perf_counter() - start, sampler.peak / 2**30, detail)
+        self.record(StageRecord(component, stage, time.perf_counter() - start, sampler.peak / 2**30, detail))
+
+    def record(self, record: StageRecord) -> None:
+        """Add a stage measured elsewhere (a gate run in the worker process)."""
         self.records.append(record)
         if self.on_stage is not None:
             self.on_stage(record)

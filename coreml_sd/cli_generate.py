@@ -13,6 +13,8 @@ from coreml_sd.cli_checkpoint import model_source_options, pop_source_kwargs
 from coreml_sd.cli_controlnet import controlnet_options, pop_control_units
 from coreml_sd.cli_checks import (MAX_BATCH_SIZE, MAX_NUM_IMAGES, MAX_STEPS, check_seed_range, finite_float,
                                   library_check, seed_value, side, threads_option)
+from coreml_sd.backends.torch_compile import COMPILE_MODES
+from coreml_sd.config import TIMESTEP_SPACINGS
 from coreml_sd.images import FORMATS, save_image, slugify
 from coreml_sd.samplers import SAMPLERS
 from coreml_sd.schedules import SCHEDULES
@@ -34,6 +36,14 @@ def _schedule(value, name):
     from coreml_sd.sampler_names import resolve_schedule
 
     return resolve_schedule(value)
+
+
+def _compile_mode(value, name):
+    if value is None:
+        return None
+    from coreml_sd.backends.torch_compile import check_mode
+
+    return check_mode(value)
 
 
 def _outpaint(value, name):
@@ -157,14 +167,20 @@ def apply_recipe(ctx, kwargs: dict, path: str, model_hash: str | None, model_nam
 @click.option("--reduce-memory", is_flag=True,
               help="Load each component when it is used and free it after (text encoder, UNet, VAE in turn): "
                    "for 8 GB Macs; slower per request.")
+@click.option("--compile", "compile_mode", is_flag=False, flag_value="auto", default=None, metavar="[MODE]",
+              callback=library_check(_compile_mode),
+              help="torch backend: torch.compile the UNet (auto, the default MODE: only where it was measured to "
+                   f"pay; or one of {', '.join(COMPILE_MODES)}). Compiled graphs are cached for later runs.")
+@click.option("--timestep-spacing", type=click.Choice(TIMESTEP_SPACINGS), default=None,
+              help="Override the model's: 'trailing' for SD-Turbo/Hyper-SD-style few-step models.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @threads_option
 @model_source_options
 @controlnet_options
 @click.pass_context
-def generate(ctx, model, fmt, quality, output, backend, device, precision, compute_units, reduce_memory, as_json, quiet,
-             threads, recipe, **kwargs):
+def generate(ctx, model, fmt, quality, output, backend, device, precision, compute_units, reduce_memory, compile_mode,
+             as_json, quiet, threads, recipe, **kwargs):
     """Generate images from PROMPT (or from an image's --recipe)."""
     from coreml_sd.outputs import check_output_dir
     from coreml_sd.pipeline import Pipeline, random_seed
@@ -178,7 +194,7 @@ def generate(ctx, model, fmt, quality, output, backend, device, precision, compu
     if recipe is None and not kwargs.get("prompt"):
         raise click.UsageError("give a PROMPT (or --recipe IMAGE to take it from an image)")
     pipe = Pipeline.load(model, backend=backend, device=device, precision=precision, compute_units=compute_units,
-                         reduce_memory=reduce_memory, refiner=refiner, **source_kwargs)
+                         reduce_memory=reduce_memory, refiner=refiner, compile=compile_mode, **source_kwargs)
     if recipe is not None:
         for warning in apply_recipe(ctx, kwargs, recipe, pipe.info.hash, pipe.info.name):
             log.warning("recipe: %s", warning)

@@ -176,13 +176,15 @@ class Pipeline:
                  hires_scale: float | None = None, hires_steps: int | None = None, hires_denoise: float = 0.7,
                  hires_upscaler: str = "latent", controlnets: Sequence[Any] = (), control_mode: str = "balanced",
                  control_resize_mode: str = "crop", refiner_switch: float | None = None,
+                 timestep_spacing: str | None = None,
                  ) -> Iterator[Progress | GeneratedImage]:
         """`prompt`/`negative_prompt`: one text for every image, or a list with one per image.
         `num_images` defaults to the length of such a list, else 1. `sampler`/`schedule`: our keys
         or A1111's names ("DPM++ 2M Karras"); `eta`, `ensd` (A1111's "Eta noise seed delta") and
         `a1111` (A1111's plans throughout): see `coreml_sd.samplers.sample` and `schedules.make_plan`.
         Prompts are read in AUTOMATIC1111's syntax (emphasis, BREAK, long prompts, prompt editing and
-        alternation); `clip_skip` and `emphasis` as its settings of those names.
+        alternation); `clip_skip` and `emphasis` as its settings of those names. `timestep_spacing`
+        overrides the model's ("trailing" for SD-Turbo/Hyper-SD-style few-step models).
 
         From a picture (`coreml_sd.image_conditioning`): `init_image` (path or PIL) with `strength`
         (A1111's denoising strength, default 0.75) and `resize_mode` is img2img; with a `mask`
@@ -203,7 +205,7 @@ class Pipeline:
         from coreml_sd.denoiser import Denoiser
         from coreml_sd.samplers import SAMPLERS, sampling_extras
         from coreml_sd.sampler_names import resolve_sampler_and_schedule
-        from coreml_sd.schedules import make_plan
+        from coreml_sd.schedules import make_plan, with_spacing
 
         # --- sampler wiring (issue #14): names, eta/ENSD, A1111 plans ---
         sampler, schedule = resolve_sampler_and_schedule(sampler, schedule)
@@ -226,7 +228,8 @@ class Pipeline:
         if not 0 <= seed <= MAX_SEED - (num_images - 1):
             raise InputError(f"seed must be between 0 and {MAX_SEED - num_images + 1}; got {seed}")
 
-        plan = make_plan(self.info.scheduler, sampler, steps, schedule, family=self.info.family, a1111=a1111)
+        plan = make_plan(with_spacing(self.info.scheduler, timestep_spacing), sampler, steps, schedule,
+                         family=self.info.family, a1111=a1111)
         prepared = None
         if image is not None:
             encoder = self._vae_encoder()
@@ -286,6 +289,8 @@ class Pipeline:
                           **(hires.a1111_params() if hires is not None else {}),
                           **(control.extras() if control is not None else {}), **self.generation_extras(),
                           **handoff.metadata()}
+                if timestep_spacing:
+                    extras["Timestep spacing"] = timestep_spacing
                 meta = GenerationParams(seed=seed + i, prompt=prompts[i], negative_prompt=negatives[i],
                                         extras=extras, **params)
                 results.append(GeneratedImage(picture, i, seed + i, meta, arrays.to_numpy(x)))

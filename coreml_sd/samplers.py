@@ -110,6 +110,24 @@ def dpmpp_2m(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None =
         x = arrays.landed(x, (yield x))
 
 
+def lcm(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = None, *,
+        timesteps: Sequence[float], timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> Iterator:
+    """Latent Consistency Model sampling (Luo et al. 2023) as diffusers' LCMScheduler: on model-scale
+    latents, each step takes the consistency function's x0 (the data estimate blended with the input
+    by LCM's boundary condition at the step's integer timestep) and noises it to the next level;
+    the last step returns it unnoised."""
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        denoised = denoiser.scaled(x, sigma)
+        scaled_t = float(timesteps[i]) * timestep_scaling
+        c_skip = sigma_data**2 / (scaled_t**2 + sigma_data**2)
+        c_out = scaled_t / (scaled_t**2 + sigma_data**2) ** 0.5
+        x = denoised * c_out + x * c_skip
+        if sigma_next > 0:
+            alpha_next = 1.0 / (sigma_next**2 + 1.0)  # alphas_cumprod at the next timestep
+            x = x * math.sqrt(alpha_next) + noise(sigma, sigma_next) * math.sqrt(1.0 - alpha_next)
+        yield x
+
+
 def heun(denoiser, x, sigmas: Sequence[float], noise: IntervalNoise | None = None) -> Iterator:
     """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without churn)."""
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
@@ -202,6 +220,10 @@ class SamplerInfo:
     discard_penultimate: bool = False  # A1111 drops the next-to-last sigma (one more step computed)
     brownian: bool = False  # A1111 feeds it Brownian-tree noise seeded by the image's seed
     eta: float | None = None  # A1111's default eta; None: the sampler has no eta
+    # Where A1111's algorithm differs from diffusers' (LCM: where the boundary condition's skip term
+    # applies), the function A1111's plans run instead, and the latents' form it takes.
+    a1111_function: Callable[..., Iterator] | None = None
+    a1111_model_scale: bool = False
 
     @property
     def second_order(self) -> bool:
@@ -251,7 +273,9 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "restart": _info(kd.restart, "Restart", True, False, a1111_schedule="karras"),
     "plms": _info(ts.plms, "PLMS", False, True, a1111_kind="timesteps"),
     "unipc": _info(ts.unipc, "UniPC", False, True, a1111_kind="timesteps"),
-    "lcm": _info(kd.lcm, "LCM", True, False, aliases=("k_lcm",), a1111_kind="lcm"),
+    # diffusers' LCMScheduler for its plan ("default"), A1111's LCM sampler for A1111's plans.
+    "lcm": _info(lcm, "LCM", True, True, "lcm", "LCMScheduler", aliases=("k_lcm",), a1111_kind="lcm",
+                 a1111_function=kd.lcm, a1111_model_scale=False),
 }
 
 
@@ -274,22 +298,25 @@ def sample(name: str, denoiser, x, plan, noise: NoiseFn | None = None, *, eta: f
     if name not in SAMPLERS:
         raise InputError(f"unknown sampler {name!r}; valid samplers: {choices_text(SAMPLERS)}")
     info = SAMPLERS[name]
+    function, form = info.function, info.model_scale
+    if plan.convention == "a1111" and info.a1111_function is not None:
+        function, form = info.a1111_function, info.a1111_model_scale
     options = _eta_option(name, info, eta)
     if plan.targets is not None:
         if info.plan_style != "ddim":
             raise InputError(f"this plan was made for DDIM (it has landing targets), not for {name!r}")
         options["targets"] = plan.targets
-    accepted = inspect.signature(info.function).parameters
+    accepted = inspect.signature(function).parameters
     for key, value in plan.extras:
         if key not in accepted:
             raise InputError(f"this plan was made for another sampler (it sets {key!r}), not for {name!r}")
         options[key] = value
     if noise_sampler is None:
         noise_sampler = step_noise(name, plan, noise, tuple(x.shape), eta=eta, ensd=ensd)
-    model_scale = info.model_scale if plan.model_scale is None else plan.model_scale
-    if model_scale == info.model_scale:
-        return info.function(denoiser, x, plan.sigmas, noise_sampler, **options)
-    return _in_plan_form(info.function, denoiser, x, plan.sigmas, noise_sampler, options, to_model=info.model_scale)
+    model_scale = form if plan.model_scale is None else plan.model_scale
+    if model_scale == form:
+        return function(denoiser, x, plan.sigmas, noise_sampler, **options)
+    return _in_plan_form(function, denoiser, x, plan.sigmas, noise_sampler, options, to_model=form)
 
 
 def _eta_option(name: str, info: SamplerInfo, eta: float | None) -> dict:

@@ -22,8 +22,11 @@ detail, because "the same seed gives the same image as diffusers" is a promise:
 Arithmetic mirrors diffusers' dtypes (float32 tables, float64 interpolation) so the plans agree
 to float32 rounding; only numpy is used, so plans are made where torch is not installed.
 
-Those are the "default" plans of the seven samplers diffusers has ("karras": diffusers'
-use_karras_sigmas). Every other plan is AUTOMATIC1111's (`coreml_sd.plans_a1111`): the schedule
+* LCM (LCMScheduler): `steps` of the 50 timesteps it was distilled on, evenly spaced by index
+  (the few-step schedule of LCM-LoRA and LCM checkpoints; `lcm_plan`).
+
+Those are the "default" plans of the eight samplers diffusers has ("karras": diffusers'
+use_karras_sigmas; LCM has none). Every other plan is AUTOMATIC1111's (`coreml_sd.plans_a1111`): the schedule
 types of `coreml_sd.sigma_schedules` ("automatic" = the sampler's own A1111 default), and
 "default" for the samplers diffusers lacks.
 """
@@ -36,7 +39,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from coreml_sd.config import SchedulerConfig
+from coreml_sd.config import TIMESTEP_SPACINGS, SchedulerConfig
 from coreml_sd.errors import InputError, choices_text
 from coreml_sd.samplers import SAMPLERS
 from coreml_sd.sigma_schedules import KARRAS_RHO, SCHEDULE_TYPES, karras_sigmas  # noqa: F401 (re-exported)
@@ -204,7 +207,9 @@ def make_plan(config: SchedulerConfig, sampler: str, steps: int, schedule: str =
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= config.num_train_timesteps:
         raise InputError(f"steps must be an integer from 1 to {config.num_train_timesteps}; got {steps!r}")
     style = SAMPLERS[sampler].plan_style
-    if a1111 or style is None or schedule not in DIFFUSERS_SCHEDULES:
+    if style == "lcm" and not a1111 and schedule == "default":
+        return lcm_plan(config, int(steps))
+    if a1111 or style in (None, "lcm") or schedule not in DIFFUSERS_SCHEDULES:
         from coreml_sd.plans_a1111 import a1111_plan
 
         return a1111_plan(config, sampler, int(steps), "automatic" if schedule == "default" else schedule,
@@ -220,6 +225,16 @@ def make_plan(config: SchedulerConfig, sampler: str, steps: int, schedule: str =
         # Euler-style Karras sigmas, starting from unit noise in model scale as DDIM always does.
         return replace(plan, init_noise_sigma=1.0)
     return plan
+
+
+def with_spacing(config: SchedulerConfig, spacing: str | None) -> SchedulerConfig:
+    """`config` with another timestep spacing (None: the model's own). Few-step distilled models
+    (SD-Turbo, Hyper-SD) sample "trailing": their first step starts at the last training timestep."""
+    if spacing is None:
+        return config
+    if spacing not in TIMESTEP_SPACINGS:
+        raise InputError(f"unknown timestep spacing {spacing!r}; valid: {choices_text(TIMESTEP_SPACINGS)}")
+    return replace(config, timestep_spacing=spacing)
 
 
 def with_unset_defaults(config: SchedulerConfig, style: str) -> SchedulerConfig:
@@ -272,6 +287,25 @@ def _dpm_plan(config: SchedulerConfig, steps: int, karras: bool) -> SamplingPlan
         sigmas = np.interp(timesteps, np.arange(len(table)), table)
     sigmas = np.append(sigmas, 0.0).astype(np.float32)
     return _plan(sigmas, timesteps, 1.0, config)
+
+
+LCM_ORIGINAL_STEPS = 50  # LCMScheduler's original_inference_steps: the distillation's schedule
+
+
+def lcm_plan(config: SchedulerConfig, steps: int, original_steps: int = LCM_ORIGINAL_STEPS) -> SamplingPlan:
+    """LCMScheduler's set_timesteps: `steps` of the distillation's `original_steps` timesteps
+    (k - 1, 2k - 1, ... for k = num_train_timesteps // original_steps), evenly spaced by index from
+    the top (4 steps of SD's 1000: 999, 759, 499, 259); integer timesteps, unit initial noise."""
+    if steps > original_steps:
+        raise InputError(f"LCM samples at most {original_steps} steps (the timesteps it was distilled on); "
+                         f"got {steps}")
+    k = config.num_train_timesteps // original_steps
+    origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
+    timesteps = origin[np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)]
+    a = alphas_cumprod(config)
+    sigmas = [sigma_of_alpha(float(a[t])) for t in timesteps] + [0.0]
+    plan = _plan(np.asarray(sigmas), timesteps, 1.0, config)
+    return replace(plan, extras=(("timesteps", plan.timesteps),))
 
 
 def _plan(sigmas, timesteps, init_noise_sigma: float, config: SchedulerConfig) -> SamplingPlan:

@@ -18,7 +18,7 @@ jsonschema = pytest.importorskip("jsonschema")
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "schema.json").read_text())
 BACKENDS = "torch-cpu:fp32,diffusers,mil:fp32,coreml-ane,coreml-gpu,torch-cuda,torch-mps"
-FAST = ["--steps", "2", "--warmup", "1", "--runs", "1", "--e2e-steps", "1", "--threads", "1"]
+FAST = ["--steps", "2", "--warmup", "1", "--runs", "1", "--e2e-steps", "1", "--few-steps", "2", "--threads", "1"]
 
 
 def validate(result: dict) -> None:
@@ -49,6 +49,9 @@ def test_result_is_schema_valid_and_consistent(bench_run):
         assert step["n"] == 2 and len(step["warmup_s"]) == 1
         assert step["min_s"] <= step["p10_s"] <= step["median_s"] <= step["p90_s"] <= step["max_s"]
         assert run["text_encoder"]["n"] == 1 and run["end_to_end"]["steps"] == 1
+        few = run["few_step"]  # prompt to image in LCM's 2 steps at guidance 1, beside the per-step figure
+        assert (few["steps"], few["sampler"], few["guidance_scale"]) == (2, "lcm", 1.0)
+        assert few["per_step_s"] == pytest.approx(few["seconds"] / 2)
         assert run["load"]["cold_s"] > 0 and run["load"]["warm_s"] > 0
         assert 0 < run["memory"]["peak_rss_gib"] < 64
 
@@ -181,7 +184,7 @@ def test_compare_prints_b_over_a_per_backend_and_metric(tmp_path):
     assert ratios[("torch-cpu:fp32", "vae_decoder.median_s")] == pytest.approx(0.5)
     assert ratios[("torch-cpu:bf16", "load.cold_s")] == pytest.approx(1.25)
     assert ratios[("torch-cpu:fp32", "memory.peak_rss_gib")] == pytest.approx(0.5)
-    assert len(cmp["rows"]) == 2 * len(report.METRICS)
+    assert len(cmp["rows"]) == 2 * (len(report.METRICS) - 1)  # these files timed no few-step generation
     assert cmp["only_in_a"] == ["diffusers"] and cmp["only_in_b"] == ["mil"]
     text = runner.invoke(main, ["bench", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     assert text.exit_code == 0

@@ -30,7 +30,8 @@ def test_bench_torch_step_announces_each_round_and_skips_emulated_bf16(monkeypat
     monkeypatch.setattr(bench, "cpu_has_native_bf16", lambda: native)
     monkeypatch.setattr(bench, "resolve_precision", lambda p, d: "bf16" if native else "fp32")
     monkeypatch.setattr(bench, "write_result", lambda name, data: written.setdefault(name, data) and name)
-    monkeypatch.setattr(sys, "argv", ["bench", "--rounds", "2", "--quality-steps", "0"])
+    monkeypatch.setattr(sys, "argv", ["bench", "--rounds", "2", "--quality-steps", "0", "--mode", "off",
+                                      "--image-steps", "0"])
     bench.main()
     lines = capsys.readouterr().out.splitlines()
     timed = [ln for ln in lines if ln.startswith("round ")]
@@ -44,7 +45,7 @@ def test_bench_torch_step_announces_each_round_and_skips_emulated_bf16(monkeypat
     else:
         assert "diffusers-bf16" not in result["step_seconds"] and "emulated" in result["skipped"]["diffusers-bf16"]
         assert any(ln.startswith("skipping diffusers-bf16") for ln in lines) and len(timed) == 2 * 2
-        assert set(result["ratios"]) == {"ours/diffusers-fp32"}
+        assert set(result["ratios"]) == {"ours-eager (fp32)/diffusers-fp32"}
 
 
 def test_busy_machine_is_flagged():
@@ -63,7 +64,8 @@ def test_bench_torch_step_quality_loop_runs(monkeypatch, capsys):
     written = {}
     monkeypatch.setattr(bench, "sd15_unet", tiny_sd15_shaped_unet)
     monkeypatch.setattr(bench, "write_result", lambda name, data: written.setdefault(name, data) and name)
-    monkeypatch.setattr(sys, "argv", ["bench", "--rounds", "1", "--quality-steps", "2"])
+    monkeypatch.setattr(sys, "argv", ["bench", "--rounds", "1", "--quality-steps", "2", "--mode", "off",
+                                      "--image-steps", "0"])
     bench.main()
     quality = written["torch_step_cpu"]["quality"]
-    assert quality["steps"] == 2 and quality["final_latent_psnr_db_vs_fp32"] > 20
+    assert quality["steps"] == 2 and quality["final_latent_psnr_db_vs_fp32"]["ours-eager"] > 20

@@ -173,7 +173,3 @@ def test_unknown_precision_mode(package):
     with pytest.raises(InputError, match="precision mode 'fp8' is unknown; valid: exact, fast"):
         Executor(load_program(package), precision_mode="fp8")
 
-
-def test_exact_mode_cannot_fuse(package):
-    with pytest.raises(InputError, match="fusing ops is for precision mode 'fast'"):
-        Executor(load_program(package), precision_mode="exact", fuse=True)

@@ -9,6 +9,7 @@ without chunked queries (small modules written here in that layout).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers_mil import ct, convert_module, op_types, psnr, run_package, trace
@@ -241,6 +242,9 @@ def test_split_einsum_attention_layouts(query_chunk, precision, tmp_path):
         assert psnr(module(x).numpy(), reference) > 100  # the layout itself is the same attention
     out = next(iter(run_package(path, {"x": x.numpy()}, mode="exact").values()))
     assert psnr(out, reference) >= (60 if precision == "fp32" else 40)
+    # exact mode's blocked attention (the default) against the einsum ops one by one
+    unfused = next(iter(run_package(path, {"x": x.numpy()}, mode="exact", fuse=False).values()))
+    assert psnr(out, unfused) >= (100 if precision == "fp32" else 60)
 
 
 def _expected_fusions(kind, modules):
@@ -253,6 +257,7 @@ def _expected_fusions(kind, modules):
         "fused_attention": sum(isinstance(m, (Attention, CLIPAttention)) for m in module.modules()),
         "fused_group_norm": sum(isinstance(m, torch.nn.GroupNorm) for m in module.modules()),
         "fused_layer_norm": 0,  # coremltools keeps torch's LayerNorm as one `layer_norm` op
+        "exact_attention": 0,
     }
 
 
@@ -266,9 +271,38 @@ def test_fast_mode_fuses_every_attention_and_group_norm_without_changing_results
     fused = Executor(program, precision_mode="fast", fast_dtype="fp32")
     plain = Executor(program, precision_mode="fast", fast_dtype="fp32", fuse=False)
     assert fused.fused == _expected_fusions(kind, modules)
-    assert plain.fused == {"fused_attention": 0, "fused_group_norm": 0, "fused_layer_norm": 0}
+    assert plain.fused == {"fused_attention": 0, "fused_group_norm": 0, "fused_layer_norm": 0, "exact_attention": 0}
     assert fused.num_steps < plain.num_steps
     feeds = {k: v.numpy() for k, v in _inputs(kind).items()}
     a, b = fused(feeds), plain(feeds)
     for name in _OUTPUTS[kind]:
         assert psnr(a[name].numpy(), b[name].numpy()) >= 100
+
+
+@pytest.mark.parametrize("kind", ["unet", "text_encoder", "vae_decoder"])
+def test_exact_mode_runs_attention_in_query_blocks_with_the_same_roundings(kind, modules, packages, monkeypatch):
+    """Exact mode's blocked attention (exact_fusion.py) rounds what the ops round: against the ops
+    run one by one, only fp16 rounding flips from the products' summation order may differ.
+    Blocks of a few rows, so every attention really is cut (the text encoder's causal mask too)."""
+    from coreml_sd.mil import exact_fusion
+    from coreml_sd.mil.executor import Executor
+    from coreml_sd.mil.package import load_program
+
+    monkeypatch.setattr(exact_fusion, "BLOCK_ELEMENTS", 64)
+    program = load_program(packages(kind, "fp16"))
+    blocked = Executor(program, precision_mode="exact")
+    plain = Executor(program, precision_mode="exact", fuse=False)
+    assert blocked.fused["exact_attention"] == _expected_fusions(kind, modules)["fused_attention"] > 0
+    assert blocked.fused["fused_attention"] == blocked.fused["fused_group_norm"] == 0
+    feeds = {k: v.numpy() for k, v in _inputs(kind).items()}
+    full = Executor(program, precision_mode="fast", fast_dtype="fp32", fuse=False)  # no rounding at all
+    a, b, c = blocked(feeds), plain(feeds), full(feeds)
+    for name in _OUTPUTS[kind]:
+        x, y, z = a[name].numpy(), b[name].numpy(), c[name].numpy()
+        assert np.array_equal(x, x.astype(np.float16)), "fp16 results stay fp16 values"
+        if kind == "text_encoder":  # its products' sums come out the same blocked or not: equal
+            np.testing.assert_array_equal(x, y)
+        # elsewhere the two differ by rounding flips only, and the blocked run is as far from
+        # unrounded fp32 as the op-by-op one
+        assert psnr(x, y) >= 60
+        assert abs(psnr(x, z) - psnr(y, z)) <= 1.5

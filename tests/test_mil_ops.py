@@ -430,6 +430,30 @@ def test_op_matches_reference(case: Case, dtype: str):
     _assert_matches(outputs, reference, dtype, case.tol16)
 
 
+SINGLE_OP_FP16 = [pytest.param(case, id=case.id) for case in CASES if "fp16" in case.dtypes and not case.extra_ops]
+
+
+@pytest.mark.parametrize("case", SINGLE_OP_FP16)
+def test_exact_mode_is_fp32_compute_rounded_once(case: Case):
+    """Exact mode runs some ops on fp16 storage (HALF_NATIVE_OPS) and upcasts the rest: either way
+    each fp16 result must be the op computed in fp32 from the fp16 inputs, rounded to fp16 once.
+    The fp32 computation is fast mode with fp32 compute (no rounding at all); softmax and
+    reductions may differ by 1 ulp (summation order)."""
+    arrays = _prepare(case, "fp16")
+    exact = run_op(case.body, *arrays)
+    fp32 = run_op(case.body, *arrays, mode="fast", fast_dtype="fp32")
+    for got, full in zip(exact, fp32):
+        if not np.issubdtype(got.dtype, np.floating):
+            np.testing.assert_array_equal(got, full)
+            continue
+        once = full.astype(np.float16)
+        if np.array_equal(got.astype(np.float16), once, equal_nan=True):
+            continue
+        assert case.op in ("softmax", "reduce_mean", "reduce_sum", "reduce_log_sum_exp"), case.id
+        ulp = np.spacing(np.abs(once).astype(np.float16)).astype(np.float64)
+        assert np.max(np.abs(got - once.astype(np.float64)) / ulp) <= 1.0
+
+
 FAST_CASES = [case for case in CASES if case.op in {"conv", "linear", "layer_norm", "softmax", "gelu", "matmul", "einsum"}]
 
 

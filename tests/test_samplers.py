@@ -444,7 +444,7 @@ def test_registry_names_and_display_names():
         "euler_a": "Euler a", "euler": "Euler", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M"}
     # The seven with a diffusers scheduler come first; AUTOMATIC1111's others after them.
     assert list(SAMPLERS)[:7] == list(REQUIRED + EXTRA)
-    assert [n for n in SAMPLERS if SAMPLERS[n].plan_style] == list(REQUIRED + EXTRA)
+    assert [n for n in SAMPLERS if SAMPLERS[n].plan_style] == list(REQUIRED + EXTRA) + ["lcm"]
     assert [n for n in REQUIRED + EXTRA if SAMPLERS[n].ancestral] == ["euler_a", "dpmpp_2m_sde"]
     assert DIFFUSERS_SCHEDULES == ("default", "karras") == SCHEDULES[:1] + SCHEDULES[3:4]
 
@@ -475,16 +475,44 @@ def test_bad_inputs_raise_errors_that_name_the_choices():
         noise_from_sources([NoiseSource(0), NoiseSource(1)], np.asarray)((3, 4, 8, 8))
 
 
-def test_fixed_batch_unet_that_cannot_split_the_rows_is_refused():
-    from helpers_samplers import FixedBatchRunner
+class _Batch4Runner:
+    """A batch-4 package runner over DummyUNet's arithmetic, recording the batches it is called with."""
 
+    def __init__(self):
+        from coreml_sd.components import TensorSpec
+
+        self.name, self.batch_size, self.batches = "Unet-batch4", 4, []
+        self.inputs = (TensorSpec("sample", (4, *GOLDEN_SHAPE[1:]), "fp32"), TensorSpec("timestep", (4,), "fp32"),
+                       TensorSpec("encoder_hidden_states", (4, *GOLDEN_COND.shape[1:]), "fp32"))
+        self.outputs = (TensorSpec("noise_pred", (4, *GOLDEN_SHAPE[1:]), "fp32"),)
+
+    def native(self, value, dtype):
+        return np.asarray(value, dtype=np.float32)
+
+    def run(self, feeds):
+        from coreml_sd.conditioning import Conditioning
+
+        self.batches.append(len(feeds["sample"]))
+        return {"noise_pred": DummyUNet().predict(feeds["sample"], feeds["timestep"],
+                                                  Conditioning(feeds["encoder_hidden_states"]))}
+
+    def describe(self):
+        return "test runner"
+
+
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+def test_fixed_batch_unet_fills_up_a_smaller_batch(guidance):
+    """Two rows (guided) or one (guidance 1: LCM-LoRA, Turbo) on a batch-4 package: one call, filled
+    up with copies of the last row, whose outputs are dropped; the same as the rows alone."""
     from coreml_sd.backends.packages import PackageUNet
 
-    unet = PackageUNet(FixedBatchRunner(None, 4, GOLDEN_SHAPE[1:], GOLDEN_COND.shape[1:]))
+    runner = _Batch4Runner()
     plan = make_plan(SchedulerConfig(**LEADING), "euler", 2)
-    denoiser = Denoiser(unet, plan, prediction_type="epsilon", cond=GOLDEN_COND, uncond=GOLDEN_UNCOND)
-    with pytest.raises(InputError, match="batch of 2 is not a multiple of the package's fixed batch 4"):
-        denoiser(np.zeros(GOLDEN_SHAPE, np.float32), plan.sigmas[0])
+    x = np.random.default_rng(0).standard_normal(GOLDEN_SHAPE).astype(np.float32)
+    got, want = (Denoiser(unet, plan, prediction_type="epsilon", cond=GOLDEN_COND, uncond=GOLDEN_UNCOND,
+                          guidance_scale=guidance)(x, plan.sigmas[0]) for unet in (PackageUNet(runner), DummyUNet()))
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert runner.batches == [4]
 
 
 def test_off_plan_sigma_gets_an_interpolated_timestep():

@@ -59,3 +59,43 @@ def test_unknown_mode_is_refused_before_loading(tmp_path):
 
     with pytest.raises(InputError, match="valid modes: default, reduce-overhead, max-autotune"):
         Pipeline.load(tmp_path / "not-looked-at", device="cpu", compile="fastest")
+
+
+def test_auto_compiles_only_where_it_was_measured_to_pay():
+    for device, mode in torch_compile.AUTO_MODES.items():
+        assert torch_compile.resolve_mode("auto", device) == mode
+    assert torch_compile.resolve_mode(None, "cpu") is None
+    assert torch_compile.resolve_mode("max-autotune", "cpu") == "max-autotune"
+    with pytest.raises(InputError, match="resolve 'auto'"):
+        torch_compile.compile_unet(None, "auto", device="cpu")
+
+
+def test_compiled_graphs_are_cached_under_the_coreml_sd_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("COREML_SD_CACHE", str(tmp_path))
+    assert torch_compile.cache_dir() == tmp_path / "torch-compile"
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "torch-compile")  # where inductor looks
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert torch_compile.cache_dir() == tmp_path / "mine"  # the user's choice wins
+
+
+def test_cpu_compile_prepares_channels_last_and_computes_the_same():
+    """The CPU path's preparation (channels_last, no QKV fusion) through torch.compile's eager backend:
+    the same numbers as the module itself, in bf16 (the CPU's auto precision)."""
+    from tiny_models import build_tiny_modules
+
+    _, unet, _ = build_tiny_modules(seed=6)
+    unet = unet.to(torch.bfloat16)
+    plain = TorchUNet(copy.deepcopy(unet), torch.bfloat16, SD1)
+    module = torch_compile.compile_unet(copy.deepcopy(unet), "default", device="cpu", backend="eager")
+    assert module._orig_mod.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not any("Fused" in type(p).__name__ for p in module._orig_mod.attn_processors.values())
+    gen = torch.Generator().manual_seed(1)
+    x, h = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    c = Conditioning(h)
+    got, want = TorchUNet(module, torch.bfloat16, SD1).predict(x, torch.full((2,), 500.0), c), \
+        plain.predict(x, torch.full((2,), 500.0), c)
+    # the same bf16 arithmetic in another memory layout: bf16 rounding of differently ordered sums
+    assert (got - want).abs().max().item() <= 2e-2 * want.abs().max().item()

@@ -18,7 +18,7 @@ import torch
 
 from coreml_sd import arrays
 from coreml_sd.backends.packages import PackageChain, adapt, check_role, fixed_batch
-from coreml_sd.memory import release_memory
+from coreml_sd.memory import mmap_large_allocations, release_memory
 from coreml_sd.mil.executor import Executor
 from coreml_sd.mil.package import load_program
 
@@ -63,6 +63,7 @@ def load_mil_runner(package_path, *, device: str = "auto", precision_mode: str =
 
     paths = [package_path] if isinstance(package_path, (str, Path)) else list(package_path)
     device = resolve_device(device)
+    mmap_large_allocations()  # activations freed go back to the OS (coreml_sd.memory)
     runners = []
     for path in paths:
         # The loaded program (coremltools graph + numpy weights) is dropped once compiled.

@@ -120,7 +120,8 @@ def _spec_kind(dtype: str) -> str:
 
 
 def check_feeds(runner: PackageRunner, feeds: Mapping[str, Any]) -> int:
-    """Check names, shapes (any multiple of the fixed batch) and element kinds; return the batch."""
+    """Check names, shapes (any batch: `call_package` runs it in calls of the fixed batch) and
+    element kinds; return the batch."""
     specs = {s.name: s for s in runner.inputs}
     valid = "; ".join(f"{s.name} {format_shape(s.shape)} {s.dtype}" for s in runner.inputs)
     unknown, missing = sorted(set(feeds) - set(specs)), sorted(set(specs) - set(feeds))
@@ -137,9 +138,8 @@ def check_feeds(runner: PackageRunner, feeds: Mapping[str, Any]) -> int:
             raise InputError(f"{runner.name}: input {name!r} expects shape {format_shape(expected)}, found "
                              f"{format_shape(shape)}; valid inputs: {valid}")
         if expected and expected[0] is not None:
-            if batch and expected[0] == batch and (shape[0] == 0 or shape[0] % batch):
-                raise InputError(f"{runner.name}: batch of {shape[0]} is not a multiple of the package's fixed "
-                                 f"batch {batch} (input {name!r}, shape {format_shape(shape)})")
+            if batch and expected[0] == batch and shape[0] == 0:
+                raise InputError(f"{runner.name}: input {name!r} has no rows (shape {format_shape(shape)})")
             if expected[0] != batch and shape[0] != expected[0]:
                 raise InputError(f"{runner.name}: input {name!r} expects shape {format_shape(expected)}, found "
                                  f"{format_shape(shape)}; valid inputs: {valid}")
@@ -154,15 +154,21 @@ def check_feeds(runner: PackageRunner, feeds: Mapping[str, Any]) -> int:
 
 
 def call_package(runner: PackageRunner, feeds: Mapping[str, Any]) -> dict[str, Any]:
-    """Check `feeds`, run them in calls of the package's fixed batch, return the outputs concatenated."""
+    """Check `feeds`, run them in calls of the package's fixed batch, return the outputs concatenated.
+
+    A batch that is not a multiple of the fixed one (one image without guidance on a batch-2 UNet:
+    LCM-LoRA and Turbo recipes) has its last call filled up with copies of its last row, whose
+    outputs are dropped: rows are computed independently, so the real rows' results are theirs."""
     total = check_feeds(runner, feeds)
     dtypes = {s.name: s.dtype for s in runner.inputs}
     native = {k: runner.native(v, dtypes[k]) for k, v in feeds.items()}
     batch = runner.batch_size or total
-    parts = [runner.run({k: v[i:i + batch] for k, v in native.items()}) for i in range(0, total, batch)]
-    if len(parts) == 1:
-        return parts[0]
-    return {name: arrays.concat([p[name] for p in parts]) for name in parts[0]}
+    pad = -total % batch
+    if pad:
+        native = {k: arrays.concat([v] + [v[-1:]] * pad) for k, v in native.items()}
+    parts = [runner.run({k: v[i:i + batch] for k, v in native.items()}) for i in range(0, total + pad, batch)]
+    out = parts[0] if len(parts) == 1 else {name: arrays.concat([p[name] for p in parts]) for name in parts[0]}
+    return {name: value[:total] for name, value in out.items()} if pad else out
 
 
 def _pick(preferred: tuple[str, ...], specs: Sequence, what: str, package: str) -> str:

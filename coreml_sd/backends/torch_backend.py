@@ -179,9 +179,12 @@ def load_component(source: ModelSource, component: str, *, device: str = "auto",
     if kind == "controlnet":
         return TorchControlNet(module, dtype), where, device
     if compile:
-        from coreml_sd.backends.torch_compile import compile_unet, uses_cuda_graphs
+        from coreml_sd.backends.torch_compile import compile_unet, resolve_mode, uses_cuda_graphs
 
-        unet = TorchUNet(compile_unet(module, compile, device=device), dtype, source.info.spec,
-                         cuda_graphs=uses_cuda_graphs(compile, device))
-        return unet, f"{where} compiled ({compile})", device
+        mode = resolve_mode(compile, device)
+        if mode is None:  # `auto` where compiling was not measured to pay
+            return TorchUNet(module, dtype, source.info.spec), f"{where} (compile auto: eager here)", device
+        unet = TorchUNet(compile_unet(module, mode, device=device), dtype, source.info.spec,
+                         cuda_graphs=uses_cuda_graphs(mode, device))
+        return unet, f"{where} compiled ({mode})", device
     return TorchUNet(module, dtype, source.info.spec), where, device

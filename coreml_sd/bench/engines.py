@@ -220,9 +220,9 @@ class OursWorkload:
     def vae_decoder(self, i: int):
         return self.pipe.components.vae_decoder.decode(self.z)
 
-    def generate(self, steps: int):
-        return self.pipe(self.s.prompt, steps=steps, seed=0, sampler=self.s.sampler,
-                         guidance_scale=self.s.guidance_scale, width=self.width, height=self.height)
+    def generate(self, steps: int, *, sampler: str, guidance_scale: float):
+        return self.pipe(self.s.prompt, steps=steps, seed=0, sampler=sampler, guidance_scale=guidance_scale,
+                         width=self.width, height=self.height)
 
 
 class DiffusersWorkload:
@@ -283,9 +283,17 @@ class DiffusersWorkload:
         with self.torch.inference_mode():
             return self.pipe.vae.decode(self.z).sample
 
-    def generate(self, steps: int):
+    def generate(self, steps: int, *, sampler: str, guidance_scale: float):
+        from diffusers import EulerAncestralDiscreteScheduler, LCMScheduler
+
+        # the bench's samplers as diffusers' schedulers (euler_a, the default; lcm, the few-step one)
+        schedulers = {"euler_a": EulerAncestralDiscreteScheduler, "lcm": LCMScheduler}
+        if sampler not in schedulers:
+            raise BackendUnavailable(f"the diffusers baseline runs {', '.join(schedulers)}, not {sampler!r}")
+        config = {k: v for k, v in self.pipe.scheduler.config.items() if v is not None}
+        self.pipe.scheduler = schedulers[sampler].from_config(config)
         gen = self.torch.Generator(self.pipe.unet.device).manual_seed(0)
-        return self.pipe(self.s.prompt, num_inference_steps=steps, guidance_scale=self.s.guidance_scale,
+        return self.pipe(self.s.prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
                          width=self.width, height=self.height, generator=gen).images
 
 

@@ -12,7 +12,10 @@ The same workload for every backend, so numbers compare:
   the (unconditional, conditional) batch-2 pair and the guidance mix, at the image size's latent
   shape. Warm-up calls first (recorded: a compiled backend compiles there), then timed calls.
 * VAE decoder: one latent -> image.
-* end to end: one full generation (prompt to PIL image) with a small, recorded step count.
+* end to end: one full generation, prompt to PIL image (text encoding, every sampler step, VAE
+  decoding: what a user waits for), with a recorded step count; its seconds per step beside it.
+* few steps: the same for the few-step recipe of LCM-LoRA and distilled models (LCM, 4 steps,
+  guidance 1: one UNet pass per step), the time-to-image they buy.
 
 Device work is synchronised before a timer stops. Peak memory is the process's resident set over
 the whole measurement (sampled), plus the CUDA allocator's peak on a CUDA device.
@@ -44,6 +47,9 @@ class Settings:
     steps: int = 5  # timed UNet steps
     runs: int = 3  # timed text-encoder and VAE-decoder calls (after one untimed call each)
     e2e_steps: int = 4  # sampler steps of the end-to-end generation
+    few_steps: int = 0  # steps of the few-step generation (0: not measured)
+    few_step_sampler: str = "lcm"
+    few_step_guidance: float = 1.0  # LCM-LoRA's recipe: <= 1 runs no unconditional pass
     width: int | None = None  # pixels; None: the model's native size
     height: int | None = None
     prompt: str = DEFAULT_PROMPT
@@ -150,11 +156,20 @@ def _measure(task: Task, entry: dict, progress: Callable[[str], None]) -> None:
     progress(f"{label}: VAE decoder ({s.runs} runs)")
     entry["vae_decoder"] = time_calls(work.vae_decoder, warmup=1, n=s.runs)
     progress(f"{label}: end to end ({s.e2e_steps} steps, {work.width}x{work.height})")
-    start = time.perf_counter()
-    work.generate(s.e2e_steps)
-    entry["end_to_end"] = {"seconds": time.perf_counter() - start, "steps": s.e2e_steps, "sampler": s.sampler,
-                           "width": work.width, "height": work.height}
+    entry["end_to_end"] = _time_to_image(work, s.e2e_steps, s.sampler, s.guidance_scale)
+    if s.few_steps:
+        progress(f"{label}: few steps ({s.few_steps} {s.few_step_sampler} steps, guidance {s.few_step_guidance})")
+        entry["few_step"] = _time_to_image(work, s.few_steps, s.few_step_sampler, s.few_step_guidance)
     del work, handle
+
+
+def _time_to_image(work, steps: int, sampler: str, guidance: float) -> dict:
+    """One generation, prompt to image (text encoding, every step, decoding), timed whole."""
+    start = time.perf_counter()
+    work.generate(steps, sampler=sampler, guidance_scale=guidance)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "steps": steps, "per_step_s": seconds / steps, "sampler": sampler,
+            "guidance_scale": guidance, "width": work.width, "height": work.height}
 
 
 @contextlib.contextmanager

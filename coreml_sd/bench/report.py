@@ -15,6 +15,7 @@ METRICS = (
     ("load.cold_s", "load, cold"),
     ("load.warm_s", "load, warm"),
     ("end_to_end.seconds", "end to end"),
+    ("few_step.seconds", "few steps, end to end"),
     ("memory.peak_rss_gib", "peak RSS"),
 )
 
@@ -57,8 +58,11 @@ def _header(result: dict) -> list[str]:
         f"Load average (1/5/15 min) before {load.get('before')}, after {load.get('after')}."
         + (f" **Warning: {result['busy']}.**" if result.get("busy") else ""),
         f"Settings: {s['warmup']} warm-up + {s['steps']} timed UNet steps, {s['runs']} timed text-encoder/VAE "
-        f"runs, end to end {s['e2e_steps']} {s['sampler']} steps, guidance {s['guidance_scale']}, each backend "
-        f"{'in its own process' if s['isolation'] == 'process' else 'in one process'}.",
+        f"runs, end to end {s['e2e_steps']} {s['sampler']} steps, guidance {s['guidance_scale']}"
+        + (f", few steps {s['few_steps']} {s.get('few_step_sampler', 'lcm')} steps, guidance "
+           f"{s.get('few_step_guidance', 1.0)}" if s.get("few_steps") else "")
+        + f", each backend {'in its own process' if s['isolation'] == 'process' else 'in one process'}.",
+        "End to end = prompt to image: text encoding, every step and VAE decoding (per step: that time / steps).",
     ]
 
 
@@ -66,7 +70,8 @@ def markdown_table(result: dict) -> str:
     """One row per run; skipped and failed runs say why."""
     base = baseline_step(result)
     cols = ["backend", "runs on (UNet)", "precision", "attention", "weights", "UNet step median (p10–p90)", "IQR",
-            "× diffusers", "text encoder", "VAE decoder", "load cold / warm", "end to end", "peak RSS"]
+            "× diffusers", "text encoder", "VAE decoder", "load cold / warm", "end to end (per step)",
+            "few steps, end to end", "peak RSS"]
     lines = _header(result) + ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in result["runs"]:
         if r["status"] != "ok":
@@ -80,11 +85,19 @@ def markdown_table(result: dict) -> str:
                 f"{step['median_s'] / base:.2f}" if base else "–",
                 fmt_s(r["text_encoder"]["median_s"]), fmt_s(r["vae_decoder"]["median_s"]),
                 f"{fmt_s(r['load']['cold_s'])} / {fmt_s(r['load']['warm_s'])}",
-                f"{fmt_s(e2e['seconds'])} ({e2e['steps']} steps, {e2e['width']}x{e2e['height']})",
+                f"{fmt_s(e2e['seconds'])} ({e2e['steps']} steps, {e2e['width']}x{e2e['height']}; "
+                f"{fmt_s(e2e['seconds'] / e2e['steps'])}/step)",
+                _few(r.get("few_step")),
                 f"{r['memory']['peak_rss_gib']:.2f} GiB",
             ]
         lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _few(few: dict | None) -> str:
+    if not few:
+        return "–"
+    return f"{fmt_s(few['seconds'])} ({few['steps']} {few['sampler']} steps, guidance {few['guidance_scale']:g})"
 
 
 def write_chart(result: dict, path: Path) -> Path | None:

@@ -3,7 +3,11 @@
 Key format: `<module>.lora_down.weight`, `<module>.lora_up.weight`, `<module>.alpha`, where
 `<module>` is a layer's dotted path with underscores, prefixed `lora_unet_` or, for a text encoder,
 its family's prefix (`TextEncoderSpec.lora_prefix`: `lora_te_`; SDXL's `lora_te1_` CLIP ViT-L and
-`lora_te2_` OpenCLIP bigG, both named as transformers' CLIP text models name them). UNet
+`lora_te2_` OpenCLIP bigG, both named as transformers' CLIP text models name them).
+diffusers' own layout (`unet.<path>.lora_A.weight` / `lora_B.weight`, as `save_lora_weights`
+writes PEFT LoRAs; or the older `<path>.lora.down.weight` / `lora.up.weight`; SDXL's
+`text_encoder.` / `text_encoder_2.`) is read into that one (`lora_A` is down, `lora_B` up; without
+an alpha the scale is 1, as in diffusers). UNet
 layers are named either as diffusers names them (`lora_unet_down_blocks_0_attentions_0_..._to_q`,
 kohya's sd-scripts) or as the original UNet does (`lora_unet_input_blocks_1_1_..._to_q`, LyCORIS);
 both are matched through the key tables of `keymap`. Text-encoder layers carry transformers'
@@ -30,7 +34,12 @@ log = logging.getLogger(__name__)
 _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 _UNSUPPORTED = {".hada_w1_a": "LoHa", ".lokr_w1": "LoKr", ".lokr_w1_a": "LoKr",
                 ".lora_mid.weight": "LoCon with CP/Tucker (lora_mid)", ".dora_scale": "DoRA",
-                ".lora_A.weight": "PEFT/diffusers-format", ".oft_blocks": "OFT"}
+                ".lora_magnitude_vector": "DoRA", ".oft_blocks": "OFT"}
+# diffusers' layout: component prefix -> ours, and weight suffixes -> ours
+_DIFFUSERS_PREFIXES = {"unet.": "lora_unet_", "text_encoder_2.": "lora_te2_", "text_encoder.": "lora_te_"}
+_DIFFUSERS_SUFFIXES = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight",
+                       ".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight",
+                       ".alpha": ".alpha"}
 _WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "SDXL"}
 
 
@@ -61,6 +70,8 @@ def load_lora(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
         raise ModelError(f"LoRA not found: {path} (expected a .safetensors or .pt file)")
     obj, metadata = load_tensor_file(path)
     sd = flat_state_dict(obj, path)
+    if any(k.endswith(tuple(_DIFFUSERS_SUFFIXES)[:-1]) for k in sd):
+        sd = from_diffusers_layout(sd, path)
     for key in sd:
         for suffix, kind in _UNSUPPORTED.items():
             if key.endswith(suffix):
@@ -76,6 +87,25 @@ def _text_encoders(text_encoder) -> dict[str, Any]:
     if isinstance(text_encoder, Mapping):
         return {prefix: m for prefix, m in text_encoder.items() if m is not None}
     return {"lora_te_": text_encoder}
+
+
+def from_diffusers_layout(sd: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """`unet.a.b.lora_A.weight` -> `lora_unet_a_b.lora_down.weight` (and the like) for every key."""
+    out = {}
+    # SDXL's two text encoders are lora_te1_/lora_te2_ in kohya's names; SD 1.x/2.x's one is lora_te_.
+    sdxl = any(k.startswith("text_encoder_2.") for k in sd)
+    for key, value in sd.items():
+        prefix = next((p for p in _DIFFUSERS_PREFIXES if key.startswith(p)), None)
+        suffix = next((x for x in _DIFFUSERS_SUFFIXES if key.endswith(x)), None)
+        if prefix is None or suffix is None:
+            raise ModelError(f"{path}: key {key!r} is neither a UNet nor a text-encoder LoRA weight in diffusers' "
+                             f"layout (expected {', '.join(_DIFFUSERS_PREFIXES)}<layer>{'|'.join(_DIFFUSERS_SUFFIXES)})")
+        module = key[len(prefix):-len(suffix)].replace(".", "_")
+        target = _DIFFUSERS_PREFIXES[prefix]
+        if sdxl and target == "lora_te_":
+            target = "lora_te1_"
+        out[target + module + _DIFFUSERS_SUFFIXES[suffix]] = value
+    return out
 
 
 def lora_targets(text_encoder, unet) -> dict[str, Any]:

@@ -11,7 +11,8 @@ proto loader (which works on Linux) and runs its `main` function op by op on cpu
 
 Modules, one concern each: `package` (reading and validating a package), `compiled` (a compiled
 model: `mil_text_read` parses its model.mil text into the proto a package holds, `mil_text_write`
-prints one, `mil_values` encodes their constants, `blobfile` checks weight.bin), `registry` (op type ->
+prints one, `mil_values` encodes their constants, `blobfile` checks weight.bin), `weights` (weight.bin
+memory-mapped, shared with the page cache instead of copied), `registry` (op type ->
 kernel builder), `ops/` (the kernels, semantics from coremltools' op definitions), `precision`
 (exact/fast dtype rules), `fusion` (fast-mode fused attention and GroupNorm), `compiler` (ops ->
 slot-indexed steps), `executor` (constants, input checks, the call loop). The pipeline-facing

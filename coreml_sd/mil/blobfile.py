@@ -89,35 +89,3 @@ def _check_blob(fh, ref: BlobRef, size: int, model: Path) -> None:
     if ref.count is not None and ref.dtype in BITS and nbytes * 8 < ref.count * BITS[ref.dtype]:
         raise ModelError(f"{model}: {ref.where} reads {ref.count} {ref.dtype} values at offset {ref.offset} of "
                          f"{ref.file}, which holds only {nbytes} bytes")
-
-
-class Fp16Blobs:
-    """Reads fp16 blobs of the weight files in one folder: each into one numpy array of its own (no
-    mapping of the whole file kept while a program loads, unlike coremltools' BlobReader)."""
-
-    def __init__(self, weights_dir: Path):
-        self.weights_dir, self.files = Path(weights_dir), {}
-
-    def read(self, file_name: str, offset: int):
-        import numpy as np
-
-        name = file_name.split("/")[-1]
-        if name not in self.files:
-            self.files[name] = open(self.weights_dir / name, "rb")
-        fh = self.files[name]
-        fh.seek(offset)
-        record = fh.read(24)
-        sentinel, dtype, size, data_offset = struct.unpack("<IIQQ", record) if len(record) == 24 else (0, 0, 0, 0)
-        if sentinel != SENTINEL or BLOB_TYPES.get(dtype) != "fp16" or size % 2:
-            raise ModelError(f"{self.weights_dir / name}: no fp16 weight at offset {offset} (sentinel {sentinel:#x}, "
-                             f"type {BLOB_TYPES.get(dtype, dtype)}, {size} bytes)")
-        fh.seek(data_offset)
-        values = np.fromfile(fh, dtype="<f2", count=size // 2)
-        if values.size * 2 != size:
-            raise ModelError(f"{self.weights_dir / name} is truncated: the weight at {data_offset} needs {size} bytes")
-        return values
-
-    def close(self) -> None:
-        for fh in self.files.values():
-            fh.close()
-        self.files.clear()

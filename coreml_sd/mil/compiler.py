@@ -33,8 +33,7 @@ class Step:
     fn: Callable[..., Any]
     args: tuple[int, ...]
     outs: tuple[int, ...]
-    dtypes: tuple[torch.dtype, ...]  # storage dtype of each output
-    rounds: tuple[bool, ...]  # round this output to fp16 (exact mode)
+    dtypes: tuple[torch.dtype, ...]  # storage dtype of each output (fp16 storage rounds, exact mode)
     name: str
     op_type: str
     free: tuple[int, ...] = ()  # slots whose last reader is this step
@@ -140,15 +139,21 @@ def _pending(kernel, op, op_type: str, keeps_values: bool, precision: Precision,
     dtypes = tuple(storage_dtype(precision, var) for var in op.outputs)
     half_outputs = [d for var, d in zip(op.outputs, dtypes) if mil_dtype_name(var) == "fp16"]
     compute = None
-    if half_outputs:
+    if half_outputs and precision.exact:
+        compute = precision.exact_compute(op_type, keeps_values)
+    elif half_outputs:
         compute = torch.float32 if all(d == torch.float32 for d in half_outputs) else precision.half
     return _Pending(kernel, op, op_type, keeps_values, args, tuple(kernel.args), outs, dtypes, compute)
 
 
 def _constant_plan(const_vars: dict, pending: list[_Pending], precision: Precision) -> dict:
-    """slot -> (value, MIL dtype, storage dtype). An fp16 constant is stored in fp32 when every
-    reader computes in fp32 (the time-embedding weights, say), else in the half dtype: cast once
-    here rather than on every call. In exact mode big fp16 constants stay fp16 (cast per call)."""
+    """slot -> (value, MIL dtype, storage dtype). Fast mode: an fp16 constant is stored in fp32 when
+    every reader computes in fp32 (the time-embedding weights, say), else in the half dtype: cast
+    once here rather than on every call. Exact mode keeps fp16 weights fp16 (shared with the
+    package file, see `weights.py`) and casts them where an op computes in fp32: memory over the
+    cost of a cast per call (the parity gate calls once)."""
+    if precision.exact:
+        return {slot: (var.val, mil_dtype_name(var), storage_dtype(precision, var)) for slot, var in const_vars.items()}
     fp32_only: dict[int, bool] = {}
     for p in pending:
         if p.compute is None:
@@ -161,10 +166,6 @@ def _constant_plan(const_vars: dict, pending: list[_Pending], precision: Precisi
         dtype = storage_dtype(precision, var)
         if mil_dtype_name(var) == "fp16" and slot in fp32_only:
             dtype = torch.float32 if fp32_only[slot] else precision.half
-            if precision.rounds_fp16 and fp32_only[slot] and (numel(var) or 0) > SMALL:
-                # exact mode: a weight stays in fp16 and each reader upcasts it (exactly) for its op,
-                # so a package's weights take their fp16 size, not twice that (SDXL's UNet: 5.1 GB).
-                dtype = torch.float16
         plan[slot] = (var.val, mil_dtype_name(var), dtype)
     return plan
 
@@ -180,11 +181,8 @@ def _finish(p: _Pending, value_dtypes: dict[int, torch.dtype], precision: Precis
                 casts.append((index, p.compute))
     for slot, dtype in zip(p.outs, p.dtypes):
         value_dtypes[slot] = dtype
-    rounds = tuple(
-        precision.rounds_fp16 and mil_dtype_name(var) == "fp16" and not p.keeps_values for var in p.op.outputs
-    )
     fn = _with_casts(p.kernel.fn, tuple(casts)) if casts else p.kernel.fn
-    return Step(fn, p.args, p.outs, p.dtypes, rounds, p.op.name, p.op_type)
+    return Step(fn, p.args, p.outs, p.dtypes, p.op.name, p.op_type)
 
 
 def _with_casts(fn, casts: tuple):
@@ -225,6 +223,6 @@ def with_frees(steps: list[Step], keep: set[int]) -> list[Step]:
     for index, step in enumerate(steps):  # outputs nobody reads (e.g. unused split parts)
         frees[index].extend(s for s in step.outs if s not in last_use and s not in keep)
     return [
-        Step(s.fn, s.args, s.outs, s.dtypes, s.rounds, s.name, s.op_type, tuple(f))
+        Step(s.fn, s.args, s.outs, s.dtypes, s.name, s.op_type, tuple(f))
         for s, f in zip(steps, frees)
     ]

@@ -8,7 +8,8 @@ kernel plus integer slots), then each call is a tight loop over the steps.
   never again per call.
 * Each intermediate value is dropped right after its last reader, so peak memory is the weights
   plus the live activations, as in eager torch.
-* `exact` mode rounds the output of every op whose type is fp16 to fp16 (see `precision.py`).
+* `exact` mode rounds the output of every op whose type is fp16 to fp16, by storing it as fp16
+  (see `precision.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from coreml_sd.errors import InputError
 from coreml_sd.mil.compiler import Graph, Step, compile_function, split_constant_steps, with_frees
+from coreml_sd.mil.exact_fusion import find_exact_fusions
 from coreml_sd.mil.fusion import FUSION_KINDS, find_fusions
 from coreml_sd.mil.package import MilProgram, TensorSpec
 from coreml_sd.mil.precision import Precision, make_precision
@@ -34,17 +36,17 @@ class Executor:
 
     def __init__(self, program: MilProgram, *, device: str = "cpu", precision_mode: str = "fast",
                  fast_dtype: str | None = None, fuse: bool | None = None):
-        """`fuse` (default: on in fast mode) runs decomposed attention and GroupNorm as single
-        torch kernels (see `fusion.py`); exact mode cannot fuse."""
+        """`fuse` (default on): fast mode runs decomposed attention and GroupNorm as single torch
+        kernels (`fusion.py`); exact mode runs attention chains in query blocks that keep every
+        op's fp16 rounding (`exact_fusion.py`)."""
         self.device = torch.device(device)
         self.precision: Precision = make_precision(precision_mode, self.device, fast_dtype)
-        if fuse and self.precision.rounds_fp16:
-            raise InputError("fusing ops is for precision mode 'fast'; exact mode rounds after every op")
         self.path = program.path
         self.inputs: tuple[TensorSpec, ...] = program.inputs
         self.outputs: tuple[TensorSpec, ...] = program.outputs
         self.enumerated = dict(program.enumerated)  # input -> the shapes it takes (Core ML enumerated shapes)
-        fusions = find_fusions(program.function) if (fuse is None and not self.precision.rounds_fp16) or fuse else {}
+        finder = find_exact_fusions if self.precision.exact else find_fusions
+        fusions = finder(program.function) if fuse is None or fuse else {}
         graph = compile_function(program.function, self.precision, self.device, fusions)
         groups = {id(f): f for f in fusions.values()}.values()
         self.fused = {kind: sum(1 for f in groups if f.name == kind) for kind in FUSION_KINDS}
@@ -106,8 +108,6 @@ class Executor:
                 f"found {str(tensor.dtype).replace('torch.', '')}"
             )
         tensor = tensor.to(self.device)
-        if spec.dtype == "fp16" and self.precision.rounds_fp16:
-            tensor = tensor.to(torch.float16)
         return tensor.to(self._input_dtypes[spec.name])
 
     def describe(self) -> str:
@@ -122,22 +122,34 @@ def _execute_step(step: Step, env: list) -> None:
     result = step.fn(*[env[i] for i in step.args])
     if len(step.outs) == 1:
         result = (result,)
-    for slot, value, dtype, rounds in zip(step.outs, result, step.dtypes, step.rounds):
-        if value.dtype != dtype:
-            value = value.to(dtype)
-        if rounds:
-            value = value.to(torch.float16).to(dtype)
-        env[slot] = value
+    for slot, value, dtype in zip(step.outs, result, step.dtypes):
+        env[slot] = value if value.dtype == dtype else value.to(dtype)
+
+
+TRIM_BYTES = 32 * 2**20  # converted weight bytes between returning mapped file pages to the OS
 
 
 def _materialize(graph: Graph, prepare_steps: list[Step], device: torch.device) -> list:
-    """The slot table with every constant, and everything computable from constants, filled in."""
+    """The slot table with every constant, and everything computable from constants, filled in.
+
+    Weights in the package's own dtype stay views of the mapped weight file (`weights.py`); the
+    file pages of converted ones are handed back as it goes, so both copies are never resident."""
+    from coreml_sd.mil.weights import trim_mapped
+
     table: list = [None] * graph.n_slots
+    converted = 0
     with warnings.catch_warnings():
         # Weights read from the package are read-only numpy buffers; constants are never written.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         for slot, (value, _, dtype) in graph.constants.items():
             table[slot] = _constant_tensor(value, dtype, device)
+            if isinstance(value, np.ndarray) and not _shares_memory(table[slot], value):
+                converted += value.nbytes
+                if converted >= TRIM_BYTES:
+                    trim_mapped()
+                    converted = 0
+    if converted:
+        trim_mapped()
     with torch.inference_mode():
         for step in prepare_steps:
             _execute_step(step, table)
@@ -165,6 +177,10 @@ def _constant_tensor(value, dtype: torch.dtype, device: torch.device) -> torch.T
         array = array.astype(np.int32)
     tensor = torch.from_numpy(np.ascontiguousarray(array)) if array.ndim else torch.tensor(array.item())
     return tensor.to(device=device, dtype=dtype)
+
+
+def _shares_memory(tensor: torch.Tensor, array: np.ndarray) -> bool:
+    return tensor.device.type == "cpu" and array.size > 0 and tensor.data_ptr() == array.ctypes.data
 
 
 def _as_output(value: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,8 @@ reductions and elementwise ops; `coreml-sd convert` writes attention as per-head
 mul, mean, rsqrt, mul. Run op by op in bf16 they cost far more than the fused kernels
 torch eager uses (`F.scaled_dot_product_attention`, `F.group_norm`), and round every
 intermediate. A fusion replaces exactly such a chain when every intermediate value has no other
-reader; anything that does not match runs op by op. `exact` mode never fuses: it must round
-after every op as Core ML does.
+reader; anything that does not match runs op by op. `exact` mode must round after every op as
+Core ML does: it runs attention chains with their roundings in query blocks (`exact_fusion.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from coreml_sd.mil.registry import Kernel
 
 
-FUSION_KINDS = ("fused_attention", "fused_group_norm", "fused_layer_norm")
+FUSION_KINDS = ("fused_attention", "fused_group_norm", "fused_layer_norm", "exact_attention")
 
 
 @dataclass(frozen=True, eq=False)

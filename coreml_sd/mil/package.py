@@ -164,32 +164,19 @@ def _blob_ref(value, weights_dir: Path, operation) -> BlobRef:
 
 
 def milproto_load(path: Path, spec, weights_dir: Path):
-    from coremltools.converters.mil.frontend.milproto import load as milproto
-    from coremltools.converters.mil.mil import types
+    """coremltools' loader, with the weights memory-mapped from the package (`weights.py`)."""
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
 
-    from coreml_sd.mil.blobfile import Fp16Blobs
+    from coreml_sd.mil.weights import mapped_weights
 
-    original = milproto._load_file_value
-    fp16 = Fp16Blobs(weights_dir)
-
-    def load_file_value(context, filevalue_spec, dtype):
-        if dtype == types.fp16:
-            return fp16.read(filevalue_spec.fileName, filevalue_spec.offset)
-        return original(context, filevalue_spec, dtype)
-
-    # coremltools' own blob reader maps the whole weight file and keeps every page it read resident
-    # until the load ends: with the copies it returns, twice the weights (a 10 GB peak for SDXL's
-    # UNet). fp16 weights (all of a converted model's) are read here instead, one copy each.
-    milproto._load_file_value = load_file_value
     try:
-        return milproto.load(spec, specification_version=spec.specificationVersion, file_weights_dir=str(weights_dir))
+        with mapped_weights(weights_dir):
+            return milproto_load(spec, specification_version=spec.specificationVersion,
+                                 file_weights_dir=str(weights_dir))
     except ModelError:
         raise
     except Exception as exc:  # coremltools raises bare ValueError/RuntimeError/AssertionError here
         raise ModelError(f"{path}: the ML program or its weights could not be read: {type(exc).__name__}: {exc}") from exc
-    finally:
-        milproto._load_file_value = original
-        fp16.close()
 
 
 def _tensor_spec(name: str, var) -> TensorSpec:

@@ -1,8 +1,13 @@
 """How MIL value types map to torch dtypes in the two precision modes.
 
 * `exact` reproduces what Core ML's fp16 execution stores: every op computes in fp32, and an op
-  whose output type is fp16 has its result rounded to fp16 (kept in an fp32 tensor so the next op
-  computes in fp32 again, as Core ML's GPU does). Use it to verify a converted package.
+  whose output type is fp16 has its result rounded to fp16 once. Use it to verify a converted
+  package. fp16 values are *stored* as fp16 tensors: ops whose torch kernels already compute
+  fp16 tensors in fp32 and round once (`HALF_NATIVE_OPS`: elementwise arithmetic, activations,
+  reductions, softmax) run on them directly; every other op (convolution, matmul, einsum,
+  norms ...) gets its fp16 inputs upcast to fp32 and its result rounded back. The result is the
+  same rule as computing everything in fp32 and rounding each output, at half the memory traffic
+  and without an fp32 copy of the weights.
 * `fast` runs fp16-typed ops in a compute dtype chosen for speed (bf16 on CPUs with bf16
   instructions, fp16 on GPUs, else fp32). fp32-typed ops stay fp32: the program asked for it.
 """
@@ -39,6 +44,17 @@ _FIXED = {
 }
 
 
+# Op types whose torch kernels, given fp16 tensors, compute in fp32 and round the result to fp16
+# once: running them on fp16 storage is exact mode's rule itself (tests/test_mil_ops.py checks each
+# against fp32 compute + one rounding; softmax may differ by 1 ulp, its exp/sum order).
+# Ops that only move values (keeps_values) also run on fp16 storage.
+HALF_NATIVE_OPS = frozenset({
+    "add", "sub", "mul", "real_div", "maximum", "minimum", "pow", "abs", "square", "sqrt", "exp", "tanh",
+    "sin", "cos", "relu", "sigmoid", "silu", "gelu", "softmax", "reduce_mean", "reduce_sum", "reduce_max",
+    "reduce_min", "select",
+})
+
+
 @dataclass(frozen=True)
 class Precision:
     mode: str  # "exact" | "fast"
@@ -49,8 +65,12 @@ class Precision:
             raise InputError(f"precision mode {self.mode!r} is unknown; valid: {choices_text(PRECISION_MODES)}")
 
     @property
-    def rounds_fp16(self) -> bool:
+    def exact(self) -> bool:
         return self.mode == "exact"
+
+    def exact_compute(self, op_type: str, keeps_values: bool) -> torch.dtype:
+        """exact mode: the dtype an op with fp16 outputs computes in (see the module docstring)."""
+        return self.half if keeps_values or op_type in HALF_NATIVE_OPS else torch.float32
 
     def torch_dtype(self, mil_dtype: str) -> torch.dtype:
         if mil_dtype == "fp16":
@@ -76,7 +96,7 @@ def make_precision(mode: str, device: torch.device, fast_dtype: str | None = Non
     if mode == "exact":
         if fast_dtype is not None:
             raise InputError("fast_dtype applies to precision mode 'fast' only; exact computes in fp32")
-        return Precision("exact", torch.float32)
+        return Precision("exact", torch.float16)
     if fast_dtype is None:
         from coreml_sd.devices import cpu_has_native_bf16
 

@@ -51,7 +51,8 @@ def gelu(op: OpView):
     if mode == "TANH_APPROXIMATION":
         return op.kernel(lambda x: F.gelu(x, approximate="tanh"), "x")
     if mode == "SIGMOID_APPROXIMATION":
-        return op.kernel(lambda x: x * torch.sigmoid(1.702 * x), "x")
+        # in fp32 and rounded once, like every gelu (exact mode runs gelu on fp16 storage)
+        return op.kernel(lambda x: (x.float() * torch.sigmoid(1.702 * x.float())).to(x.dtype), "x")
     raise op.error(f"gelu mode {mode!r} is unknown; valid: {', '.join(GELU_MODES)}")
 
 
