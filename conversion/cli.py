@@ -91,6 +91,12 @@ def _quiet_libraries(enabled: bool):
 @click.option("--layout", type=click.Choice(LAYOUTS), default="swift", show_default=True,
               help="Package names: swift (Apple's Swift StableDiffusion resources), python (Apple's Python "
                    "pipeline: Stable_Diffusion_version_<name>_<component>.mlpackage), or both.")
+@click.option("--max-prompt-chunks", "prompt_chunks", type=click.IntRange(1, 12), default=1, show_default=True,
+              help="Longest prompt the UNet takes, in A1111's 75-token chunks (its text input takes 77 x 1..N tokens; "
+                   "Core ML enumerated shapes). Not with several --sizes, --chunk-unet or --controlnet.")
+@click.option("--clip-skip", type=click.IntRange(1, 12), default=1, show_default=True,
+              help="A1111's 'Clip skip' baked into the text encoder package(s): 2 for most anime/NAI-derived models. "
+                   "Generation with another clip skip needs the text encoder on torch.")
 @click.option("--batch", type=click.Choice(("2", "1")), default="2", show_default=True,
               help="UNet batch: 2 for classifier-free guidance, 1 without.")
 @click.option("--weights", type=click.Choice(WEIGHTS), default="fp16", show_default=True,
@@ -120,7 +126,7 @@ def _quiet_libraries(enabled: bool):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 @threads_option
-def convert(source, output, attention, width, height, sizes, layout, batch, weights, precision, chunk_unet, min_target,
+def convert(source, output, attention, width, height, sizes, layout, prompt_chunks, clip_skip, batch, weights, precision, chunk_unet, min_target,
             compile_, components, refiner, img2img, force, controlnets, vae, loras, embeddings, hypernetwork,
             prediction_type, as_json, quiet, threads):
     """Convert SOURCE (a .safetensors/.ckpt checkpoint or a diffusers folder) into Core ML packages.
@@ -137,7 +143,8 @@ def convert(source, output, attention, width, height, sizes, layout, batch, weig
         components = (*components, "vae_encoder")
     options = ConvertOptions(attention=attention, width=width, height=height, batch=int(batch), weights=weights,
                              precision=precision, chunk_unet=chunk_unet, min_target=min_target, compile=compile_,
-                             components=components, sizes=sizes, layout=layout)
+                             components=components, sizes=sizes, layout=layout, prompt_chunks=prompt_chunks,
+                             clip_skip=clip_skip)
     options.validate()
 
     show = _stage_printer(quiet)

@@ -149,6 +149,9 @@ def add_controlnet(folder: str | Path, controlnet: Any, *, force: bool = False, 
         raise ConversionError(f"{folder} takes several sizes ({', '.join(f'{w}x{h}' for w, h in m.all_sizes)}); a "
                               "ControlledUnet's residual inputs would all be flexible, which Core ML takes only from "
                               "iOS 18 / macOS 15 on: convert a single-size folder for ControlNet")
+    if m.prompt_chunks > 1:
+        raise ConversionError(f"{folder} takes prompts of up to {m.prompt_chunks} chunks; ControlNets take a 77-token "
+                              "context: convert the model with --max-prompt-chunks 1 for ControlNet")
     options = ConvertOptions(attention=m.attention, width=m.width, height=m.height, batch=m.batch, weights=m.weights,
                              precision=m.precision, chunk_unet=m.chunked, min_target=m.min_target, compile=compile,
                              components=(), layout=m.layout)

@@ -84,6 +84,9 @@ class ConvertOptions:
     # Gate runs in a worker process beside the conversion; None: when the model's weights exceed
     # BACKGROUND_GATE_BYTES (a worker's start costs more than a small model's checks).
     background_gate: bool | None = None
+    # The UNet takes a text context of 77 * k tokens for k = 1 .. prompt_chunks (enumerated shapes).
+    prompt_chunks: int = 1
+    clip_skip: int = 1  # A1111's clip skip baked into the text encoder packages
 
     def validate(self) -> None:
         for name, value, valid in (("attention", self.attention, ATTENTION_IMPLEMENTATIONS),
@@ -96,6 +99,7 @@ class ConvertOptions:
         if unknown:
             raise ConversionError(f"unknown component {unknown[0]!r}; valid: {choices_text(COMPONENTS)}")
         self._validate_sizes()
+        self._validate_prompt_chunks()
         if self.compile and sys.platform != "darwin":
             raise ConversionError("--compile needs macOS (Core ML's compiler runs only there); convert without "
                                   "--compile here: the packages compile on the Mac when first loaded")
@@ -115,6 +119,21 @@ class ConvertOptions:
         if len(self.sizes) > MAX_ENUMERATED:
             raise ConversionError(f"--sizes lists {len(self.sizes)} sizes; Core ML takes at most {MAX_ENUMERATED} "
                                   "enumerated shapes")
+
+    def _validate_prompt_chunks(self) -> None:
+        from coreml_sd.model_folder import MAX_PROMPT_CHUNKS
+
+        for name, value in (("max prompt chunks", self.prompt_chunks), ("clip skip", self.clip_skip)):
+            if not 1 <= value <= MAX_PROMPT_CHUNKS:
+                raise ConversionError(f"{name} must be from 1 to {MAX_PROMPT_CHUNKS}; got {value}")
+        if self.prompt_chunks > 1 and len(self.sizes) > 1:
+            raise ConversionError("--max-prompt-chunks with several --sizes is not supported: the UNet's latent and "
+                                  "text inputs would both have flexible shapes, and Core ML takes several enumerated "
+                                  "inputs only from iOS 18 / macOS 15 on; convert one size with long prompts, or "
+                                  "several sizes with --max-prompt-chunks 1")
+        if self.prompt_chunks > 1 and self.chunk_unet:
+            raise ConversionError("--max-prompt-chunks with --chunk-unet is not supported: the second chunk's inputs "
+                                  "would have flexible shapes too (Core ML: one enumerated input before macOS 15)")
 
     def weights_for(self, component: str) -> str:
         return self.weights if component.split(":")[0] in COMPRESSIBLE else "fp16"
@@ -424,12 +443,13 @@ def convert_text_encoder(conv: Converter, mods, component: str) -> None:
     from conversion.verify import text_encoder_case
 
     spec = conv.source.info.spec.text_encoder(component)
+    hidden_layer = spec.hidden_layer - (conv.options.clip_skip - 1)  # A1111's clip skip, as the torch backend
     module = mods.module(component)
     setattr(mods, component, None)
     with conv.timer(component, "reference"), in_fp32(module, conv.options):
-        case = Case("", *text_encoder_case(module, conv.source.tokenizer(component), hidden_layer=spec.hidden_layer,
+        case = Case("", *text_encoder_case(module, conv.source.tokenizer(component), hidden_layer=hidden_layer,
                                            final_norm=spec.final_norm, extra_words=list(conv.source.trigger_ids())))
-    rewrite = text_encoder_from_transformers(module, attention=conv.options.attention, hidden_layer=spec.hidden_layer,
+    rewrite = text_encoder_from_transformers(module, attention=conv.options.attention, hidden_layer=hidden_layer,
                                              final_norm=spec.final_norm)
     del module
     (hidden, hidden_ref), (pooled, pooled_ref) = case.refs.items()
@@ -462,15 +482,21 @@ def convert_unet(conv: Converter, mods, shapes: Shapes, component: str = "unet",
     config = UNetConfig.from_diffusers(module.config)
     residuals = [residual_shapes(config, b, latent[1:]) if component == "controlled_unet" else []
                  for latent in shapes.latents]
+    # Every size with one prompt chunk, and the default size with each longer context.
+    contexts = [TEXT_LENGTH * k for k in range(1, conv.options.prompt_chunks + 1)]
+    runs = [(shapes.label(i), i, TEXT_LENGTH) for i in range(len(shapes.latents))]
+    runs += [(f"{shapes.label(0)} {n} tokens", 0, n) for n in contexts[1:]]
     with conv.timer(component, "reference"), in_fp32(module, conv.options):
-        cases = [Case(shapes.label(i), *unet_case(module, batch=b, latent_shape=(channels, *latent[1:]),
-                                                  context_dim=shapes.text_hidden, extra=extras, residuals=residuals[i]))
-                 for i, latent in enumerate(shapes.latents)]
+        cases = [Case(label, *unet_case(module, batch=b, latent_shape=(channels, *shapes.latents[i][1:]),
+                                        context_dim=shapes.text_hidden, seq_len=n, extra=extras,
+                                        residuals=residuals[i]))
+                 for label, i, n in runs]
     rewrite = unet_from_diffusers(module, attention=conv.options.attention)
     del module
     release_memory()
     ins = [TensorIO.enumerated("sample", [(b, channels, *latent[1:]) for latent in shapes.latents], p),
-           TensorIO("timestep", (b,), p), TensorIO("encoder_hidden_states", (b, shapes.text_hidden, 1, TEXT_LENGTH), p),
+           TensorIO("timestep", (b,), p),
+           TensorIO.enumerated("encoder_hidden_states", [(b, shapes.text_hidden, 1, n) for n in contexts], p),
            *(TensorIO(e.name, e.shape, p) for e in extras),
            *(TensorIO(f"additional_residual_{i}", shape, p) for i, shape in enumerate(residuals[0]))]
     out = TensorIO.enumerated("noise_pred", [(b, *latent) for latent in shapes.latents], "fp32")
@@ -648,6 +674,9 @@ def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = 
     options.validate()
     _check_source(source)
     nets = open_controlnets(controlnets, source)
+    if nets and options.prompt_chunks > 1:
+        raise ConversionError("--max-prompt-chunks with --controlnet is not supported: the ControlNets take a "
+                              "77-token context; convert ControlNet models with --max-prompt-chunks 1")
     if nets and len(options.sizes) > 1:
         raise ConversionError("--sizes with --controlnet is not supported: the ControlledUnet's residual inputs would "
                               "all have flexible sizes, and Core ML takes several enumerated inputs only from iOS 18 / "
@@ -790,7 +819,8 @@ def _manifest(conv: Converter, shapes: Shapes, source: dict, refiner: dict | Non
               "components": {k: {**v.to_dict(), **conv.extra_parity.get(k, {})} for k, v in conv.parity.items()}}
     return Manifest(
         name=info.name, family=info.family, scheduler=info.scheduler, width=shapes.width, height=shapes.height,
-        sizes=[list(size) for size in shapes.sizes], layout=opts.layout,
+        sizes=[list(size) for size in shapes.sizes], layout=opts.layout, prompt_chunks=opts.prompt_chunks,
+        clip_skip=opts.clip_skip,
         batch=shapes.batch, latent_channels=info.latent_channels, vae_scale_factor=info.vae_scale_factor,
         scaling_factor=info.scaling_factor, text_hidden_size=info.text_hidden_size, attention=opts.attention,
         weights=opts.weights, precision=opts.precision, min_target=opts.min_target, components=packages,

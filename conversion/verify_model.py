@@ -129,7 +129,8 @@ def _cases(component: str, mods, source, manifest: Manifest) -> list[tuple[str, 
     if role(component) == "text_encoder":  # textual-inversion words baked in: checked too
         spec = source.info.spec.text_encoder(component)
         return [("", *text_encoder_case(mods.module(component), source.tokenizer(component),
-                                        extra_words=list(source.trigger_ids()), hidden_layer=spec.hidden_layer,
+                                        extra_words=list(source.trigger_ids()),
+                                        hidden_layer=spec.hidden_layer - (manifest.clip_skip - 1),
                                         final_norm=spec.final_norm), False)]
     sizes = manifest.all_sizes
     cases = []
@@ -141,10 +142,15 @@ def _cases(component: str, mods, source, manifest: Manifest) -> list[tuple[str, 
                       for name, inputs, refs in vae_decoder_cases(mods.vae, latent_shape=latent)]
         else:
             cases.append((label, *_case(component, mods, source, manifest, w, h), False))
+    if role(component) == "unet":  # the default size with each longer text context the UNet takes
+        w, h = sizes[0]
+        label = "" if len(sizes) == 1 else f" {w}x{h}"
+        cases += [(f"{label} {77 * k} tokens", *_case(component, mods, source, manifest, w, h, 77 * k), False)
+                  for k in range(2, manifest.prompt_chunks + 1)]
     return cases
 
 
-def _case(component: str, mods, source, manifest: Manifest, width: int, height: int):
+def _case(component: str, mods, source, manifest: Manifest, width: int, height: int, seq_len: int = 77):
     from conversion.convert import unet_extra_inputs
 
     latent = (manifest.latent_channels, height // manifest.vae_scale_factor, width // manifest.vae_scale_factor)
@@ -157,7 +163,7 @@ def _case(component: str, mods, source, manifest: Manifest, width: int, height: 
         residuals = (residual_shapes(UNetConfig.from_diffusers(mods.unet.config), manifest.batch, latent[1:])
                      if component == "controlled_unet" else ())  # its ControlNet residual inputs, seeded
         return unet_case(mods.unet, batch=manifest.batch, latent_shape=sample, context_dim=source.info.text_hidden_size,
-                         extra=unet_extra_inputs(source, mods.unet.config, manifest.batch), residuals=residuals)
+                         seq_len=seq_len, extra=unet_extra_inputs(source, mods.unet.config, manifest.batch), residuals=residuals)
     return vae_encoder_case(mods.vae, image_shape=(3, height, width))
 
 

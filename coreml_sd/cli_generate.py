@@ -77,8 +77,9 @@ IMAGE_OPTIONS = (
     click.option("--hires-upscaler", type=click.Choice(("latent", "lanczos")), default="latent", show_default=True),
 )
 PROMPT_OPTIONS = (
-    click.option("--clip-skip", type=click.IntRange(1, 12), default=1, show_default=True,
-                 help="A1111's Clip skip: the text encoder's hidden state N-1 layers before its last."),
+    click.option("--clip-skip", type=click.IntRange(1, 12), default=None,
+                 help="A1111's Clip skip: the text encoder's hidden state N-1 layers before its last. Default: 1, "
+                      "or what a converted model was converted with (convert --clip-skip)."),
     click.option("--emphasis", type=click.Choice(EMPHASIS), default="Original", show_default=True,
                  help="How (word:1.2) weights apply, as A1111's emphasis modes."),
     click.option("--recipe", type=click.Path(dir_okay=False, exists=True), default=None,

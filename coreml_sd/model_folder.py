@@ -96,6 +96,9 @@ class ControlNetPackage:
         return {**self.info.to_dict(), "source": dict(self.source), "config": dict(self.config)}
 
 
+MAX_PROMPT_CHUNKS = 12  # 900 prompt tokens; also the largest clip skip a manifest may record
+
+
 @dataclass(frozen=True)
 class Manifest:
     """Everything `manifest.json` records (format version 1)."""
@@ -130,6 +133,12 @@ class Manifest:
     # folders written before multi-size conversion: width x height only.
     sizes: list = field(default_factory=list)
     layout: str = "swift"  # package names: coreml_sd.apple_layouts.LAYOUTS
+    # The UNet takes a text context of max_length * k tokens for k = 1 .. prompt_chunks (A1111's
+    # 75-token chunks, each with its own start and end token); 1 in folders written before.
+    prompt_chunks: int = 1
+    # A1111's "Clip skip" the text encoder packages give (their hidden state clip_skip - 1 layers
+    # before the family's); 1 in folders written before.
+    clip_skip: int = 1
 
     @property
     def all_sizes(self) -> tuple[tuple[int, int], ...]:
@@ -192,6 +201,10 @@ class Manifest:
                            or tuple(self.sizes[0]) != (self.width, self.height)):
             raise ModelError(f"{where}: sizes must be [width, height] pairs, the first {self.width}x{self.height}; "
                              f"found {self.sizes!r}")
+        for name, value in (("prompt_chunks", self.prompt_chunks), ("clip_skip", self.clip_skip)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_PROMPT_CHUNKS:
+                raise ModelError(f"{where}: {name} must be a whole number from 1 to {MAX_PROMPT_CHUNKS}; "
+                                 f"found {value!r}")
         unknown = sorted(set(self.components) - set(PACKAGE_NAMES))
         if unknown:
             raise ModelError(f"{where}: unknown component(s) {', '.join(unknown)}; "
@@ -296,7 +309,8 @@ class ConvertedModel(SourceBase):
             name=m.name, kind="coreml", path=self.path, scheduler=m.scheduler, family=m.family,
             sample_size=m.width, vae_scale_factor=m.vae_scale_factor, latent_channels=m.latent_channels,
             scaling_factor=m.scaling_factor, text_hidden_size=m.text_hidden_size, tokenizer_files=tokenizer_files,
-            pad_token=m.pad_token, hash=m.source.get("hash"), sizes=m.all_sizes, max_prompt_tokens=m.max_length,
+            pad_token=m.pad_token, hash=m.source.get("hash"), sizes=m.all_sizes,
+            max_prompt_tokens=m.max_length * m.prompt_chunks, clip_skip=m.clip_skip,
         )
         self.generation_extras = dict(m.source.get("generation_extras") or {})
         self.packages = self

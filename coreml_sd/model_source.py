@@ -42,6 +42,7 @@ class ModelInfo:
     sizes: tuple[tuple[int, int], ...] | None = None  # (width, height) a converted model takes; None: any
     unet_block_widths: tuple[int, ...] | None = None  # the UNet's block_out_channels, where known (ControlNet fit)
     max_prompt_tokens: int | None = None  # the UNet's longest text context (77 per chunk); None: any
+    clip_skip: int = 1  # A1111's clip skip the (converted) text encoders give when asked for none
 
     @property
     def prediction_type(self) -> str:

@@ -83,6 +83,23 @@ def to_pil(image) -> Any:
     return Image.fromarray((x * 255).round().astype(np.uint8))
 
 
+
+class BakedClipSkip:
+    """A text encoder package converted with clip skip `baked` (convert --clip-skip): its output is
+    that clip skip's hidden state, so it answers requests for that one and refuses others."""
+
+    def __init__(self, encoder, baked: int):
+        self.encoder, self.baked = encoder, baked
+
+    def encode(self, input_ids, clip_skip: int = 1) -> TextEncoding:
+        if clip_skip != self.baked:
+            name = getattr(getattr(self.encoder, "package", None), "name", "the text encoder package")
+            raise InputError(f"{name} was converted with clip skip {self.baked}, so clip skip {clip_skip} cannot be "
+                             f"applied to it (valid: {self.baked}); convert again with --clip-skip {clip_skip}, or "
+                             f"run the text encoder on torch (--backend text_encoder=torch) where the source is at "
+                             f"hand")
+        return self.encoder.encode(input_ids)
+
 class Pipeline:
     """A loaded model: its source (facts, tokenizer) and the components the backends built."""
 
@@ -155,6 +172,9 @@ class Pipeline:
     def prompt_encoder(self, options: PromptOptions = PromptOptions()) -> PromptEncoder:
         """Prompts in AUTOMATIC1111's syntax through this model's text encoders."""
         encoders = {t.component: self.components[t.component] for t in self.family.text_encoders}
+        if self.info.clip_skip != 1:  # packages converted with a clip skip give that one only
+            encoders = {c: e if self.components.backends.get(c) == "torch" else BakedClipSkip(e, self.info.clip_skip)
+                        for c, e in encoders.items()}
         return PromptEncoder(self.family, encoders, self.tokenizers, options)
 
     def encode_prompt(self, text: str, *, negative: bool = False,
@@ -168,7 +188,7 @@ class Pipeline:
                  sampler: str = "euler_a", schedule: str = "default", steps: int = 25,
                  guidance_scale: float = 7.5, width: int | None = None,
                  height: int | None = None, eta: float | None = None, ensd: int = 0,
-                 a1111: bool = False, clip_skip: int = 1, emphasis: str = "Original",
+                 a1111: bool = False, clip_skip: int | None = None, emphasis: str = "Original",
                  init_image: Any = None, strength: float | None = None, resize_mode: str = "stretch",
                  mask: Any = None, mask_blur: int = 4, inpaint_full_res: bool = False, inpaint_padding: int = 32,
                  masked_content: str = "original", invert_mask: bool = False,
@@ -183,7 +203,8 @@ class Pipeline:
         or A1111's names ("DPM++ 2M Karras"); `eta`, `ensd` (A1111's "Eta noise seed delta") and
         `a1111` (A1111's plans throughout): see `coreml_sd.samplers.sample` and `schedules.make_plan`.
         Prompts are read in AUTOMATIC1111's syntax (emphasis, BREAK, long prompts, prompt editing and
-        alternation); `clip_skip` and `emphasis` as its settings of those names. `timestep_spacing`
+        alternation); `clip_skip` and `emphasis` as its settings of those names (clip skip
+        None: the model's, 1 unless its text encoder packages were converted with another). `timestep_spacing`
         overrides the model's ("trailing" for SD-Turbo/Hyper-SD-style few-step models).
 
         From a picture (`coreml_sd.image_conditioning`): `init_image` (path or PIL) with `strength`
@@ -238,6 +259,7 @@ class Pipeline:
         size = SizeConditioning.for_size(width, height)
         # Prompt editing counts denoiser calls; A1111 counts two per step for second-order samplers.
         calls = steps * (2 if SAMPLERS[sampler].second_order else 1)
+        clip_skip = self.info.clip_skip if clip_skip is None else clip_skip
         prompt_options = PromptOptions(emphasis=emphasis, clip_skip=clip_skip)
         conds = self.conditionings(prompts, negatives, size, steps=calls, options=prompt_options)
         # --- ControlNet wiring (issue #16): a stage the denoiser calls before each UNet call ---

@@ -102,3 +102,63 @@ def test_long_prompt_on_a_77_token_package_warns_and_keeps_the_first_chunk(conve
     assert long.image.size == (16, 16)
     with pytest.raises(Exception, match="clip skip 2 cannot be applied"):
         mil("a red cat", seed=3, steps=2, clip_skip=2)
+
+
+@pytest.fixture(scope="module")
+def converted_long(tmp_path_factory):
+    """The tiny model converted with 2-chunk prompts (UNet context 77 or 154) and clip skip 2 baked in."""
+    from click.testing import CliRunner
+    from helpers_runtime import shared_tiny_model
+
+    from coreml_sd.cli import main
+
+    source = shared_tiny_model(tmp_path_factory)[0]
+    out = tmp_path_factory.mktemp("long") / "tiny-long"
+    result = CliRunner().invoke(main, ["convert", str(source), "-o", str(out), "-q", "--max-prompt-chunks", "2",
+                                       "--clip-skip", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    return source, out
+
+
+def test_converted_unet_takes_two_chunk_prompts_and_the_text_encoder_gives_clip_skip_2(converted_long):
+    """convert --max-prompt-chunks 2 --clip-skip 2: the gate checked both context lengths, the UNet's
+    text input takes 77 and 154 tokens, and a 2-chunk weighted prompt at the model's clip skip gives
+    on mil the torch backend's image (clip skip 2 from the source) to fp16 precision."""
+    from coreml_sd.model_description import describe_model
+    from coreml_sd.metrics import psnr
+    from coreml_sd.model_folder import Manifest
+
+    source, folder = converted_long
+    manifest = Manifest.read(folder)
+    assert (manifest.prompt_chunks, manifest.clip_skip) == (2, 2)
+    assert {"noise_pred", "noise_pred 154 tokens"} <= set(manifest.parity["components"]["unet"]["psnr_db"])
+    unet = describe_model(folder / "Unet.mlpackage")
+    assert unet.shapes["encoder_hidden_states"] == ((2, 32, 1, 77), (2, 32, 1, 154))
+    prompt = "(a red cat:1.3), " + ", ".join(["sitting on a wooden chair"] * 10)  # 2 chunks
+    mil = Pipeline.load(folder, backend="mil", device="cpu", precision="fp32")
+    assert mil.info.max_prompt_tokens == 154 and mil.info.clip_skip == 2
+    torch_pipe = Pipeline.load(source, backend="torch", device="cpu", precision="fp32")
+    kwargs = dict(negative_prompt=NEGATIVE, seed=4, sampler="euler_a", steps=4, guidance_scale=5.0)
+    got = mil(prompt, **kwargs)[0]  # clip skip: the model's (2)
+    want = torch_pipe(prompt, clip_skip=2, **kwargs)[0]
+    assert got.params.extras["Clip skip"] == "2"
+    assert psnr(want.latents, got.latents) >= 30
+    # The conditioning mattered: clip skip 1 on torch is another image.
+    other = torch_pipe(prompt, clip_skip=1, **kwargs)[0]
+    assert psnr(want.latents, other.latents) < psnr(want.latents, got.latents)
+    with pytest.raises(Exception, match=r"converted with clip skip 2, so clip skip 1 cannot be applied.*valid: 2"):
+        mil("a red cat", seed=3, steps=2, clip_skip=1)
+
+
+def test_prompt_chunks_refused_where_core_ml_cannot_take_them(tmp_path, converted_long):
+    from click.testing import CliRunner
+
+    from coreml_sd.cli import main
+
+    source = converted_long[0]
+    result = CliRunner().invoke(main, ["convert", str(source), "-o", str(tmp_path / "x"), "--max-prompt-chunks", "2",
+                                       "--sizes", "16x16,24x24"])
+    assert result.exit_code != 0 and "--max-prompt-chunks with several --sizes is not supported" in result.output
+    result = CliRunner().invoke(main, ["convert", str(source), "-o", str(tmp_path / "y"), "--max-prompt-chunks", "13"])
+    assert result.exit_code == 2 and "13" in result.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -205,8 +205,9 @@ class PackageTextEncoder(_Adapter):
         package has one."""
         if clip_skip != 1:
             raise InputError(f"{self.package.name} gives its text encoder's last layer only, so clip skip "
-                             f"{clip_skip} cannot be applied to it; run the text encoder on torch "
-                             f"(--backend text_encoder=torch) where the source model is at hand")
+                             f"{clip_skip} cannot be applied to it; convert the model with --clip-skip {clip_skip}, or run "
+                             f"the text encoder on torch (--backend text_encoder=torch) where the source model is at "
+                             f"hand")
         if _kind(input_ids) != "integer":
             dtype = input_ids.dtype if hasattr(input_ids, "dtype") else type(input_ids).__name__
             raise InputError(f"text encoder: expected integer token ids, found {dtype}")
