@@ -40,6 +40,7 @@ def _expected(component: str, program, source) -> dict[str, int]:
         "fused_attention": sum(op.op_type == "softmax" for op in program.function.operations),
         "fused_group_norm": sum(isinstance(m, torch.nn.GroupNorm) for m in module.modules()),
         "fused_layer_norm": sum(isinstance(m, torch.nn.LayerNorm) for m in module.modules()),
+        "exact_attention": 0,  # exact mode's blocked attention; fast mode never uses it
     }
 
 

@@ -47,7 +47,7 @@ def test_verify_reports_each_phase(tmp_path_factory):
     phases = []
     report = verify_model(folder, options=VerifyOptions(steps=1), progress=phases.append)
     assert report.passed
-    assert phases[0] == "opening the source model" and phases[1].startswith("loading the source model's weights")
+    assert phases[0] == "opening the folder and the source model" and phases[1].startswith("loading the source model's weights")
     assert [p.split(":")[0] for p in phases[2:5]] == ["text_encoder", "unet", "vae_decoder"]
     assert phases[5:] == ["end-to-end image: 1 euler steps through the source model in torch",
                           "end-to-end image: 1 euler steps through the packages"]
