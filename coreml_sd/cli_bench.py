@@ -95,6 +95,9 @@ def _show_comparison(paths: tuple[str, str], as_json: bool) -> None:
               help="Timed text-encoder and VAE-decoder calls.")
 @click.option("--e2e-steps", type=click.IntRange(min=1), default=4, show_default=True,
               help="Sampler steps of the end-to-end generation (prompt to image: text encoding, steps, decoding).")
+@click.option("--img2img-strength", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Also time the VAE encoder and an img2img generation of --e2e-steps steps at this denoising "
+                   "strength (0: not measured).")
 @click.option("--few-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also time a few-step generation (LCM at guidance 1, LCM-LoRA's recipe) of this many steps; "
                    "0: not measured.")
@@ -118,7 +121,7 @@ def _show_comparison(paths: tuple[str, str], as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result JSON on stdout (progress stays on stderr).")
 @click.option("--compare", nargs=2, type=click.Path(exists=True, dir_okay=False), default=None,
               metavar="A.json B.json", help="Only compare two result files: B/A per backend and metric.")
-def bench(model, backends, precision, steps, warmup, runs, e2e_steps, few_steps, size, prompt, attention, weights,
+def bench(model, backends, precision, steps, warmup, runs, e2e_steps, img2img_strength, few_steps, size, prompt, attention, weights,
           torch_compile, threads, isolation, cache_dir, output, name, as_json, compare):
     """Measure load time, per-step latency and memory of each backend on one model."""
     if compare:
@@ -129,7 +132,7 @@ def bench(model, backends, precision, steps, warmup, runs, e2e_steps, few_steps,
     from coreml_sd.bench.runner import BenchRequest, run_bench
 
     command = _command(click.get_current_context().params)
-    settings = Settings(warmup=warmup, steps=steps, runs=runs, e2e_steps=e2e_steps, few_steps=few_steps,
+    settings = Settings(warmup=warmup, steps=steps, runs=runs, e2e_steps=e2e_steps, img2img_strength=img2img_strength, few_steps=few_steps,
                         width=size[0] if size else None, height=size[1] if size else None,
                         prompt=prompt or DEFAULT_PROMPT, torch_compile=torch_compile, threads=threads)
     request = BenchRequest(runs=tuple(parse_runs(backends, precision)), model=model, settings=settings,

@@ -18,7 +18,8 @@ jsonschema = pytest.importorskip("jsonschema")
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "schema.json").read_text())
 BACKENDS = "torch-cpu:fp32,diffusers,mil:fp32,coreml-ane,coreml-gpu,torch-cuda,torch-mps"
-FAST = ["--steps", "2", "--warmup", "1", "--runs", "1", "--e2e-steps", "1", "--few-steps", "2", "--threads", "1"]
+FAST = ["--steps", "2", "--warmup", "1", "--runs", "1", "--e2e-steps", "2", "--few-steps", "2", "--img2img-strength",
+        "0.5", "--threads", "1"]
 
 
 def validate(result: dict) -> None:
@@ -48,7 +49,11 @@ def test_result_is_schema_valid_and_consistent(bench_run):
         step = run["unet_step"]
         assert step["n"] == 2 and len(step["warmup_s"]) == 1
         assert step["min_s"] <= step["p10_s"] <= step["median_s"] <= step["p90_s"] <= step["max_s"]
-        assert run["text_encoder"]["n"] == 1 and run["end_to_end"]["steps"] == 1
+        assert run["text_encoder"]["n"] == 1 and run["end_to_end"]["steps"] == 2
+        # img2img from a picture at strength 0.5 runs half the steps (A1111's and diffusers' rule)
+        img = run["img2img"]
+        assert (img["steps"], img["strength"], img["unet_steps"]) == (2, 0.5, 1) and run["vae_encoder"]["n"] == 1
+        assert img["vs_end_to_end"] == pytest.approx(img["seconds"] / run["end_to_end"]["seconds"])
         few = run["few_step"]  # prompt to image in LCM's 2 steps at guidance 1, beside the per-step figure
         assert (few["steps"], few["sampler"], few["guidance_scale"]) == (2, "lcm", 1.0)
         assert few["per_step_s"] == pytest.approx(few["seconds"] / 2)
@@ -92,8 +97,9 @@ def test_mil_packages_come_from_the_conversion_cache(bench_run, tiny_diffusers_d
     assert Manifest.read(folder).attention == "original"
     # The same model and options again: the folder is reused, nothing is converted.
     model = BenchModel("tiny-sd", Path(tiny_diffusers_dir).resolve(), "tiny")
-    again = converted_folder(model, ConvertOptions(attention="original"), out / "cache")
+    again = converted_folder(model, ConvertOptions(attention="original", img2img=True), out / "cache")
     assert again.cached and again.path == folder
+    assert Manifest.read(folder).has("vae_encoder")  # the img2img measurement asked for the VAE encoder
 
 
 def test_unavailable_backends_are_skipped_with_the_reason(bench_run):
@@ -184,7 +190,8 @@ def test_compare_prints_b_over_a_per_backend_and_metric(tmp_path):
     assert ratios[("torch-cpu:fp32", "vae_decoder.median_s")] == pytest.approx(0.5)
     assert ratios[("torch-cpu:bf16", "load.cold_s")] == pytest.approx(1.25)
     assert ratios[("torch-cpu:fp32", "memory.peak_rss_gib")] == pytest.approx(0.5)
-    assert len(cmp["rows"]) == 2 * (len(report.METRICS) - 1)  # these files timed no few-step generation
+    # these files timed no few-step generation, no VAE encoder and no img2img
+    assert len(cmp["rows"]) == 2 * (len(report.METRICS) - 3)
     assert cmp["only_in_a"] == ["diffusers"] and cmp["only_in_b"] == ["mil"]
     text = runner.invoke(main, ["bench", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     assert text.exit_code == 0

@@ -224,6 +224,21 @@ class OursWorkload:
         return self.pipe(self.s.prompt, steps=steps, seed=0, sampler=sampler, guidance_scale=guidance_scale,
                          width=self.width, height=self.height)
 
+    def vae_encoder(self, i: int):
+        encoder = self.pipe.components["vae_encoder"]  # loaded on first use, as img2img loads it
+        return encoder.encode(self.pipe.components.asarray(bench_picture_array(self.width, self.height)))
+
+    def img2img(self, steps: int, *, strength: float, sampler: str, guidance_scale: float) -> int:
+        """One img2img generation; returns the sampler steps it ran."""
+        from coreml_sd.pipeline import Progress
+
+        counted = 0
+        for event in self.pipe.generate(self.s.prompt, steps=steps, seed=0, sampler=sampler,
+                                        guidance_scale=guidance_scale, width=self.width, height=self.height,
+                                        init_image=bench_picture(self.width, self.height), strength=strength):
+            counted += isinstance(event, Progress)
+        return counted
+
 
 class DiffusersWorkload:
     """diffusers' StableDiffusionPipeline (or SDXL's), its modules called eagerly as its __call__ does."""
@@ -295,6 +310,44 @@ class DiffusersWorkload:
         gen = self.torch.Generator(self.pipe.unet.device).manual_seed(0)
         return self.pipe(self.s.prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
                          width=self.width, height=self.height, generator=gen).images
+
+    def vae_encoder(self, i: int):
+        vae = self.pipe.vae
+        x = self.torch.from_numpy(bench_picture_array(self.width, self.height)).to(vae.device, vae.dtype)
+        with self.torch.inference_mode():
+            return vae.encode(x).latent_dist.parameters
+
+    def img2img(self, steps: int, *, strength: float, sampler: str, guidance_scale: float) -> int:
+        """diffusers' img2img pipeline over the same modules (Euler a); returns the steps it ran."""
+        from diffusers import AutoPipelineForImage2Image, EulerAncestralDiscreteScheduler
+
+        if sampler != "euler_a":
+            raise BackendUnavailable(f"the diffusers img2img baseline runs euler_a, not {sampler!r}")
+        pipe = AutoPipelineForImage2Image.from_pipe(self.pipe)
+        config = {k: v for k, v in self.pipe.scheduler.config.items() if v is not None}
+        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(config)
+        pipe.set_progress_bar_config(disable=True)
+        counted = []
+        gen = self.torch.Generator(self.pipe.unet.device).manual_seed(0)
+        pipe(self.s.prompt, image=bench_picture(self.width, self.height), strength=strength,
+             num_inference_steps=steps, guidance_scale=guidance_scale, generator=gen,
+             callback_on_step_end=lambda p, i, t, kw: counted.append(i) or kw)
+        return len(counted)
+
+
+def bench_picture(width: int, height: int):
+    """The img2img input: a smooth colour field with a few shapes (deterministic)."""
+    from PIL import Image
+
+    return Image.fromarray(((bench_picture_array(width, height)[0].transpose(1, 2, 0) + 1) * 127.5).astype(np.uint8))
+
+
+def bench_picture_array(width: int, height: int) -> np.ndarray:
+    """(1, 3, H, W) in [-1, 1]: gradients and a disc, as an encoder input."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    r, g = x / max(width - 1, 1), y / max(height - 1, 1)
+    disc = ((x - width / 2) ** 2 + (y - height / 2) ** 2 < (min(width, height) / 4) ** 2).astype(np.float32)
+    return (np.stack([r, g, disc])[None] * 2 - 1).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,9 @@ The same workload for every backend, so numbers compare:
   decoding: what a user waits for), with a recorded step count; its seconds per step beside it.
 * few steps: the same for the few-step recipe of LCM-LoRA and distilled models (LCM, 4 steps,
   guidance 1: one UNet pass per step), the time-to-image they buy.
+* img2img (with `img2img_strength` S): the VAE encoder (one image -> latent distribution), and one
+  img2img generation of the end-to-end steps from a picture, image in to image out; it runs about
+  S x steps sampler steps, and its ratio to the text-to-image figure is recorded.
 
 Device work is synchronised before a timer stops. Peak memory is the process's resident set over
 the whole measurement (sampled), plus the CUDA allocator's peak on a CUDA device.
@@ -50,6 +53,7 @@ class Settings:
     few_steps: int = 0  # steps of the few-step generation (0: not measured)
     few_step_sampler: str = "lcm"
     few_step_guidance: float = 1.0  # LCM-LoRA's recipe: <= 1 runs no unconditional pass
+    img2img_strength: float = 0.0  # denoising strength of the img2img generation (0: not measured)
     width: int | None = None  # pixels; None: the model's native size
     height: int | None = None
     prompt: str = DEFAULT_PROMPT
@@ -160,6 +164,17 @@ def _measure(task: Task, entry: dict, progress: Callable[[str], None]) -> None:
     if s.few_steps:
         progress(f"{label}: few steps ({s.few_steps} {s.few_step_sampler} steps, guidance {s.few_step_guidance})")
         entry["few_step"] = _time_to_image(work, s.few_steps, s.few_step_sampler, s.few_step_guidance)
+    if s.img2img_strength:
+        progress(f"{label}: VAE encoder ({s.runs} runs)")
+        entry["vae_encoder"] = time_calls(work.vae_encoder, warmup=1, n=s.runs)
+        progress(f"{label}: img2img ({s.e2e_steps} steps at strength {s.img2img_strength:g})")
+        start = time.perf_counter()
+        ran = work.img2img(s.e2e_steps, strength=s.img2img_strength, sampler=s.sampler,
+                           guidance_scale=s.guidance_scale)
+        seconds = time.perf_counter() - start
+        entry["img2img"] = {"seconds": seconds, "steps": s.e2e_steps, "strength": s.img2img_strength,
+                            "unet_steps": ran, "width": work.width, "height": work.height,
+                            "vs_end_to_end": seconds / entry["end_to_end"]["seconds"]}
     del work, handle
 
 

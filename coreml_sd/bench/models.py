@@ -151,9 +151,10 @@ class ConvertOptions:
     weights: str = "fp16"
     width: int | None = None
     height: int | None = None
+    img2img: bool = False  # with the VAE encoder (convert --img2img)
 
     def args(self) -> list[str]:
-        out = ["--attention", self.attention, "--weights", self.weights]
+        out = ["--attention", self.attention, "--weights", self.weights] + (["--img2img"] if self.img2img else [])
         if self.width:
             out += ["--width", str(self.width)]
         if self.height:
@@ -162,7 +163,7 @@ class ConvertOptions:
 
     def tag(self) -> str:
         size = f"{self.width or 'native'}x{self.height or 'native'}"
-        return f"{self.attention}-{self.weights}-{size}"
+        return f"{self.attention}-{self.weights}-{size}" + ("-img2img" if self.img2img else "")
 
 
 def is_converted(path: Path | None) -> bool:

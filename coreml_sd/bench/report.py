@@ -16,6 +16,8 @@ METRICS = (
     ("load.warm_s", "load, warm"),
     ("end_to_end.seconds", "end to end"),
     ("few_step.seconds", "few steps, end to end"),
+    ("vae_encoder.median_s", "VAE encoder median"),
+    ("img2img.seconds", "img2img, end to end"),
     ("memory.peak_rss_gib", "peak RSS"),
 )
 
@@ -61,6 +63,7 @@ def _header(result: dict) -> list[str]:
         f"runs, end to end {s['e2e_steps']} {s['sampler']} steps, guidance {s['guidance_scale']}"
         + (f", few steps {s['few_steps']} {s.get('few_step_sampler', 'lcm')} steps, guidance "
            f"{s.get('few_step_guidance', 1.0)}" if s.get("few_steps") else "")
+        + (f", img2img at strength {s['img2img_strength']:g}" if s.get("img2img_strength") else "")
         + f", each backend {'in its own process' if s['isolation'] == 'process' else 'in one process'}.",
         "End to end = prompt to image: text encoding, every step and VAE decoding (per step: that time / steps).",
     ]
@@ -71,7 +74,7 @@ def markdown_table(result: dict) -> str:
     base = baseline_step(result)
     cols = ["backend", "runs on (UNet)", "precision", "attention", "weights", "UNet step median (p10–p90)", "IQR",
             "× diffusers", "text encoder", "VAE decoder", "load cold / warm", "end to end (per step)",
-            "few steps, end to end", "peak RSS"]
+            "few steps, end to end", "img2img (VAE encoder)", "peak RSS"]
     lines = _header(result) + ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in result["runs"]:
         if r["status"] != "ok":
@@ -88,10 +91,18 @@ def markdown_table(result: dict) -> str:
                 f"{fmt_s(e2e['seconds'])} ({e2e['steps']} steps, {e2e['width']}x{e2e['height']}; "
                 f"{fmt_s(e2e['seconds'] / e2e['steps'])}/step)",
                 _few(r.get("few_step")),
+                _img2img(r.get("img2img"), r.get("vae_encoder")),
                 f"{r['memory']['peak_rss_gib']:.2f} GiB",
             ]
         lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _img2img(run: dict | None, encoder: dict | None) -> str:
+    if not run:
+        return "–"
+    return (f"{fmt_s(run['seconds'])} (strength {run['strength']:g}: {run['unet_steps']} of {run['steps']} steps, "
+            f"{run['vs_end_to_end']:.2f}× end to end; encoder {fmt_s(encoder['median_s']) if encoder else '–'})")
 
 
 def _few(few: dict | None) -> str:

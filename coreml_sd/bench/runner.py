@@ -61,7 +61,8 @@ def convert_options(request: BenchRequest, run: RunSpec) -> ConvertOptions:
     if attention == "auto":
         attention = AUTO_ATTENTION.get(run.backend, "original")
     s = request.settings
-    return ConvertOptions(attention=attention, weights=request.weights, width=s.width, height=s.height)
+    return ConvertOptions(attention=attention, weights=request.weights, width=s.width, height=s.height,
+                          img2img=bool(s.img2img_strength))
 
 
 def _run_in_process(task: Task, progress: Callable[[str], None]) -> dict:
