@@ -10,7 +10,7 @@ cache. The arithmetic per element is the ops' own; only the matrix products' sum
 may differ, as between any two BLAS calls.
 
 The chains matched are fast mode's (split-einsum pairs per head, heads-as-batch matmuls), found by
-the same walk (`fusion._scores_chain`); the group must have no other readers of its
+the same walk (`fusion.attention_chain`); the group must have no other readers of its
 intermediates.
 """
 
@@ -18,35 +18,17 @@ from __future__ import annotations
 
 import torch
 
-from coreml_sd.mil.fusion import Fusion, _einsum_layout, _matmul_layout, _only_reader, _scalar, _scores_chain
+from coreml_sd.mil.fusion import Fusion, _scalar, attention_chain
 from coreml_sd.mil.registry import Kernel, mil_dtype_name
 
 BLOCK_ELEMENTS = 2**19  # score elements per block (2 MB in fp32): cache-sized
 
 
 def match_exact_attention(softmax_op, keep: set[int]) -> Fusion | None:
-    x = softmax_op.inputs["x"]
-    rank = len(x.shape)
-    axis = _scalar(softmax_op.inputs.get("axis"))
-    axis = -1 if axis is None else int(axis) % rank if rank else None
-    scores = _scores_chain(softmax_op, keep) if rank in (3, 4) else None
-    if scores is None:
+    matched = attention_chain(softmax_op, keep)
+    if matched is None:
         return None
-    first, chain, _, mask = scores
-    second = _only_reader(softmax_op.outputs[0], keep)
-    if second is None:
-        return None
-    if first.op_type == "matmul" and axis in (-1, rank - 1):
-        layout = _matmul_layout(first, second, softmax_op.outputs[0])
-    elif first.op_type == "einsum" and rank == 4 and axis == 1:
-        layout = _einsum_layout(first, second, softmax_op.outputs[0])
-    else:
-        return None
-    if layout is None:
-        return None
-    (q, k, v), prepare, finish, mask_layout = layout
-    if mask is not None and mask_layout is None:
-        return None
+    first, chain, _, mask, second, (q, k, v), prepare, finish, mask_layout = matched
     steps = tuple(_step(op) for op in chain[:-1])  # between the product and the softmax
     rounds = tuple(mil_dtype_name(op.outputs[0]) == "fp16" for op in [first, *chain, second])
 

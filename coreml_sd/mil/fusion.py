@@ -60,6 +60,24 @@ def match_attention(softmax_op, keep: set[int]) -> Fusion | None:
       split-einsum attention for the Neural Engine): `einsum(k, q)` with softmax over axis 1, then
       `einsum(v, p)`.
     """
+    matched = attention_chain(softmax_op, keep)
+    if matched is None:
+        return None
+    first, ops, scale, mask, second, (q, k, v), prepare, finish, mask_layout = matched
+
+    def run(q, k, v, *maybe_mask):
+        q, k, v = prepare(q, k, v)
+        m = mask_layout(maybe_mask[0]).to(q.dtype) if maybe_mask else None
+        return finish(F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale))
+
+    args = (q, k, v) + ((mask,) if mask is not None else ())
+    return Fusion("fused_attention", tuple([first] + ops + [second]), Kernel(run, args))
+
+
+def attention_chain(softmax_op, keep: set[int]):
+    """The attention group around `softmax_op` (see `match_attention`), shared by fast and exact
+    mode: (first product, ops between it and the softmax (the softmax last), scale, mask, second
+    product, (q, k, v), prepare, finish, mask layout), or None when it is not one."""
     x = softmax_op.inputs["x"]
     rank = len(x.shape)
     axis = _scalar(softmax_op.inputs.get("axis"))
@@ -84,14 +102,7 @@ def match_attention(softmax_op, keep: set[int]) -> Fusion | None:
     (q, k, v), prepare, finish, mask_layout = layout
     if mask is not None and mask_layout is None:
         return None
-
-    def run(q, k, v, *maybe_mask):
-        q, k, v = prepare(q, k, v)
-        m = mask_layout(maybe_mask[0]).to(q.dtype) if maybe_mask else None
-        return finish(F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale))
-
-    args = (q, k, v) + ((mask,) if mask is not None else ())
-    return Fusion("fused_attention", tuple([first] + ops + [second]), Kernel(run, args))
+    return first, ops, scale, mask, second, (q, k, v), prepare, finish, mask_layout
 
 
 def _t(x):
