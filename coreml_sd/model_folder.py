@@ -380,19 +380,11 @@ class ConvertedModel(SourceBase):
         return dict(self.manifest.trigger_words)
 
     def torch_unavailable(self) -> str | None:
-        path = self.manifest.source.get("path")
-        if self._reopen is None or not path or not Path(path).exists():
-            return (f"torch needs the source model, and the manifest's source {path or '(none recorded)'} "
-                    f"is not there")
-        return None
+        return _source_missing(self._reopen, self.manifest.source, "the manifest's source")
 
     def torch_modules(self, *, device: str, dtype: Any) -> TorchModules:
         """The source model's torch modules, where the manifest's source (and modifiers) still exist."""
-        reason = self.torch_unavailable()
-        if reason is not None:
-            raise BackendUnavailable(f"{self.path.name}: {reason}")
-        origin = self.origin
-        return self._reopen(origin.path, **origin.modifiers).torch_modules(device=device, dtype=dtype)
+        return _reopened_modules(self, self._reopen, device=device, dtype=dtype)
 
 
 class ConvertedRefiner(SourceBase):
@@ -448,14 +440,25 @@ class ConvertedRefiner(SourceBase):
                       dict(src.get("modifiers") or {}))
 
     def torch_unavailable(self) -> str | None:
-        path = (self.manifest.refiner.get("source") or {}).get("path")
-        if self.base._reopen is None or not path or not Path(path).exists():
-            return f"torch needs the refiner's source model, and {path or '(none recorded)'} is not there"
-        return None
+        return _source_missing(self.base._reopen, self.manifest.refiner.get("source") or {}, "the refiner's source")
 
     def torch_modules(self, *, device: str, dtype: Any) -> TorchModules:
-        reason = self.torch_unavailable()
-        if reason is not None:
-            raise BackendUnavailable(f"{self.path.name}: {reason}")
-        origin = self.origin
-        return self.base._reopen(origin.path, **origin.modifiers).torch_modules(device=device, dtype=dtype)
+        return _reopened_modules(self, self.base._reopen, device=device, dtype=dtype)
+
+
+def _source_missing(reopen, source: Mapping[str, Any], what: str) -> str | None:
+    """Why torch cannot run a converted model's component: no way to reopen sources, or the
+    recorded source file is gone; None when it can."""
+    path = source.get("path")
+    if reopen is None or not path or not Path(path).exists():
+        return f"torch needs the source model, and {what} {path or '(none recorded)'} is not there"
+    return None
+
+
+def _reopened_modules(model, reopen, *, device: str, dtype: Any) -> TorchModules:
+    """`model`'s source reopened with its modifiers (LoRAs, VAE ...), as torch modules."""
+    reason = model.torch_unavailable()
+    if reason is not None:
+        raise BackendUnavailable(f"{model.path.name}: {reason}")
+    origin = model.origin
+    return reopen(origin.path, **origin.modifiers).torch_modules(device=device, dtype=dtype)
