@@ -210,6 +210,10 @@ def _check_source(source: ModelSource) -> None:
 
 
 BACKGROUND_GATE_BYTES = 500 * 2**20
+# A UNet this large (SDXL's: 5.1 GB in fp16) computes its reference only after the gate runs before
+# it have finished: its reference (~1.2x its weights) beside the VAE decoder's exact-mode check
+# (~4 GiB at 1024x1024) would add up past the 9 GiB a conversion may take (issue 12).
+SERIAL_UNET_BYTES = 3 * 2**30
 
 
 class Converter:
@@ -718,6 +722,9 @@ def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = 
                     convert_vae(conv, mods, shapes, vae_parts)
                 mods.vae = mods.text_encoder = mods.text_encoder_2 = None
                 release_memory()
+                if conv.gates.background and _module_bytes(mods.unet) > SERIAL_UNET_BYTES:
+                    with timer("model", "gate wait", "before the UNet: its reference and a check would not fit"):
+                        conv.finish_gates()
                 if "controlled_unet" in components:  # before the UNet, which frees the module
                     convert_unet(conv, mods, shapes, "controlled_unet")
                 if "unet" in components:
@@ -775,10 +782,12 @@ def convert_refiner(conv: Converter, refiner: ModelSource, shapes: Shapes, share
 def _background_gate(options: ConvertOptions, mods) -> bool:
     if options.background_gate is not None:
         return options.background_gate
-    size = sum(p.numel() * p.element_size() for m in (getattr(mods, n, None) for n in ("text_encoder", "text_encoder_2", "unet", "vae"))
-               if m is not None
-               for p in m.parameters())
+    size = sum(_module_bytes(getattr(mods, n, None)) for n in ("text_encoder", "text_encoder_2", "unet", "vae"))
     return size > BACKGROUND_GATE_BYTES
+
+
+def _module_bytes(module) -> int:
+    return 0 if module is None else sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def _compile_all(conv: Converter) -> None:

@@ -135,6 +135,24 @@ def test_background_gate_gives_the_inline_figures(tiny_diffusers_dir, tmp_path):
     assert not [p for p in multiprocessing.active_children() if p.name == "coreml-sd-gate"]
 
 
+def test_a_large_unet_waits_for_the_checks_before_its_reference(tiny_diffusers_dir, tmp_path, monkeypatch):
+    """Past SERIAL_UNET_BYTES (SDXL's UNet) the UNet's reference starts only when the earlier checks
+    are done, so the two never hold memory at once; the figures stay the inline ones."""
+    import conversion.convert as convert
+    from coreml_sd.sources import open_model
+
+    monkeypatch.setattr(convert, "SERIAL_UNET_BYTES", 0)  # the tiny UNet counts as large
+    parts = ("text_encoder", "unet", "vae_decoder")
+    result = convert.convert_model(open_model(tiny_diffusers_dir), tmp_path / "serial",
+                                   convert.ConvertOptions(components=parts, background_gate=True))
+    stages = [(r.component, r.stage, r.detail) for r in result.stages]
+    wait = next(i for i, s in enumerate(stages) if s[1] == "gate wait" and "before the UNet" in s[2])
+    unet_reference = stages.index(next(s for s in stages if s[:2] == ("unet", "reference")))
+    checks = [i for i, s in enumerate(stages) if s[1] == "verify" and s[0] in ("text_encoder", "vae_decoder")]
+    assert checks and max(checks) < wait < unet_reference  # judged (recorded) before the UNet starts
+    assert all(result.parity[p].passed for p in parts)
+
+
 def test_gate_worker_does_not_outlive_a_killed_conversion(tiny_diffusers_dir, tmp_path):
     """SIGKILL to the converting process (no cleanup runs): its gate worker notices and exits."""
     import signal
