@@ -63,7 +63,9 @@ def test_unknown_mode_is_refused_before_loading(tmp_path):
 
 def test_auto_compiles_only_where_it_was_measured_to_pay():
     for device, mode in torch_compile.AUTO_MODES.items():
-        assert torch_compile.resolve_mode("auto", device) == mode
+        assert torch_compile.resolve_mode("auto", device, torch.bfloat16) == mode
+    assert torch_compile.resolve_mode("auto", "cpu", torch.bfloat16) == "default"  # measured to pay in bf16
+    assert torch_compile.resolve_mode("auto", "cpu", torch.float32) is None  # fp32 on a CPU: not measured
     assert torch_compile.resolve_mode(None, "cpu") is None
     assert torch_compile.resolve_mode("max-autotune", "cpu") == "max-autotune"
     with pytest.raises(InputError, match="resolve 'auto'"):

@@ -181,7 +181,7 @@ def load_component(source: ModelSource, component: str, *, device: str = "auto",
     if compile:
         from coreml_sd.backends.torch_compile import compile_unet, resolve_mode, uses_cuda_graphs
 
-        mode = resolve_mode(compile, device)
+        mode = resolve_mode(compile, device, dtype)
         if mode is None:  # `auto` where compiling was not measured to pay
             return TorchUNet(module, dtype, source.info.spec), f"{where} (compile auto: eager here)", device
         unet = TorchUNet(compile_unet(module, mode, device=device), dtype, source.info.spec,

@@ -48,8 +48,11 @@ COMPILE_MODES: dict[str, dict] = {
 }
 AUTO = "auto"
 # What `auto` compiles with, per device (None: eager). CUDA: launch-bound eager (see above); MPS:
-# inductor's Metal backend is not what the GPU path was measured with; CPU: see benchmarks/README.md.
-AUTO_MODES: dict[str, str | None] = {"cuda": "reduce-overhead", "mps": None, "cpu": None}
+# inductor's Metal backend is not what the GPU path was measured with; CPU: in bf16 (CPUs with
+# native bf16) a compiled SD 1.5 step took 0.74x diffusers' bf16 step (benchmarks/README.md,
+# results/torch_step_cpu.json); fp32 on a CPU was not measured, so it stays eager (AUTO_CPU_DTYPES).
+AUTO_MODES: dict[str, str | None] = {"cuda": "reduce-overhead", "mps": None, "cpu": "default"}
+AUTO_CPU_DTYPES = ("bfloat16",)
 # Added on a CPU: options that only apply there.
 CPU_OPTIONS: dict = {}
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
@@ -61,12 +64,17 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def resolve_mode(mode: str | None, device: str) -> str | None:
-    """The mode to compile with on `device` (None: stay eager); `auto` per AUTO_MODES."""
+def resolve_mode(mode: str | None, device: str, dtype=None) -> str | None:
+    """The mode to compile with on `device` (None: stay eager); `auto` per AUTO_MODES, and on a CPU
+    only for the precisions it was measured in (`dtype`: the UNet's torch dtype)."""
     if mode is None:
         return None
     check_mode(mode)
-    return AUTO_MODES.get(device) if mode == AUTO else mode
+    if mode != AUTO:
+        return mode
+    if device == "cpu" and str(dtype).removeprefix("torch.") not in AUTO_CPU_DTYPES:
+        return None
+    return AUTO_MODES.get(device)
 
 
 def uses_cuda_graphs(mode: str, device: str) -> bool:
