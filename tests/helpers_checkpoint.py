@@ -54,20 +54,6 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) ->
     return Path(path)
 
 
-def fake_sdxl_file(path: Path) -> Path:
-    """The sentinel keys and shapes of an SDXL base checkpoint (two text encoders, label embedding)."""
-    import torch
-
-    return save_safetensors({
-        "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": torch.zeros(77, 768),
-        "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(1280),
-        "conditioner.embedders.1.model.positional_embedding": torch.zeros(77, 1280),
-        "model.diffusion_model.label_emb.0.0.weight": torch.zeros(1280, 2816, dtype=torch.float16),
-        "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(640, 2048),
-        "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
-    }, path)
-
-
 # ---------------------------------------------------------------- hostile pickles
 
 class _System:
