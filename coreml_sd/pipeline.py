@@ -346,7 +346,7 @@ class Pipeline:
         limit = self.info.max_prompt_tokens
         if limit and tokens > limit:
             log.warning("the prompt needs %d chunks of 75 tokens; %s takes %d: the rest is ignored (convert "
-                        "with more prompt chunks, or use the torch backend)", tokens // 77, self.info.name, limit // 77)
+                        "with --max-prompt-chunks, or use the torch backend)", tokens // 77, self.info.name, limit // 77)
             encoded = {k: s.map(lambda e: TextEncoding(e.hidden[:, :limit], e.pooled)) for k, s in encoded.items()}
             tokens = limit
         empty = encoder.encode("", 1).at(0)
