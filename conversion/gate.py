@@ -97,18 +97,11 @@ def _worker(jobs, results, parent: int) -> None:
             results.put(("error", (job["component"], f"{type(exc).__name__}: {exc}")))
 
 
-def others_running(samples: int = 5) -> bool:
-    """Whether other programs are running now: the runnable count of /proc/loadavg, beside this
-    process, sampled over 0.1 s (Linux; elsewhere False)."""
-    counts = []
-    for _ in range(samples):
-        try:
-            with open("/proc/loadavg", encoding="ascii") as fh:
-                counts.append(int(fh.read().split()[3].split("/")[0]))
-        except (OSError, ValueError, IndexError):
-            return False
-        time.sleep(0.02)
-    return sorted(counts)[len(counts) // 2] > 1
+def others_running() -> bool:
+    """Whether other programs are running now (coreml_sd.threads.runnable_now; elsewhere False)."""
+    from coreml_sd.threads import runnable_now
+
+    return (runnable_now() or 0) > 1
 
 
 class GateRunner:

@@ -189,12 +189,14 @@ def test_images(height: int, width: int) -> np.ndarray:
     return images * 2.0 - 1.0
 
 
-def calibration_latents(vae, height: int, width: int) -> np.ndarray:
-    """The latent means (N, C, h, w) of `test_images`, from the model's own VAE encoder in fp32, plus
-    the images' latents pushed 1.5x further from zero (sampling ends a little off the encoder's means)."""
+def calibration_latents(vae, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """The latent means (N, C, h, w) of `test_images`, from the model's own VAE encoder in fp32, the
+    images' latents pushed 1.5x further from zero (sampling ends a little off the encoder's means),
+    and seeded N(0, 1) latents (the gate decodes noise too: conversion.verify.test_latents)."""
     import torch
 
     with torch.inference_mode():
         images = torch.from_numpy(test_images(height, width)).to(next(vae.parameters()).dtype)
         means = torch.cat([vae.encode(img[None]).latent_dist.mean for img in images]).float().numpy()
-    return np.concatenate([means, means * 1.5]).astype(np.float32)
+    noise = np.random.default_rng(seed + 2).standard_normal((1, *means.shape[1:]))
+    return np.concatenate([means, means * 1.5, noise]).astype(np.float32)

@@ -125,7 +125,7 @@ def _expected(manifest: Manifest, component: str, threshold: float) -> float:
 # -- the checks -----------------------------------------------------------------------------------
 def _cases(component: str, mods, source, manifest: Manifest) -> list[tuple[str, dict, dict, bool]]:
     """(label, package inputs, references, compare as 8-bit pixels too) per size the package takes (one
-    for a text encoder; the VAE decoder's seeded latents and a test image's at each size)."""
+    for a text encoder; the VAE decoder's test latents at each size)."""
     if role(component) == "text_encoder":  # textual-inversion words baked in: checked too
         spec = source.info.spec.text_encoder(component)
         return [("", *text_encoder_case(mods.module(component), source.tokenizer(component),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -99,3 +100,24 @@ def test_apply_threads_sets_torchs_count(monkeypatch):
         assert threads.apply_threads(None, 10**6) == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_other_load_is_the_load_now_not_the_lagging_average(monkeypatch):
+    """Right after another job ends the 1-minute load average still counts it; the runnable count does
+    not (a conversion started then ran on one thread of two, issue 18)."""
+    from coreml_sd import threads
+
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.9, 1.5, 1.2))
+    monkeypatch.setattr(threads, "runnable_now", lambda: 1)  # only the reader itself
+    assert threads.other_load() == 0.0 and threads.choose_threads(10**9, 2, threads.other_load()) == 2
+    monkeypatch.setattr(threads, "runnable_now", lambda: 3)  # two others running now
+    assert threads.other_load() == 2.0 and threads.choose_threads(10**9, 2, threads.other_load()) == 1
+    monkeypatch.setattr(threads, "runnable_now", lambda: None)  # no /proc/loadavg (macOS)
+    assert threads.other_load() == 1.9
+
+
+@pytest.mark.skipif(not Path("/proc/loadavg").exists(), reason="reads Linux's /proc/loadavg")
+def test_runnable_now_counts_this_reader():
+    from coreml_sd.threads import runnable_now
+
+    assert runnable_now() >= 1

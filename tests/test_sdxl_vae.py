@@ -75,7 +75,7 @@ def test_conversion_makes_an_overflowing_decoder_fp16_safe(tmp_path, gain):
     path = _hot_file(tmp_path, gain)
     options = ConvertOptions(components=("vae_decoder",))
     # Values past 65504 give NaN/inf; squares past it a GroupNorm of zeros: both fail the gate.
-    failure = "the package returns NaN/inf values .*fp16 overflow" if gain > 2**16 else r"image 1\d\.\d dB"
+    failure = "the package returns NaN/inf values .*fp16 overflow" if gain > 2**16 else r"image \(test image and noise\) 1\d\.\d dB"
     with pytest.raises(ConversionError, match=f"parity gate failed for vae_decoder: {failure}"):
         convert_model(open_model(path), tmp_path / "plain", ConvertOptions(components=("vae_decoder",),
                                                                            vae_fp16_fix=False))
@@ -83,8 +83,8 @@ def test_conversion_makes_an_overflowing_decoder_fp16_safe(tmp_path, gain):
     result = convert_model(open_model(path), tmp_path / "safe", options)
     record = result.manifest.parity["components"]["vae_decoder"]
     assert record["passed"] and record["fp16_rescale"]["peak"] > 256 and record["fp16_rescale"]["scaled_peak"] <= 16
-    # Gated on a test image's latents, as 8-bit pixels too, and on seeded latents.
-    assert set(record["psnr_db"]) == {"image", "image (test image)", "image (test image) 8-bit"}
+    # Gated on latents of a test image and noise, as floats and as 8-bit pixels.
+    assert set(record["psnr_db"]) == {"image (test image and noise)", "image (test image and noise) 8-bit"}
     assert min(record["psnr_db"].values()) >= 35
 
 
