@@ -5,16 +5,33 @@ from __future__ import annotations
 import logging
 
 
+# Optional frameworks coremltools probes at import for converters coreml-sd never uses. scikit-learn
+# (with SciPy) adds 58 MiB and 0.8 s to every process that reads a package, the `mil` executor's
+# included (issue 18: its peak RSS counts against the UNet's weights); coremltools 9 disables its
+# scikit-learn converter for today's versions anyway.
+UNUSED_BY_COREMLTOOLS = ("sklearn",)
+
+
 def import_coremltools():
     """coremltools, with its log level raised while it imports: on Linux it warns about the Core ML
-    runtime and optional converters it lacks, which coreml-sd already knows and reports itself."""
+    runtime and optional converters it lacks, which coreml-sd already knows and reports itself. The
+    frameworks in UNUSED_BY_COREMLTOOLS look absent to it unless already imported (`import` raises
+    ImportError for a None entry of sys.modules), and importable again afterwards."""
+    import sys
+
     log = logging.getLogger("coremltools")
     level = log.level
     log.setLevel(logging.ERROR)
+    hidden = [name for name in UNUSED_BY_COREMLTOOLS if "coremltools" not in sys.modules and name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None
     try:
         import coremltools
     finally:
         log.setLevel(level)
+        for name in hidden:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
     return coremltools
 
 

@@ -76,3 +76,16 @@ def test_third_party_warnings_only_with_verbose(verbose):
     assert proc.returncode == 0, proc.stderr
     assert ("kept in float32" in proc.stderr) is bool(verbose)
     assert "our own warning" in proc.stderr
+
+
+def test_coremltools_is_imported_without_scikit_learn_which_stays_importable():
+    """Reading a package must not pull in scikit-learn and SciPy (58 MiB of the mil executor's peak)."""
+    pytest.importorskip("coremltools")
+    code = ("import importlib.util, sys; from coreml_sd.quiet_imports import import_coremltools; "
+            "import_coremltools(); print('sklearn' in sys.modules, 'coremltools' in sys.modules, "
+            "sys.modules.get('sklearn', 0) is None); "
+            "print(importlib.util.find_spec('sklearn') is not None and __import__('sklearn').__name__ == 'sklearn' "
+            "if importlib.util.find_spec('sklearn') else 'absent')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "False True False"
+    assert out[1] in ("True", "absent")
