@@ -117,7 +117,17 @@ def test_other_load_is_the_load_now_not_the_lagging_average(monkeypatch):
 
 
 @pytest.mark.skipif(not Path("/proc/loadavg").exists(), reason="reads Linux's /proc/loadavg")
-def test_runnable_now_counts_this_reader():
-    from coreml_sd.threads import runnable_now
+def test_runnable_now_sees_a_busy_program():
+    """The reading counts itself and a program that is running now (a busy loop in a child)."""
+    import subprocess
+    import time
 
-    assert runnable_now() >= 1
+    from coreml_sd.threads import other_load, runnable_now
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # started and spinning
+        assert runnable_now() >= 2 and other_load() >= 1.0
+    finally:
+        busy.kill()
+        busy.wait()
