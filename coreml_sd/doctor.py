@@ -73,7 +73,7 @@ def cpu_report() -> dict[str, Any]:
     native = cpu_has_native_bf16()
     return {
         "model": cpu_model(), "logical_cores": os.cpu_count(), "physical_cores": cores,
-        "load_average": load_average(), "flags": cpu_flags(), "native_bf16": native,
+        "load_average": load_average(), "cores_busy_elsewhere": load, "flags": cpu_flags(), "native_bf16": native,
         "auto_precision": "bf16" if native else "fp32",
         "threads": {"small model (< {} M parameters)".format(SMALL_MODEL_PARAMS // 10**6):
                     choose_threads(0, cores, load), "SD 1.5": choose_threads(SD15_PARAMS, cores, load)},
@@ -122,7 +122,7 @@ def render_report(r: dict[str, Any]) -> str:
     bf16 = "native" if cpu["native_bf16"] else "emulated (slower than fp32: --precision auto uses fp32)"
     load = cpu["load_average"]
     lines += [f"  CPU            {cpu['model']}: {cpu['physical_cores']} physical / {cpu['logical_cores']} logical "
-              f"cores, load {load[0] if load else '?'}",
+              f"cores, load average {load[0] if load else '?'}, {cpu['cores_busy_elsewhere']:g} busy elsewhere now",
               f"  bf16           {bf16}; flags {' '.join(cpu['flags']) or '-'}",
               "  threads        " + ", ".join(f"{k}: {v}" for k, v in cpu["threads"].items())
               + " (override with --threads)",
