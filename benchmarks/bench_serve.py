@@ -138,7 +138,7 @@ def main(argv=None) -> None:
           f"(median {server['sequential']['latency']['median_s'] * 1000:.0f} ms), "
           f"{server['concurrent']['requests_per_minute']:.0f} req/min with {args.clients} clients; "
           f"cli: {cli['requests_per_minute']:.1f} req/min (median {cli['latency']['median_s']:.2f} s); "
-          f"ratio {result['ratio']['requests_per_minute_server_over_cli']:.0f}x -> {path}")
+          f"ratio {result['ratio']['requests_per_minute_server_over_cli']:.3g}x -> {path}")
 
 
 if __name__ == "__main__":
