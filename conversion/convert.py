@@ -231,14 +231,17 @@ class Converter:
         self.controlnets: dict[str, tuple[dict, dict]] = {}  # package name -> (source record, config)
         # component -> (references, dequantized references, outputs also compared as 8-bit pixels)
         self.expected: dict[str, tuple[dict, dict | None, list[str]]] = {}
-        self.last_component: str | None = None  # the gate run submitted last may use every core
+        # Components whose gate run nothing else runs beside (the last one; the one before a large
+        # UNet, which waits for the checks): they may use every core.
+        self.alone: set[str] = set()
 
     def collect_gates(self, runs: list[GateRun]) -> None:
         """Judge finished gate runs (raises ConversionError on the first that fails)."""
         for run in runs:
             if self.gates.background:
+                cores = "every core" if run.every_core else "one thread"
                 self.timer.base.record(StageRecord(run.component, "verify", run.seconds, run.peak_rss_gib,
-                                                   f"{self.runner.name}, beside the conversion"))
+                                                   f"{self.runner.name}, beside the conversion, {cores}"))
             refs, deq, pixels = self.expected.pop(run.component)
             outputs, refs = dict(run.outputs), dict(refs)
             for key in pixels:  # an image's pass mark is its pixels as well as its floats
@@ -424,7 +427,7 @@ def _verify(conv: Converter, component: str, chain: list[str], cases: list[Case]
     conv.expected[component] = (refs, deq, pixels)
     runs = [(case.label, case.inputs) for case in cases]
     if conv.gates.background:
-        conv.gates.submit(component, steps, runs, outputs, last=component == conv.last_component)
+        conv.gates.submit(component, steps, runs, outputs, last=component in conv.alone)
         return
     with conv.timer(component, "verify", conv.runner.name):
         conv.gates.submit(component, steps, runs, outputs)
@@ -712,7 +715,12 @@ def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = 
         vae_parts = [c for c in components if c.startswith("vae_")]
         encoders = [spec.component for spec in source.info.spec.text_encoders if spec.component in components]
         order = [c for c in (*encoders, *vae_parts, "controlled_unet", "unet") if c in components]
-        conv.last_component = None if nets or "unet_refiner" in components else (order[-1] if order else None)
+        # A large UNet (SDXL's) starts only after the earlier checks: its reference and a check would not fit.
+        serial = conv.gates.background and _module_bytes(mods.unet) > SERIAL_UNET_BYTES
+        conv.alone = set() if nets or "unet_refiner" in components or not order else {order[-1]}
+        before_unet = [c for c in order if c not in ("controlled_unet", "unet")]
+        if serial and before_unet:  # the conversion waits while this one's check runs
+            conv.alone.add(before_unet[-1])
         shared = {}  # digests of the base's text encoders a refiner must share
         token = _REBALANCE.set(conv.gates.balance_threads)
         try:
@@ -726,7 +734,7 @@ def convert_model(source: ModelSource, out_dir: Path, options: ConvertOptions = 
                     convert_vae(conv, mods, shapes, vae_parts)
                 mods.vae = mods.text_encoder = mods.text_encoder_2 = None
                 release_memory()
-                if conv.gates.background and _module_bytes(mods.unet) > SERIAL_UNET_BYTES:
+                if serial:
                     with timer("model", "gate wait", "before the UNet: its reference and a check would not fit"):
                         conv.finish_gates()
                 if "controlled_unet" in components:  # before the UNet, which frees the module

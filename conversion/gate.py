@@ -55,6 +55,7 @@ class GateRun:
     outputs: dict[str, np.ndarray]
     seconds: float
     peak_rss_gib: float
+    every_core: bool = False  # ran with torch's own thread count, not one thread
 
 
 _DEFAULT_THREADS: int | None = None  # torch's thread count in the process running gate jobs
@@ -77,7 +78,8 @@ def _run_job(job: dict) -> GateRun:
         for label, inputs in job["cases"]:  # several sizes through one package, loaded once
             got = run_chain(runner.run, job["chain"], inputs, job["outputs"])
             outputs.update({f"{name}{label}": value for name, value in got.items()})
-    return GateRun(job["component"], outputs, time.perf_counter() - start, sampler.peak / 2**30)
+    return GateRun(job["component"], outputs, time.perf_counter() - start, sampler.peak / 2**30,
+                   every_core=job["threads"] is None)
 
 
 def _worker(jobs, results, parent: int) -> None:

@@ -141,7 +141,10 @@ def test_a_large_unet_waits_for_the_checks_before_its_reference(tiny_diffusers_d
     import conversion.convert as convert
     from coreml_sd.sources import open_model
 
+    import conversion.gate as gate
+
     monkeypatch.setattr(convert, "SERIAL_UNET_BYTES", 0)  # the tiny UNet counts as large
+    monkeypatch.setattr(gate, "others_running", lambda: False)  # an idle machine, whatever runs beside the test
     parts = ("text_encoder", "unet", "vae_decoder")
     result = convert.convert_model(open_model(tiny_diffusers_dir), tmp_path / "serial",
                                    convert.ConvertOptions(components=parts, background_gate=True))
@@ -151,6 +154,10 @@ def test_a_large_unet_waits_for_the_checks_before_its_reference(tiny_diffusers_d
     checks = [i for i, s in enumerate(stages) if s[1] == "verify" and s[0] in ("text_encoder", "vae_decoder")]
     assert checks and max(checks) < wait < unet_reference  # judged (recorded) before the UNet starts
     assert all(result.parity[p].passed for p in parts)
+    # The checks nothing runs beside (the VAE's, while the conversion waits; the UNet's, last) get every
+    # core; the text encoder's ran beside the VAE's reference, on one thread.
+    cores = {r.component: r.detail.rsplit(", ", 1)[1] for r in result.stages if r.stage == "verify"}
+    assert cores == {"text_encoder": "one thread", "vae_decoder": "every core", "unet": "every core"}
 
 
 def test_gate_worker_does_not_outlive_a_killed_conversion(tiny_diffusers_dir, tmp_path):
