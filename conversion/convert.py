@@ -628,7 +628,7 @@ def convert_vae(conv: Converter, mods, shapes: Shapes, components: list[str]) ->
 
 
 # Pixels: the activation peaks of a VAE hardly depend on the image size, and the gate then checks
-# the fp16 decode of a test image at every size the package takes. 128: 4 s of a 2-core machine
+# the fp16 decode of test latents at every size the package takes. 128: 4 s of a 2-core machine
 # for SD 1.5's decoder, 20 s at 256 (issue 18). A site left at scale 1 peaked at <= 64 (RISK), half
 # of where GroupNorm's squares can overflow; a scaled one at <= 16, an eighth.
 CALIBRATION_SIDE = 128
