@@ -112,19 +112,29 @@ def test_gate_fails_on_planted_faults_and_writes_nothing(fault, background, tiny
     assert list(tmp_path.iterdir()) == []
 
 
-def test_background_gate_gives_the_inline_figures(tiny_diffusers_dir, tmp_path):
+def test_background_gate_gives_the_inline_figures(tiny_diffusers_dir, tmp_path, monkeypatch):
     """The same packages checked in the worker process: the same parity figures, a verify stage
-    recorded for each component, and the worker gone afterwards."""
+    recorded for each component, and the worker gone afterwards. Every reference and check runs on
+    one thread here, as the worker's do while the machine is busy: the figures are then bit for bit
+    the inline ones (with other thread counts float sums split differently: under
+    ATEN_CPU_CAPABILITY=default a UNet figure moved by 0.15 dB)."""
     import multiprocessing
 
+    import conversion.gate as gate
     from conversion.convert import ConvertOptions, convert_model
     from coreml_sd.sources import open_model
 
-    parts = ("text_encoder", "unet", "vae_decoder")
-    inline = convert_model(open_model(tiny_diffusers_dir), tmp_path / "inline",
-                           ConvertOptions(components=parts, background_gate=False))
-    background = convert_model(open_model(tiny_diffusers_dir), tmp_path / "background",
-                               ConvertOptions(components=parts, background_gate=True))
+    monkeypatch.setattr(gate, "others_running", lambda: True)  # no check gets every core
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        parts = ("text_encoder", "unet", "vae_decoder")
+        inline = convert_model(open_model(tiny_diffusers_dir), tmp_path / "inline",
+                               ConvertOptions(components=parts, background_gate=False))
+        background = convert_model(open_model(tiny_diffusers_dir), tmp_path / "background",
+                                   ConvertOptions(components=parts, background_gate=True))
+    finally:
+        torch.set_num_threads(threads)
     for part in parts:
         assert background.parity[part].psnr_db == inline.parity[part].psnr_db
         assert background.parity[part].passed
