@@ -1,7 +1,8 @@
 """Seeded noise that equals torch's CPU generator, computed with numpy.
 
 `NoiseSource(seed).randn(shape)` returns what `torch.randn(shape, generator=torch.Generator("cpu")
-.manual_seed(seed))` returns (to float32 rounding: torch's vectorised log/cos may differ by one ulp),
+.manual_seed(seed))` returns (to the float32 rounding of Box-Muller's log and cos, where torch's own
+AVX2 and scalar kernels differ from each other too: up to ~3e-6),
 and successive calls continue the same stream as successive torch calls do. So initial latents
 equal diffusers' for the same seed, ancestral noise comes from an explicit per-image source, and a
 Mac generating through Core ML gets the same images without torch installed.
@@ -13,7 +14,7 @@ multiple of 16, the last 16 values are redrawn and recomputed.
 
 Where torch is already imported (the torch and mil backends), the stream is drawn by torch's own
 generator instead, so latents equal diffusers' bit for bit; the numpy path (Core ML on a Mac
-without torch) differs from it by at most one float32 ulp in some elements. Both are the same
+without torch) differs from it by a few float32 ulps in some elements. Both are the same
 Mersenne Twister stream, so the images agree to rounding.
 """
 
