@@ -195,8 +195,10 @@ def calibration_latents(vae, height: int, width: int, seed: int = 0) -> np.ndarr
     and seeded N(0, 1) latents (the gate decodes noise too: conversion.verify.test_latents)."""
     import torch
 
+    from conversion.verify import seeded_latents
+
     with torch.inference_mode():
         images = torch.from_numpy(test_images(height, width)).to(next(vae.parameters()).dtype)
         means = torch.cat([vae.encode(img[None]).latent_dist.mean for img in images]).float().numpy()
-    noise = np.random.default_rng(seed + 2).standard_normal((1, *means.shape[1:]))
+    noise = seeded_latents(means.shape[1:], seed)
     return np.concatenate([means, means * 1.5, noise]).astype(np.float32)

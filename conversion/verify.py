@@ -226,10 +226,15 @@ def controlnet_case(module, *, batch: int, latent_shape: tuple[int, int, int], i
     return inputs, refs
 
 
+def seeded_latents(latent_shape: Sequence[int], seed: int = 0) -> np.ndarray:
+    """(1, C, h, w) N(0, 1) latents: the VAE decoder's seeded input (gate, calibration, tests)."""
+    return _randn((1, *latent_shape), seed + 2)
+
+
 def vae_decoder_case(vae, *, latent_shape: tuple[int, int, int], seed: int = 0):
     import torch
 
-    z = _randn((1, *latent_shape), seed + 2)
+    z = seeded_latents(latent_shape, seed)
     with torch.inference_mode():
         image = vae.decode(torch.from_numpy(z)).sample
     return {"z": z}, {"image": image.float().numpy()}
@@ -252,7 +257,7 @@ def test_latents(vae, latent_shape: tuple[int, int, int], seed: int = 0) -> np.n
     with torch.inference_mode():
         z = vae.encode(bars).latent_dist.mean.float().numpy()
     half = latent_shape[2] // 2
-    z[..., half:] = _randn((1, *latent_shape), seed + 2)[..., half:]
+    z[..., half:] = seeded_latents(latent_shape, seed)[..., half:]
     return z
 
 
